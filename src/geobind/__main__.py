@@ -1,0 +1,5 @@
+import sys
+
+from geobind.cli import main
+
+sys.exit(main())

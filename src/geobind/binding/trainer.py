@@ -1,0 +1,582 @@
+"""The training loop: runs a config's binding stages in order.
+
+A plain PyTorch loop, one process or many under ``torchrun`` (DDP). Each stage lives in
+``<output_dir>/stages/<NN>-<name>/`` with ``checkpoint.pt`` (resumable, written atomically),
+``metrics.csv``, ``config.yaml`` and, once finished, ``model/`` (a GeoBind model directory holding
+every modality bound so far). The next stage loads that directory, so stages chain. The final
+model goes to ``<output_dir>/model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from geobind import distributed as gbdist
+from geobind.binding.cache import cached_embeddings, collate_items, embed_table
+from geobind.binding.stage import BindingStage, total_loss
+from geobind.config import RunConfig, StageConfig
+from geobind.data.errors import BadSampleError
+from geobind.data.manifest import Table, read_dataset
+from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
+from geobind.metrics import retrieval_metrics
+from geobind.model import GeoBind
+
+CHECKPOINT = "checkpoint.pt"
+DONE = "done.json"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped early (Ctrl-C or a requested stop); a resumable checkpoint was written."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"interrupted; resumable checkpoint at {checkpoint} (rerun with --resume)")
+        self.checkpoint = checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**31 - 1)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run a block with all global RNGs seeded, restoring them afterwards, so per-sample
+    augmentation depends only on (seed, epoch, index): exact resume, any worker count."""
+    py, np_state, t = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(t)
+
+
+class _TrainItems(Dataset):
+    def __init__(self, table: Table, modality: str, encoder, seed: int, anchor=None, anchor_modality=None):
+        self.table, self.modality, self.encoder, self.seed = table, modality, encoder, seed
+        self.anchor, self.anchor_modality = anchor, anchor_modality
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        try:
+            with _seeded(_item_seed(self.seed, epoch, i)):
+                x = self.encoder.load(self.table.item(self.modality, i), train=True)
+            if self.anchor is not None:
+                a = self.anchor.load(self.table.item(self.anchor_modality, i), train=False)
+                return i, (x, a)
+            return i, x
+        except BadSampleError as e:
+            return i, e
+
+
+class _EpochBatches(Sampler):
+    """This rank's share of each global batch of one epoch's seeded permutation; starts at
+    ``start_step`` so a resumed run continues with the very next batch."""
+
+    def __init__(self, valid: torch.Tensor, batch_size: int, seed: int, epoch: int, start_step: int,
+                 rank: int, world: int):
+        g = torch.Generator().manual_seed(seed * 9_973 + epoch)
+        idx = valid.nonzero().flatten()
+        self.perm = idx[torch.randperm(len(idx), generator=g)].tolist()
+        self.bs, self.epoch, self.start = batch_size, epoch, start_step
+        self.rank, self.world = rank, world
+        self.steps = len(self.perm) // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self):
+        per = self.bs // self.world
+        for s in range(self.start, self.steps):
+            b = self.perm[s * self.bs : (s + 1) * self.bs]
+            yield [(self.epoch, i) for i in b[self.rank * per : (self.rank + 1) * per]]
+
+
+def _collate_train(encoder, anchor):
+    def fn(samples):
+        good = [(i, x) for i, x in samples if not isinstance(x, BadSampleError)]
+        bad = [e for _, e in samples if isinstance(e, BadSampleError)]
+        idx = torch.tensor([i for i, _ in good], dtype=torch.long)
+        if anchor is None:
+            return idx, (encoder.collate([x for _, x in good]) if good else None), None, bad
+        return (
+            idx,
+            encoder.collate([x for _, (x, _) in good]) if good else None,
+            anchor.collate([a for _, (_, a) in good]) if good else None,
+            bad,
+        )
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# optimisation
+
+
+def build_optimizer(stage: BindingStage, cfg: StageConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (no decay on norms, biases, the temperature)."""
+    decay, no_decay = [], []
+    for name, p in stage.trainable_parameters():
+        (decay if p.ndim >= 2 and "logit_scale" not in name else no_decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kwargs)
+
+
+def lr_lambda(total_steps: int, warmup: int, floor: float):
+    """Linear warmup then cosine decay to ``floor`` x peak."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _precision(cfg: StageConfig, device: torch.device):
+    p = cfg.optim.precision
+    if p == "auto":
+        p = "bf16" if device.type == "cuda" else "fp32"
+    if p == "fp32":
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if p == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if p == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.random.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _stage_fingerprint(cfg: StageConfig) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def resolve_device(name: str, dist_device: torch.device) -> torch.device:
+    if name == "auto":
+        return dist_device
+    return torch.device(name)
+
+
+def initial_space(cfg: RunConfig) -> GeoBind:
+    """The space before the first stage: a CLIP anchor, or an existing GeoBind model."""
+    if cfg.init_model:
+        return GeoBind.from_pretrained(cfg.init_model)
+    clip, tok = build_anchor(cfg.anchor)
+    encs = anchor_encoders(clip, tok, cfg.anchor_modalities["image"], cfg.anchor_modalities["text"])
+    return GeoBind(clip.config.projection_dim, encs, {
+        "anchor": {k: v for k, v in cfg.anchor.items() if k != "config"},
+        "anchor_modalities": dict(cfg.anchor_modalities),
+    })
+
+
+class Trainer:
+    """Runs every stage of a :class:`RunConfig`. See :func:`train`."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+                 stop_at_step: int | None = None, log=print):
+        self.cfg, self.resume, self.progress, self.stop_at_step = cfg, resume, progress, stop_at_step
+        self.log = log
+        self.out = Path(cfg.output_dir)
+        self.dist = gbdist.init_distributed()
+        self.device = resolve_device(cfg.device, self.dist.device)
+        self.main = self.dist.is_main
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
+
+    def _say(self, msg: str) -> None:
+        if self.main and self.log:
+            self.log(msg)
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        if self.main:
+            if self.out.exists() and any(self.out.glob("stages/*/" + CHECKPOINT)) and not self.resume:
+                raise FileExistsError(
+                    f"{self.out} already holds a run; pass --resume to continue it, or choose another output_dir"
+                )
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        gbdist.barrier()
+        model = initial_space(cfg)
+        prev_dir = None
+        for i, scfg in enumerate(cfg.stages):
+            stage_dir = self.out / "stages" / f"{i + 1:02d}-{scfg.name}"
+            if (stage_dir / DONE).is_file() and self.resume:
+                self._say(f"stage {scfg.name}: already finished, loading {stage_dir / 'model'}")
+            else:
+                if prev_dir is not None:
+                    model = GeoBind.from_pretrained(prev_dir)
+                self._run_stage(i, scfg, model, stage_dir)
+            prev_dir = stage_dir / "model"
+        final = self.out / "model"
+        model = GeoBind.from_pretrained(prev_dir)
+        if self.main:
+            model.save_pretrained(final)
+            self._say(f"model saved to {final}")
+        gbdist.barrier()
+        return final
+
+    def _run_stage(self, index: int, scfg: StageConfig, model: GeoBind, stage_dir: Path) -> None:
+        cfg, dev = self.cfg, self.device
+        if self.main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            (stage_dir / "config.yaml").write_text(yaml.safe_dump(_plain(dataclasses.asdict(scfg)), sort_keys=False))
+        anchor = model.encoder(scfg.bind_to)
+        model.frozen(model.modalities)
+        # Seeded per stage so an interrupted and a fresh run build the same initial weights.
+        torch.manual_seed(cfg.seed * 1000 + index)
+        enc_cls = get_encoder_class(scfg.encoder["type"])
+        encoder = enc_cls.create(scfg.train, dict(scfg.encoder), model.dim, dict(model.encoders.items()))
+        if encoder.dim != model.dim:
+            raise ValueError(f"stage {scfg.name}: encoder gives {encoder.dim}-d vectors, space has {model.dim}")
+        stage = BindingStage(
+            encoder, anchor, temperature=scfg.loss.temperature, learn_temperature=scfg.loss.learn_temperature,
+            symmetric=scfg.loss.symmetric, queue_size=scfg.loss.queue_size,
+        ).to(dev)
+
+        table = read_dataset(scfg.data.train, scfg.data.layout)
+        table.require(scfg.train, scfg.bind_to)
+        bad = Counter()
+        if scfg.cache_anchor:
+            anchor_emb, valid, info = self._anchor_cache(anchor, table, scfg)
+            bad.update(info["bad"])
+            self._say(f"stage {scfg.name}: anchor cache {'hit' if info['hit'] else 'written'} ({info['path']})")
+        else:
+            anchor_emb, valid = None, torch.tensor([i not in table.bad_rows for i in range(len(table))])
+        val = None
+        if scfg.data.val:
+            vt = read_dataset(scfg.data.val, scfg.data.layout)
+            vt.require(scfg.train, scfg.bind_to)
+            v_emb, v_valid, _ = self._anchor_cache(anchor, vt, scfg)
+            val = (vt, v_emb, v_valid)
+
+        o = scfg.optim
+        world = self.dist.world_size
+        if o.batch_size % world:
+            raise ValueError(f"stage {scfg.name}: batch_size {o.batch_size} is not divisible by {world} ranks")
+        n_valid = int(valid.sum())
+        steps_per_epoch = n_valid // o.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"stage {scfg.name}: {n_valid} usable pairs in {table.source} is fewer than one batch "
+                f"({o.batch_size}); lower optim.batch_size"
+            )
+        total = o.max_steps or steps_per_epoch * o.epochs
+        optim = build_optimizer(stage, scfg, dev)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(total, o.warmup_steps, o.min_lr_ratio))
+        autocast, scaler = _precision(scfg, dev)
+
+        step, epoch, step_in_epoch = 0, 0, 0
+        ckpt_path = stage_dir / CHECKPOINT
+        fp = _stage_fingerprint(scfg)
+        if ckpt_path.is_file():
+            if not self.resume:
+                raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue, or use another output_dir")
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            if ck["fingerprint"] != fp:
+                raise ValueError(
+                    f"{ckpt_path} was written by a different stage config; resume with the same config "
+                    "or start a new output_dir"
+                )
+            stage.load_state_dict(ck["stage"], strict=False)
+            optim.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            step, epoch, step_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
+            bad.update(ck.get("bad", {}))
+            _set_rng_state(ck["rng"])
+            self._say(f"stage {scfg.name}: resumed at step {step} (epoch {epoch + 1}, batch {step_in_epoch})")
+
+        ddp_stage = stage
+        if self.dist.distributed:
+            ddp_stage = torch.nn.parallel.DistributedDataParallel(
+                stage, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+
+        def save_ckpt():
+            if not self.main:
+                return
+            trainable = {k: v for k, v in stage.state_dict().items() if not k.startswith("anchor.")}
+            _atomic_save(
+                {"stage": trainable, "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
+                 "step_in_epoch": step_in_epoch, "rng": _rng_state(), "bad": dict(bad), "fingerprint": fp},
+                ckpt_path,
+            )
+
+        metrics_path = stage_dir / "metrics.csv"
+        writer = _MetricsWriter(metrics_path if self.main else None)
+        uncached_anchor = None if scfg.cache_anchor else anchor
+        ds = _TrainItems(table, scfg.train, encoder, cfg.seed, uncached_anchor, scfg.bind_to)
+        pbar = None
+        if self.main and self.progress:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=total, initial=step, desc=f"stage {scfg.name}", unit="step", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        stage.train()
+        last_loss = float("nan")
+        try:
+            while step < total:
+                sampler = _EpochBatches(valid, o.batch_size, cfg.seed, epoch, step_in_epoch, self.dist.rank, world)
+                loader = DataLoader(ds, batch_sampler=sampler, num_workers=o.num_workers,
+                                    collate_fn=_collate_train(encoder, uncached_anchor),
+                                    pin_memory=dev.type == "cuda", persistent_workers=False)
+                t_data = time.perf_counter()
+                window = {"data": 0.0, "step": 0.0, "n": 0}
+                for idx, inputs, anchor_inputs, bad_items in loader:
+                    t0 = time.perf_counter()
+                    window["data"] += t0 - t_data
+                    for e in bad_items:
+                        if scfg.data.strict:
+                            raise e
+                        bad[e.reason] += 1
+                        self._say(f"skipping bad sample {e}")
+                    n = len(idx)
+                    if self.dist.distributed:
+                        # Ranks must agree on the batch shape; trim to the smallest after skips.
+                        n = int(gbdist.all_reduce_min(torch.tensor(n, device=dev)).item())
+                    if n < 1:
+                        step_in_epoch += 1
+                        t_data = time.perf_counter()
+                        continue
+                    idx = idx[:n]
+                    inputs = _take(inputs, n)
+                    anchor_inputs = _take(anchor_inputs, n)
+                    a_emb = anchor_emb[idx] if anchor_emb is not None else None
+                    for g in optim.param_groups:
+                        g.setdefault("initial_lr", g["lr"])
+                    with autocast():
+                        out = ddp_stage(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=idx.to(dev))
+                        loss = total_loss(out)
+                    optim.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optim)
+                    else:
+                        loss.backward()
+                    if o.grad_clip:
+                        torch.nn.utils.clip_grad_norm_([p for _, p in stage.trainable_parameters()], o.grad_clip)
+                    if scaler is not None:
+                        scaler.step(optim)
+                        scaler.update()
+                    else:
+                        optim.step()
+                    sched.step()
+                    stage.logit_scale.clamp_()
+                    if stage.queue is not None:
+                        stage.queue.enqueue(gbdist.all_gather_no_grad(out["anchor"].detach()),
+                                            gbdist.all_gather_no_grad(idx.to(dev)))
+                    step += 1
+                    step_in_epoch += 1
+                    last_loss = float(loss.detach())
+                    t1 = time.perf_counter()
+                    window["step"] += t1 - t0
+                    window["n"] += n * world
+                    if pbar is not None:
+                        pbar.update(1)
+                        pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{window['n'] / max(1e-9, window['data'] + window['step']):.1f}")
+                    if step % o.log_every == 0 or step == total:
+                        el = window["data"] + window["step"]
+                        writer.row({"step": step, "epoch": epoch + 1, "loss": round(last_loss, 6),
+                                    "lr": sched.get_last_lr()[0], "logit_scale": float(out["logit_scale"]),
+                                    "samples_per_s": round(window["n"] / max(el, 1e-9), 2),
+                                    "data_wait": round(window["data"] / max(el, 1e-9), 4),
+                                    "bad_samples": sum(bad.values())})
+                        window = {"data": 0.0, "step": 0.0, "n": 0}
+                    if o.val_every and step % o.val_every == 0 and val is not None:
+                        self._validate(stage, val, scfg, writer, step, epoch)
+                    if (o.ckpt_every and step % o.ckpt_every == 0) or step == total:
+                        save_ckpt()
+                    if self.stop_at_step is not None and step == self.stop_at_step:
+                        save_ckpt()
+                        raise KeyboardInterrupt
+                    if step >= total:
+                        break
+                    t_data = time.perf_counter()
+                if step >= total:
+                    break
+                epoch += 1
+                step_in_epoch = 0
+                if bad:
+                    self._say(f"epoch {epoch}: skipped samples so far: {dict(bad)}")
+                if val is not None and not o.val_every:
+                    self._validate(stage, val, scfg, writer, step, epoch - 1)
+                save_ckpt()
+        except KeyboardInterrupt:
+            save_ckpt()
+            if pbar is not None:
+                pbar.close()
+            gbdist.barrier()
+            raise TrainingInterrupted(ckpt_path) from None
+        if pbar is not None:
+            pbar.close()
+        seconds = time.perf_counter() - t_start
+        if val is not None:
+            vm = self._validate(stage, val, scfg, writer, step, epoch)
+        else:
+            vm = None
+        save_ckpt()
+        # The stage's result: the space with the new modality added.
+        model.add_encoder(scfg.train, encoder.cpu())
+        stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,
+                     "steps": step, "epochs_seen": epoch, "final_loss": last_loss, "bad_samples": dict(bad),
+                     "seconds": round(seconds, 2), "val": vm}
+        model.meta.setdefault("stages", []).append(stage_rec)
+        model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale())
+        if self.main:
+            model.save_pretrained(stage_dir / "model")
+            (stage_dir / DONE).write_text(json.dumps(stage_rec, indent=2))
+            self._say(f"stage {scfg.name}: {step} steps in {seconds:.1f}s, final loss {last_loss:.4f}"
+                      + (f", skipped {dict(bad)}" if bad else ""))
+        gbdist.barrier()
+        writer.close()
+
+    def _anchor_cache(self, anchor, table, scfg):
+        # Rank 0 computes and writes; the others read the finished file.
+        if self.main:
+            out = cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
+                                    num_workers=scfg.optim.num_workers, progress=self.progress,
+                                    strict=scfg.data.strict)
+        gbdist.barrier()
+        if not self.main:
+            out = cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256)
+        return out
+
+    @torch.no_grad()
+    def _validate(self, stage: BindingStage, val, scfg: StageConfig, writer, step: int, epoch: int):
+        if not self.main:
+            return None
+        vt, v_anchor, v_valid = val
+        emb, valid, _ = embed_table(stage.encoder, vt, scfg.train, batch_size=256)
+        keep = valid & v_valid
+        m = retrieval_metrics(emb[keep], v_anchor[keep])
+        stage.train()
+        row = {"step": step, "epoch": epoch + 1, **{f"val_{k}": v for k, v in m.items()}}
+        writer.row(row)
+        self._say(f"stage {scfg.name} step {step}: val {scfg.train}->{scfg.bind_to} "
+                  + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        return m
+
+
+def _take(batch, n):
+    if batch is None:
+        return None
+    if isinstance(batch, dict):
+        return {k: v[:n] for k, v in batch.items()}
+    return batch[:n]
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+class _MetricsWriter:
+    """Appends rows to metrics.csv (columns grow as new keys appear); TensorBoard if installed."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.tb = None
+        if path is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except Exception:  # tensorboard not installed: CSV only
+                self.tb = None
+
+    def row(self, row: dict) -> None:
+        if self.path is None:
+            return
+        rows = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        rows.append({k: v for k, v in row.items()})
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.path)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, stop_at_step: int | None = None,
+          log=print) -> Path:
+    """Run every stage of ``cfg``; return the final model directory.
+
+    ``resume`` continues an interrupted run from its checkpoints. ``stop_at_step`` stops the
+    first unfinished stage after that many steps with a checkpoint, as Ctrl-C would (used to
+    test exact resumption).
+    """
+    return Trainer(cfg, resume=resume, progress=progress, stop_at_step=stop_at_step, log=log).run()

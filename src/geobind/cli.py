@@ -1,0 +1,146 @@
+"""The ``geobind`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+EPILOG_TRAIN = """\
+examples:
+  geobind train configs/geobind.yaml
+  geobind train run.yaml --set stages.satellite.optim.lr=1e-4 --set seed=1
+  geobind train run.yaml --resume                       # continue after Ctrl-C or a crash
+  torchrun --nproc_per_node 4 -m geobind train run.yaml # all GPUs of one machine
+"""
+
+EPILOG_EVAL = """\
+examples:
+  geobind eval --model runs/geobind/model --data test.csv --out report.json
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geobind",
+        description="GeoBind: one embedding space for satellite images, ground photos, text and audio.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            start here:
+              geobind demo                 train and evaluate on the embedded synthetic Earth
+              geobind train CONFIG.yaml    run the binding stages of a config
+              geobind eval --model DIR --data test.csv --out report.json
+            every command has --help with examples."""),
+    )
+    from geobind import __version__
+
+    p.add_argument("--version", action="version", version=f"geobind {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="run the binding stages of a YAML config",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
+    t.add_argument("config", help="YAML run config")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted path; stages by index or name); repeatable")
+    t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoints")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="retrieval metrics between every pair of modalities",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_EVAL)
+    e.add_argument("--model", required=True, help="GeoBind model directory")
+    e.add_argument("--data", required=True, help="dataset (manifest CSV/Parquet)")
+    e.add_argument("--layout", default="manifest", help="dataset layout (default: manifest)")
+    e.add_argument("--out", help="write the report JSON here")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.set_defaults(func=cmd_eval)
+
+    try:
+        from geobind.demo import add_demo_parser
+    except ImportError:
+        add_demo_parser = None
+    if add_demo_parser is not None:
+        add_demo_parser(sub)
+    return p
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cmd_train(args) -> int:
+    from geobind.binding.trainer import train
+    from geobind.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    final = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if cfg.eval is not None:
+        from geobind.data.manifest import read_dataset
+        from geobind.evaluate import evaluate, format_pairs, trained_pairs
+        from geobind.model import GeoBind
+
+        model = GeoBind.from_pretrained(final, device=_device(cfg.device))
+        report = evaluate(model, read_dataset(cfg.eval.data, cfg.eval.layout), batch_size=cfg.eval.batch_size)
+        out = Path(cfg.output_dir) / "report.json"
+        write_report(report, out, force=True)
+        print(format_pairs(report["pairs"], trained_pairs(model)))
+        print(f"report written to {out}")
+    return 0
+
+
+def write_report(report: dict, path: Path, force: bool) -> None:
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cmd_eval(args) -> int:
+    from geobind.data.manifest import read_dataset
+    from geobind.evaluate import evaluate, format_pairs, trained_pairs
+    from geobind.model import GeoBind
+
+    if args.out and Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
+    model = GeoBind.from_pretrained(args.model, device=_device(args.device))
+    report = evaluate(model, read_dataset(args.data, args.layout), batch_size=args.batch_size, progress=True)
+    print(format_pairs(report["pairs"], trained_pairs(model)))
+    if args.out:
+        write_report(report, Path(args.out), force=args.force)
+        print(f"report written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``geobind`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from geobind.binding.trainer import TrainingInterrupted
+    from geobind.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        print(f"geobind {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

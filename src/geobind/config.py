@@ -1,0 +1,323 @@
+"""Run configuration: small frozen dataclasses loaded from YAML, validated before any work.
+
+A run is an anchor (the initial space: a frozen CLIP giving ``ground`` and ``text``, or an
+existing GeoBind model) followed by an ordered list of binding stages. Each stage trains one
+modality against one already in the space. The fully resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geobind.modality import GROUND, TEXT, get_modality
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 1  # passes over the stage's training data
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    batch_size: int = 64  # global batch size (split evenly across ranks)
+    lr: float = 5e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.2  # AdamW decay; never applied to norms, biases, the temperature
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (CLIP/Sat2Cap)
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 0  # linear warmup before the cosine decay
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    num_workers: int = 0  # data-loader worker processes per rank
+    log_every: int = 10  # steps between metric rows in metrics.csv
+    val_every: int = 0  # steps between validation runs (0: at the end of each epoch)
+    ckpt_every: int = 200  # steps between checkpoints (always one at each epoch end)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    symmetric: bool = False  # False: the paper's one-directional InfoNCE (train -> anchor)
+    temperature: float = 0.07  # initial temperature; logit scale 1/t, clamped at 100
+    learn_temperature: bool = True  # learn the temperature jointly
+    queue_size: int = 0  # past frozen-anchor embeddings kept as extra negatives (Sat2Cap: 9000)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str  # training dataset: manifest (CSV/Parquet), shard pattern or layout root
+    val: str | None = None  # validation dataset for periodic retrieval (optional)
+    layout: str = "manifest"  # how to read it: manifest (more layouts register by name)
+    strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str  # stage name (used for its output folder and --set stages.NAME.key=value)
+    train: str  # modality this stage adds to the space (its encoder is trained)
+    bind_to: str  # modality already in the space that it binds to (frozen)
+    encoder: dict[str, Any]  # encoder spec: {type: <registered encoder type>, ...type-specific keys}
+    data: DataConfig  # paired dataset with columns for `train` and `bind_to`
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimisation settings
+    loss: LossConfig = field(default_factory=LossConfig)  # contrastive loss settings
+    cache_anchor: bool = True  # embed the frozen side once and reuse it (exact for frozen anchors)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str  # evaluation dataset (all modalities present are paired up)
+    batch_size: int = 64  # embedding batch size
+    layout: str = "manifest"  # how to read it
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str  # where checkpoints, logs and the final model directory go
+    stages: tuple[StageConfig, ...]  # binding stages, run in order
+    anchor: dict[str, Any] | None = None  # frozen CLIP: {pretrained: dir|hub id} or {config, tokenizer}
+    init_model: str | None = None  # start from an existing GeoBind model directory instead
+    anchor_modalities: dict[str, str] = field(
+        default_factory=lambda: {"image": GROUND, "text": TEXT}
+    )  # which modalities the CLIP anchor's image and text towers serve
+    eval: EvalConfig | None = None  # evaluation after training (optional)
+    seed: int = 0  # seeds data order, augmentation and initialisation
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    cache_dir: str | None = None  # anchor-embedding cache (default: <output_dir>/cache)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+class ConfigError(ValueError):
+    """A config problem, raised before any training starts."""
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(fields)}"
+        )
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"optim": OptimConfig, "loss": LossConfig, "data": DataConfig, "eval": EvalConfig}.get(name)
+        if sub is not None and value is not None and cls in (StageConfig, RunConfig):
+            if name == "data" and isinstance(value, str):
+                value = {"train": value}
+            value = _build(sub, value, f"{where}.{name}")
+        elif name == "stages":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"{where}.stages: give a non-empty list of stages")
+            value = tuple(_build(StageConfig, s, f"{where}.stages[{i}]") for i, s in enumerate(value))
+        elif name == "betas":
+            value = tuple(float(v) for v in value)
+        else:
+            value = _coerce(fields[name], value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if t == "int":
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if t == "float":
+            return float(value)
+        if t == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if t == "str":
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {t}, got {value!r}") from None
+    return value
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
+    """Validate a config mapping and resolve relative paths against ``base_dir``."""
+    data = copy.deepcopy(data)
+    base = Path(base_dir)
+
+    def rel(p):
+        if p is None or "://" in str(p):
+            return p
+        q = Path(str(p)).expanduser()
+        return str(q if q.is_absolute() else (base / q))
+
+    cfg = _build(RunConfig, data, "config")
+    cfg = dataclasses.replace(
+        cfg,
+        output_dir=rel(cfg.output_dir),
+        init_model=rel(cfg.init_model),
+        cache_dir=rel(cfg.cache_dir),
+        anchor=_resolve_anchor_paths(cfg.anchor, rel),
+        stages=tuple(
+            dataclasses.replace(
+                s,
+                data=dataclasses.replace(s.data, train=rel(s.data.train), val=rel(s.data.val)),
+                encoder=_resolve_encoder_paths(s.encoder, rel),
+            )
+            for s in cfg.stages
+        ),
+        eval=dataclasses.replace(cfg.eval, data=rel(cfg.eval.data)) if cfg.eval else None,
+    )
+    validate(cfg)
+    return cfg
+
+
+def _looks_local(p: str) -> bool:
+    return str(p).startswith((".", "/", "~")) or not ("/" in str(p) and str(p).count("/") == 1)
+
+
+def _resolve_anchor_paths(anchor, rel):
+    if anchor is None:
+        return None
+    anchor = dict(anchor)
+    for k in ("pretrained", "tokenizer"):
+        if anchor.get(k) and _looks_local(anchor[k]):
+            anchor[k] = rel(anchor[k])
+    return anchor
+
+
+def _resolve_encoder_paths(spec, rel):
+    spec = dict(spec)
+    if spec.get("pretrained") and _looks_local(spec["pretrained"]):
+        spec["pretrained"] = rel(spec["pretrained"])
+    return spec
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check the stage chain: modalities known, each stage binds to one already in the space."""
+    if (cfg.anchor is None) == (cfg.init_model is None):
+        raise ConfigError("config: give exactly one of `anchor` (a CLIP) or `init_model` (a GeoBind model)")
+    if cfg.anchor is not None:
+        if cfg.anchor.get("type", "clip") != "clip":
+            raise ConfigError(f"config.anchor.type: only 'clip' anchors exist, got {cfg.anchor['type']!r}")
+        extra = set(cfg.anchor_modalities) - {"image", "text"}
+        if extra:
+            raise ConfigError(f"config.anchor_modalities: unknown key(s) {sorted(extra)}; use image, text")
+        space = set(cfg.anchor_modalities.values())
+    else:
+        import json
+
+        p = Path(cfg.init_model) / "geobind.json"
+        if not p.is_file():
+            raise ConfigError(f"config.init_model: {p} not found; point it at a GeoBind model directory")
+        space = set(json.loads(p.read_text())["modalities"])
+    for m in space:
+        _check_modality(m, "config.anchor_modalities")
+    names = set()
+    for i, s in enumerate(cfg.stages):
+        where = f"config.stages[{i}] ({s.name})"
+        if s.name in names:
+            raise ConfigError(f"{where}: duplicate stage name")
+        names.add(s.name)
+        _check_modality(s.train, f"{where}.train")
+        _check_modality(s.bind_to, f"{where}.bind_to")
+        if s.bind_to not in space:
+            raise ConfigError(
+                f"{where}: binds to {s.bind_to!r}, which is not in the space yet (it has "
+                f"{', '.join(sorted(space))}). Put a stage that trains {s.bind_to!r} earlier."
+            )
+        if s.train == s.bind_to:
+            raise ConfigError(f"{where}: train and bind_to are both {s.train!r}")
+        if "type" not in s.encoder:
+            raise ConfigError(f"{where}.encoder: needs `type` (a registered encoder type)")
+        from geobind.encoders import get_encoder_class
+
+        try:
+            get_encoder_class(s.encoder["type"])
+        except ValueError as e:
+            raise ConfigError(f"{where}.encoder: {e}") from None
+        o = s.optim
+        if o.batch_size < 2:
+            raise ConfigError(f"{where}.optim.batch_size: contrastive training needs at least 2")
+        if o.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"{where}.optim.precision: use auto, fp32, bf16 or fp16")
+        if s.loss.temperature <= 0:
+            raise ConfigError(f"{where}.loss.temperature must be positive")
+        space.add(s.train)
+
+
+def _check_modality(name: str, where: str) -> None:
+    try:
+        get_modality(name)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML). Stages are addressed by index
+    or by name: ``stages.0.optim.lr=1e-4`` or ``stages.satellite.optim.epochs=2``."""
+    data = copy.deepcopy(data)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set {ov!r}: expected key=value")
+        key, raw = ov.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.strip().split(".")
+        node: Any = data
+        for j, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: j + 1]), create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, key)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _index(lst: list, part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        i = int(part)
+        if not -len(lst) <= i < len(lst):
+            raise ConfigError(f"--set {where}: index {i} out of range ({len(lst)} items)")
+        return i
+    for i, item in enumerate(lst):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    raise ConfigError(f"--set {where}: no stage named {part!r}")
+
+
+def _child(node, part, where, create):
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {where}: cannot descend into a {type(node).__name__}")
+    if part not in node or node[part] is None:
+        if not create:
+            raise ConfigError(f"--set {where}: no such key")
+        node[part] = {}
+    return node[part]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a YAML run config. Relative paths are relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_config(data, path.parent)

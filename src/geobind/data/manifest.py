@@ -1,0 +1,159 @@
+"""Paired datasets as tables: one row per place, one column per modality.
+
+A manifest is a CSV or Parquet file with columns ``id``, ``lat``, ``lon`` and one column per
+modality (a path relative to the manifest, or the text itself), plus optional metadata. Every
+reader (training, embedding, evaluation) goes through :func:`read_dataset`, which returns a
+:class:`Table`; further layouts register with :func:`register_layout`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from geobind.data.errors import BadSampleError
+from geobind.modality import get_modality
+
+REQUIRED = ("id", "lat", "lon")
+
+
+@dataclass
+class Table:
+    """Rows of a paired dataset. ``columns[modality][i]`` is row i's raw item for that modality
+    (an absolute path, the text itself, or ``None`` when absent)."""
+
+    source: str
+    ids: list[str]
+    lat: list[float]
+    lon: list[float]
+    columns: dict[str, list[Any]]
+    meta: pd.DataFrame | None = None
+    identity: str = ""  # content hash: changes when the data changes (keys the anchor cache)
+    bad_rows: dict[int, str] = field(default_factory=dict)  # row -> reason (e.g. bad-coordinates)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.columns)
+
+    def require(self, *modalities: str) -> None:
+        """Raise a clear error if a needed modality column is missing."""
+        for m in modalities:
+            if m in self.columns:
+                continue
+            if get_modality(m).source == "latlon":
+                continue
+            raise ValueError(
+                f"{self.source}: no {m!r} column (columns: {', '.join(self.columns)}). "
+                f"Add a {m!r} column with a path or value per row."
+            )
+
+    def item(self, modality: str, i: int) -> Any:
+        """Row ``i``'s raw item for ``modality``; raises :class:`BadSampleError` if unusable."""
+        if i in self.bad_rows:
+            raise BadSampleError(f"{self.source}#{self.ids[i]}", self.bad_rows[i])
+        if get_modality(modality).source == "latlon":
+            return (self.lat[i], self.lon[i])
+        value = self.columns[modality][i]
+        if value is None:
+            raise BadSampleError(f"{self.source}#{self.ids[i]}", f"missing-{modality}", "empty cell")
+        return value
+
+
+Reader = Callable[[Path], Table]
+_LAYOUTS: dict[str, Reader] = {}
+
+
+def register_layout(name: str):
+    """Decorator registering a reader ``Path -> Table`` for a dataset layout."""
+
+    def wrap(fn: Reader) -> Reader:
+        _LAYOUTS[name] = fn
+        return fn
+
+    return wrap
+
+
+def read_dataset(path: str | Path, layout: str = "manifest") -> Table:
+    """Read a dataset in the given layout (default: a CSV/Parquet manifest)."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown dataset layout {layout!r}; known layouts: {', '.join(sorted(_LAYOUTS))}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    table = _LAYOUTS[layout](path)
+    if len(table) == 0:
+        raise ValueError(f"dataset {path} has no rows")
+    return table
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@register_layout("manifest")
+def read_manifest(path: Path) -> Table:
+    """CSV or Parquet manifest; paths relative to the manifest's folder."""
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        df = pd.read_parquet(path)
+    elif suffix in (".csv", ".tsv", ".txt"):
+        df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={"id": str}, keep_default_na=False,
+                         na_values={"lat": [""], "lon": [""]})
+    else:
+        raise ValueError(f"{path}: a manifest must be .csv, .tsv or .parquet")
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs id, lat, lon")
+    if df["id"].duplicated().any():
+        dup = df["id"][df["id"].duplicated()].iloc[0]
+        raise ValueError(f"{path}: duplicate id {dup!r}; ids must be unique")
+    from geobind.modality import modalities
+
+    base = path.parent
+    columns: dict[str, list[Any]] = {}
+    for m in modalities():
+        if m not in df.columns:
+            continue
+        spec = get_modality(m)
+        vals = []
+        for v in df[m].tolist():
+            if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+                vals.append(None)
+            elif spec.source == "path":
+                p = Path(str(v)).expanduser()
+                vals.append(str(p if p.is_absolute() else base / p))
+            else:
+                vals.append(str(v))
+        columns[m] = vals
+    lat = pd.to_numeric(df["lat"], errors="coerce").tolist()
+    lon = pd.to_numeric(df["lon"], errors="coerce").tolist()
+    bad = {}
+    for i, (a, o) in enumerate(zip(lat, lon)):
+        if not (isinstance(a, float) and isinstance(o, float)) or math.isnan(a) or math.isnan(o) \
+                or not -90 <= a <= 90 or not -180 <= o <= 180:
+            bad[i] = "bad-coordinates"
+    known = set(REQUIRED) | set(columns)
+    meta = df[[c for c in df.columns if c not in known]].reset_index(drop=True)
+    return Table(
+        source=str(path),
+        ids=[str(x) for x in df["id"].tolist()],
+        lat=[float(x) for x in lat],
+        lon=[float(x) for x in lon],
+        columns=columns,
+        meta=meta,
+        identity=_hash_file(path),
+        bad_rows=bad,
+    )

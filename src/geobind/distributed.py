@@ -1,0 +1,224 @@
+"""Small helpers for multi-process training under ``torchrun`` (DDP).
+
+Every helper degrades to the single-process behaviour when ``torch.distributed`` is not
+initialised, so training and evaluation code calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "local_rank",
+    "is_main",
+    "barrier",
+    "all_gather_with_grad",
+    "all_gather_no_grad",
+    "all_reduce_sum",
+    "broadcast_object",
+    "cleanup",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    # Global rank of this process (0 when single-process).
+    rank: int
+    # Number of processes in the job (1 when single-process).
+    world_size: int
+    # Rank within this machine; selects the CUDA device.
+    local_rank: int
+    # Device this process computes on.
+    device: torch.device
+    # True when a process group with more than one member is initialised.
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs, checkpoints and reports."""
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one member is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """Global rank of this process (0 when not distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the job (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    """Rank within this machine, from ``LOCAL_RANK`` (0 when unset)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return rank() == 0
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. With ``WORLD_SIZE`` unset or 1 nothing is
+    initialised and a single-process :class:`DistInfo` comes back, so the same entry point serves
+    ``python -m geobind train`` and ``torchrun ... geobind train``. The backend is NCCL when CUDA
+    is available and Gloo otherwise, unless ``backend`` names one. Calling it again after the group
+    exists just describes the existing group.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    lrank = local_rank()
+    if torch.cuda.is_available():
+        # Set before the process group exists, so NCCL binds each rank to its own GPU rather
+        # than all ranks piling onto cuda:0.
+        torch.cuda.set_device(lrank % torch.cuda.device_count())
+    device = _default_device()
+
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), lrank, device, is_distributed())
+    if world <= 1:
+        return DistInfo(0, 1, lrank, device, False)
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs: dict[str, Any] = {}
+    if backend == "nccl":
+        kwargs["device_id"] = device
+    # init_method defaults to env://, which reads MASTER_ADDR/MASTER_PORT set by torchrun.
+    dist.init_process_group(
+        backend=backend, rank=int(os.environ["RANK"]), world_size=world, **kwargs
+    )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), lrank, device, is_distributed())
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op when not distributed."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        # Without device_ids NCCL guesses the device from the rank, which is wrong on
+        # multi-node jobs.
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def _gather_sizes(x: torch.Tensor) -> list[int]:
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    out = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, n)
+    return [int(t.item()) for t in out]
+
+
+def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """All-gather rows of ``x`` when ranks hold different numbers of rows."""
+    x = x.contiguous()
+    largest = max(sizes)
+    if x.shape[0] < largest:
+        # all_gather needs equal shapes; pad and cut the padding away afterwards.
+        pad = x.new_zeros((largest - x.shape[0], *x.shape[1:]))
+        x = torch.cat([x, pad], dim=0)
+    out = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(out, x)
+    return torch.cat([t[:n] for t, n in zip(out, sizes)], dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate rows from all ranks; the backward pass returns to each rank the gradient of
+    *every* rank's loss with respect to its own rows (sum over ranks)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
+        r = dist.get_rank()
+        ctx.start = sum(sizes[:r])
+        ctx.stop = ctx.start + sizes[r]
+        return _gather_padded(x, sizes)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        # Each rank's loss touched every rank's rows; summing the full gradient over ranks and
+        # keeping our slice hands each rank d(sum of all losses)/d(own rows).
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.stop], None
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` along dim 0 across ranks, in rank order, keeping autograd.
+
+    The backward pass sums the gradient over ranks and returns each rank its own slice, i.e.
+    rank r receives ``sum_s dL_s / dx_r``. Ranks may hold different numbers of rows. Identity
+    when not distributed.
+    """
+    if not is_distributed():
+        return x
+    return _AllGatherWithGrad.apply(x, _gather_sizes(x))
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` along dim 0 across ranks, in rank order, detached from autograd.
+
+    Ranks may hold different numbers of rows. Identity (detached) when not distributed.
+    """
+    if not is_distributed():
+        return x.detach()
+    return _gather_padded(x.detach(), _gather_sizes(x))
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a detached tensor over ranks (a copy; ``x`` is untouched)."""
+    out = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
+    """Minimum of a detached tensor over ranks (a copy; ``x`` is untouched)."""
+    out = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (any picklable object)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup() -> None:
+    """Leave the process group, if one was initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

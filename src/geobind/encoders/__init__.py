@@ -1,0 +1,28 @@
+"""Encoders: one per modality, registered by type name."""
+
+from geobind.encoders.base import Encoder, encoder_types, get_encoder_class, l2_normalize, register_encoder
+from geobind.encoders.clip import (
+    ClipImageEncoder,
+    ClipTextEncoder,
+    ClipVisionEncoder,
+    anchor_encoders,
+    build_anchor,
+    build_clip,
+    load_clip,
+)
+from geobind.encoders import audio as _audio  # noqa: F401,E402  (registers clap_audio)
+
+__all__ = [
+    "Encoder",
+    "register_encoder",
+    "get_encoder_class",
+    "encoder_types",
+    "l2_normalize",
+    "ClipImageEncoder",
+    "ClipTextEncoder",
+    "ClipVisionEncoder",
+    "anchor_encoders",
+    "build_anchor",
+    "build_clip",
+    "load_clip",
+]

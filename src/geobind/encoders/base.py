@@ -1,0 +1,141 @@
+"""The encoder contract and the registry of encoder types.
+
+An :class:`Encoder` turns raw items of one modality (file paths, PIL images, ``(waveform,
+sample_rate)`` pairs, strings, ...) into unit-length float32 vectors of the space's dimension.
+It is split in three so the heavy parts can run where they belong:
+
+* :meth:`Encoder.load` turns one raw item into a per-sample CPU input (runs in data-loader
+  workers; decoding, resizing, cropping);
+* :meth:`Encoder.collate` stacks per-sample inputs into a batch;
+* :meth:`Encoder.forward` runs the backbone on a batch on the model's device and returns unit
+  vectors.
+
+Encoder types register by name with :func:`register_encoder`; configs and ``geobind.json`` name
+them, so a new modality needs one registered module and no edits elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+_ENCODERS: dict[str, type[Encoder]] = {}
+
+
+def register_encoder(name: str):
+    """Class decorator registering an :class:`Encoder` subclass under ``name``."""
+
+    def wrap(cls: type[Encoder]) -> type[Encoder]:
+        if name in _ENCODERS and _ENCODERS[name] is not cls:
+            raise ValueError(f"encoder type {name!r} is already registered by {_ENCODERS[name]}")
+        cls.type_name = name
+        _ENCODERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_encoder_class(name: str) -> type[Encoder]:
+    """The encoder class registered as ``name``; unknown names raise an error listing known ones."""
+    try:
+        return _ENCODERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown encoder type {name!r}; registered types: {', '.join(sorted(_ENCODERS))}. "
+            "Register one with @geobind.encoders.register_encoder('name')."
+        ) from None
+
+
+def encoder_types() -> list[str]:
+    """Names of all registered encoder types."""
+    return sorted(_ENCODERS)
+
+
+class Encoder(nn.Module):
+    """Base class of every modality encoder.
+
+    Subclasses set ``modality`` on instances, implement ``load``/``collate``/``forward``,
+    ``settings`` (JSON-able preprocessing settings written to ``geobind.json``), ``create``
+    (build from a stage's config, possibly initialised from encoders already in the space),
+    ``save`` and ``from_saved``.
+    """
+
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, modality: str, dim: int):
+        super().__init__()
+        self.modality = modality
+        self.dim = int(dim)
+
+    # -- data side -------------------------------------------------------------------------
+    def load(self, item: Any, *, train: bool = False) -> Any:
+        """One raw item -> one per-sample CPU input. ``train`` enables augmentation."""
+        raise NotImplementedError
+
+    def collate(self, samples: list[Any]) -> Any:
+        """Per-sample inputs -> one batch (default: ``torch.stack``)."""
+        return torch.stack(samples)
+
+    # -- model side ------------------------------------------------------------------------
+    def forward(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
+        """A collated batch -> ``[B, dim]`` float32 unit vectors."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able settings (preprocessing, head sizes) needed to rebuild this encoder."""
+        return {}
+
+    def backbone_key(self) -> str:
+        """Name of the subdirectory holding this encoder's weights (shared backbones share it)."""
+        return self.modality
+
+    # -- construction and persistence -------------------------------------------------------
+    @classmethod
+    def create(cls, modality: str, spec: dict[str, Any], dim: int, space: dict[str, Encoder]) -> Encoder:
+        """Build a new encoder for ``modality`` from a config ``spec``.
+
+        ``space`` maps modalities already in the space to their encoders (e.g. to initialise the
+        satellite tower from the anchor's image tower).
+        """
+        raise NotImplementedError
+
+    def save(self, directory: str | Path) -> None:
+        """Write the backbone to ``directory`` in its own (``transformers``) format."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(
+        cls,
+        modality: str,
+        directory: str | Path,
+        settings: dict[str, Any],
+        dim: int,
+        shared: dict[str, Any],
+    ) -> Encoder:
+        """Rebuild from :meth:`save`'s output. ``shared`` caches backbones loaded by path."""
+        raise NotImplementedError
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length, in float32 (the space's contract)."""
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

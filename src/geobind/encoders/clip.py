@@ -1,0 +1,267 @@
+"""CLIP-based encoders: the frozen anchor (``ground`` images and ``text``) and the trainable
+``satellite`` tower initialised from the anchor's image tower (as Sat2Cap does)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    PreTrainedTokenizerBase,
+)
+
+from geobind.encoders.base import Encoder, l2_normalize, register_encoder
+from geobind.encoders.images import CLIP_MEAN, CLIP_STD, SATELLITE_MEAN, SATELLITE_STD, ImageTransform
+
+# A real CLIP tokenizer has ~49k tokens. Offline `from_pretrained` of a hub id can silently
+# fall back to a near-empty vocabulary, which trains on garbage: refuse anything this small.
+MIN_VOCAB_SIZE = 64
+
+
+def resolve_pretrained(name: str | Path) -> tuple[str, bool]:
+    """``(name, local_files_only)``: local directories never touch the network; anything else
+    is treated as a hub id, which is the only case where a download may happen."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p} is a file; pass the model directory that holds config.json")
+        return str(p), True
+    if str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
+        raise FileNotFoundError(f"model directory {name} does not exist")
+    return str(name), False
+
+
+def check_tokenizer(tok: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
+    """Raise if the tokenizer's vocabulary is implausibly small (a broken offline load)."""
+    n = len(tok)
+    if n < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"tokenizer from {source} has only {n} tokens; a broken or partial download is likely. "
+            "Point `tokenizer` at a directory holding a complete tokenizer (tokenizer.json)."
+        )
+    return tok
+
+
+def load_clip(pretrained: str | Path, tokenizer: str | Path | None = None) -> tuple[CLIPModel, PreTrainedTokenizerBase]:
+    """Load a ``CLIPModel`` and its tokenizer from a local directory or a hub id."""
+    name, local = resolve_pretrained(pretrained)
+    try:
+        model = CLIPModel.from_pretrained(name, local_files_only=local, attn_implementation="sdpa")
+        tok_name, tok_local = resolve_pretrained(tokenizer) if tokenizer else (name, local)
+        tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=tok_local)
+    except OSError as e:
+        raise OSError(
+            f"could not load CLIP from {pretrained!r}: {e}\n"
+            "Offline? Use a local directory (e.g. the demo's anchor) or download the model first."
+        ) from e
+    return model, check_tokenizer(tok, str(tokenizer or pretrained))
+
+
+def build_clip(config: dict[str, Any]) -> CLIPModel:
+    """A randomly initialised ``CLIPModel`` from a config dict (``text_config``,
+    ``vision_config``, ``projection_dim``, ...)."""
+    cfg = CLIPConfig(**copy.deepcopy(config))
+    return CLIPModel(cfg)
+
+
+class _ClipShared:
+    """Mixin: the ground and text encoders share one CLIPModel saved once under ``clip/``."""
+
+    backbone_dir = "clip"
+
+    def backbone_key(self) -> str:
+        return self.backbone_dir
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.clip.save_pretrained(directory, safe_serialization=True)
+        if getattr(self, "tokenizer", None) is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    @staticmethod
+    def _shared_clip(directory: str | Path, shared: dict[str, Any]):
+        key = str(Path(directory).resolve())
+        if key not in shared:
+            shared[key] = load_clip(directory)
+        return shared[key]
+
+
+@register_encoder("clip_image")
+class ClipImageEncoder(_ClipShared, Encoder):
+    """CLIP's image tower: ground-level photos (the stage-1 anchor)."""
+
+    def __init__(self, modality: str, clip: CLIPModel, tokenizer=None, image_size: int | None = None):
+        super().__init__(modality, clip.config.projection_dim)
+        self.clip = clip
+        self.tokenizer = tokenizer  # kept so the shared directory is complete whichever saves first
+        size = image_size or clip.config.vision_config.image_size
+        self.transform = ImageTransform(size, CLIP_MEAN, CLIP_STD)
+
+    def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
+        return self.transform(item, train=False)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        pooled = self.clip.vision_model(pixel_values=batch).pooler_output
+        return l2_normalize(self.clip.visual_projection(pooled))
+
+    def settings(self) -> dict[str, Any]:
+        return self.transform.settings()
+
+    @classmethod
+    def from_saved(cls, modality, directory, settings, dim, shared):
+        clip, tok = cls._shared_clip(directory, shared)
+        return cls(modality, clip, tok, settings.get("image_size"))
+
+
+@register_encoder("clip_text")
+class ClipTextEncoder(_ClipShared, Encoder):
+    """CLIP's text tower: captions and free-text queries."""
+
+    def __init__(self, modality: str, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__(modality, clip.config.projection_dim)
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.max_length = int(clip.config.text_config.max_position_embeddings)
+
+    def load(self, item: Any, *, train: bool = False) -> str:
+        from geobind.data.errors import BadSampleError
+
+        if not isinstance(item, str) or not item.strip():
+            raise BadSampleError("<text>", "empty-text", "caption is empty or not a string")
+        return item
+
+    def collate(self, samples: list[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.tokenizer(
+                list(samples), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = self.device
+        out = self.clip.text_model(
+            input_ids=batch["input_ids"].to(dev), attention_mask=batch.get("attention_mask").to(dev)
+        )
+        return l2_normalize(self.clip.text_projection(out.pooler_output))
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "vocab_size": len(self.tokenizer)}
+
+    @classmethod
+    def from_saved(cls, modality, directory, settings, dim, shared):
+        clip, tok = cls._shared_clip(directory, shared)
+        return cls(modality, clip, tok)
+
+
+def build_anchor(spec: dict[str, Any]) -> tuple[CLIPModel, PreTrainedTokenizerBase]:
+    """The CLIP anchor of a run config: ``pretrained`` (local directory or hub id, e.g.
+    ``openai/clip-vit-base-patch32``), or ``config`` (random weights) plus ``tokenizer``."""
+    unknown = set(spec) - {"type", "pretrained", "config", "tokenizer"}
+    if unknown:
+        raise ValueError(f"anchor: unknown keys {sorted(unknown)}; use pretrained, config, tokenizer")
+    if spec.get("pretrained"):
+        return load_clip(spec["pretrained"], spec.get("tokenizer"))
+    if spec.get("config") is None:
+        raise ValueError("anchor: give `pretrained` (directory or hub id) or `config`")
+    if not spec.get("tokenizer"):
+        raise ValueError("anchor: a CLIP built from `config` needs `tokenizer` (a tokenizer directory)")
+    name, local = resolve_pretrained(spec["tokenizer"])
+    tok = check_tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=local), name)
+    cfg = copy.deepcopy(spec["config"])
+    text_cfg = cfg.setdefault("text_config", {})
+    text_cfg.setdefault("vocab_size", len(tok))
+    if tok.eos_token_id is not None:
+        text_cfg.setdefault("eos_token_id", tok.eos_token_id)
+    if tok.bos_token_id is not None:
+        text_cfg.setdefault("bos_token_id", tok.bos_token_id)
+    if tok.pad_token_id is not None:
+        text_cfg.setdefault("pad_token_id", tok.pad_token_id)
+    if text_cfg["vocab_size"] < len(tok):
+        raise ValueError(f"anchor: text vocab_size {text_cfg['vocab_size']} < tokenizer size {len(tok)}")
+    return build_clip(cfg), tok
+
+
+def anchor_encoders(clip: CLIPModel, tok: PreTrainedTokenizerBase, ground: str, text: str) -> dict[str, Encoder]:
+    """The two encoders a CLIP anchor gives the space."""
+    return {ground: ClipImageEncoder(ground, clip, tok), text: ClipTextEncoder(text, clip, tok)}
+
+
+@register_encoder("clip_vision")
+class ClipVisionEncoder(Encoder):
+    """A trainable ``CLIPVisionModelWithProjection`` for overhead tiles (Sat2Cap's recipe),
+    with its own normalisation statistics and overhead augmentation."""
+
+    def __init__(self, modality: str, model: CLIPVisionModelWithProjection, transform: ImageTransform):
+        super().__init__(modality, model.config.projection_dim)
+        self.model = model
+        self.transform = transform
+
+    def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
+        return self.transform(item, train=train)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        return l2_normalize(self.model(pixel_values=batch).image_embeds)
+
+    def settings(self) -> dict[str, Any]:
+        return self.transform.settings()
+
+    @classmethod
+    def create(cls, modality, spec, dim, space):
+        """``spec``: ``init_from`` (a modality served by a CLIP image tower, default ``ground``)
+        or ``pretrained`` (a ``CLIPVisionModelWithProjection`` directory or hub id) or ``config``;
+        optional ``image_size``, ``mean``, ``std``, ``augment`` (``overhead`` or ``none``)."""
+        known = {"type", "init_from", "pretrained", "config", "image_size", "mean", "std", "augment"}
+        unknown = set(spec) - known
+        if unknown:
+            raise ValueError(f"encoder clip_vision: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if spec.get("pretrained"):
+            name, local = resolve_pretrained(spec["pretrained"])
+            model = CLIPVisionModelWithProjection.from_pretrained(
+                name, local_files_only=local, attn_implementation="sdpa"
+            )
+        elif spec.get("config"):
+            model = CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["config"]))
+        else:
+            src = spec.get("init_from", "ground")
+            if src not in space or not isinstance(space[src], ClipImageEncoder):
+                raise ValueError(
+                    f"encoder clip_vision: init_from={src!r} must name a modality served by a CLIP image "
+                    f"tower in the space; the space has {sorted(space)}"
+                )
+            clip = space[src].clip
+            vcfg = copy.deepcopy(clip.config.vision_config)
+            vcfg.projection_dim = clip.config.projection_dim
+            model = CLIPVisionModelWithProjection(vcfg)
+            model.vision_model.load_state_dict(clip.vision_model.state_dict())
+            model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+        if model.config.projection_dim != dim:
+            raise ValueError(
+                f"encoder clip_vision projects to {model.config.projection_dim} dims but the space has {dim}"
+            )
+        size = spec.get("image_size", model.config.image_size)
+        transform = ImageTransform(
+            size, spec.get("mean", SATELLITE_MEAN), spec.get("std", SATELLITE_STD), spec.get("augment", "overhead")
+        )
+        return cls(modality, model, transform)
+
+    def save(self, directory):
+        self.model.save_pretrained(directory, safe_serialization=True)
+
+    @classmethod
+    def from_saved(cls, modality, directory, settings, dim, shared):
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            str(directory), local_files_only=True, attn_implementation="sdpa"
+        )
+        transform = ImageTransform(
+            settings["image_size"], settings["mean"], settings["std"], settings.get("augment", "overhead")
+        )
+        return cls(modality, model, transform)

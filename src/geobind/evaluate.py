@@ -1,0 +1,75 @@
+"""Evaluation: retrieval between every ordered pair of modalities a dataset and model share."""
+
+from __future__ import annotations
+
+from itertools import permutations
+from typing import Any
+
+import torch
+
+from geobind.binding.cache import embed_table
+from geobind.data.manifest import Table
+from geobind.metrics import retrieval_metrics
+from geobind.model import GeoBind
+
+
+def embed_all(
+    model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False, modalities=None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{modality: (embeddings [N, D], valid [N])}`` for every modality both have."""
+    mods = modalities or [m for m in model.modalities if m in table.columns]
+    out = {}
+    for m in mods:
+        emb, valid, _ = embed_table(model.encoder(m), table, m, batch_size=batch_size, progress=progress)
+        out[m] = (emb, valid)
+    return out
+
+
+def pair_report(embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], ks=(1, 5, 10)) -> dict[str, Any]:
+    """Retrieval metrics for every ordered pair ``a->b``: query ``a`` of row i must find row i's
+    ``b`` among all rows valid in both."""
+    pairs = {}
+    for a, b in permutations(embeddings, 2):
+        (ea, va), (eb, vb) = embeddings[a], embeddings[b]
+        keep = va & vb
+        if int(keep.sum()) < 2:
+            continue
+        pairs[f"{a}->{b}"] = retrieval_metrics(ea[keep], eb[keep], ks=ks)
+    return pairs
+
+
+def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
+    """The report of DESIGN.md: ``{"pairs": {"a->b": {"R@1", "R@5", "R@10", "median_rank", "n"}}}``."""
+    emb = embed_all(model, table, batch_size=batch_size, progress=progress)
+    if len(emb) < 2:
+        raise ValueError(
+            f"{table.source}: needs at least two modalities the model knows; the data has "
+            f"{', '.join(table.columns) or 'none'}, the model {', '.join(model.modalities)}"
+        )
+    return {"data": table.source, "rows": len(table), "pairs": pair_report(emb)}
+
+
+def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = None) -> str:
+    """A plain-text table of pair metrics (``*`` marks pairs never trained together)."""
+    head = f"{'pair':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median':>8}{'n':>7}"
+    lines = [head, "-" * len(head)]
+    for name, m in pairs.items():
+        mark = ""
+        if trained is not None:
+            a, b = name.split("->")
+            mark = "" if frozenset((a, b)) in trained else " *"
+        lines.append(
+            f"{name + mark:<24}{m['R@1']:>8.3f}{m['R@5']:>8.3f}{m['R@10']:>8.3f}{m['median_rank']:>8.1f}{m['n']:>7d}"
+        )
+    if trained is not None:
+        lines.append("* emergent: these two modalities were never trained together")
+    return "\n".join(lines)
+
+
+def trained_pairs(model: GeoBind) -> set[frozenset]:
+    """Modality pairs trained together: each stage's pair plus the anchor's own image-text pair."""
+    pairs = {frozenset((s["train"], s["bind_to"])) for s in model.meta.get("stages", [])}
+    anchor = model.meta.get("anchor_modalities")
+    if anchor:
+        pairs.add(frozenset(anchor.values()))
+    return pairs

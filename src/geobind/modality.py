@@ -1,0 +1,69 @@
+"""Modality names and their registry.
+
+The four modalities of the paper are registered here; further modalities (``location``,
+``sentinel2``, ...) register themselves with :func:`register_modality`. Nothing else in the
+package hard-codes the list: code asks the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SATELLITE = "satellite"
+GROUND = "ground"
+TEXT = "text"
+AUDIO = "audio"
+LOCATION = "location"
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What the data layer needs to know about one modality."""
+
+    name: str
+    # How a manifest cell is read: "path" (a file relative to the manifest), "text" (the
+    # string itself) or "latlon" (taken from the row's lat/lon columns).
+    source: str
+    # File suffixes accepted inside WebDataset shards, in order of preference.
+    shard_keys: tuple[str, ...] = ()
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModalitySpec] = {}
+
+
+def register_modality(spec: ModalitySpec, *, exist_ok: bool = False) -> ModalitySpec:
+    """Register a modality so configs, datasets and the model accept its name."""
+    if spec.source not in ("path", "text", "latlon"):
+        raise ValueError(
+            f"modality {spec.name!r}: source must be 'path', 'text' or 'latlon', got {spec.source!r}"
+        )
+    if spec.name in _REGISTRY and not exist_ok and _REGISTRY[spec.name] != spec:
+        raise ValueError(f"modality {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_modality(name: str) -> ModalitySpec:
+    """The spec of a registered modality; an unknown name raises an error listing the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown modality {name!r}; known modalities: {', '.join(sorted(_REGISTRY))}. "
+            "Register new ones with geobind.modality.register_modality."
+        ) from None
+
+
+def modalities() -> list[str]:
+    """Names of all registered modalities."""
+    return list(_REGISTRY)
+
+
+register_modality(ModalitySpec(SATELLITE, "path", ("satellite.jpg", "satellite.png"), "overhead image tile"))
+register_modality(ModalitySpec(GROUND, "path", ("ground.jpg", "ground.png"), "ground-level photo"))
+register_modality(ModalitySpec(TEXT, "text", ("text.txt",), "caption or free text"))
+register_modality(
+    ModalitySpec(AUDIO, "path", ("audio.flac", "audio.wav", "audio.mp3", "audio.ogg"), "field recording")
+)
+register_modality(ModalitySpec(LOCATION, "latlon", (), "latitude/longitude of the place"))

@@ -1,0 +1,122 @@
+"""Seeded generators of tiny paired datasets and configs for the test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from PIL import Image
+
+CLASSES = ["forest", "desert", "ocean", "city"]
+COLORS = np.array([[40, 140, 50], [220, 190, 120], [30, 70, 200], [130, 130, 130]], dtype=np.float32)
+TONES = [300.0, 900.0, 2000.0, 4000.0]
+
+
+def make_dataset(root: Path, n: int = 48, seed: int = 0, image_size: int = 32) -> dict[str, Path]:
+    """Write ``n`` places with satellite/ground PNGs, captions and 1 s WAVs whose content
+    depends on one of four classes, and the manifests the tests use."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for d in ("sat", "ground", "audio"):
+        (root / d).mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        c = i % len(CLASSES)
+        base = COLORS[c]
+        sat = np.clip(base + rng.normal(0, 25, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
+        grd = np.clip(base[::-1] + rng.normal(0, 25, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
+        grd[: image_size // 3] = [135, 180, 235]  # sky
+        Image.fromarray(sat).save(root / "sat" / f"{i:04d}.png")
+        Image.fromarray(grd).save(root / "ground" / f"{i:04d}.png")
+        t = np.arange(16000) / 16000
+        wav = 0.3 * np.sin(2 * np.pi * TONES[c] * t * rng.uniform(0.95, 1.05)) + 0.05 * rng.normal(size=t.size)
+        sf.write(root / "audio" / f"{i:04d}.wav", wav.astype(np.float32), 16000)
+        rows.append(
+            {
+                "id": f"p{i:04d}",
+                "lat": float(rng.uniform(-60, 60)),
+                "lon": float(rng.uniform(-170, 170)),
+                "satellite": f"sat/{i:04d}.png",
+                "ground": f"ground/{i:04d}.png",
+                "text": f"a photo of a {CLASSES[c]} near town {int(rng.integers(0, 9))}",
+                "audio": f"audio/{i:04d}.wav",
+                "scene": CLASSES[c],
+            }
+        )
+    df = pd.DataFrame(rows)
+    paths = {}
+    cut = int(n * 0.75)
+    for name, part, cols in [
+        ("stage1", df.iloc[:cut], ["satellite", "ground", "text"]),
+        ("stage2", df.iloc[:cut], ["satellite", "audio"]),
+        ("test", df.iloc[cut:], ["satellite", "ground", "text", "audio"]),
+    ]:
+        p = root / f"{name}.csv"
+        part[["id", "lat", "lon", *cols, "scene"]].to_csv(p, index=False)
+        paths[name] = p
+    texts = df["text"].tolist() + [f"a photo of a {c}" for c in CLASSES]
+    from geobind.encoders.tokenizer import train_tokenizer
+
+    train_tokenizer(texts * 3, vocab_size=120, out_dir=root / "tokenizer")
+    paths["tokenizer"] = root / "tokenizer"
+    paths["root"] = root
+    return paths
+
+
+TINY_CLIP = {
+    "projection_dim": 32,
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 32,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+}
+
+
+def tiny_config(data: dict[str, Path], out: Path, steps: int = 4, audio: bool = True) -> dict:
+    """A two-stage config (satellite -> ground, audio -> satellite) of tiny models."""
+    from geobind.encoders.audio import tiny_clap_audio_spec
+
+    stages = [
+        {
+            "name": "satellite",
+            "train": "satellite",
+            "bind_to": "ground",
+            "encoder": {"type": "clip_vision", "init_from": "ground"},
+            "data": {"train": str(data["stage1"])},
+            "optim": {"batch_size": 8, "max_steps": steps, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                      "ckpt_every": 2},
+        }
+    ]
+    if audio:
+        stages.append(
+            {
+                "name": "audio",
+                "train": "audio",
+                "bind_to": "satellite",
+                "encoder": {"type": "clap_audio", **tiny_clap_audio_spec(32)},
+                "data": {"train": str(data["stage2"])},
+                "optim": {"batch_size": 8, "max_steps": steps, "lr": 1e-3, "log_every": 1},
+                "loss": {"symmetric": True},
+            }
+        )
+    return {
+        "output_dir": str(out),
+        "seed": 0,
+        "device": "cpu",
+        "anchor": {"type": "clip", "config": TINY_CLIP, "tokenizer": str(data["tokenizer"])},
+        "stages": stages,
+        "eval": {"data": str(data["test"]), "batch_size": 16},
+    }

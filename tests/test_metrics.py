@@ -1,0 +1,109 @@
+"""Chunked retrieval metrics against a brute-force reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geobind.metrics import (
+    retrieval_metrics,
+    retrieval_ranks,
+    top1_predictions,
+    zero_shot_accuracy,
+)
+
+
+def _brute_ranks(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    sim = q.astype(np.float64) @ g.astype(np.float64).T
+    ranks = []
+    for i in range(len(q)):
+        ranks.append(1 + sum(1 for j in range(len(g)) if sim[i, j] > sim[i, i]))
+    return np.array(ranks)
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    a = rng.standard_normal((n, d)).astype(np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 37, 64, 4096])
+def test_chunked_matches_brute_force(chunk):
+    rng = np.random.default_rng(0)
+    g = _unit(rng, 37, 8)
+    q = _unit(rng, 37, 8) + 0.8 * g  # correlated so ranks spread over 1..N
+    ref = _brute_ranks(q, g)
+    ranks = retrieval_ranks(torch.from_numpy(q), g, chunk_size=chunk)
+    assert ranks.dtype == torch.long
+    assert ranks.tolist() == ref.tolist()
+
+    m = retrieval_metrics(q, torch.from_numpy(g), ks=(1, 5, 10), chunk_size=chunk)
+    assert set(m) == {"R@1", "R@5", "R@10", "median_rank", "mean_rank", "n"}
+    for k in (1, 5, 10):
+        assert m[f"R@{k}"] == pytest.approx(float(np.mean(ref <= k)))
+        assert type(m[f"R@{k}"]) is float
+    assert m["median_rank"] == pytest.approx(float(np.median(ref)))
+    assert m["mean_rank"] == pytest.approx(float(np.mean(ref)))
+    assert m["n"] == 37 and type(m["n"]) is int
+
+
+def test_extra_gallery_distractors():
+    rng = np.random.default_rng(1)
+    g = _unit(rng, 30, 6)
+    q = _unit(rng, 20, 6) + g[:20]
+    sim = q.astype(np.float64) @ g.astype(np.float64).T
+    ref = 1 + (sim > sim[np.arange(20), np.arange(20)][:, None]).sum(1)
+    assert retrieval_ranks(q, g, chunk_size=6).tolist() == ref.tolist()
+
+
+def test_perfect_retrieval():
+    e = torch.eye(12)
+    m = retrieval_metrics(e, e)
+    assert m["R@1"] == 1.0 and m["median_rank"] == 1.0 and m["mean_rank"] == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10])
+def test_rank_exactly_k_off_by_one(k):
+    # Query 0's match scores below exactly k-1 distractors, so it ranks exactly k.
+    n = 12
+    g = torch.eye(n)
+    q = torch.zeros(n, n)
+    q[0, 0] = 1.0
+    for j in range(1, k):
+        q[0, j] = 2.0
+    q[1:] = g[1:]
+    ranks = retrieval_ranks(q[:1], g)
+    assert ranks.tolist() == [k]
+    m = retrieval_metrics(q[:1], g, ks=tuple(sorted({k, max(k - 1, 1)})))
+    assert m[f"R@{k}"] == 1.0
+    if k > 1:
+        assert m[f"R@{k - 1}"] == 0.0
+
+
+def test_ties_are_optimistic():
+    g = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert retrieval_ranks(g, g).tolist() == [1, 1, 1]
+
+
+def test_zero_shot_accuracy_matches_reference():
+    rng = np.random.default_rng(2)
+    classes = _unit(rng, 5, 8)
+    labels = rng.integers(0, 5, size=50)
+    emb = classes[labels] + 0.9 * _unit(rng, 50, 8)
+    ref_pred = np.argmax(emb.astype(np.float64) @ classes.astype(np.float64).T, axis=1)
+    for chunk in (3, 50, 4096):
+        pred = top1_predictions(emb, classes, chunk_size=chunk)
+        assert pred.tolist() == ref_pred.tolist()
+        acc = zero_shot_accuracy(torch.from_numpy(emb), classes, labels, chunk_size=chunk)
+        assert acc == pytest.approx(float(np.mean(ref_pred == labels)))
+    assert 0.0 < acc < 1.0  # the case is not degenerate
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tensors():
+    rng = np.random.default_rng(3)
+    g = _unit(rng, 50, 8)
+    q = _unit(rng, 50, 8) + g
+    cpu = retrieval_metrics(q, g, chunk_size=7)
+    gpu = retrieval_metrics(torch.from_numpy(q).cuda(), torch.from_numpy(g).cuda(), chunk_size=7)
+    assert gpu == pytest.approx(cpu)
