@@ -17,7 +17,7 @@ def embed_all(
     model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False, modalities=None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{modality: (embeddings [N, D], valid [N])}`` for every modality both have."""
-    mods = modalities or [m for m in model.modalities if m in table.columns]
+    mods = modalities or [m for m in model.modalities if table.has(m)]
     out = {}
     for m in mods:
         emb, valid, _ = embed_table(model.encoder(m), table, m, batch_size=batch_size, progress=progress)

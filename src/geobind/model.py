@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from geobind.encoders.base import Encoder, get_encoder_class, write_json
+from geobind.encoders.base import Encoder, get_encoder_class, quiet_transformers, write_json
 from geobind.modality import get_modality
 
 FORMAT_VERSION = 1
@@ -130,11 +130,12 @@ class GeoBind(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             saved: set[str] = set()
-            for enc in self.encoders.values():
-                key = enc.backbone_key()
-                if key not in saved:
-                    enc.save(tmp / key)
-                    saved.add(key)
+            with quiet_transformers():
+                for enc in self.encoders.values():
+                    key = enc.backbone_key()
+                    if key not in saved:
+                        enc.save(tmp / key)
+                        saved.add(key)
             write_json(tmp / MODEL_FILE, self.config_dict())
             if directory.exists():
                 old = directory.with_name(directory.name + ".old")
@@ -176,9 +177,12 @@ class GeoBind(nn.Module):
         _import_builtin_encoders()
         shared: dict[str, Any] = {}
         encoders = {}
-        for name, m in cfg["modalities"].items():
-            enc_cls = get_encoder_class(m["encoder"])
-            encoders[name] = enc_cls.from_saved(name, path / m["path"], m.get("settings", {}), cfg["dim"], shared)
+        with quiet_transformers():
+            for name, m in cfg["modalities"].items():
+                enc_cls = get_encoder_class(m["encoder"])
+                encoders[name] = enc_cls.from_saved(
+                    name, path / m["path"], m.get("settings", {}), cfg["dim"], shared
+                )
         meta = {k: v for k, v in cfg.items() if k not in ("modalities", "dim")}
         model = cls(cfg["dim"], encoders, meta)
         model.eval()

@@ -251,7 +251,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
-        model = initial_space(cfg)
+        model = self._initial_space()
         prev_dir = None
         for i, scfg in enumerate(cfg.stages):
             stage_dir = self.out / "stages" / f"{i + 1:02d}-{scfg.name}"
@@ -269,6 +269,22 @@ class Trainer:
             self._say(f"model saved to {final}")
         gbdist.barrier()
         return final
+
+    def _initial_space(self) -> GeoBind:
+        """Build the initial space once (seeded) and keep a copy when it has random weights, so
+        a resumed run binds to exactly the same anchor."""
+        saved = self.out / "stages" / "00-anchor"
+        if self.resume and (saved / "geobind.json").is_file():
+            return GeoBind.from_pretrained(saved)
+        torch.manual_seed(self.cfg.seed)
+        model = initial_space(self.cfg)
+        if self.cfg.anchor is not None and not self.cfg.anchor.get("pretrained") and self.main:
+            model.save_pretrained(saved)
+        gbdist.barrier()
+        if self.cfg.anchor is not None and not self.cfg.anchor.get("pretrained"):
+            # Every rank binds to the identical saved weights.
+            model = GeoBind.from_pretrained(saved)
+        return model
 
     def _run_stage(self, index: int, scfg: StageConfig, model: GeoBind, stage_dir: Path) -> None:
         cfg, dev = self.cfg, self.device
@@ -478,7 +494,7 @@ class Trainer:
                      "steps": step, "epochs_seen": epoch, "final_loss": last_loss, "bad_samples": dict(bad),
                      "seconds": round(seconds, 2), "val": vm}
         model.meta.setdefault("stages", []).append(stage_rec)
-        model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale())
+        model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale().detach())
         if self.main:
             model.save_pretrained(stage_dir / "model")
             (stage_dir / DONE).write_text(json.dumps(stage_rec, indent=2))

@@ -44,12 +44,14 @@ class Table:
     def modalities(self) -> list[str]:
         return list(self.columns)
 
+    def has(self, modality: str) -> bool:
+        """True if rows carry ``modality`` (a column, or lat/lon for location-like ones)."""
+        return modality in self.columns or get_modality(modality).source == "latlon"
+
     def require(self, *modalities: str) -> None:
         """Raise a clear error if a needed modality column is missing."""
         for m in modalities:
-            if m in self.columns:
-                continue
-            if get_modality(m).source == "latlon":
+            if self.has(m):
                 continue
             raise ValueError(
                 f"{self.source}: no {m!r} column (columns: {', '.join(self.columns)}). "

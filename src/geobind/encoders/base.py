@@ -16,6 +16,7 @@ them, so a new modality needs one registered module and no edits elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -126,6 +127,20 @@ class Encoder(nn.Module):
     ) -> Encoder:
         """Rebuild from :meth:`save`'s output. ``shared`` caches backbones loaded by path."""
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' per-file progress bars while GeoBind saves or loads a model."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

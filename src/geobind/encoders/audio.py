@@ -1,0 +1,448 @@
+"""The audio encoder: CLAP's HTS-AT audio tower, as GeoCLAP binds it (GeoBind stage 2).
+
+``ClapAudioEncoder`` = waveform decoding (:mod:`geobind.data.audio_io`, in data-loader workers)
++ the batched torch log-mel front end (:class:`~geobind.encoders.mel.ClapMelFrontEnd`, on the
+model's device) + ``transformers.ClapAudioModelWithProjection`` + an optional linear head when
+CLAP's projection size differs from the space's dimension.
+
+Clips are cropped (random offset in training, the start in evaluation) or repeat-padded to
+``clip_seconds`` in the waveform domain, so every clip is "not longer" for CLAP's fusion and
+``is_longer`` is always false. With a fused checkpoint the fusion branch
+(``patch_embed.fusion_model``, ``patch_embed.mel_conv2d``) is therefore never run; it is frozen
+so DDP sees no unused trainable parameters and the optimiser leaves it as loaded.
+
+Spec keys (a stage's encoder config)::
+
+    pretrained: laion/clap-htsat-fused   # or a local directory (ClapAudioModel* or full ClapModel)
+    config: {...}                        # ClapAudioConfig fields: random init, or overrides
+    sample_rate: 48000                   # and the other AudioSettings fields, all optional
+
+Settings default to CLAP's extractor (48 kHz, 10 s, 1024/480, 64 mels, 0-14 kHz, htk), then to
+a ``preprocessor_config.json`` found next to the pretrained weights, then to the spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from geobind.data.audio_io import load_audio
+from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
+from geobind.encoders.mel import ClapMelFrontEnd, fit_clip
+
+__all__ = [
+    "AudioSettings",
+    "ClapAudioEncoder",
+    "load_clip",
+    "tiny_clap_audio_config",
+    "tiny_clap_audio_spec",
+]
+
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """Preprocessing of the audio encoder (defaults: ``laion/clap-htsat-*``'s extractor)."""
+
+    sample_rate: int = 48_000  # Hz; inputs are resampled to it
+    clip_seconds: float = 10.0  # clip length; longer audio is cropped, shorter repeat-padded
+    n_fft: int = 1024  # STFT window = FFT size, samples
+    hop_length: int = 480  # STFT hop, samples; frames = 1 + clip_samples // hop_length
+    n_mels: int = 64  # mel bands; must equal the backbone's num_mel_bins
+    f_min: float = 0.0  # lowest mel filter edge, Hz
+    f_max: float = 14_000.0  # highest mel filter edge, Hz
+    mel_scale: str = "htk"  # "htk" (fusion extractor, no norm) or "slaney" (rand_trunc extractor)
+
+    @property
+    def clip_samples(self) -> int:
+        """Samples per clip at ``sample_rate``."""
+        return int(round(self.clip_seconds * self.sample_rate))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AudioSettings:
+        """Settings from a dict, ignoring keys that are not fields (e.g. ``fusion``, ``head``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+_SETTING_KEYS = tuple(f.name for f in dataclasses.fields(AudioSettings))
+# "type" is how configs name the encoder type itself; it is not ours to interpret.
+_SPEC_KEYS = ("pretrained", "config", "type", *_SETTING_KEYS)
+
+
+def tiny_clap_audio_config(projection_dim: int = 32) -> dict[str, Any]:
+    """``ClapAudioConfig`` overrides for a tiny fused HTS-AT used by tests and smoke runs.
+
+    Same architecture as ``laion/clap-htsat-fused`` (patch embed + AFF fusion branch, Swin
+    stages with patch merging, group-2D-CNN pooling, 2-layer projection), scaled down:
+
+    ============================  ==================  =========
+    field                         clap-htsat-fused    tiny
+    ============================  ==================  =========
+    num_mel_bins                  64                  16
+    spec_size (image side)        256                 64
+    freq_ratio (spec/mels)        4                   4
+    frames accepted (spec*ratio)  1024                256
+    patch_embeds_hidden_size      96                  16
+    depths / heads                2,2,6,2 / 4,8,16,32 1,1 / 2,4
+    hidden_size (= last stage)    768                 32
+    window_size                   8                   4
+    projection_dim                512                 32
+    ============================  ==================  =========
+
+    Pair it with :func:`tiny_clap_audio_spec`'s front end (1 s at 16 kHz, hop 160 -> 101
+    frames, 16 mels). Forward + backward of a batch of 4 takes ~15 ms on one CPU core.
+    """
+    return {
+        "num_mel_bins": 16,
+        "spec_size": 64,
+        "window_size": 4,
+        "patch_embeds_hidden_size": 16,
+        "depths": [1, 1],
+        "num_attention_heads": [2, 4],
+        # The projection reads the last stage's width: patch_embeds_hidden_size * 2**(stages-1).
+        "hidden_size": 32,
+        "projection_dim": int(projection_dim),
+        "enable_fusion": True,
+        "fusion_type": "aff_2d",
+    }
+
+
+def tiny_clap_audio_spec(projection_dim: int = 32) -> dict[str, Any]:
+    """A complete encoder spec for the tiny model: 1 s clips at 16 kHz, 16 mels up to 8 kHz."""
+    return {
+        "config": tiny_clap_audio_config(projection_dim),
+        "sample_rate": 16_000,
+        "clip_seconds": 1.0,
+        "n_fft": 512,
+        "hop_length": 160,
+        "n_mels": 16,
+        "f_min": 0.0,
+        "f_max": 8_000.0,
+        "mel_scale": "htk",
+    }
+
+
+@register_encoder("clap_audio")
+class ClapAudioEncoder(Encoder):
+    """CLAP audio tower + torch mel front end (+ linear head) -> unit ``[B, dim]`` vectors.
+
+    Per-sample inputs are float32 waveforms of ``audio.clip_samples`` samples (see
+    :meth:`load`); batches are ``[B, clip_samples]``.
+    """
+
+    def __init__(self, modality: str, dim: int, backbone: nn.Module, audio: AudioSettings):
+        super().__init__(modality, dim)
+        config = backbone.config
+        _check_settings(audio, config)
+        self.audio = audio
+        self.backbone = backbone
+        self.fusion = bool(config.enable_fusion)
+        self.frontend = ClapMelFrontEnd(
+            sample_rate=audio.sample_rate,
+            n_fft=audio.n_fft,
+            hop_length=audio.hop_length,
+            n_mels=audio.n_mels,
+            f_min=audio.f_min,
+            f_max=audio.f_max,
+            mel_scale=audio.mel_scale,
+            fusion=self.fusion,
+        )
+        projection_dim = int(config.projection_dim)
+        self.head = nn.Linear(projection_dim, self.dim) if projection_dim != self.dim else None
+        if self.fusion:
+            # is_longer is always false (clips are cropped to length), so these never run.
+            patch_embed = backbone.audio_model.audio_encoder.patch_embed
+            patch_embed.fusion_model.requires_grad_(False)
+            patch_embed.mel_conv2d.requires_grad_(False)
+
+    # -- data side -------------------------------------------------------------------------
+    def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
+        """A path, bytes, ``(waveform, rate)`` pair or 1-D array -> float32 ``[clip_samples]``.
+
+        Longer audio is cropped (random window if ``train``, else the start); shorter audio is
+        repeat-padded as CLAP's extractor does. Bad files raise ``BadSampleError``.
+        """
+        return load_clip(item, self.audio, train=train)
+
+    def collate(self, samples: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sample waveforms -> ``[B, clip_samples]``."""
+        return torch.stack(samples)
+
+    # -- model side ------------------------------------------------------------------------
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[B, clip_samples]`` waveforms -> float32 unit vectors ``[B, dim]``."""
+        expected = self.audio.clip_samples
+        if batch.ndim != 2 or batch.shape[1] != expected:
+            raise ValueError(
+                f"audio batch must be [B, {expected}] waveforms ({self.audio.clip_seconds:g} s at "
+                f"{self.audio.sample_rate} Hz), got {tuple(batch.shape)}; prepare items with "
+                "encoder.load() / encoder.collate()"
+            )
+        device = self.device
+        waves = batch.to(device, non_blocking=True)
+        features = self.frontend(waves).to(self.backbone.dtype)
+        is_longer = torch.zeros(waves.shape[0], 1, dtype=torch.bool, device=device)
+        embeds = self.backbone(input_features=features, is_longer=is_longer).audio_embeds
+        if self.head is not None:
+            embeds = self.head(embeds)
+        return l2_normalize(embeds)
+
+    def settings(self) -> dict[str, Any]:
+        """Preprocessing settings plus the fusion flag and head sizes (for ``geobind.json``)."""
+        out: dict[str, Any] = dataclasses.asdict(self.audio)
+        out["fusion"] = self.fusion
+        out["projection_dim"] = int(self.backbone.config.projection_dim)
+        out["head"] = (
+            {"in": self.head.in_features, "out": self.head.out_features} if self.head else None
+        )
+        return out
+
+    # -- construction and persistence -------------------------------------------------------
+    @classmethod
+    def create(
+        cls, modality: str, spec: dict[str, Any], dim: int, space: dict[str, Encoder]
+    ) -> ClapAudioEncoder:
+        """Build from a spec with ``pretrained`` (local dir or hub id) and/or ``config``.
+
+        ``pretrained`` alone loads a checkpoint (a hub id such as ``laion/clap-htsat-fused`` is
+        the only case that may download; a full ``ClapModel`` checkpoint works, its text tower
+        is skipped). ``config`` alone builds a randomly initialised HTS-AT from
+        ``ClapAudioConfig(**config)``; with ``pretrained`` it overrides config fields. Other
+        keys are :class:`AudioSettings` fields.
+        """
+        from transformers import ClapAudioConfig, ClapAudioModelWithProjection
+
+        unknown = sorted(set(spec) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(
+                f"audio encoder spec: unknown keys {unknown}; accepted: {', '.join(_SPEC_KEYS)}"
+            )
+        pretrained = spec.get("pretrained")
+        overrides = dict(spec.get("config") or {})
+        if pretrained is None and "config" not in spec:
+            raise ValueError(
+                "audio encoder spec needs 'pretrained' (a local CLAP directory or a hub id such "
+                "as 'laion/clap-htsat-fused') or 'config' (ClapAudioConfig fields, random init)"
+            )
+        values: dict[str, Any] = {}
+        if pretrained is not None:
+            backbone = _load_backbone(str(pretrained), overrides)
+            values.update(_extractor_settings(str(pretrained)))
+        else:
+            try:
+                config = ClapAudioConfig(**overrides)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"audio encoder spec: invalid 'config': {e}") from None
+            backbone = ClapAudioModelWithProjection(config)
+        values.setdefault("n_mels", int(backbone.config.num_mel_bins))
+        values.update({k: spec[k] for k in _SETTING_KEYS if k in spec})
+        encoder = cls(modality, dim, backbone, AudioSettings.from_dict(values))
+        return encoder.eval()
+
+    def save(self, directory: str | Path) -> None:
+        """Backbone via ``save_pretrained`` (safetensors), the head as ``head.safetensors``, and a
+        ``preprocessor_config.json`` so ``ClapFeatureExtractor.from_pretrained`` reads it too."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self.backbone.save_pretrained(directory)
+        if self.head is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+            save_file(state, str(directory / HEAD_FILE))
+        _write_extractor_config(directory, self.audio)
+
+    @classmethod
+    def from_saved(
+        cls,
+        modality: str,
+        directory: str | Path,
+        settings: dict[str, Any],
+        dim: int,
+        shared: dict[str, Any],
+    ) -> ClapAudioEncoder:
+        """Rebuild from :meth:`save`'s directory and :meth:`settings`; never downloads."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"audio encoder directory {directory} does not exist")
+        key = f"clap_audio:{directory.resolve()}"
+        backbone = shared.get(key)
+        if backbone is None:
+            backbone = _load_backbone(str(directory), {}, local_only=True)
+            shared[key] = backbone
+        encoder = cls(modality, dim, backbone, AudioSettings.from_dict(settings))
+        head = settings.get("head")
+        if (head is None) != (encoder.head is None):
+            raise ValueError(
+                f"{directory}: settings say head={head} but the backbone projects to "
+                f"{backbone.config.projection_dim} and the space has dim={dim}"
+            )
+        if encoder.head is not None:
+            path = directory / HEAD_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing (the audio encoder's linear head)")
+            encoder.head.load_state_dict(load_file(str(path)))
+        return encoder.eval()
+
+
+def load_clip(item: Any, audio: AudioSettings, *, train: bool = False) -> torch.Tensor:
+    """:meth:`ClapAudioEncoder.load` without the encoder (cheap to send to loader workers)."""
+    wave = torch.from_numpy(load_audio(item, audio.sample_rate))
+    clip = fit_clip(wave, audio.clip_samples, train=train)
+    if clip.untyped_storage().nbytes() != clip.numel() * clip.element_size():
+        # A crop is a view of the whole recording; don't ship all of it to the main process.
+        clip = clip.clone()
+    return clip
+
+
+def _check_settings(audio: AudioSettings, config: Any) -> None:
+    if audio.n_mels != int(config.num_mel_bins):
+        raise ValueError(
+            f"audio settings have n_mels={audio.n_mels} but the CLAP backbone expects "
+            f"num_mel_bins={config.num_mel_bins}; set n_mels: {config.num_mel_bins} in the audio "
+            "encoder spec (or build the backbone with a matching config.num_mel_bins)"
+        )
+    if audio.mel_scale not in ("htk", "slaney"):
+        raise ValueError(f"mel_scale must be 'htk' or 'slaney', got {audio.mel_scale!r}")
+    if audio.clip_samples <= audio.n_fft // 2:
+        raise ValueError(
+            f"clip_seconds={audio.clip_seconds} gives {audio.clip_samples} samples, too few for "
+            f"n_fft={audio.n_fft}"
+        )
+    freq_ratio = int(config.spec_size) // int(config.num_mel_bins)
+    if freq_ratio < 1:
+        raise ValueError(
+            f"CLAP config spec_size={config.spec_size} must be at least num_mel_bins="
+            f"{config.num_mel_bins}"
+        )
+    frames = 1 + audio.clip_samples // audio.hop_length
+    max_frames = int(config.spec_size) * freq_ratio
+    if frames > max_frames:
+        raise ValueError(
+            f"{audio.clip_seconds:g} s clips at {audio.sample_rate} Hz with hop_length="
+            f"{audio.hop_length} give {frames} mel frames, more than the {max_frames} the backbone "
+            f"accepts (spec_size * spec_size // num_mel_bins); shorten clip_seconds or raise "
+            "hop_length"
+        )
+
+
+def _is_local_path(name: str) -> bool:
+    return (
+        Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    )
+
+
+def _load_backbone(name: str, overrides: dict[str, Any], *, local_only: bool = False) -> nn.Module:
+    """``ClapAudioModelWithProjection`` from a local directory or hub id.
+
+    A full ``ClapModel`` checkpoint loads too: its ``audio_config`` is picked out and its
+    ``audio_model.*`` / ``audio_projection.*`` weights have the same names here; the text
+    tower's weights are skipped silently, missing audio weights are an error.
+    """
+    from transformers import ClapAudioModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    local = local_only or _is_local_path(name)
+    path = Path(name).expanduser()
+    if local and not path.is_dir():
+        raise FileNotFoundError(
+            f"CLAP checkpoint directory {name} does not exist (give a directory written by "
+            "save_pretrained, or a hub id such as 'laion/clap-htsat-fused')"
+        )
+    source = str(path) if local else name
+    verbosity = hf_logging.get_verbosity()
+    # The load report lists every skipped text-tower weight of a full ClapModel as UNEXPECTED;
+    # we report what matters below instead.
+    hf_logging.set_verbosity_error()
+    try:
+        with quiet_transformers():
+            model, info = ClapAudioModelWithProjection.from_pretrained(
+                source, local_files_only=local, output_loading_info=True, **overrides
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"{name} is not a CLAP audio checkpoint: {len(missing)} audio weights are missing "
+            f"(e.g. {missing[:3]})"
+        )
+    if info.get("mismatched_keys"):
+        raise ValueError(f"{name}: weights with mismatched shapes: {info['mismatched_keys'][:3]}")
+    stray = [
+        k
+        for k in info.get("unexpected_keys", [])
+        if not k.startswith(("text_model.", "text_projection.", "logit_scale"))
+    ]
+    if stray:
+        warnings.warn(f"{name}: ignored unexpected weights {sorted(stray)[:5]}", stacklevel=3)
+    return model
+
+
+def _extractor_settings(name: str) -> dict[str, Any]:
+    """AudioSettings values from a ``preprocessor_config.json`` next to the weights, if any."""
+    raw: dict[str, Any] | None = None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        file = path / "preprocessor_config.json"
+        if file.is_file():
+            raw = json.loads(file.read_text())
+    elif not _is_local_path(name):
+        from transformers import ClapFeatureExtractor
+
+        # Only for hub ids, which the user named; a checkpoint without one keeps the defaults.
+        with contextlib.suppress(OSError, ValueError):
+            raw = ClapFeatureExtractor.from_pretrained(name).to_dict()
+    if (
+        not raw
+        or raw.get("feature_extractor_type", "ClapFeatureExtractor") != "ClapFeatureExtractor"
+    ):
+        return {}
+    mapping = {
+        "sampling_rate": "sample_rate",
+        "max_length_s": "clip_seconds",
+        "fft_window_size": "n_fft",
+        "hop_length": "hop_length",
+        "feature_size": "n_mels",
+        "frequency_min": "f_min",
+        "frequency_max": "f_max",
+    }
+    values = {ours: raw[theirs] for theirs, ours in mapping.items() if raw.get(theirs) is not None}
+    if "truncation" in raw:
+        values["mel_scale"] = "htk" if raw["truncation"] == "fusion" else "slaney"
+    return values
+
+
+def _write_extractor_config(directory: Path, audio: AudioSettings) -> None:
+    config = {
+        "feature_extractor_type": "ClapFeatureExtractor",
+        "feature_size": audio.n_mels,
+        "sampling_rate": audio.sample_rate,
+        "hop_length": audio.hop_length,
+        # The extractor multiplies this by the rate and pads with it, so keep whole seconds ints.
+        "max_length_s": int(audio.clip_seconds)
+        if float(audio.clip_seconds).is_integer()
+        else audio.clip_seconds,
+        "fft_window_size": audio.n_fft,
+        "frequency_min": audio.f_min,
+        "frequency_max": audio.f_max,
+        "padding_value": 0.0,
+        "return_attention_mask": False,
+        "top_db": None,
+        "truncation": "fusion" if audio.mel_scale == "htk" else "rand_trunc",
+        "padding": "repeatpad",
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,265 @@
+"""The CLAP audio encoder on a tiny HTS-AT, and audio decoding with clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from geobind.data.audio_io import load_audio
+from geobind.data.errors import BadSampleError
+from geobind.encoders.audio import (
+    AudioSettings,
+    ClapAudioEncoder,
+    tiny_clap_audio_config,
+    tiny_clap_audio_spec,
+)
+from geobind.encoders.base import get_encoder_class
+
+SR = 16_000
+
+
+def make_encoder(dim: int = 32, projection_dim: int = 32, seed: int = 0) -> ClapAudioEncoder:
+    torch.manual_seed(seed)
+    return ClapAudioEncoder.create("audio", tiny_clap_audio_spec(projection_dim), dim, {})
+
+
+def waves(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(SR) / SR
+    out = [0.5 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(SR) for f in (220, 880)]
+    out += [0.2 * rng.standard_normal(SR // 2 + 123), 0.2 * rng.standard_normal(3 * SR)]
+    return [w.astype(np.float32) for w in out[:n]]
+
+
+def embed(encoder: ClapAudioEncoder, items, train: bool = False) -> torch.Tensor:
+    return encoder(encoder.collate([encoder.load(x, train=train) for x in items]))
+
+
+def test_registered():
+    assert get_encoder_class("clap_audio") is ClapAudioEncoder
+
+
+def test_unit_rows_no_head():
+    encoder = make_encoder(dim=32, projection_dim=32)
+    assert encoder.head is None
+    with torch.no_grad():
+        out = embed(encoder, waves(4))
+    assert out.shape == (4, 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(4))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_head_when_projection_differs():
+    encoder = make_encoder(dim=24, projection_dim=32)
+    assert isinstance(encoder.head, torch.nn.Linear)
+    assert (encoder.head.in_features, encoder.head.out_features) == (32, 24)
+    with torch.no_grad():
+        out = embed(encoder, [(torch.from_numpy(w), SR) for w in waves(3)])
+    assert out.shape == (3, 24)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+    assert encoder.settings()["head"] == {"in": 32, "out": 24}
+
+
+def test_settings_are_json_and_complete():
+    import json
+
+    s = make_encoder().settings()
+    json.dumps(s)
+    for key in (
+        "sample_rate",
+        "clip_seconds",
+        "n_mels",
+        "hop_length",
+        "n_fft",
+        "f_min",
+        "f_max",
+        "mel_scale",
+        "fusion",
+        "head",
+    ):
+        assert key in s
+    assert s["sample_rate"] == SR and s["n_mels"] == 16 and s["fusion"] is True
+
+
+def test_load_files(tmp_path):
+    encoder = make_encoder()
+    wave = waves(1)[0]
+    sf.write(tmp_path / "a.flac", wave, SR)
+    sf.write(tmp_path / "a.wav", wave, SR, subtype="FLOAT")
+    flac, wav = encoder.load(tmp_path / "a.flac"), encoder.load(str(tmp_path / "a.wav"))
+    assert flac.shape == wav.shape == (SR,) and flac.dtype == torch.float32
+    torch.testing.assert_close(wav, torch.from_numpy(wave))
+    torch.testing.assert_close(flac, torch.from_numpy(wave), atol=1e-4, rtol=0)  # 16-bit FLAC
+
+    # Stereo at 44.1 kHz -> mono at 16 kHz; half a second is repeat-padded by load().
+    rng = np.random.default_rng(1)
+    stereo = (0.1 * rng.standard_normal((22_050, 2))).astype(np.float32)
+    sf.write(tmp_path / "stereo.wav", stereo, 44_100)
+    mono = load_audio(tmp_path / "stereo.wav", SR)
+    assert mono.shape == (8_000,) and mono.dtype == np.float32
+    clip = encoder.load(tmp_path / "stereo.wav")
+    assert clip.shape == (SR,)
+    torch.testing.assert_close(clip[:8_000], clip[8_000:])  # tiled twice, no zero tail
+
+
+def test_load_crops_long_audio():
+    encoder = make_encoder()
+    long = np.arange(3 * SR, dtype=np.float32) / (3 * SR)
+    clip = encoder.load(long)
+    torch.testing.assert_close(clip, torch.from_numpy(long[:SR]))  # evaluation: the start
+    torch.manual_seed(0)
+    starts = {float(encoder.load(long, train=True)[0]) for _ in range(8)}
+    assert len(starts) > 1
+    assert encoder.load(long, train=True).untyped_storage().nbytes() == SR * 4  # not a view
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("missing.wav", None, "missing"),
+        ("empty.flac", b"", "empty"),
+        ("garbage.wav", b"RIFF\x00\x01garbage" * 50, "undecodable"),
+        ("garbage.mp3", bytes(range(256)) * 8, "undecodable"),
+    ],
+)
+def test_bad_files(tmp_path, name, content, reason):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(BadSampleError) as info:
+        make_encoder().load(path)
+    assert info.value.reason == reason and info.value.path == str(path)
+    assert str(path) in str(info.value) and reason in str(info.value)
+
+
+def test_zero_length_audio(tmp_path):
+    sf.write(tmp_path / "zero.wav", np.zeros((0, 1), np.float32), SR)
+    with pytest.raises(BadSampleError, match="silent-zero-length"):
+        load_audio(tmp_path / "zero.wav", SR)
+    with pytest.raises(BadSampleError) as info:
+        load_audio((np.zeros((2, 0), np.float32), SR), SR)
+    assert info.value.reason == "silent-zero-length"
+
+
+def test_save_from_saved_round_trip(tmp_path):
+    encoder = make_encoder(dim=24, projection_dim=32)
+    items = waves(3)
+    with torch.no_grad():
+        before = embed(encoder, items)
+    encoder.save(tmp_path / "audio")
+    assert (tmp_path / "audio" / "model.safetensors").is_file()
+    assert (tmp_path / "audio" / "head.safetensors").is_file()
+    shared: dict = {}
+    loaded = ClapAudioEncoder.from_saved(
+        "audio", tmp_path / "audio", encoder.settings(), 24, shared
+    )
+    with torch.no_grad():
+        after = embed(loaded, items)
+    assert torch.equal(before, after)
+    assert loaded.settings() == encoder.settings()
+    # A second load of the same directory reuses the backbone.
+    again = ClapAudioEncoder.from_saved("audio", tmp_path / "audio", encoder.settings(), 24, shared)
+    assert again.backbone is loaded.backbone
+    # The saved directory is also a CLAP checkpoint with its extractor settings.
+    reloaded = ClapAudioEncoder.create("audio", {"pretrained": str(tmp_path / "audio")}, 32, {})
+    assert reloaded.audio == encoder.audio
+
+
+def test_loads_audio_tower_from_full_clap_checkpoint(tmp_path):
+    from transformers import ClapConfig, ClapModel
+
+    text = {
+        "vocab_size": 99,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "max_position_embeddings": 40,
+    }
+    torch.manual_seed(0)
+    full = ClapModel(
+        ClapConfig(text_config=text, audio_config=tiny_clap_audio_config(), projection_dim=24)
+    )
+    full.save_pretrained(tmp_path / "clap")
+    spec = {k: v for k, v in tiny_clap_audio_spec().items() if k != "config"}
+    encoder = ClapAudioEncoder.create(
+        "audio", {**spec, "pretrained": str(tmp_path / "clap")}, 24, {}
+    )
+    assert encoder.head is None
+    state = full.state_dict()
+    for key, value in encoder.backbone.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_n_mels_mismatch_is_clear():
+    spec = tiny_clap_audio_spec()
+    spec["n_mels"] = 64
+    with pytest.raises(ValueError, match=r"n_mels=64.*num_mel_bins=16.*set n_mels: 16"):
+        ClapAudioEncoder.create("audio", spec, 32, {})
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="unknown keys"):
+        ClapAudioEncoder.create("audio", {**tiny_clap_audio_spec(), "clip_second": 1}, 32, {})
+    with pytest.raises(ValueError, match="pretrained"):
+        ClapAudioEncoder.create("audio", {"sample_rate": SR}, 32, {})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ClapAudioEncoder.create("audio", {"pretrained": "./no/such/dir"}, 32, {})
+    with pytest.raises(ValueError, match="mel frames"):
+        ClapAudioEncoder.create("audio", {**tiny_clap_audio_spec(), "clip_seconds": 3.0}, 32, {})
+
+
+def test_batch_of_wrong_length_is_rejected():
+    encoder = make_encoder()
+    with pytest.raises(ValueError, match=r"\[B, 16000\]"):
+        encoder(torch.zeros(2, 8_000))
+
+
+def test_gradients_reach_backbone():
+    encoder = make_encoder(dim=24, projection_dim=32).train()
+    batch = encoder.collate([encoder.load(w, train=True) for w in waves(4)])
+    out = encoder(batch)
+    out[:, 0].sum().backward()
+    proj = encoder.backbone.audio_model.audio_encoder.patch_embed.proj.weight
+    assert proj.grad is not None and proj.grad.abs().sum() > 0
+    assert encoder.head.weight.grad.abs().sum() > 0
+    # The fusion branch never runs (is_longer is always false) and is frozen.
+    patch_embed = encoder.backbone.audio_model.audio_encoder.patch_embed
+    assert not any(p.requires_grad for p in patch_embed.fusion_model.parameters())
+    for name, p in encoder.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"trainable parameter {name} got no gradient"
+
+
+def test_tiny_forward_backward_is_fast():
+    import time
+
+    encoder = make_encoder().train()
+    batch = encoder.collate([encoder.load(w) for w in waves(4)])
+    # One thread and the best of 3: on a shared machine, OpenMP threads waiting on a busy core
+    # dominate the time; the model itself takes ~10 ms here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timings = []
+        for _ in range(4):
+            start = time.perf_counter()
+            encoder(batch).sum().backward()
+            timings.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    assert min(timings[1:]) < 0.5
+
+
+def test_audio_settings_defaults_are_clap():
+    s = AudioSettings()
+    assert (s.sample_rate, s.clip_samples, s.n_fft, s.hop_length, s.n_mels) == (
+        48_000,
+        480_000,
+        1024,
+        480,
+        64,
+    )
+    assert (s.f_min, s.f_max, s.mel_scale) == (0.0, 14_000.0, "htk")

@@ -1,0 +1,64 @@
+import copy
+
+import pytest
+import yaml
+from fixtures import tiny_config
+
+from geobind.config import ConfigError, apply_overrides, load_config, parse_config
+
+
+def test_parse_resolves_paths_and_defaults(tiny_data, tmp_path):
+    cfg = parse_config(tiny_config(tiny_data, tmp_path / "run"))
+    assert [s.name for s in cfg.stages] == ["satellite", "audio"]
+    assert cfg.stages[0].optim.betas == (0.9, 0.98)
+    assert cfg.stages[0].loss.temperature == 0.07
+    assert cfg.stages[1].loss.symmetric is True
+
+
+def test_relative_paths_are_relative_to_the_config_file(tiny_data, tmp_path):
+    d = tiny_config(tiny_data, "run")
+    d["stages"][0]["data"]["train"] = "data/stage1.csv"
+    p = tmp_path / "cfg" / "run.yaml"
+    p.parent.mkdir()
+    p.write_text(yaml.safe_dump(d))
+    cfg = load_config(p)
+    assert cfg.output_dir == str(tmp_path / "cfg" / "run")
+    assert cfg.stages[0].data.train == str(tmp_path / "cfg" / "data" / "stage1.csv")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["stages"][0]["optim"].update(learning_rate=1), "unknown key(s) learning_rate"),
+        (lambda d: d.update(epochs=3), "unknown key(s) epochs"),
+        (lambda d: d["stages"][0].update(train="lidar"), "unknown modality 'lidar'"),
+        (lambda d: d["stages"][0].update(bind_to="audio"), "not in the space yet"),
+        (lambda d: d["stages"][1].update(bind_to="sentinel"), "unknown modality"),
+        (lambda d: d["stages"][0]["encoder"].update(type="resnet"), "unknown encoder type 'resnet'"),
+        (lambda d: d["stages"][0]["optim"].update(batch_size=1), "at least 2"),
+        (lambda d: d["stages"][0]["optim"].update(max_steps="ten"), "expected int"),
+        (lambda d: d.pop("anchor"), "exactly one of `anchor`"),
+        (lambda d: d["stages"].append(copy.deepcopy(d["stages"][0])), "duplicate stage name"),
+    ],
+)
+def test_bad_configs_fail_before_training(tiny_data, tmp_path, mutate, message):
+    d = tiny_config(tiny_data, tmp_path / "run")
+    mutate(d)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(d)
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_by_index_and_by_stage_name(tiny_data, tmp_path):
+    d = tiny_config(tiny_data, tmp_path / "run")
+    d = apply_overrides(d, ["stages.0.optim.lr=0.5", "stages.audio.optim.batch_size=4", "seed=7",
+                            "stages.satellite.loss.queue_size=16"])
+    cfg = parse_config(d)
+    assert cfg.stages[0].optim.lr == 0.5
+    assert cfg.stages[1].optim.batch_size == 4
+    assert cfg.stages[0].loss.queue_size == 16
+    assert cfg.seed == 7
+    with pytest.raises(ConfigError, match="no stage named 'lidar'"):
+        apply_overrides(d, ["stages.lidar.optim.lr=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides(d, ["seed"])

@@ -1,0 +1,88 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from fixtures import TINY_CLIP
+from PIL import Image
+
+from geobind import GeoBind
+from geobind.data.manifest import read_dataset
+from geobind.encoders import ClipVisionEncoder, anchor_encoders, build_anchor, get_encoder_class
+from geobind.encoders.audio import tiny_clap_audio_spec
+
+
+def build_space(tiny_data):
+    torch.manual_seed(0)
+    clip, tok = build_anchor({"config": TINY_CLIP, "tokenizer": str(tiny_data["tokenizer"])})
+    model = GeoBind(32, anchor_encoders(clip, tok, "ground", "text"))
+    model.add_encoder("satellite", ClipVisionEncoder.create("satellite", {"init_from": "ground"}, 32,
+                                                            dict(model.encoders.items())))
+    audio_cls = get_encoder_class("clap_audio")
+    model.add_encoder("audio", audio_cls.create("audio", tiny_clap_audio_spec(32), 32, {}))
+    return model.eval()
+
+
+def test_satellite_tower_starts_as_the_anchor_image_tower(tiny_data):
+    model = build_space(tiny_data)
+    sat = model.encoder("satellite").model
+    clip = model.encoder("ground").clip
+    for (n1, p1), (n2, p2) in zip(sat.vision_model.state_dict().items(), clip.vision_model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert torch.equal(sat.visual_projection.weight, clip.visual_projection.weight)
+
+
+def test_embed_gives_unit_float32_rows_for_every_modality(tiny_data):
+    model = build_space(tiny_data)
+    t = read_dataset(tiny_data["test"])
+    for m in ("satellite", "ground", "text", "audio"):
+        e = model.embed(m, t.columns[m][:5], batch_size=2)
+        assert e.shape == (5, 32) and e.dtype == torch.float32
+        assert torch.allclose(e.norm(dim=1), torch.ones(5), atol=1e-5)
+    # PIL images, arrays and (waveform, rate) pairs are items too.
+    img = Image.open(t.columns["satellite"][0])
+    assert torch.allclose(model.embed("satellite", [img]), model.embed("satellite", [t.columns["satellite"][0]]))
+    wave = np.sin(np.linspace(0, 2000, 8000)).astype(np.float32)
+    assert model.embed("audio", [(wave, 8000)]).shape == (1, 32)
+    assert model.embed("text", "a photo of a forest").shape == (1, 32)
+
+
+def test_save_and_load_round_trip_gives_identical_embeddings(tiny_data, tmp_path):
+    model = build_space(tiny_data)
+    t = read_dataset(tiny_data["test"])
+    before = {m: model.embed(m, t.columns[m]) for m in model.modalities}
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "geobind.json").read_text())
+    assert cfg["dim"] == 32 and set(cfg["modalities"]) == {"ground", "text", "satellite", "audio"}
+    assert cfg["modalities"]["ground"]["path"] == cfg["modalities"]["text"]["path"] == "clip"
+    assert (tmp_path / "m" / "satellite" / "model.safetensors").is_file()
+    loaded = GeoBind.from_pretrained(tmp_path / "m")
+    for m, e in before.items():
+        assert torch.equal(loaded.embed(m, t.columns[m]), e), m
+    # ground and text share one CLIP after loading, as before saving.
+    assert loaded.encoder("ground").clip is loaded.encoder("text").clip
+
+
+def test_clear_errors(tiny_data, tmp_path):
+    model = build_space(tiny_data)
+    with pytest.raises(ValueError, match="unknown modality 'lidar'"):
+        model.embed("lidar", ["x"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GeoBind.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="geobind.json is missing"):
+        GeoBind.from_pretrained(tmp_path / "empty")
+    small = GeoBind(16)
+    with pytest.raises(ValueError, match="returns 32-d vectors but the space has 16"):
+        small.add_encoder("satellite", model.encoder("satellite"))
+    only = GeoBind(32, {"ground": model.encoder("ground")})
+    with pytest.raises(ValueError, match="no 'audio' encoder"):
+        only.embed("audio", ["x.wav"])
+
+
+def test_tiny_tokenizer_vocabulary_is_refused(tmp_path):
+    from geobind.encoders.tokenizer import train_tokenizer
+
+    train_tokenizer(["a b c"], vocab_size=10, out_dir=tmp_path / "tok")
+    with pytest.raises(ValueError, match="implausibly|only .* tokens"):
+        build_anchor({"config": TINY_CLIP, "tokenizer": str(tmp_path / "tok")})

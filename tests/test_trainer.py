@@ -1,0 +1,171 @@
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from fixtures import tiny_config
+from safetensors.torch import load_file
+from test_model import build_space
+from torch import nn
+
+from geobind import GeoBind
+from geobind.binding.stage import BindingStage, total_loss
+from geobind.binding.trainer import TrainingInterrupted, train
+from geobind.cli import main
+from geobind.config import parse_config
+from geobind.data.manifest import read_dataset
+from geobind.encoders import Encoder, l2_normalize, register_encoder
+from geobind.modality import ModalitySpec, register_modality
+
+
+def test_anchor_is_bit_identical_after_a_training_step(tiny_data):
+    model = build_space(tiny_data)
+    ground, sat = model.encoder("ground"), model.encoder("satellite")
+    stage = BindingStage(sat, ground, symmetric=False)
+    stage.train()
+    assert not ground.training and sat.training
+    before = {k: v.clone() for k, v in ground.state_dict().items()}
+    sat_before = {k: v.clone() for k, v in sat.state_dict().items()}
+    t = read_dataset(tiny_data["stage1"])
+    x = sat.collate([sat.load(p, train=True) for p in t.columns["satellite"][:8]])
+    g = ground.collate([ground.load(p) for p in t.columns["ground"][:8]])
+    opt = torch.optim.AdamW([p for _, p in stage.trainable_parameters()], lr=1e-2)
+    out = stage(x, anchor_inputs=g)
+    total_loss(out).backward()
+    opt.step()
+    assert all(p.grad is None for p in ground.parameters())
+    for k, v in ground.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, sat_before[k]) for k, v in sat.state_dict().items())
+    assert set(out) >= {"contrastive_loss", "logit_scale"}
+
+
+def _weights(model_dir):
+    return {k: v for k, v in load_file(str(model_dir / "satellite" / "model.safetensors")).items()}
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_data, tmp_path):
+    def cfg(out):
+        d = tiny_config(tiny_data, out, steps=6, audio=False)
+        d["stages"][0]["optim"].update(epochs=2, max_steps=0, batch_size=12, ckpt_every=100)
+        d["stages"][0]["loss"] = {"queue_size": 20}
+        d["eval"] = None
+        return parse_config(d)
+
+    full = train(cfg(tmp_path / "a"), progress=False, log=None)
+    with pytest.raises(TrainingInterrupted) as e:
+        train(cfg(tmp_path / "b"), progress=False, log=None, stop_at_step=4)  # mid second epoch
+    assert e.value.checkpoint.is_file()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg(tmp_path / "b"), progress=False, log=None)
+    said = []
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False, log=said.append)
+    # It really continued (a restart from scratch would also end with equal weights).
+    assert any("resumed at step 4 (epoch 2, batch 1)" in s for s in said), said
+    wa, wb = _weights(full), _weights(resumed)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ma = json.loads((full / "geobind.json").read_text())
+    mb = json.loads((resumed / "geobind.json").read_text())
+    assert ma["logit_scales"] == mb["logit_scales"]
+    assert ma["stages"][0]["final_loss"] == mb["stages"][0]["final_loss"]
+    assert ma["stages"][0]["steps"] == 6
+
+
+# A toy third modality: registered here, with no edits to the trainer.
+register_modality(ModalitySpec("toy_place", "latlon", (), "lat/lon of the place"), exist_ok=True)
+
+
+@register_encoder("toy_location")
+class ToyLocationEncoder(Encoder):
+    def __init__(self, modality, dim, hidden=32):
+        super().__init__(modality, dim)
+        self.hidden = hidden
+        self.net = nn.Sequential(nn.Linear(6, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def load(self, item, *, train=False):
+        lat, lon = (torch.tensor(v, dtype=torch.float32).deg2rad() for v in item)
+        return torch.stack([lat.sin(), lat.cos(), lon.sin(), lon.cos(), (2 * lon).sin(), (2 * lon).cos()])
+
+    def forward(self, batch):
+        return l2_normalize(self.net(batch.to(self.device)))
+
+    def settings(self):
+        return {"hidden": self.hidden}
+
+    @classmethod
+    def create(cls, modality, spec, dim, space):
+        return cls(modality, dim, spec.get("hidden", 32))
+
+    def save(self, directory):
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.net.state_dict(), str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_saved(cls, modality, directory, settings, dim, shared):
+        enc = cls(modality, dim, settings["hidden"])
+        enc.net.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return enc
+
+
+def test_a_third_modality_needs_only_config_and_a_registered_encoder(tiny_data, tmp_path):
+    d = tiny_config(tiny_data, tmp_path / "run", steps=3, audio=False)
+    d["stages"].append({
+        "name": "place", "train": "toy_place", "bind_to": "satellite",
+        "encoder": {"type": "toy_location", "hidden": 16},
+        "data": {"train": str(tiny_data["stage2"])},
+        "optim": {"batch_size": 8, "max_steps": 3, "lr": 1e-2},
+    })
+    final = train(parse_config(d), progress=False, log=None)
+    model = GeoBind.from_pretrained(final)
+    assert set(model.modalities) == {"ground", "text", "satellite", "toy_place"}
+    assert [s["name"] for s in model.meta["stages"]] == ["satellite", "place"]
+    e = model.embed("toy_place", [(48.1, 11.6), (-33.9, 151.2)])
+    assert e.shape == (2, 32)
+    from geobind.evaluate import evaluate
+
+    report = evaluate(model, read_dataset(tiny_data["test"]))
+    assert "toy_place->text" in report["pairs"]
+
+
+def test_bad_training_samples_are_skipped_and_counted(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["root"], data)
+    (data / "sat" / "0000.png").write_bytes(b"\x89PNG truncated")
+    (data / "ground" / "0005.png").unlink()
+    d = tiny_config({**tiny_data, "stage1": data / "stage1.csv"}, tmp_path / "run", steps=4, audio=False)
+    d["stages"][0]["optim"].update(max_steps=0, epochs=1)
+    final = train(parse_config(d), progress=False, log=None)
+    done = json.loads((tmp_path / "run" / "stages" / "01-satellite" / "done.json").read_text())
+    # The missing ground photo is dropped by the anchor cache; the broken tile when loaded.
+    assert done["bad_samples"] == {"missing": 1, "undecodable": 1}
+    assert (final / "geobind.json").is_file()
+    d["stages"][0]["data"]["strict"] = True
+    d["output_dir"] = str(tmp_path / "strict")
+    with pytest.raises(Exception, match="0005.png: missing"):
+        train(parse_config(d), progress=False, log=None)
+
+
+def test_cli_two_stage_train_and_eval(tiny_data, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", steps=3)))
+    assert main(["train", str(cfg), "--no-progress", "--set", "stages.audio.optim.max_steps=2"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(report["pairs"]) == 12
+    for m in report["pairs"].values():
+        assert set(m) >= {"R@1", "R@5", "R@10", "median_rank", "n"} and m["n"] == 12
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(tiny_data["test"]),
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pairs"] == report["pairs"]
+    assert "audio->text *" in capsys.readouterr().out
+    # Never overwrite without --force; a second train into the same folder needs --resume.
+    assert main(["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(tiny_data["test"]),
+                 "--out", str(out)]) == 2
+    assert main(["train", str(cfg), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--data", str(tiny_data["test"])]) == 2
