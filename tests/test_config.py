@@ -62,3 +62,14 @@ def test_overrides_by_index_and_by_stage_name(tiny_data, tmp_path):
         apply_overrides(d, ["stages.lidar.optim.lr=1"])
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides(d, ["seed"])
+
+
+def test_the_packaged_paper_config_is_valid():
+    from importlib.resources import files
+
+    text = files("geobind").joinpath("configs/paper.yaml").read_text()
+    cfg = parse_config(yaml.safe_load(text), "/data")
+    assert [(s.train, s.bind_to) for s in cfg.stages] == [("satellite", "ground"), ("audio", "satellite")]
+    assert cfg.anchor["pretrained"] == "openai/clip-vit-base-patch32"  # a hub id, left as is
+    assert cfg.stages[0].loss.queue_size == 9000 and not cfg.stages[0].loss.symmetric
+    assert cfg.stages[0].data.train == "/data/data/sat2cap/train.csv"
