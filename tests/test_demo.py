@@ -1,0 +1,37 @@
+import json
+
+import pytest
+
+from geobind import GeoBind
+from geobind.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_reduced_world(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    mods = ("satellite", "ground", "text", "audio")
+    assert set(report["pairs"]) == {f"{a}->{b}" for a in mods for b in mods if a != b}
+    for m in report["pairs"].values():
+        assert 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 1 and m["n"] > 10
+    assert set(report["zero_shot"]) == {"satellite", "ground", "audio"}
+    assert report["zero_shot"]["audio"]["chance"] == pytest.approx(1 / 14)
+    e = report["emergent_vs_direct"]
+    assert e["audio->text"]["geobind_emergent"]["n"] == e["audio->text"]["direct_baseline"]["n"]
+    kinds = [m["kind"] for m in report["maps"]]
+    assert kinds.count("text") >= 3 and kinds.count("audio") >= 1
+    for m in report["maps"]:
+        assert (out / m["png"]).stat().st_size > 1000 and (out / m["geotiff"]).is_file()
+    assert set(report["seconds"]) >= {"world", "anchor", "stages", "baseline", "evaluation", "total"}
+    md = (out / "report.md").read_text()
+    assert "emergent" in md and "![" in md and "openai/clip-vit-base-patch32" in md
+    assert "openai/clip-vit-base-patch32" in (out / "config.yaml").read_text()
+    model = GeoBind.from_pretrained(out / "model")
+    assert set(model.modalities) == set(mods)
+    printed = capsys.readouterr().out
+    assert "audio->text *" in printed and "cannot be downloaded offline" in printed
+    # An existing non-empty --out is never overwritten without --force.
+    assert main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "report.json").is_file()
