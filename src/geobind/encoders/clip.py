@@ -17,7 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from geobind.encoders.base import Encoder, l2_normalize, register_encoder
+from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
 from geobind.encoders.images import CLIP_MEAN, CLIP_STD, SATELLITE_MEAN, SATELLITE_STD, ImageTransform
 
 # A real CLIP tokenizer has ~49k tokens. Offline `from_pretrained` of a hub id can silently
@@ -53,7 +53,8 @@ def load_clip(pretrained: str | Path, tokenizer: str | Path | None = None) -> tu
     """Load a ``CLIPModel`` and its tokenizer from a local directory or a hub id."""
     name, local = resolve_pretrained(pretrained)
     try:
-        model = CLIPModel.from_pretrained(name, local_files_only=local, attn_implementation="sdpa")
+        with quiet_transformers():
+            model = CLIPModel.from_pretrained(name, local_files_only=local, attn_implementation="sdpa")
         tok_name, tok_local = resolve_pretrained(tokenizer) if tokenizer else (name, local)
         tok = AutoTokenizer.from_pretrained(tok_name, local_files_only=tok_local)
     except OSError as e:
