@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, ClapAudioConfig
+from transformers import ClapAudioConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from geobind.binding.stage import BindingStage
 from geobind.binding.step import StepRunner
 from geobind.binding.trainer import build_optimizer
-from geobind.config import StageConfig, DataConfig, OptimConfig
-from geobind.encoders.audio import ClapAudioEncoder, AudioSettings, tiny_clap_audio_config
+from geobind.config import DataConfig, OptimConfig, StageConfig
+from geobind.encoders.audio import AudioSettings, ClapAudioEncoder, tiny_clap_audio_config
 from geobind.encoders.clip import ClipVisionEncoder
-from geobind.encoders.images import ImageTransform, SATELLITE_MEAN, SATELLITE_STD
+from geobind.encoders.images import SATELLITE_MEAN, SATELLITE_STD, ImageTransform
 from geobind.losses import LogitScale, contrastive_loss
 
 SIZES = {
@@ -104,7 +104,6 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         opt.step()
 
     plain_s = _timeit(plain, steps, warmup, device)
-    del teacher, opt
 
     enc = ClipVisionEncoder("satellite", student, ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
     anchor = ClipVisionEncoder("ground", CLIPVisionModelWithProjection(cfg),
@@ -168,7 +167,6 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         opt.step()
 
     plain_s = _timeit(plain, steps, warmup, device)
-    del opt
     anchor = ClipVisionEncoder("satellite", sat, ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
     stage = BindingStage(enc, anchor, symmetric=True).to(device)
     if compile_:

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         add_demo_parser = None
     if add_demo_parser is not None:
         add_demo_parser(sub)
+    from geobind.cli_space import add_space_parsers
+
+    add_space_parsers(sub)
+    from geobind.cli_data import add_data_parser
+
+    add_data_parser(sub)
     return p
 
 

@@ -47,10 +47,12 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str  # training dataset: manifest (CSV/Parquet), shard pattern or layout root
+    train: str  # training dataset: manifest (CSV/Parquet), shard folder/pattern or layout root
     val: str | None = None  # validation dataset for periodic retrieval (optional)
-    layout: str = "manifest"  # how to read it: manifest (more layouts register by name)
+    layout: str = "manifest"  # manifest | shards | sat2cap | soundingearth | geotiff (or a registered one)
     strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+    layout_options: dict[str, Any] = field(default_factory=dict)  # the layout's options (geobind.data.layouts)
+    shuffle_buffer: int = 1000  # shards: samples each loader worker holds to shuffle its stream
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
     base = Path(base_dir)
 
     def rel(p):
-        if p is None or "://" in str(p):
+        if p is None or "://" in str(p) or str(p).startswith("pipe:"):
             return p
         q = Path(str(p)).expanduser()
         return str(q if q.is_absolute() else (base / q))
@@ -253,6 +255,14 @@ def validate(cfg: RunConfig) -> None:
         o = s.optim
         if o.batch_size < 2:
             raise ConfigError(f"{where}.optim.batch_size: contrastive training needs at least 2")
+        if not isinstance(s.data.layout_options, dict):
+            raise ConfigError(f"{where}.data.layout_options: expected a mapping of option: value")
+        if s.data.shuffle_buffer < 0:
+            raise ConfigError(f"{where}.data.shuffle_buffer: must be 0 (no shuffle buffer) or more")
+        from geobind.data.manifest import layouts
+
+        if s.data.layout not in layouts():
+            raise ConfigError(f"{where}.data.layout: unknown layout {s.data.layout!r}; use one of {', '.join(layouts())}")
         if o.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.optim.precision: use auto, fp32, bf16 or fp16")
         if s.loss.temperature <= 0:

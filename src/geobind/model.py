@@ -195,6 +195,145 @@ class GeoBind(nn.Module):
         for m in modalities:
             self.encoder(m).requires_grad_(False).eval()
 
+    # -- using the space: identity, search, maps ------------------------------------------------
+    def identity(self, modality: str) -> str:
+        """Fingerprint (sha256 hex) of the encoder serving ``modality``: its type, settings,
+        dimension and every weight. Embeddings files and indexes record it, and are refused by
+        a model whose encoder differs. Cached until a weight changes in place."""
+        import hashlib
+
+        from geobind.binding.cache import weights_fingerprint
+
+        enc = self.encoder(modality)
+        state = enc.state_dict()
+        version = tuple((k, t.data_ptr(), t._version) for k, t in state.items())
+        cache = self.__dict__.setdefault("_identity_cache", {})
+        hit = cache.get(modality)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        h = hashlib.sha256()
+        h.update(json.dumps({"modality": modality, "encoder": enc.type_name, "dim": self.dim,
+                             "settings": enc.settings()}, sort_keys=True).encode())
+        h.update(weights_fingerprint(enc).encode())
+        value = h.hexdigest()
+        cache[modality] = (version, value)
+        return value
+
+    def embed_query(
+        self, *, text: Any = None, audio: Any = None, image: Any = None, satellite: Any = None,
+        queries: dict[str, Any] | None = None, batch_size: int = 32,
+    ) -> torch.Tensor:
+        """One unit query vector ``[dim]`` from any mix of items: the **sum of the items' unit
+        embeddings, renormalised** (every item weighs the same; one item gives its own
+        embedding). ``image`` is a ground-level photo, ``satellite`` an overhead tile; each
+        keyword takes one item or a list; ``queries`` maps further modalities to items."""
+        from geobind.search.query import Query, embed_query
+
+        q = Query.build(text=text, audio=audio, image=image, satellite=satellite, queries=queries)
+        return embed_query(self, q, batch_size=batch_size)
+
+    def search(
+        self, index: Any, *, text: Any = None, audio: Any = None, image: Any = None, satellite: Any = None,
+        queries: dict[str, Any] | None = None, k: int = 10, exact: bool | None = None,
+    ) -> list:
+        """The ``k`` places of ``index`` (a path or a loaded :class:`geobind.search.Index`) most
+        similar to the query, best first, as :class:`geobind.search.Hit` records (rank, id,
+        lat, lon, score, caption). Scores are cosine similarities. The index must have been
+        built with this model (checked: dimension and encoder identity). Queries combine as in
+        :meth:`embed_query`. ``exact=True`` bypasses an approximate index.
+
+        >>> hits = model.search("tiles.index", text="a forest", audio="rain.wav", k=5)  # doctest: +SKIP
+        """
+        from geobind.search.index import Index
+
+        if not isinstance(index, Index):
+            index = Index.load(index)
+        index.verify(self)
+        q = self.embed_query(text=text, audio=audio, image=image, satellite=satellite, queries=queries)
+        return index.hits(q, k, exact=exact)
+
+    def map(
+        self, *, text: Any = None, audio: Any = None, image: Any = None, satellite: Any = None,
+        queries: dict[str, Any] | None = None, raster: str | Path | None = None, tile_size: int | None = None,
+        stride: int | None = None, bands: Sequence[int] | None = None, embeddings: Any = None,
+        resolution: float | None = None, prompts: Sequence[str] | None = None, scale: float | None = None,
+        out: str | Path | None = None, png: str | Path | None = None, csv: str | Path | None = None,
+        force: bool = False, batch_size: int = 32, progress: bool = False,
+    ) -> Any:
+        """A zero-shot map of the query (combined as in :meth:`embed_query`) over a ``raster``
+        (tiles of ``tile_size`` px every ``stride`` px, embedded as ``satellite``) or over point
+        ``embeddings`` (a ``geobind embed`` Parquet path, an :class:`~geobind.search.Embeddings`
+        or an :class:`~geobind.search.Index`, built with this model).
+
+        Scores are cosine similarities; with ``prompts`` (texts), the softmax probability of the
+        query over ``[query, *prompts]`` at logit ``scale`` (default: the model's learned scale,
+        else 100). Returns a :class:`geobind.search.MapResult`; with ``out`` (``map.tif``) it
+        also writes the GeoTIFF and, unless given otherwise, ``map.png`` and ``map.csv``
+        (atomic; no overwrite without ``force``). See :mod:`geobind.search.maps`.
+
+        >>> result = model.map(text="a forest", raster="region.tif", tile_size=224, out="forest.tif")  # doctest: +SKIP
+        """
+        from geobind.search import maps
+        from geobind.search.common import check_writable
+        from geobind.search.embed import Embeddings, read_embeddings
+        from geobind.search.index import Index
+        from geobind.search.query import Query, embed_query
+
+        if (raster is None) == (embeddings is None):
+            raise ValueError("give exactly one of raster= (with tile_size=) or embeddings=")
+        paths: dict[str, Path | None] = {}
+        if out is not None:
+            paths = dict(maps.default_outputs(out))
+            paths["png"] = Path(png) if png else paths["png"]
+            paths["csv"] = Path(csv) if csv else paths["csv"]
+            check_writable(*paths.values(), force=force)
+        q = Query.build(text=text, audio=audio, image=image, satellite=satellite, queries=queries)
+        qvec = embed_query(self, q, batch_size=batch_size)
+        pvec = self.embed("text", list(prompts), batch_size=batch_size) if prompts else None
+        if scale is None:
+            scale = self.logit_scale_for(q.items)
+        if raster is not None:
+            if not tile_size:
+                raise ValueError("a raster map needs tile_size (pixels per tile)")
+            result = maps.map_raster(self, qvec, raster, tile_size, stride, bands=bands, prompts=pvec,
+                                     scale=scale, label=q.label, batch_size=batch_size, progress=progress)
+        else:
+            if isinstance(embeddings, Index):
+                embeddings.verify(self)
+                # the index keeps its float32 copy, so repeated maps (a server) widen only once
+                vec, lat, lon, ids = embeddings.vectors_f32(), embeddings.lat, embeddings.lon, embeddings.ids
+            else:
+                emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
+                self.check_embeddings(emb)
+                vec, lat, lon, ids = emb.vectors, emb.lat, emb.lon, emb.ids
+            result = maps.map_points(vec, lat, lon, ids, qvec, resolution=resolution, prompts=pvec, scale=scale,
+                                     label=q.label)
+        if out is not None:
+            result.write(paths["tif"], png=paths["png"], csv=paths["csv"], force=force)
+        return result
+
+    def check_embeddings(self, emb: Any) -> None:
+        """Raise a ``ValueError`` naming the problem unless ``emb`` (an
+        :class:`~geobind.search.Embeddings`) was embedded by this model's encoder."""
+        where = emb.header.get("dataset", {}).get("source", "the embeddings")
+        if emb.dim != self.dim:
+            raise ValueError(f"embeddings of {where} have {emb.dim} dims but the model's space has {self.dim}: "
+                             "they were made with another model")
+        if emb.modality not in self.modalities or emb.identity != self.identity(emb.modality):
+            raise ValueError(f"embeddings of {where} were made with another model ({emb.modality} encoder "
+                             f"identity {emb.identity[:16]}); re-embed them with this model (`geobind embed`)")
+
+    def logit_scale_for(self, modalities: Iterable[str]) -> float:
+        """The learned logit scale to turn cosine similarities of ``modalities`` against places
+        into softmax probabilities: a stage's scale that involves one of them, else the mean of
+        all stages' scales, else 100 (CLIP's)."""
+        scales = {k: float(v) for k, v in self.meta.get("logit_scales", {}).items()}
+        for m in modalities:
+            for pair, v in scales.items():
+                if m in pair.split("->"):
+                    return v
+        return sum(scales.values()) / len(scales) if scales else 100.0
+
 
 def autocast_for(device: torch.device):
     """bf16 autocast on CUDA, a no-op elsewhere."""

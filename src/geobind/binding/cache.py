@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table
+from geobind.data.shards import RowStream, ShardSet
 from geobind.encoders.base import Encoder
 from geobind.model import autocast_for
 
@@ -35,10 +37,13 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def dataset_fingerprint(table: Table, modality: str) -> str:
-    """Manifest identity plus the size and mtime of every file of ``modality`` it names."""
+def dataset_fingerprint(table: Table | ShardSet, modality: str) -> str:
+    """Manifest identity plus the size and mtime of every file of ``modality`` it names (for
+    shards: the shard list with each shard's size and mtime, and the layout)."""
     h = hashlib.sha256(table.identity.encode())
     h.update(modality.encode())
+    if isinstance(table, ShardSet):
+        return h.hexdigest()
     for v in table.columns.get(modality, []):
         h.update(str(v).encode())
         if v is not None and os.path.isabs(str(v)):
@@ -66,17 +71,32 @@ class _ItemDataset(Dataset):
             return i, e
 
 
-def collate_items(encoder: Encoder):
-    """Collate ``(index, input|BadSampleError)`` pairs into ``(indices, batch, bad)``."""
+class _ShardItem:
+    """``(row, sample) -> encoder input`` for a streamed shard sample (evaluation transform)."""
 
-    def fn(samples):
+    def __init__(self, shards: ShardSet, modality: str, encoder: Encoder, train: bool = False):
+        self.shards, self.modality, self.encoder, self.train = shards, modality, encoder, train
+
+    def __call__(self, row: int, sample: dict):
+        return self.shards.load(sample, row, self.modality, lambda x: self.encoder.load(x, train=self.train))
+
+
+class _CollateItems:
+    # A class, not a closure, so loader workers can be spawned processes.
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+
+    def __call__(self, samples):
         good = [(i, x) for i, x in samples if not isinstance(x, BadSampleError)]
         bad = [(i, x) for i, x in samples if isinstance(x, BadSampleError)]
         idx = torch.tensor([i for i, _ in good], dtype=torch.long)
-        batch = encoder.collate([x for _, x in good]) if good else None
+        batch = self.encoder.collate([x for _, x in good]) if good else None
         return idx, batch, bad
 
-    return fn
+
+def collate_items(encoder: Encoder):
+    """Collate ``(index, input|BadSampleError)`` pairs into ``(indices, batch, bad)``."""
+    return _CollateItems(encoder)
 
 
 @torch.no_grad()
@@ -91,24 +111,26 @@ def embed_table(
     strict: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, Counter]:
     """Embed every row: ``(embeddings [N, D] float32, valid [N] bool, bad counts per reason)``.
-    Bad rows get zero vectors and ``valid=False``; under ``strict`` the first raises."""
+    Bad rows get zero vectors and ``valid=False``; under ``strict`` the first raises. ``table``
+    is a :class:`Table` or a :class:`ShardSet` (streamed once; rows align with its index)."""
     n = len(table)
     emb = torch.zeros(n, encoder.dim)
     valid = torch.zeros(n, dtype=torch.bool)
     counts: Counter = Counter()
-    loader = DataLoader(
-        _ItemDataset(table, modality, encoder),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_items(encoder),
-    )
+    if isinstance(table, ShardSet):
+        # One streamed pass over the shards, in index order, split over the loader workers.
+        data = RowStream(table, _ShardItem(table, modality, encoder))
+    else:
+        data = _ItemDataset(table, modality, encoder)
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items(encoder))
     was = encoder.training
     encoder.eval()
     it = loader
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(loader, desc=f"embed {modality}", unit="batch", leave=False)
+        it = tqdm(loader, desc=f"embed {modality}", unit="batch", leave=False,
+                  total=math.ceil(n / batch_size) if num_workers <= 1 else None)
     try:
         for idx, batch, bad in it:
             for _, e in bad:

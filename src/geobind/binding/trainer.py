@@ -1,6 +1,10 @@
 """The training loop: runs a config's binding stages in order.
 
-A plain PyTorch loop, one process or many under ``torchrun`` (DDP). Each stage lives in
+A plain PyTorch loop, one process or many under ``torchrun`` (DDP). Data comes from a
+:class:`~geobind.data.manifest.Table` (map-style: a seeded global permutation per epoch, each rank
+taking its slice of every global batch) or a :class:`~geobind.data.shards.ShardSet` (streamed:
+:func:`geobind.data.shards.plan_epoch`); both give every usable sample exactly once per epoch
+across ranks and loader workers and resume mid-epoch (see :func:`train_loader`). Each stage lives in
 ``<output_dir>/stages/<NN>-<name>/`` with ``checkpoint.pt`` (resumable, written atomically),
 ``metrics.csv``, ``config.yaml`` and, once finished, ``model/`` (a GeoBind model directory holding
 every modality bound so far). The next stage loads that directory, so stages chain. The final
@@ -28,11 +32,12 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geobind import distributed as gbdist
-from geobind.binding.cache import cached_embeddings, collate_items, embed_table
+from geobind.binding.cache import cached_embeddings, embed_table
 from geobind.binding.stage import BindingStage, total_loss
 from geobind.config import RunConfig, StageConfig
 from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
+from geobind.data.shards import EpochStream, ShardSet, next_segments, plan_epoch, worker_count
 from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
 from geobind.metrics import retrieval_metrics
 from geobind.model import GeoBind
@@ -95,6 +100,24 @@ class _TrainItems(Dataset):
             return i, e
 
 
+class _ShardTrainItem:
+    """``(row, streamed sample) -> input`` (or ``(input, anchor input)``), with the same seeded
+    per-sample augmentation as :class:`_TrainItems`: it depends on (seed, epoch, row) only."""
+
+    def __init__(self, shards: ShardSet, modality: str, encoder, seed: int, anchor=None, anchor_modality=None):
+        self.shards, self.modality, self.encoder, self.seed = shards, modality, encoder, seed
+        self.anchor, self.anchor_modality = anchor, anchor_modality
+        self.epoch = 0
+
+    def __call__(self, row: int, sample: dict):
+        with _seeded(_item_seed(self.seed, self.epoch, row)):
+            x = self.shards.load(sample, row, self.modality, lambda it: self.encoder.load(it, train=True))
+        if self.anchor is not None:
+            a = self.shards.load(sample, row, self.anchor_modality, lambda it: self.anchor.load(it, train=False))
+            return x, a
+        return x
+
+
 class _EpochBatches(Sampler):
     """This rank's share of each global batch of one epoch's seeded permutation; starts at
     ``start_step`` so a resumed run continues with the very next batch."""
@@ -118,8 +141,52 @@ class _EpochBatches(Sampler):
             yield [(self.epoch, i) for i in b[self.rank * per : (self.rank + 1) * per]]
 
 
-def _collate_train(encoder, anchor):
-    def fn(samples):
+def train_items(data: Table | ShardSet, modality: str, encoder, seed: int, anchor=None, anchor_modality=None):
+    """Per-sample training inputs of ``modality`` (and the anchor's when it is not cached)."""
+    cls = _ShardTrainItem if isinstance(data, ShardSet) else _TrainItems
+    return cls(data, modality, encoder, seed, anchor, anchor_modality)
+
+
+def train_loader(data: Table | ShardSet, items, *, valid: torch.Tensor, batch_size: int, seed: int, epoch: int,
+                 step_in_epoch: int, rank: int, world: int, num_workers: int, collate_fn,
+                 segments: list | None = None, shuffle_buffer: int = 1000, pin_memory: bool = False
+                 ) -> tuple[DataLoader, list | None]:
+    """This rank's loader for one epoch, starting at batch ``step_in_epoch``.
+
+    Manifests: a seeded permutation of the valid rows, cut into global batches; rank ``r`` takes
+    its slice of each, and loader workers fetch whole batches, so the ranks together see each
+    valid row once per epoch (the last ``n_valid % batch_size`` rows of the permutation are left
+    out). The batches do not depend on the number of ranks or workers: resuming on another
+    layout continues the same sequence of global batches.
+
+    Shards: :func:`~geobind.data.shards.plan_epoch` (exactly once per epoch as well). Returns the
+    loader and the epoch's segments to store in the checkpoint (``None`` for manifests).
+    """
+    if isinstance(data, ShardSet):
+        workers = worker_count(num_workers)
+        segments = next_segments(segments, world, workers, step_in_epoch)
+        plan = plan_epoch(data.counts, valid.numpy().astype(bool), seed=seed, epoch=epoch, batch_size=batch_size,
+                          segments=[tuple(x) for x in segments], step_in_epoch=step_in_epoch, bufsize=shuffle_buffer)
+        items.epoch = epoch
+        stream = EpochStream(data, plan, rank, items)
+        loader = DataLoader(stream, batch_size=plan.per_rank_batch, num_workers=num_workers, collate_fn=collate_fn,
+                            pin_memory=pin_memory)
+        return loader, segments
+    sampler = _EpochBatches(valid, batch_size, seed, epoch, step_in_epoch, rank, world)
+    loader = DataLoader(items, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                        pin_memory=pin_memory, persistent_workers=False)
+    return loader, None
+
+
+class _CollateTrain:
+    """``[(index, input | (input, anchor input) | BadSampleError)]`` -> ``(indices, batch,
+    anchor batch, bad)``. A class, not a closure, so loader workers can be spawned processes."""
+
+    def __init__(self, encoder, anchor):
+        self.encoder, self.anchor = encoder, anchor
+
+    def __call__(self, samples):
+        encoder, anchor = self.encoder, self.anchor
         good = [(i, x) for i, x in samples if not isinstance(x, BadSampleError)]
         bad = [e for _, e in samples if isinstance(e, BadSampleError)]
         idx = torch.tensor([i for i, _ in good], dtype=torch.long)
@@ -132,7 +199,9 @@ def _collate_train(encoder, anchor):
             bad,
         )
 
-    return fn
+
+def _collate_train(encoder, anchor):
+    return _CollateTrain(encoder, anchor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +268,10 @@ def _set_rng_state(st: dict) -> None:
 
 
 def _stage_fingerprint(cfg: StageConfig) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    d = dataclasses.asdict(cfg)
+    # Loader workers change neither the batches nor the result, so a run may resume with others.
+    d["optim"].pop("num_workers", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +310,13 @@ class Trainer:
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
 
     def _say(self, msg: str) -> None:
-        if self.main and self.log:
+        if not self.main:
+            return
+        if self.log:
             self.log(msg)
+        if self.out.is_dir():  # the run log: rank 0 only, like checkpoints
+            with open(self.out / "train.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -304,8 +381,10 @@ class Trainer:
             symmetric=scfg.loss.symmetric, queue_size=scfg.loss.queue_size,
         ).to(dev)
 
-        table = read_dataset(scfg.data.train, scfg.data.layout)
+        table = read_dataset(scfg.data.train, scfg.data.layout, **scfg.data.layout_options)
         table.require(scfg.train, scfg.bind_to)
+        if isinstance(table, ShardSet):
+            self._say(f"stage {scfg.name}: {len(table)} samples in {len(table.urls)} shards ({table.schema.name})")
         bad = Counter()
         if scfg.cache_anchor:
             anchor_emb, valid, info = self._anchor_cache(anchor, table, scfg)
@@ -315,7 +394,7 @@ class Trainer:
             anchor_emb, valid = None, torch.tensor([i not in table.bad_rows for i in range(len(table))])
         val = None
         if scfg.data.val:
-            vt = read_dataset(scfg.data.val, scfg.data.layout)
+            vt = read_dataset(scfg.data.val, scfg.data.layout, **scfg.data.layout_options)
             vt.require(scfg.train, scfg.bind_to)
             v_emb, v_valid, _ = self._anchor_cache(anchor, vt, scfg)
             val = (vt, v_emb, v_valid)
@@ -337,6 +416,7 @@ class Trainer:
         autocast, scaler = _precision(scfg, dev)
 
         step, epoch, step_in_epoch = 0, 0, 0
+        segments = None  # shards: this epoch's (world, workers, first step) layouts
         ckpt_path = stage_dir / CHECKPOINT
         fp = _stage_fingerprint(scfg)
         if ckpt_path.is_file():
@@ -354,6 +434,7 @@ class Trainer:
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             step, epoch, step_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
+            segments = ck.get("segments")
             bad.update(ck.get("bad", {}))
             _set_rng_state(ck["rng"])
             self._say(f"stage {scfg.name}: resumed at step {step} (epoch {epoch + 1}, batch {step_in_epoch})")
@@ -371,28 +452,31 @@ class Trainer:
             _atomic_save(
                 {"stage": trainable, "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
-                 "step_in_epoch": step_in_epoch, "rng": _rng_state(), "bad": dict(bad), "fingerprint": fp},
+                 "step_in_epoch": step_in_epoch, "segments": segments, "world_size": world,
+                 "rng": _rng_state(), "bad": dict(bad), "fingerprint": fp},
                 ckpt_path,
             )
 
         metrics_path = stage_dir / "metrics.csv"
         writer = _MetricsWriter(metrics_path if self.main else None)
         uncached_anchor = None if scfg.cache_anchor else anchor
-        ds = _TrainItems(table, scfg.train, encoder, cfg.seed, uncached_anchor, scfg.bind_to)
+        ds = train_items(table, scfg.train, encoder, cfg.seed, uncached_anchor, scfg.bind_to)
         pbar = None
         if self.main and self.progress:
             from tqdm.auto import tqdm
 
             pbar = tqdm(total=total, initial=step, desc=f"stage {scfg.name}", unit="step", dynamic_ncols=True)
         t_start = time.perf_counter()
+        bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
         stage.train()
         last_loss = float("nan")
         try:
             while step < total:
-                sampler = _EpochBatches(valid, o.batch_size, cfg.seed, epoch, step_in_epoch, self.dist.rank, world)
-                loader = DataLoader(ds, batch_sampler=sampler, num_workers=o.num_workers,
-                                    collate_fn=_collate_train(encoder, uncached_anchor),
-                                    pin_memory=dev.type == "cuda", persistent_workers=False)
+                loader, segments = train_loader(
+                    table, ds, valid=valid, batch_size=o.batch_size, seed=cfg.seed, epoch=epoch,
+                    step_in_epoch=step_in_epoch, rank=self.dist.rank, world=world, num_workers=o.num_workers,
+                    collate_fn=_collate_train(encoder, uncached_anchor), segments=segments,
+                    shuffle_buffer=scfg.data.shuffle_buffer, pin_memory=dev.type == "cuda")
                 t_data = time.perf_counter()
                 window = {"data": 0.0, "step": 0.0, "n": 0}
                 for idx, inputs, anchor_inputs, bad_items in loader:
@@ -453,7 +537,8 @@ class Trainer:
                                     "lr": sched.get_last_lr()[0], "logit_scale": float(out["logit_scale"]),
                                     "samples_per_s": round(window["n"] / max(el, 1e-9), 2),
                                     "data_wait": round(window["data"] / max(el, 1e-9), 4),
-                                    "bad_samples": sum(bad.values())})
+                                    "bad_samples": sum(bad.values()),
+                                    **{f"bad_{k}": v for k, v in sorted(bad.items())}})
                         window = {"data": 0.0, "step": 0.0, "n": 0}
                     if o.val_every and step % o.val_every == 0 and val is not None:
                         self._validate(stage, val, scfg, writer, step, epoch)
@@ -465,12 +550,16 @@ class Trainer:
                     if step >= total:
                         break
                     t_data = time.perf_counter()
+                if step_in_epoch >= steps_per_epoch and bad:
+                    this = {k: v - bad_before.get(k, 0) for k, v in bad.items() if v - bad_before.get(k, 0)}
+                    self._say(f"epoch {epoch + 1}: skipped {sum(this.values())} bad samples {this}; "
+                              f"skipped samples so far: {dict(bad)}")
                 if step >= total:
                     break
                 epoch += 1
                 step_in_epoch = 0
-                if bad:
-                    self._say(f"epoch {epoch}: skipped samples so far: {dict(bad)}")
+                segments = None
+                bad_before = Counter(bad)
                 if val is not None and not o.val_every:
                     self._validate(stage, val, scfg, writer, step, epoch - 1)
                 save_ckpt()

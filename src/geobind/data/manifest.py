@@ -3,7 +3,10 @@
 A manifest is a CSV or Parquet file with columns ``id``, ``lat``, ``lon`` and one column per
 modality (a path relative to the manifest, or the text itself), plus optional metadata. Every
 reader (training, embedding, evaluation) goes through :func:`read_dataset`, which returns a
-:class:`Table`; further layouts register with :func:`register_layout`.
+:class:`Table` (random access) or, for WebDataset shards, a
+:class:`~geobind.data.shards.ShardSet` (streamed); further layouts register with
+:func:`register_layout`. The built-in layouts are ``manifest``, ``shards``, ``sat2cap``,
+``soundingearth`` and ``geotiff`` (see :mod:`geobind.data.layouts`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class Table:
     meta: pd.DataFrame | None = None
     identity: str = ""  # content hash: changes when the data changes (keys the anchor cache)
     bad_rows: dict[int, str] = field(default_factory=dict)  # row -> reason (e.g. bad-coordinates)
+    # modality -> function turning a cell into the item encoders take (e.g. a GeoTIFF path into
+    # an RGB array); module-level functions, so the table still pickles into loader workers.
+    loaders: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,34 +73,90 @@ class Table:
         value = self.columns[modality][i]
         if value is None:
             raise BadSampleError(f"{self.source}#{self.ids[i]}", f"missing-{modality}", "empty cell")
-        return value
+        loader = self.loaders.get(modality)
+        return loader(value) if loader is not None else value
 
 
-Reader = Callable[[Path], Table]
+Reader = Callable[..., Any]
 _LAYOUTS: dict[str, Reader] = {}
+_STREAMING: set[str] = set()
 
 
-def register_layout(name: str):
-    """Decorator registering a reader ``Path -> Table`` for a dataset layout."""
+def register_layout(name: str, *, streaming: bool = False):
+    """Decorator registering a reader for a dataset layout.
+
+    A reader is called as ``reader(path, **options)`` and returns a :class:`Table`, or a
+    :class:`~geobind.data.shards.ShardSet` when ``streaming`` (its ``path`` is then the string
+    as given, so shard patterns such as ``train-{000000..000099}.tar`` and URLs pass through).
+    ``options`` are the layout's keyword options (``layout_options`` in a config).
+    """
 
     def wrap(fn: Reader) -> Reader:
         _LAYOUTS[name] = fn
+        if streaming:
+            _STREAMING.add(name)
+        else:
+            _STREAMING.discard(name)
         return fn
 
     return wrap
 
 
-def read_dataset(path: str | Path, layout: str = "manifest") -> Table:
-    """Read a dataset in the given layout (default: a CSV/Parquet manifest)."""
+def layouts() -> list[str]:
+    """Names of all registered dataset layouts."""
+    _builtin_layouts()
+    return sorted(_LAYOUTS)
+
+
+def _builtin_layouts() -> None:
+    # Imported here, not at module top: the layout modules import this one.
+    import geobind.data.layouts  # noqa: F401
+
+
+def _looks_like_shards(path: str) -> bool:
+    """A ``.tar`` file, a brace pattern of them, a URL, or a folder of shards."""
+    if path.endswith(".tar") or (".tar" in path and ("{" in path or "://" in path or path.startswith("pipe:"))):
+        return True
+    p = Path(path)
+    return p.is_dir() and ((p / "shards.json").is_file() or any(p.glob("*.tar")))
+
+
+def read_dataset(path: str | Path, layout: str = "manifest", **options: Any) -> Any:
+    """Read a dataset in the given layout (default: a CSV/Parquet manifest).
+
+    Returns a :class:`Table` (manifest, soundingearth, geotiff) or a
+    :class:`~geobind.data.shards.ShardSet` (shards, sat2cap). With the default ``manifest``
+    layout a ``.tar`` path, shard pattern or folder of shards is read as ``shards``.
+    ``options`` are the layout's options (e.g. ``image=...`` for ``soundingearth``).
+    """
+    _builtin_layouts()
     if layout not in _LAYOUTS:
-        raise ValueError(f"unknown dataset layout {layout!r}; known layouts: {', '.join(sorted(_LAYOUTS))}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"dataset {path} does not exist")
-    table = _LAYOUTS[layout](path)
-    if len(table) == 0:
-        raise ValueError(f"dataset {path} has no rows")
-    return table
+        raise ValueError(
+            f"unknown dataset layout {layout!r}; known layouts: {', '.join(sorted(_LAYOUTS))}"
+        )
+    raw = str(path)
+    if layout == "manifest" and _looks_like_shards(raw):
+        layout = "shards"
+    if layout in _STREAMING:
+        data = _LAYOUTS[layout](raw, **options)
+    else:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"dataset {path} does not exist")
+        data = _LAYOUTS[layout](path, **options)
+    if len(data) == 0:
+        raise ValueError(f"dataset {raw} has no rows")
+    return data
+
+
+def bad_coordinates(lat: list[Any], lon: list[Any]) -> dict[int, str]:
+    """Rows whose latitude/longitude is missing, not a number or out of range."""
+    bad = {}
+    for i, (a, o) in enumerate(zip(lat, lon)):
+        if not (isinstance(a, float) and isinstance(o, float)) or math.isnan(a) or math.isnan(o) \
+                or not -90 <= a <= 90 or not -180 <= o <= 180:
+            bad[i] = "bad-coordinates"
+    return bad
 
 
 def _hash_file(path: Path) -> str:
@@ -106,8 +168,17 @@ def _hash_file(path: Path) -> str:
 
 
 @register_layout("manifest")
-def read_manifest(path: Path) -> Table:
+def read_manifest(path: Path, **options: Any) -> Table:
     """CSV or Parquet manifest; paths relative to the manifest's folder."""
+    if options:
+        raise ValueError(
+            f"{path}: the manifest layout takes no layout options (got {', '.join(sorted(options))})"
+        )
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a folder; a manifest is a .csv or .parquet file (for a folder of "
+            "GeoTIFF tiles use layout geotiff, for WebDataset shards layout shards)"
+        )
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         df = pd.read_parquet(path)
@@ -142,11 +213,7 @@ def read_manifest(path: Path) -> Table:
         columns[m] = vals
     lat = pd.to_numeric(df["lat"], errors="coerce").tolist()
     lon = pd.to_numeric(df["lon"], errors="coerce").tolist()
-    bad = {}
-    for i, (a, o) in enumerate(zip(lat, lon)):
-        if not (isinstance(a, float) and isinstance(o, float)) or math.isnan(a) or math.isnan(o) \
-                or not -90 <= a <= 90 or not -180 <= o <= 180:
-            bad[i] = "bad-coordinates"
+    bad = bad_coordinates(lat, lon)
     known = set(REQUIRED) | set(columns)
     meta = df[[c for c in df.columns if c not in known]].reset_index(drop=True)
     return Table(

@@ -20,7 +20,7 @@ from geobind.data.manifest import Table
 from geobind.data.media import load_image
 from geobind.encoders.base import quiet_transformers
 from geobind.encoders.clip import build_clip
-from geobind.encoders.images import CLIP_MEAN, CLIP_STD, random_resized_crop, resize_center_crop
+from geobind.encoders.images import CLIP_MEAN, CLIP_STD, resize_center_crop
 from geobind.encoders.tokenizer import train_tokenizer
 from geobind.losses import LogitScale, contrastive_loss
 
@@ -77,7 +77,9 @@ def pretrain_clip(
     cfg = small_clip_config(dim, image_size, len(tok), tok.eos_token_id, tok.bos_token_id, tok.pad_token_id)
     model = build_clip(cfg).to(device)
     # The demo world is small: decode every photo once and keep it as uint8.
-    imgs = np.stack([np.asarray(load_image(table.item("ground", i))) for i in range(len(table))])
+    imgs = np.stack([np.asarray(resize_center_crop(load_image(table.item("ground", i)), image_size))
+                     for i in range(len(table))])
+    imgs_t = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, H, W]
     enc = tok(captions, padding="max_length", truncation=True, max_length=48, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     scale = LogitScale(0.07).to(device)
@@ -103,19 +105,12 @@ def pretrain_clip(
         pbar = tqdm(total=total, desc="pretrain anchor CLIP", unit="step", dynamic_ncols=True)
     model.train()
     loss_v = float("nan")
-    from PIL import Image
-
     for _ in range(epochs):
         perm = rng.permutation(n)
         for s in range(steps_per_epoch):
             b = perm[s * batch_size : (s + 1) * batch_size]
-            batch = []
-            for i in b:
-                img = Image.fromarray(imgs[i])
-                img = random_resized_crop(img, image_size, scale=(0.7, 1.0)) if rng.random() < 0.5 else \
-                    resize_center_crop(img, image_size)
-                batch.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
-            x = ((torch.stack(batch) - mean) / std).to(device)
+            x = _augment(imgs_t[b], rng, image_size)
+            x = ((x - mean) / std).to(device)
             img_e = model.visual_projection(model.vision_model(pixel_values=x).pooler_output)
             txt_e = model.text_projection(
                 model.text_model(input_ids=ids[b].to(device), attention_mask=mask[b].to(device)).pooler_output
@@ -149,3 +144,23 @@ def pretrain_clip(
     if log:
         log(f"anchor CLIP: {total} steps on {n} photo-caption pairs in {summary['seconds']}s, loss {loss_v:.3f}")
     return summary
+
+
+def _augment(batch: torch.Tensor, rng: np.random.Generator, size: int) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float ``[B, 3, size, size]`` in 0..1: random crops (half of the
+    images, 70-100% of the side) resized back, and horizontal flips; tensor ops only."""
+    x = batch.float() / 255.0
+    out = []
+    h = x.shape[-1]
+    for img in x:
+        if rng.random() < 0.5:
+            side = int(h * rng.uniform(0.7, 1.0))
+            top, left = rng.integers(0, h - side + 1, size=2)
+            img = img[:, top : top + side, left : left + side]
+        if img.shape[-1] != size:
+            img = torch.nn.functional.interpolate(img[None], size=(size, size), mode="bilinear",
+                                                  antialias=True, align_corners=False)[0]
+        if rng.random() < 0.5:
+            img = img.flip(-1)
+        out.append(img)
+    return torch.stack(out)

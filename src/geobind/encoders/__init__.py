@@ -1,6 +1,13 @@
 """Encoders: one per modality, registered by type name."""
 
-from geobind.encoders.base import Encoder, encoder_types, get_encoder_class, l2_normalize, register_encoder
+from geobind.encoders import audio as _audio  # noqa: F401,E402  (registers clap_audio)
+from geobind.encoders.base import (
+    Encoder,
+    encoder_types,
+    get_encoder_class,
+    l2_normalize,
+    register_encoder,
+)
 from geobind.encoders.clip import (
     ClipImageEncoder,
     ClipTextEncoder,
@@ -10,7 +17,6 @@ from geobind.encoders.clip import (
     build_clip,
     load_clip,
 )
-from geobind.encoders import audio as _audio  # noqa: F401,E402  (registers clap_audio)
 
 __all__ = [
     "Encoder",

@@ -18,7 +18,13 @@ from transformers import (
 )
 
 from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
-from geobind.encoders.images import CLIP_MEAN, CLIP_STD, SATELLITE_MEAN, SATELLITE_STD, ImageTransform
+from geobind.encoders.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SATELLITE_MEAN,
+    SATELLITE_STD,
+    ImageTransform,
+)
 
 # A real CLIP tokenizer has ~49k tokens. Offline `from_pretrained` of a hub id can silently
 # fall back to a near-empty vocabulary, which trains on garbage: refuse anything this small.

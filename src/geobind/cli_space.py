@@ -1,0 +1,470 @@
+"""``geobind embed``, ``geobind index build|info``, ``geobind search``, ``geobind map``."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+EPILOG_EMBED = """\
+examples:
+  geobind embed --model demo/model --data demo/world/test.csv --modality satellite --out sat.parquet
+  geobind embed --model M --data tiles.csv --modality satellite --out sat.parquet --float16
+  geobind embed ... --out sat.parquet          # run again after Ctrl-C: resumes from sat.parquet.parts/
+  torchrun --nproc_per_node 4 -m geobind embed --model M --data tiles.csv --modality satellite --out sat.parquet
+
+output: Parquet with id, lat, lon, embedding (unit vectors), caption and item where known;
+the encoder's identity is recorded so indexes and maps refuse embeddings of another model.
+Bad rows (missing or undecodable files, bad coordinates) are skipped and counted.
+"""
+
+EPILOG_INDEX = """\
+examples:
+  geobind index build sat.parquet --out tiles.index                     # exact below 1M items
+  geobind index build sat.parquet --out tiles.index --kind ivfpq --check
+  geobind index build sat.parquet --out tiles.index --kind hnsw --check --target-recall 0.98
+  geobind index info tiles.index
+"""
+
+EPILOG_BUILD = """\
+kinds:
+  auto    exact below {threshold:,} items, ivfpq from there (when FAISS is installed)
+  exact   every query scans all vectors (chunked matrix product): exact results
+  hnsw    FAISS HNSW graph (fast, memory ~ the float vectors again)
+  ivfpq   FAISS inverted lists + product quantisation, candidates re-scored exactly (compact)
+Approximate kinds need FAISS: pip install 'geobind[faiss]'. Scores are always exact cosine
+similarities; approximate kinds may miss some of the true top k. --check measures recall@10
+against exact search (queries: midpoints of random pairs of indexed places) and raises
+nprobe / ef_search until --target-recall is reached.
+
+examples:
+  geobind index build sat.parquet --out tiles.index
+  geobind index build sat.parquet --out tiles.index --kind ivfpq --check
+  geobind index build sat.parquet --out tiles.index --kind hnsw --ef-search 256 --force
+"""
+
+EPILOG_SEARCH = """\
+scores: cosine similarity between the query and each place's embedding (higher = closer;
+compare scores within one query, not across models). Several query options combine: the
+query vector is the sum of the items' unit embeddings, renormalised (each item weighs the same).
+
+examples:
+  geobind search --model demo/model --index demo/places.index --text "a dense tropical rainforest"
+  geobind search --model M --index tiles.index --audio rain.wav --k 20 --json
+  geobind search --model M --index tiles.index --text "forest" --audio rain.wav
+  geobind search --model M --index tiles.index --image photo.jpg --exact
+  geobind search --model M --index tiles.index --file unknown.bin     # image or audio, detected
+"""
+
+EPILOG_MAP = """\
+scores: cosine similarity to the query by default; with --prompts, the softmax probability
+that the query (rather than one of the prompts) describes the place, at the model's learned
+logit scale (or --scale). Queries combine as in `geobind search`.
+
+outputs: OUT (GeoTIFF, float32, NaN = no data, in the raster's CRS or EPSG:4326 for points),
+OUT with .png (colour bar, query in the title) and .csv (lat, lon, score per tile or place).
+Nothing is overwritten without --force.
+
+examples:
+  geobind map --model M --text "a snowy frozen landscape" --raster region.tif --tile-size 224 --out snow.tif
+  geobind map --model M --audio waves.wav --raster region.tif --tile-size 224 --stride 112 --out waves.tif
+  geobind map --model M --text "a desert" --embeddings sat.parquet --out desert.tif
+  geobind map --model M --text "a desert" --prompts "a forest" "a city" "the sea" --embeddings tiles.index --out desert.tif
+"""
+
+
+def _friendly(fn):
+    """Missing optional extras (ImportError) become a one-line error and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrap(args) -> int:
+        try:
+            return fn(args)
+        except ImportError as e:
+            print(f"geobind {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+    return wrap
+
+
+def _add_query_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("query (one or more; several combine)")
+    g.add_argument(
+        "--text", action="append", default=[], metavar="TEXT", help="free text; repeatable"
+    )
+    g.add_argument(
+        "--audio", action="append", default=[], metavar="FILE", help="an audio file; repeatable"
+    )
+    g.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a ground-level photo; repeatable",
+    )
+    g.add_argument(
+        "--satellite",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a satellite/overhead tile; repeatable",
+    )
+    g.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image (taken as a ground photo) or an audio file, detected from its content",
+    )
+
+
+def _query_kwargs(args) -> dict:
+    from geobind.search.query import sniff_file
+
+    kw = {
+        "text": list(args.text),
+        "audio": list(args.audio),
+        "image": list(args.image),
+        "satellite": list(args.satellite),
+    }
+    for f in args.file:
+        kw["audio" if sniff_file(f) == "audio" else "image"].append(f)
+    if not any(kw.values()):
+        raise ValueError("no query: give --text, --audio, --image, --satellite or --file")
+    return {k: v or None for k, v in kw.items()}
+
+
+def add_space_parsers(sub) -> None:
+    """Register ``embed``, ``index``, ``search`` and ``map`` on the ``geobind`` subparsers."""
+    from geobind.search.index import APPROX_THRESHOLD
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    e = sub.add_parser(
+        "embed",
+        help="embed one modality of a dataset into Parquet",
+        formatter_class=fmt,
+        epilog=EPILOG_EMBED,
+    )
+    e.add_argument("--model", required=True, help="GeoBind model directory")
+    e.add_argument(
+        "--data", required=True, help="dataset (manifest CSV/Parquet, or another --layout)"
+    )
+    e.add_argument("--layout", default="manifest", help="dataset layout (default: manifest)")
+    e.add_argument(
+        "--modality", required=True, help="column to embed (satellite, ground, text, audio, ...)"
+    )
+    e.add_argument("--out", required=True, help="output Parquet file")
+    e.add_argument(
+        "--float16", action="store_true", help="store embeddings as float16 (half the size)"
+    )
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument(
+        "--workers", type=int, default=0, help="data-loader worker processes (default: 0)"
+    )
+    e.add_argument(
+        "--chunk-rows", type=int, default=4096, help="rows per resumable part (default: 4096)"
+    )
+    e.add_argument(
+        "--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the rank's GPU)"
+    )
+    e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_embed)
+
+    ix = sub.add_parser(
+        "index", help="build or inspect a search index", formatter_class=fmt, epilog=EPILOG_INDEX
+    )
+    isub = ix.add_subparsers(dest="index_command", metavar="ACTION")
+    b = isub.add_parser(
+        "build",
+        help="build an index from `geobind embed` output",
+        formatter_class=fmt,
+        epilog=EPILOG_BUILD.format(threshold=APPROX_THRESHOLD),
+    )
+    b.add_argument("embeddings", help="embeddings Parquet written by `geobind embed`")
+    b.add_argument("--out", required=True, help="index folder to write (e.g. tiles.index)")
+    b.add_argument("--kind", default="auto", choices=["auto", "exact", "hnsw", "ivfpq"])
+    b.add_argument(
+        "--check", action="store_true", help="measure recall@10 against exact search (and tune)"
+    )
+    b.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 --check tunes for (default 0.95)",
+    )
+    b.add_argument(
+        "--no-thumbnails", action="store_true", help="do not store thumbnails of image items"
+    )
+    b.add_argument(
+        "--thumbnail-size", type=int, default=128, help="thumbnail size in px (default: 128)"
+    )
+    b.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default ~4 sqrt(N))")
+    b.add_argument("--pq-m", type=int, help="ivfpq: bytes per vector (default dim/8)")
+    b.add_argument(
+        "--nprobe", type=int, default=32, help="ivfpq: lists scanned per query (default 32)"
+    )
+    b.add_argument(
+        "--rerank", type=int, default=8, help="ivfpq: k x RERANK candidates re-scored (default 8)"
+    )
+    b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
+    b.add_argument("--ef-search", type=int, default=128, help="hnsw: search breadth (default 128)")
+    b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    b.set_defaults(func=cmd_index_build)
+    info = isub.add_parser(
+        "info",
+        help="what an index holds",
+        formatter_class=fmt,
+        epilog="examples:\n  geobind index info tiles.index\n  geobind index info tiles.index --json\n",
+    )
+    info.add_argument("index", help="index folder")
+    info.add_argument("--json", action="store_true", help="print the header as JSON")
+    info.set_defaults(func=cmd_index_info)
+    ix.set_defaults(func=lambda args: (ix.print_help(), 0)[1])
+
+    s = sub.add_parser(
+        "search",
+        help="find places by text, audio or image",
+        formatter_class=fmt,
+        epilog=EPILOG_SEARCH,
+    )
+    s.add_argument(
+        "--model", required=True, help="GeoBind model directory (the one the index was built with)"
+    )
+    s.add_argument("--index", required=True, help="index folder from `geobind index build`")
+    _add_query_args(s)
+    s.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument(
+        "--exact", action="store_true", help="exact search even when the index is approximate"
+    )
+    s.add_argument("--json", action="store_true", help="print results as JSON")
+    s.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    s.set_defaults(func=cmd_search)
+
+    m = sub.add_parser(
+        "map",
+        help="map a query's similarity over a raster or a set of places",
+        formatter_class=fmt,
+        epilog=EPILOG_MAP,
+    )
+    m.add_argument("--model", required=True, help="GeoBind model directory")
+    _add_query_args(m)
+    src = m.add_argument_group("what to map (one)")
+    src.add_argument("--raster", help="georeferenced raster (GeoTIFF) to cut into tiles")
+    src.add_argument("--tile-size", type=int, help="tile size in raster pixels (with --raster)")
+    src.add_argument("--stride", type=int, help="tile step in pixels (default: the tile size)")
+    src.add_argument(
+        "--bands", help="raster bands to use as RGB, 1-based (default 1,2,3, or 1 as grey)"
+    )
+    src.add_argument("--embeddings", help="`geobind embed` Parquet or an index folder (point map)")
+    src.add_argument(
+        "--resolution", type=float, help="point map grid step in degrees (default: from the points)"
+    )
+    m.add_argument(
+        "--prompts",
+        nargs="+",
+        metavar="TEXT",
+        help="score as softmax over the query and these texts",
+    )
+    m.add_argument(
+        "--scale",
+        type=float,
+        help="softmax logit scale (default: the model's learned one, else 100)",
+    )
+    m.add_argument(
+        "--out",
+        required=True,
+        help="output GeoTIFF (map.tif); map.png and map.csv are written beside it",
+    )
+    m.add_argument("--png", help="PNG path (default: OUT with .png)")
+    m.add_argument("--csv", help="CSV path (default: OUT with .csv)")
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    m.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_map)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@_friendly
+def cmd_embed(args) -> int:
+    from geobind import distributed
+    from geobind.model import GeoBind
+    from geobind.search.embed import embed_dataset
+
+    info = distributed.init_distributed()
+    device = info.device if info.distributed else _device(args.device)
+    try:
+        model = GeoBind.from_pretrained(args.model, device=device)
+        embed_dataset(
+            model,
+            args.data,
+            args.modality,
+            args.out,
+            layout=args.layout,
+            batch_size=args.batch_size,
+            float16=args.float16,
+            chunk_rows=args.chunk_rows,
+            num_workers=args.workers,
+            force=args.force,
+            progress=not args.no_progress and info.is_main,
+            model_name=args.model,
+            log=print if info.is_main else None,
+        )
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+@_friendly
+def cmd_index_build(args) -> int:
+    from geobind.search.index import build_index
+
+    opts = {
+        "thumbnails": not args.no_thumbnails,
+        "thumbnail_size": args.thumbnail_size,
+        "nlist": args.nlist,
+        "pq_m": args.pq_m,
+        "nprobe": args.nprobe,
+        "rerank": args.rerank,
+        "hnsw_m": args.hnsw_m,
+        "ef_search": args.ef_search,
+    }
+    index = build_index(
+        args.embeddings,
+        args.out,
+        args.kind,
+        check=args.check,
+        target_recall=args.target_recall,
+        force=args.force,
+        progress=True,
+        **opts,
+    )
+    check = index.header.get("check")
+    extra = ""
+    if check:
+        extra = (
+            f"; recall@10 {check['recall@10']} vs exact, {check['speedup']}x faster "
+            f"({check['approx_queries_per_s']} vs {check['exact_queries_per_s']} queries/s)"
+        )
+    thumbs = index.header.get("thumbnails", {}).get("count", 0)
+    print(
+        f"{index.kind} index of {len(index)} {index.modality} embeddings ({index.dim}-d, {thumbs} thumbnails) "
+        f"-> {args.out}{extra}"
+    )
+    return 0
+
+
+@_friendly
+def cmd_index_info(args) -> int:
+    from geobind.search.index import Index
+
+    index = Index.load(args.index, mmap=True)
+    d = index.describe()
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(
+        f"{d['path']}: {d['kind']} index, {d['count']} {index.modality} embeddings, {d['dim']}-d {d['dtype']}"
+    )
+    print(f"  model identity ({index.modality} encoder): {index.identity}")
+    if d.get("search"):
+        print(f"  search settings: {json.dumps(d['search'])}")
+    if d.get("check"):
+        print(f"  check: {json.dumps(d['check'])}")
+    print(
+        f"  captions: {'yes' if index.captions is not None else 'no'}; "
+        f"thumbnails: {d.get('thumbnails', {}).get('count', 0)}"
+    )
+    return 0
+
+
+@_friendly
+def cmd_search(args) -> int:
+    from geobind.model import GeoBind
+    from geobind.search.index import Index
+    from geobind.search.query import Query
+
+    kw = _query_kwargs(args)
+    index = Index.load(args.index)
+    model = GeoBind.from_pretrained(args.model, device=_device(args.device))
+    hits = model.search(index, k=args.k, exact=True if args.exact else None, **kw)
+    label = Query.build(**kw).label
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "query": label,
+                    "index": str(args.index),
+                    "kind": "exact" if args.exact else index.kind,
+                    "score": "cosine similarity",
+                    "results": [h.to_dict() for h in hits],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(
+        f"query: {label}   (score: cosine similarity; {index.kind} search over {len(index)} "
+        f"{index.modality} embeddings)"
+    )
+    print(f"{'rank':>4}  {'score':>7}  {'id':<20} {'lat':>9} {'lon':>10}  caption")
+    for h in hits:
+        cap = (h.caption or "")[:60]
+        print(f"{h.rank:>4}  {h.score:7.4f}  {h.id:<20} {h.lat:9.4f} {h.lon:10.4f}  {cap}")
+    return 0
+
+
+@_friendly
+def cmd_map(args) -> int:
+    from geobind.model import GeoBind
+    from geobind.search.index import Index
+    from geobind.search.maps import default_outputs, describe
+
+    if (args.raster is None) == (args.embeddings is None):
+        raise ValueError("give exactly one of --raster (with --tile-size) or --embeddings")
+    if args.raster is not None and not args.tile_size:
+        raise ValueError("--raster needs --tile-size (pixels per tile)")
+    kw = _query_kwargs(args)
+    outs = default_outputs(args.out)
+    png, csv = (
+        Path(args.png) if args.png else outs["png"],
+        Path(args.csv) if args.csv else outs["csv"],
+    )
+    from geobind.search.common import check_writable
+
+    check_writable(outs["tif"], png, csv, force=args.force)
+    bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    embeddings = args.embeddings
+    if embeddings is not None and Path(embeddings).is_dir():
+        embeddings = Index.load(embeddings)
+    model = GeoBind.from_pretrained(args.model, device=_device(args.device))
+    result = model.map(
+        raster=args.raster,
+        tile_size=args.tile_size,
+        stride=args.stride,
+        bands=bands,
+        embeddings=embeddings,
+        resolution=args.resolution,
+        prompts=args.prompts,
+        scale=args.scale,
+        out=outs["tif"],
+        png=png,
+        csv=csv,
+        force=args.force,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        **kw,
+    )
+    print(describe(result))
+    print("wrote " + ", ".join(str(p) for p in result.paths.values()))
+    return 0

@@ -1,0 +1,506 @@
+"""Embedding a dataset to Parquet: ids, lat, lon and unit embeddings of one modality.
+
+The output holds one row per usable place (bad rows are skipped and counted, as in training)
+with columns ``id``, ``lat``, ``lon``, ``embedding`` (fixed-size list of float32, or float16 with
+``float16=True``), and where known ``caption`` (the place's text) and ``item`` (the raw item:
+a file path, or the text itself). The schema metadata key ``geobind`` holds a JSON header: the
+model identity of the encoder (:meth:`GeoBind.identity`), modality, dimension, dtype, the
+dataset's source and content hash, and the skip counts. Indexes and maps read that header to
+refuse embeddings from another model.
+
+The work is split into chunks of rows, each written atomically to ``OUT.parts/`` as it
+finishes: an interrupted run resumes where it stopped, and under ``torchrun`` each rank embeds
+every ``world_size``-th chunk and writes its own parts; rank 0 then merges them in row order into
+``OUT`` (streamed, never holding every vector at once) and removes ``OUT.parts/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geobind.search.common import atomic_path, check_writable
+
+FORMAT = "geobind-embeddings"
+FORMAT_VERSION = 1
+META_KEY = b"geobind"
+CAPTION_COLUMNS = ("caption", "description", "title")
+IMAGE_MODALITIES = ("satellite", "ground")
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of one modality read back from Parquet (or built in memory)."""
+
+    # Place ids, one per row.
+    ids: list[str]
+    # Latitude and longitude in degrees (EPSG:4326), float64 [N].
+    lat: np.ndarray
+    lon: np.ndarray
+    # Unit rows [N, D], float32 or float16 as stored.
+    vectors: np.ndarray
+    # The header (model identity, modality, dim, dtype, dataset, skips); see the module doc.
+    header: dict[str, Any]
+    # Caption per row where known (None elsewhere); None when the dataset has none.
+    captions: list[str | None] | None = None
+    # Raw item per row (file path or text); None when not recorded.
+    items: list[str | None] | None = None
+    # JPEG thumbnail per row (image modalities, when made); None when not recorded.
+    thumbnails: list[bytes | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def modality(self) -> str:
+        return self.header.get("modality", "")
+
+    @property
+    def identity(self) -> str:
+        return self.header.get("model", {}).get("identity", "")
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """Read a file written by :func:`embed_dataset`; an error naming the problem otherwise."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a non-Parquet file
+        raise ValueError(f"{path} is not a Parquet file: {e}") from None
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None or "embedding" not in table.column_names:
+        raise ValueError(
+            f"{path} is not a GeoBind embeddings file (no 'embedding' column or geobind header); "
+            "write one with `geobind embed`"
+        )
+    header = json.loads(raw)
+    if header.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has embeddings format {header['format_version']}; upgrade geobind"
+        )
+    n = table.num_rows
+    if n == 0:
+        raise ValueError(f"embeddings file {path} has no rows")
+    col = table.column("embedding").combine_chunks()
+    dim = int(header["dim"])
+    vectors = col.values.to_numpy(zero_copy_only=False).reshape(n, dim)
+    names = table.column_names
+    return Embeddings(
+        ids=[str(x) for x in table.column("id").to_pylist()],
+        lat=table.column("lat").to_numpy().astype(np.float64),
+        lon=table.column("lon").to_numpy().astype(np.float64),
+        vectors=vectors,
+        header=header,
+        captions=table.column("caption").to_pylist() if "caption" in names else None,
+        items=table.column("item").to_pylist() if "item" in names else None,
+        thumbnails=table.column("thumbnail").to_pylist() if "thumbnail" in names else None,
+    )
+
+
+def write_embeddings(emb: Embeddings, path: str | Path, *, force: bool = False) -> Path:
+    """Write ``emb`` as an embeddings Parquet file (atomic; no overwrite without ``force``)."""
+    import pyarrow.parquet as pq
+
+    table = _arrow_table(
+        emb.ids, emb.lat, emb.lon, emb.vectors, emb.captions, emb.items, emb.thumbnails
+    )
+    table = table.replace_schema_metadata({META_KEY: json.dumps(emb.header).encode()})
+    with atomic_path(path, force=force) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def _arrow_table(ids, lat, lon, vectors: np.ndarray, captions=None, items=None, thumbnails=None):
+    import pyarrow as pa
+
+    n, dim = vectors.shape
+    vtype = pa.float16() if vectors.dtype == np.float16 else pa.float32()
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=vtype)
+    cols = {
+        "id": pa.array([str(x) for x in ids], type=pa.string()),
+        "lat": pa.array(np.asarray(lat, dtype=np.float64)),
+        "lon": pa.array(np.asarray(lon, dtype=np.float64)),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+    }
+    if captions is not None:
+        cols["caption"] = pa.array(list(captions), type=pa.string())
+    if items is not None:
+        cols["item"] = pa.array(list(items), type=pa.string())
+    if thumbnails is not None:
+        cols["thumbnail"] = pa.array(list(thumbnails), type=pa.binary())
+    return pa.table(cols)
+
+
+def _slice(table, start: int, stop: int):
+    """Rows ``start:stop`` of a dataset table, as a table of its own."""
+    meta = table.meta.iloc[start:stop].reset_index(drop=True) if table.meta is not None else None
+    return dataclasses.replace(
+        table,
+        ids=table.ids[start:stop],
+        lat=table.lat[start:stop],
+        lon=table.lon[start:stop],
+        columns={m: v[start:stop] for m, v in table.columns.items()},
+        meta=meta,
+        bad_rows={i - start: r for i, r in table.bad_rows.items() if start <= i < stop},
+    )
+
+
+def _captions(table) -> list[str | None] | None:
+    """The text column, else a caption-like metadata column; None when the dataset has none."""
+    if "text" in table.columns and not getattr(table, "streaming", False):
+        return list(table.columns["text"])
+    meta = getattr(table, "meta", None)
+    if meta is not None:
+        for c in CAPTION_COLUMNS:
+            if c in meta.columns:
+                return [
+                    None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+                    for v in meta[c].tolist()
+                ]
+    return None
+
+
+def thumbnail_bytes(item: Any, size: int) -> bytes | None:
+    """A JPEG thumbnail (longest side ``size`` px) of an image item, or None if it does not decode."""
+    import io
+
+    from geobind.data.errors import BadSampleError
+    from geobind.data.media import load_image
+
+    try:
+        img = load_image(item)
+    except BadSampleError:
+        return None
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+@dataclass
+class _Chunk:
+    rows: np.ndarray  # dataset rows kept (valid), ascending
+    vectors: np.ndarray  # [len(rows), D] float32
+    counts: Counter  # skipped rows per reason
+    captions: dict[int, str | None]  # row -> caption (streamed datasets)
+    thumbnails: dict[int, bytes | None]  # row -> thumbnail
+
+
+def _embed_rows(
+    encoder,
+    data,
+    modality: str,
+    start: int,
+    stop: int,
+    *,
+    batch_size: int,
+    num_workers: int,
+    thumbnail_size: int,
+) -> _Chunk:
+    """Embed rows ``start:stop`` of a table (random access, via ``embed_table``) or of a streamed
+    shard set; bad rows are skipped and counted."""
+    if getattr(data, "streaming", False):
+        return _embed_stream(
+            encoder,
+            data,
+            modality,
+            start,
+            stop,
+            batch_size=batch_size,
+            thumbnail_size=thumbnail_size,
+        )
+    from geobind.binding.cache import embed_table
+
+    sub = _slice(data, start, stop)
+    emb, valid, counts = embed_table(
+        encoder, sub, modality, batch_size=batch_size, num_workers=num_workers
+    )
+    keep = np.flatnonzero(valid.numpy())
+    thumbs: dict[int, bytes | None] = {}
+    if thumbnail_size:
+        for i in keep:
+            thumbs[start + int(i)] = thumbnail_bytes(sub.item(modality, int(i)), thumbnail_size)
+    return _Chunk(keep + start, emb.numpy()[keep], counts, {}, thumbs)
+
+
+def _embed_stream(
+    encoder, data, modality: str, start: int, stop: int, *, batch_size: int, thumbnail_size: int
+) -> _Chunk:
+    import torch
+
+    from geobind.data.errors import BadSampleError
+    from geobind.model import autocast_for
+
+    counts: Counter = Counter()
+    rows: list[int] = []
+    out: list[np.ndarray] = []
+    captions: dict[int, str | None] = {}
+    thumbs: dict[int, bytes | None] = {}
+    batch: list[tuple[int, Any]] = []
+    has_text = "text" in data.columns
+
+    def flush():
+        if batch:
+            with torch.no_grad(), autocast_for(encoder.device):
+                e = encoder(encoder.collate([x for _, x in batch])).float().cpu().numpy()
+            rows.extend(r for r, _ in batch)
+            out.append(e)
+            batch.clear()
+
+    was = encoder.training
+    encoder.eval()
+    try:
+        for row, sample in data.read_rows(np.arange(start, stop)):
+            if isinstance(sample, BadSampleError):
+                counts[sample.reason] += 1
+                continue
+            try:
+                x = data.load(sample, row, modality, lambda item: encoder.load(item, train=False))
+            except BadSampleError as e:
+                counts[e.reason] += 1
+                continue
+            batch.append((row, x))
+            if has_text:
+                try:
+                    captions[row] = data.item(sample, row, "text")
+                except BadSampleError:
+                    captions[row] = None
+            if thumbnail_size:
+                thumbs[row] = thumbnail_bytes(data.item(sample, row, modality), thumbnail_size)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    finally:
+        encoder.train(was)
+    order = np.argsort(rows, kind="stable")
+    vectors = np.concatenate(out)[order] if out else np.zeros((0, encoder.dim), np.float32)
+    return _Chunk(np.asarray(rows, dtype=np.int64)[order], vectors, counts, captions, thumbs)
+
+
+def embed_dataset(
+    model,
+    data: Any,
+    modality: str,
+    out: str | Path,
+    *,
+    layout: str = "manifest",
+    batch_size: int = 64,
+    float16: bool = False,
+    thumbnails: bool | None = None,
+    thumbnail_size: int = 128,
+    chunk_rows: int = 4096,
+    num_workers: int = 0,
+    force: bool = False,
+    progress: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    model_name: str | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Embed ``modality`` of every row of a dataset into ``out`` (Parquet); see the module doc.
+
+    ``data`` is a path read with :func:`geobind.data.manifest.read_dataset` in ``layout``, or
+    an already-read table / shard set. ``thumbnails`` (default: on for image modalities) stores
+    a ``thumbnail_size`` px JPEG per row, which indexes keep and ``geobind serve`` shows.
+    Resumes from ``out``'s parts folder when one from the same model, data and settings exists.
+    ``rank``/``world_size`` default to the ``torch.distributed`` group (one process otherwise).
+    Returns a summary: ``path``, ``rows`` written, ``skipped`` counts per reason.
+    """
+    from geobind import distributed as dist
+    from geobind.data.manifest import read_dataset
+
+    log = log or (lambda *_: None)
+    rank = dist.rank() if rank is None else rank
+    world_size = dist.world_size() if world_size is None else world_size
+    out = Path(out)
+    check_writable(out, force=force)
+    table = read_dataset(data, layout) if isinstance(data, (str, Path)) else data
+    if len(table) == 0:
+        raise ValueError(f"dataset {getattr(table, 'source', data)} has no rows")
+    table.require(modality)
+    encoder = model.encoder(modality)
+    if thumbnails is None:
+        thumbnails = modality in IMAGE_MODALITIES
+    thumb_px = int(thumbnail_size) if thumbnails else 0
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "modality": modality,
+        "dim": model.dim,
+        "dtype": "float16" if float16 else "float32",
+        "model": {
+            "identity": model.identity(modality),
+            "encoder": encoder.type_name,
+            **({"name": str(model_name)} if model_name else {}),
+        },
+        "dataset": {
+            "source": str(table.source),
+            "identity": table.identity,
+            "rows": len(table),
+            "layout": layout,
+        },
+        "chunk_rows": int(chunk_rows),
+        "thumbnail_size": thumb_px,
+    }
+    parts = out.with_name(out.name + ".parts")
+    if rank == 0:
+        _prepare_parts(parts, header, log)
+    dist.barrier()
+
+    n = len(table)
+    chunks = [(c, s, min(s + chunk_rows, n)) for c, s in enumerate(range(0, n, chunk_rows))]
+    mine = [ch for ch in chunks if ch[0] % world_size == rank]
+    todo = [ch for ch in mine if not _part_path(parts, ch[0]).is_file()]
+    if len(todo) < len(mine):
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} chunks already embedded in {parts}")
+    captions = _captions(table)
+    raw_items = None if getattr(table, "streaming", False) else table.columns.get(modality)
+    ids, lat, lon = table.ids, table.lat, table.lon
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"embed {modality}", unit="row")
+    for c, start, stop in todo:
+        ch = _embed_rows(
+            encoder,
+            table,
+            modality,
+            start,
+            stop,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            thumbnail_size=thumb_px,
+        )
+        rows = ch.rows.tolist()
+        vectors = ch.vectors.astype(np.float16 if float16 else np.float32)
+        if captions is not None:
+            caps = [captions[r] for r in rows]
+        elif ch.captions:
+            caps = [ch.captions.get(r) for r in rows]
+        else:
+            caps = None
+        part = _arrow_table(
+            [ids[r] for r in rows],
+            np.asarray([lat[r] for r in rows], np.float64),
+            np.asarray([lon[r] for r in rows], np.float64),
+            vectors,
+            caps,
+            [None if raw_items[r] is None else str(raw_items[r]) for r in rows]
+            if raw_items is not None
+            else None,
+            [ch.thumbnails.get(r) for r in rows] if thumb_px else None,
+        )
+        part = part.replace_schema_metadata({b"bad": json.dumps(dict(ch.counts)).encode()})
+        _write_part(part, _part_path(parts, c))
+        if bar is not None:
+            bar.update(stop - start)
+    if bar is not None:
+        bar.close()
+    dist.barrier()
+    summary: dict[str, Any] = {}
+    error: str | None = None
+    if rank == 0:
+        try:
+            summary = _merge(parts, [c for c, _, _ in chunks], out, header, force=force)
+        except (ValueError, RuntimeError, OSError) as e:
+            if not dist.is_distributed():
+                raise
+            error = f"{type(e).__name__}: {e}"  # handed to every rank, so none waits forever
+        else:
+            shutil.rmtree(parts, ignore_errors=True)
+            skipped = ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) or "none"
+            log(
+                f"embedded {summary['rows']} of {n} rows ({modality}, {header['dtype']}) -> {out}; "
+                f"skipped: {skipped}"
+            )
+    if dist.is_distributed():
+        summary, error = dist.broadcast_object((summary, error))
+        if error:
+            raise RuntimeError(f"rank 0 could not merge the parts: {error}")
+    return summary
+
+
+def _part_path(parts: Path, chunk: int) -> Path:
+    return parts / f"chunk-{chunk:07d}.parquet"
+
+
+def _prepare_parts(parts: Path, header: dict, log) -> None:
+    """Keep a parts folder from the same run (resume); replace one from another run."""
+    marker = parts / "header.json"
+    if parts.is_dir():
+        try:
+            same = json.loads(marker.read_text()) == header
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        log(f"{parts} holds parts of a different model, dataset or setting; starting afresh")
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True)
+    tmp = marker.with_name("header.json.tmp")
+    tmp.write_text(json.dumps(header, indent=2))
+    tmp.replace(marker)
+
+
+def _write_part(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _merge(
+    parts: Path, chunks: list[int], out: Path, header: dict, *, force: bool
+) -> dict[str, Any]:
+    """Stream the parts, in chunk order, into ``out`` with the header in the schema metadata."""
+    import pyarrow.parquet as pq
+
+    missing = [c for c in chunks if not _part_path(parts, c).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} chunks of {parts} are missing (first: {missing[0]}); rerun to resume"
+        )
+    bad: Counter = Counter()
+    rows = 0
+    for c in chunks:
+        f = pq.ParquetFile(_part_path(parts, c))
+        bad.update(json.loads((f.schema_arrow.metadata or {}).get(b"bad", b"{}")))
+        rows += f.metadata.num_rows
+    if rows == 0:
+        shutil.rmtree(parts, ignore_errors=True)
+        reasons = ", ".join(f"{k}: {v}" for k, v in bad.items())
+        raise ValueError(
+            f"no usable rows in {header['dataset']['source']}: every row was skipped ({reasons})"
+        )
+    header = {**header, "rows": rows, "skipped": dict(bad)}
+    with atomic_path(out, force=force) as tmp:
+        writer = None
+        for c in chunks:
+            t = pq.read_table(_part_path(parts, c))
+            t = t.replace_schema_metadata({META_KEY: json.dumps(header).encode()})
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, t.schema)
+            writer.write_table(t.cast(writer.schema))
+        writer.close()
+    return {"path": str(out), "rows": rows, "skipped": dict(bad), "header": header}
+
+
+__all__ = ["Embeddings", "embed_dataset", "read_embeddings", "write_embeddings"]

@@ -1,0 +1,661 @@
+"""Zero-shot maps: the similarity of every raster tile or every place to a query.
+
+Two sources:
+
+* a **raster** (GeoTIFF or any georeferenced image rasterio reads): cut into ``tile_size``
+  pixel tiles every ``stride`` pixels (only whole tiles), each embedded with the satellite
+  encoder. Tiles are read window by window, so rasters larger than memory work. The output
+  grid has one cell per tile, centred on the tile's centre and ``stride`` source pixels wide,
+  in the raster's CRS: ``transform = raster.transform * translation((T - S) / 2) * scale(S)``
+  (with ``stride == tile_size`` a cell is exactly its tile's footprint). Tiles that are entirely
+  nodata get no score.
+* **point embeddings** (``geobind embed`` output or an index): one score per place; the GeoTIFF
+  grids them in EPSG:4326 at ``resolution`` degrees (the mean score of the places in each
+  cell; empty cells are nodata).
+
+Scores (written into every output so a reader knows what they mean):
+
+* ``cosine`` (default): the cosine similarity between the place's embedding and the query's
+  unit vector, in [-1, 1]. Only differences between places matter: absolute values depend on
+  the model and the modality pair.
+* ``softmax`` (when ``prompts`` are given): the probability that the query, rather than one of
+  the prompts, describes the place: ``softmax_j(scale * cos(place, p_j))`` taken at the query,
+  over the set ``[query, *prompts]``; ``scale`` is the model's learned logit scale (CLIP's is
+  100) unless given. Values in [0, 1] that sum to 1 over the set.
+
+Outputs: a float32 GeoTIFF (NaN nodata, the query and score kind in its tags), a PNG with a
+colour bar and the query in the title, and a CSV of per-tile (or per-place) lat, lon and score.
+Each is written atomically and never overwrites an existing file without ``force``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from geobind.search.common import atomic_path, check_writable
+
+GEO_HINT = "pip install 'geobind[geo]'"
+SCORE_LABELS = {
+    "cosine": "cosine similarity to the query",
+    "softmax": "P(query | place), softmax over the query and {n} prompts",
+}
+CHUNK_ROWS = 262_144
+
+
+def import_rasterio():
+    """Import rasterio or raise an error naming the extra that installs it."""
+    try:
+        import rasterio
+    except ImportError:
+        raise ImportError(f"raster maps and GeoTIFF output need rasterio: {GEO_HINT}") from None
+    return rasterio
+
+
+# -- scores ----------------------------------------------------------------------------------
+def score_matrix(vectors, queries, *, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """Cosine scores ``[N, Q]`` (float32) of ``N`` unit vectors against ``Q`` unit queries, in
+    chunks of rows (float16 vectors are widened chunk by chunk)."""
+    from geobind.search.index import _as_f32_tensor
+
+    q = _as_f32_tensor(queries)
+    if q.ndim == 1:
+        q = q[None]
+    n = vectors.shape[0]
+    if isinstance(vectors, torch.Tensor) and vectors.dtype == torch.float32:
+        return (vectors @ q.T).numpy()
+    out = np.empty((n, q.shape[0]), dtype=np.float32)
+    for start in range(0, n, chunk_rows):
+        block = _as_f32_tensor(vectors[start : start + chunk_rows])
+        out[start : start + block.shape[0]] = (block @ q.T).numpy()
+    return out
+
+
+def scores(vectors, query, *, prompts=None, scale: float = 100.0) -> tuple[np.ndarray, str]:
+    """Per-row scores of ``vectors`` for one query vector: ``(scores [N], kind)``.
+
+    Without ``prompts``: cosine similarity. With ``prompts`` (unit vectors ``[P, D]``): the
+    softmax probability of the query over ``[query, *prompts]`` at logit scale ``scale``."""
+    q = torch.as_tensor(np.asarray(query, dtype=np.float32)).reshape(1, -1)
+    if prompts is None or len(prompts) == 0:
+        return score_matrix(vectors, q)[:, 0], "cosine"
+    p = torch.as_tensor(np.asarray(prompts, dtype=np.float32)).reshape(-1, q.shape[1])
+    logits = torch.from_numpy(score_matrix(vectors, torch.cat([q, p]))) * float(scale)
+    return torch.softmax(logits, dim=1)[:, 0].numpy(), "softmax"
+
+
+# -- result ----------------------------------------------------------------------------------
+@dataclass
+class MapResult:
+    """A map: a grid of scores with its georeferencing, plus the per-tile/per-place table."""
+
+    # [rows, cols] float32 scores; NaN where there is no data.
+    values: np.ndarray
+    # Affine transform of the grid (rasterio / GDAL convention: pixel -> CRS coordinates).
+    transform: Any
+    # CRS of the grid (a rasterio CRS or an "EPSG:4326"-style string).
+    crs: Any
+    # The query in words ('"forest" + audio rain.wav').
+    query: str
+    # "cosine" or "softmax" (see the module doc).
+    score: str
+    # Per tile: row, col, x, y, lat, lon, score; per place: id, lat, lon, score.
+    table: pd.DataFrame
+    # "raster" or "points".
+    source: str
+    # Number of prompts the softmax ran over (0 for cosine).
+    n_prompts: int = 0
+    # Files written by :meth:`write` (kind -> path).
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def score_label(self) -> str:
+        return SCORE_LABELS[self.score].format(n=self.n_prompts)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(west, south, east, north)`` of the grid in its CRS."""
+        t = self.transform
+        rows, cols = self.values.shape
+        xs = [t.c, t.c + t.a * cols]
+        ys = [t.f, t.f + t.e * rows]
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def bounds_latlon(self) -> tuple[float, float, float, float]:
+        """``(west, south, east, north)`` in degrees (EPSG:4326), e.g. for a web map overlay."""
+        if _is_4326(self.crs):
+            return self.bounds
+        from rasterio.warp import transform_bounds
+
+        return tuple(transform_bounds(self.crs, "EPSG:4326", *self.bounds))
+
+    def write(
+        self,
+        tif: str | Path | None = None,
+        *,
+        png: str | Path | None = None,
+        csv: str | Path | None = None,
+        force: bool = False,
+    ) -> dict[str, Path]:
+        """Write the GeoTIFF, PNG and CSV that are named (each atomic; none is overwritten
+        without ``force``, and all are checked before any is written)."""
+        check_writable(tif, png, csv, force=force)
+        if tif is not None:
+            self.paths["tif"] = write_geotiff(self, tif, force=force)
+        if png is not None:
+            self.paths["png"] = write_png(self, png, force=force)
+        if csv is not None:
+            self.paths["csv"] = write_csv(self, csv, force=force)
+        return dict(self.paths)
+
+    def overlay_png(
+        self, *, cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None
+    ) -> bytes:
+        """The grid as a bare RGBA PNG (no axes; nodata transparent), north up: an overlay for a
+        web map over :meth:`bounds_latlon` (exact for EPSG:4326 grids)."""
+        from matplotlib import colormaps
+        from PIL import Image
+
+        v = self.values
+        lo, hi = _limits(v, vmin, vmax)
+        norm = np.clip((v - lo) / (hi - lo), 0, 1)
+        rgba = (colormaps[cmap](np.nan_to_num(norm)) * 255).astype(np.uint8)
+        rgba[..., 3] = np.where(np.isfinite(v), 210, 0)
+        buf = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def _is_4326(crs) -> bool:
+    if isinstance(crs, str):
+        return crs.upper() == "EPSG:4326"
+    try:
+        return crs.to_epsg() == 4326
+    except Exception:
+        return False
+
+
+def _limits(v: np.ndarray, vmin, vmax) -> tuple[float, float]:
+    finite = v[np.isfinite(v)]
+    lo = float(finite.min()) if vmin is None and finite.size else float(vmin or 0.0)
+    hi = (
+        float(finite.max())
+        if vmax is None and finite.size
+        else float(vmax if vmax is not None else 1.0)
+    )
+    if hi <= lo:
+        hi = lo + 1e-6
+    return lo, hi
+
+
+# -- writers ---------------------------------------------------------------------------------
+def write_geotiff(result: MapResult, path: str | Path, *, force: bool = False) -> Path:
+    """One float32 band (NaN nodata) in the map's CRS and transform; tags record the query and
+    what the scores mean."""
+    rasterio = import_rasterio()
+    rows, cols = result.values.shape
+    profile = {
+        "driver": "GTiff",
+        "height": rows,
+        "width": cols,
+        "count": 1,
+        "dtype": "float32",
+        "crs": result.crs,
+        "transform": result.transform,
+        "nodata": float("nan"),
+        "compress": "deflate",
+    }
+    with atomic_path(path, force=force) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(result.values.astype(np.float32), 1)
+            dst.update_tags(
+                query=result.query,
+                score=result.score,
+                score_meaning=result.score_label,
+                source=result.source,
+                software="geobind",
+            )
+            dst.set_band_description(1, f"{result.score}: {result.query}")
+    return Path(path)
+
+
+def write_csv(result: MapResult, path: str | Path, *, force: bool = False) -> Path:
+    """Per-tile or per-place rows with lat, lon and score (higher = more like the query)."""
+    with atomic_path(path, force=force) as tmp:
+        result.table.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(path)
+
+
+def write_png(
+    result: MapResult, path: str | Path, *, force: bool = False, cmap: str = "viridis"
+) -> Path:
+    """A figure: the map with a colour bar naming the score, the query in the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    west, south, east, north = result.bounds
+    aspect = (north - south) / max(east - west, 1e-9)
+    fig = Figure(figsize=(9, max(3.0, min(9.0, 7.5 * aspect)) + 1.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    lo, hi = _limits(result.values, None, None)
+    t = result.table
+    if result.source == "points" and len(t) <= 50_000:
+        size = max(2.0, min(40.0, 20000.0 / max(len(t), 1)))
+        art = ax.scatter(
+            t["lon"], t["lat"], c=t["score"], s=size, cmap=cmap, vmin=lo, vmax=hi, linewidths=0
+        )
+        pad = 0.03 * max(east - west, north - south)
+        ax.set_xlim(west - pad, east + pad)
+        ax.set_ylim(south - pad, north + pad)
+    else:
+        art = ax.imshow(
+            np.ma.masked_invalid(result.values),
+            extent=(west, east, south, north),
+            cmap=cmap,
+            vmin=lo,
+            vmax=hi,
+            interpolation="nearest",
+            origin="upper",
+        )
+    if _is_4326(result.crs):
+        ax.set_xlabel("longitude (°)")
+        ax.set_ylabel("latitude (°)")
+        ax.set_aspect("equal")
+    else:
+        ax.set_xlabel(f"x ({_crs_name(result.crs)})")
+        ax.set_ylabel(f"y ({_crs_name(result.crs)})")
+        ax.ticklabel_format(useOffset=False, style="plain")
+        ax.set_aspect("equal")
+    cb = fig.colorbar(art, ax=ax, shrink=0.85)
+    cb.set_label(result.score_label)
+    title = f"GeoBind map: {result.query}"
+    title = title if len(title) < 100 else title[:97] + "..."
+    what = f"{len(t)} {'raster tiles' if result.source == 'raster' else 'places'}"
+    ax.set_title(f"{title}\n{what}", fontsize=11)
+    with atomic_path(path, force=force) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    return Path(path)
+
+
+def _crs_name(crs) -> str:
+    try:
+        epsg = crs.to_epsg()
+        return f"EPSG:{epsg}" if epsg else "CRS"
+    except Exception:
+        return str(crs)
+
+
+# -- raster maps -----------------------------------------------------------------------------
+def tile_grid(width: int, height: int, tile_size: int, stride: int) -> tuple[int, int]:
+    """``(rows, cols)`` of whole tiles of ``tile_size`` px every ``stride`` px."""
+    if tile_size < 1 or stride < 1:
+        raise ValueError("tile size and stride must be positive")
+    if width < tile_size or height < tile_size:
+        raise ValueError(
+            f"the raster ({width} x {height} px) is smaller than one tile ({tile_size} px)"
+        )
+    return (height - tile_size) // stride + 1, (width - tile_size) // stride + 1
+
+
+def open_georeferenced(path: str | Path):
+    """Open a raster with rasterio; an error naming the problem when it has no georeferencing."""
+    rasterio = import_rasterio()
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"raster {path} does not exist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        try:
+            src = rasterio.open(path)
+        except RasterioIOError as e:
+            raise ValueError(f"raster {path} cannot be read: {e}") from None
+    if src.crs is None or src.transform.is_identity:
+        src.close()
+        missing = "a CRS" if src.crs is None else "a geotransform"
+        raise ValueError(
+            f"raster {path} has no georeferencing (it lacks {missing}); a map needs a georeferenced "
+            "raster such as a GeoTIFF with a CRS (assign one with `gdal_translate -a_srs ... -a_ullr ...`)"
+        )
+    return src
+
+
+def _scaler(src, bands: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """Map raw band values to uint8: unchanged for 8-bit rasters; otherwise a 2-98 percentile
+    stretch per band, estimated once from a decimated read of the whole raster (so every tile
+    is scaled the same way)."""
+    if all(src.dtypes[b - 1] == "uint8" for b in bands):
+        return lambda x: x
+    scale = max(1, int(np.ceil(max(src.width, src.height) / 1024)))
+    small = src.read(
+        list(bands),
+        out_shape=(len(bands), max(1, src.height // scale), max(1, src.width // scale)),
+        masked=True,
+    ).astype(np.float64)
+    lo, hi = [], []
+    for b in range(len(bands)):
+        v = small[b].compressed()
+        v = v[np.isfinite(v)]
+        lo.append(np.percentile(v, 2) if v.size else 0.0)
+        hi.append(np.percentile(v, 98) if v.size else 1.0)
+    lo_a = np.array(lo)[:, None, None]
+    span = np.maximum(np.array(hi)[:, None, None] - lo_a, 1e-12)
+    return lambda x: np.clip((x.astype(np.float64) - lo_a) / span * 255.0, 0, 255).astype(np.uint8)
+
+
+def _bands(src, bands: Sequence[int] | None) -> list[int]:
+    if bands:
+        bad = [b for b in bands if not 1 <= b <= src.count]
+        if bad:
+            raise ValueError(f"band(s) {bad} out of range: the raster has {src.count} band(s)")
+        return list(bands)
+    if src.count >= 3:
+        return [1, 2, 3]
+    return [1]
+
+
+def raster_tiles(src, tile_size: int, stride: int, bands: Sequence[int] | None = None):
+    """Yield ``(row, col, tile)`` for every whole tile, ``tile`` an ``H x W x 3`` uint8 array or
+    ``None`` when the tile is entirely nodata. Reads one window per tile."""
+    from rasterio.windows import Window
+
+    bands = _bands(src, bands)
+    rows, cols = tile_grid(src.width, src.height, tile_size, stride)
+    to8 = _scaler(src, bands)
+    for r in range(rows):
+        for c in range(cols):
+            w = Window(c * stride, r * stride, tile_size, tile_size)
+            data = src.read(bands, window=w, masked=True)
+            if np.ma.getmaskarray(data).all():
+                yield r, c, None
+                continue
+            arr = to8(np.ma.filled(data, 0))
+            if arr.shape[0] == 1:
+                arr = np.repeat(arr, 3, axis=0)
+            yield r, c, np.ascontiguousarray(arr.transpose(1, 2, 0))
+
+
+def tile_transform(t, tile_size: int, stride: int):
+    """The output grid's transform: ``t * translation((T - S) / 2) * scale(S)``: cell (r, c) is
+    centred on tile (r, c)'s centre and ``stride`` source pixels wide."""
+    from affine import Affine  # installed with rasterio, which raster maps need anyway
+
+    off = (tile_size - stride) / 2.0
+    return Affine(
+        t.a * stride,
+        t.b * stride,
+        t.c + (t.a + t.b) * off,
+        t.d * stride,
+        t.e * stride,
+        t.f + (t.d + t.e) * off,
+    )
+
+
+def map_raster(
+    model,
+    query,
+    raster: str | Path,
+    tile_size: int,
+    stride: int | None = None,
+    *,
+    modality: str = "satellite",
+    bands: Sequence[int] | None = None,
+    prompts=None,
+    scale: float = 100.0,
+    label: str = "",
+    batch_size: int = 32,
+    progress: bool = False,
+) -> MapResult:
+    """Score every tile of ``raster`` against the unit query vector ``query``; see the module
+    doc for the grid, the transform and the scores."""
+    stride = int(stride or tile_size)
+    tile_size = int(tile_size)
+    src = open_georeferenced(raster)
+    try:
+        rows, cols = tile_grid(src.width, src.height, tile_size, stride)
+        values = np.full((rows, cols), np.nan, dtype=np.float32)
+        flat = values.reshape(-1)  # a view: tiles are scored batch by batch, never all held
+        kind = "cosine" if prompts is None or len(prompts) == 0 else "softmax"
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=rows * cols, desc=f"map {modality} tiles", unit="tile")
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush():
+            if pending:
+                e = model.embed(modality, [t for _, t in pending], batch_size=batch_size)
+                flat[[i for i, _ in pending]] = scores(e, query, prompts=prompts, scale=scale)[0]
+                if bar is not None:
+                    bar.update(len(pending))
+                pending.clear()
+
+        for r, c, tile in raster_tiles(src, tile_size, stride, bands):
+            if tile is None:
+                if bar is not None:
+                    bar.update(1)
+                continue
+            pending.append((r * cols + c, tile))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        if bar is not None:
+            bar.close()
+        transform = tile_transform(src.transform, tile_size, stride)
+        rr, cc = np.divmod(np.arange(rows * cols), cols)
+        t = src.transform
+        px, py = (
+            cc * stride + tile_size / 2.0,
+            rr * stride + tile_size / 2.0,
+        )  # tile centres (pixels)
+        xs, ys = t.a * px + t.b * py + t.c, t.d * px + t.e * py + t.f
+        lon, lat = _to_latlon(src.crs, xs, ys)
+        table = pd.DataFrame(
+            {"row": rr, "col": cc, "lat": lat, "lon": lon, "x": xs, "y": ys, "score": flat}
+        )
+        crs = src.crs
+    finally:
+        src.close()
+    return MapResult(
+        values,
+        transform,
+        crs,
+        label or "query",
+        kind,
+        table,
+        "raster",
+        n_prompts=0 if prompts is None else len(prompts),
+    )
+
+
+def _to_latlon(crs, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if _is_4326(crs):
+        return xs, ys
+    from rasterio.warp import transform
+
+    lon, lat = transform(crs, "EPSG:4326", xs.tolist(), ys.tolist())
+    return np.asarray(lon), np.asarray(lat)
+
+
+def _affine(a: float, b: float, c: float, d: float, e: float, f: float):
+    """An ``affine.Affine`` (installed with rasterio); a plain stand-in without it, so point maps
+    still give their PNG and CSV when the geo extra is not installed."""
+    try:
+        from affine import Affine
+
+        return Affine(a, b, c, d, e, f)
+    except ImportError:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(a=a, b=b, c=c, d=d, e=e, f=f)
+
+
+# -- point maps ------------------------------------------------------------------------------
+def auto_resolution(lat: np.ndarray, lon: np.ndarray, max_cells: int = 2048) -> float:
+    """A grid step in degrees for point maps: the spacing of the points when they lie on a
+    regular grid (the median gap between distinct coordinates), never finer than
+    ``span / max_cells``."""
+    steps = []
+    spans = []
+    for v in (np.asarray(lat), np.asarray(lon)):
+        u = np.unique(np.round(v, 6))
+        spans.append(float(u[-1] - u[0]) if u.size else 0.0)
+        if u.size > 1:
+            steps.append(float(np.median(np.diff(u))))
+    span = max(spans)
+    if not steps or span == 0:
+        return 1.0
+    res = min(steps)
+    return float(max(res, span / max_cells))
+
+
+def map_points(
+    vectors,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    ids: Sequence[str],
+    query,
+    *,
+    resolution: float | None = None,
+    prompts=None,
+    scale: float = 100.0,
+    label: str = "",
+) -> MapResult:
+    """Score every place against the unit query vector ``query``; grid the scores in EPSG:4326
+    at ``resolution`` degrees (mean per cell; default :func:`auto_resolution`)."""
+    q = np.asarray(query, dtype=np.float32).reshape(1, -1)
+    return map_points_many(
+        vectors,
+        lat,
+        lon,
+        ids,
+        q,
+        labels=[label or "query"],
+        resolution=resolution,
+        prompts=prompts,
+        scale=scale,
+    )[0]
+
+
+def map_points_many(
+    vectors,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    ids: Sequence[str],
+    queries,
+    *,
+    labels: Sequence[str] | None = None,
+    resolution: float | None = None,
+    prompts=None,
+    scale: float = 100.0,
+) -> list[MapResult]:
+    """One map per row of ``queries`` ``[Q, D]`` over the same places: the vectors are read once
+    (one ``[N, Q]`` matrix product) and the places are assigned to grid cells once."""
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    if len(lat) == 0:
+        raise ValueError("no places to map: the embeddings are empty")
+    q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+    q = q.reshape(-1, q.shape[-1])
+    nq = q.shape[0]
+    labels = list(labels) if labels is not None else [f"query {i + 1}" for i in range(nq)]
+    n_prompts = 0 if prompts is None else len(prompts)
+    if n_prompts:
+        p = torch.as_tensor(np.asarray(prompts, dtype=np.float32)).reshape(n_prompts, -1)
+        cos = torch.from_numpy(score_matrix(vectors, torch.cat([q, p])))
+        all_scores = [
+            torch.softmax(torch.cat([cos[:, i : i + 1], cos[:, nq:]], dim=1) * float(scale), dim=1)[
+                :, 0
+            ].numpy()
+            for i in range(nq)
+        ]
+        kind = "softmax"
+    else:
+        m = score_matrix(vectors, q)
+        all_scores = [m[:, i] for i in range(nq)]
+        kind = "cosine"
+    res = float(resolution or auto_resolution(lat, lon))
+    if res <= 0:
+        raise ValueError("resolution must be positive")
+    west, north = lon.min() - res / 2, lat.max() + res / 2
+    cols = max(1, int(np.ceil((lon.max() + res / 2 - west) / res - 1e-9)))
+    rows = max(1, int(np.ceil((north - (lat.min() - res / 2)) / res - 1e-9)))
+    c = np.clip(np.floor((lon - west) / res).astype(np.int64), 0, cols - 1)
+    r = np.clip(np.floor((north - lat) / res).astype(np.int64), 0, rows - 1)
+    cell = r * cols + c
+    count = np.bincount(cell, minlength=rows * cols)
+    transform = _affine(res, 0.0, west, 0.0, -res, north)
+    id_col = np.asarray(ids, dtype=object)
+    out = []
+    for label, sc in zip(labels, all_scores):
+        total = np.bincount(cell, weights=sc, minlength=rows * cols)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = (total / count).astype(np.float32).reshape(rows, cols)
+        table = pd.DataFrame({"id": id_col, "lat": lat, "lon": lon, "score": sc}, copy=False)
+        out.append(
+            MapResult(
+                values, transform, "EPSG:4326", label, kind, table, "points", n_prompts=n_prompts
+            )
+        )
+    return out
+
+
+def default_outputs(out: str | Path) -> dict[str, Path]:
+    """``map.tif`` -> ``{"tif": map.tif, "png": map.png, "csv": map.csv}``."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix.lower() in (".tif", ".tiff") else out
+    return {
+        "tif": out if out.suffix else out.with_suffix(".tif"),
+        "png": stem.with_suffix(".png"),
+        "csv": stem.with_suffix(".csv"),
+    }
+
+
+def describe(result: MapResult) -> str:
+    """A short summary for the command line: the query, what the scores mean, their range and
+    the best tile or place."""
+    v = result.values[np.isfinite(result.values)]
+    lines = [f"query: {result.query}", f"score: {result.score_label}"]
+    lines.append(
+        f"scores: min {v.min():.4f}, mean {v.mean():.4f}, max {v.max():.4f}"
+        if v.size
+        else "scores: no data"
+    )
+    t = result.table[np.isfinite(result.table["score"])]
+    if len(t):
+        b = t.loc[t["score"].idxmax()]
+        where = (
+            f"id {b['id']}, " if "id" in t else f"tile row {int(b['row'])} col {int(b['col'])}, "
+        )
+        lines.append(f"best: {where}lat {b['lat']:.4f}, lon {b['lon']:.4f}, score {b['score']:.4f}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "MapResult",
+    "auto_resolution",
+    "default_outputs",
+    "map_points",
+    "map_points_many",
+    "map_raster",
+    "open_georeferenced",
+    "raster_tiles",
+    "score_matrix",
+    "scores",
+    "tile_grid",
+    "tile_transform",
+    "write_csv",
+    "write_geotiff",
+    "write_png",
+]

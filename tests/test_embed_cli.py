@@ -1,0 +1,336 @@
+"""``geobind embed``: Parquet output equal to direct embedding, float16, resuming after an
+interruption, per-rank parts, bad and empty datasets, no overwrite, and --help everywhere."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from space_helpers import saved_space
+
+from geobind import GeoBind
+from geobind.cli import main
+from geobind.data.manifest import read_dataset
+from geobind.search import embed as embed_mod
+from geobind.search import embed_dataset, read_embeddings
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_data, tmp_path_factory):
+    return saved_space(tiny_data, tmp_path_factory.mktemp("embed"))
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return GeoBind.from_pretrained(model_dir)
+
+
+def test_embed_cli_writes_ids_coordinates_and_unit_embeddings(
+    model, model_dir, tiny_data, tmp_path, capsys
+):
+    out = tmp_path / "sat.parquet"
+    rc = main(
+        [
+            "embed",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(tiny_data["test"]),
+            "--modality",
+            "satellite",
+            "--out",
+            str(out),
+            "--chunk-rows",
+            "5",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert "embedded 12 of 12 rows" in capsys.readouterr().out
+    emb = read_embeddings(out)
+    table = read_dataset(tiny_data["test"])
+    assert (
+        emb.ids == table.ids and np.allclose(emb.lat, table.lat) and np.allclose(emb.lon, table.lon)
+    )
+    assert emb.vectors.dtype == np.float32 and emb.vectors.shape == (12, 32)
+    direct = model.embed("satellite", table.columns["satellite"])
+    np.testing.assert_allclose(emb.vectors, direct.numpy(), atol=1e-6)
+    assert np.allclose(np.linalg.norm(emb.vectors, axis=1), 1, atol=1e-5)
+    assert emb.header["model"]["identity"] == model.identity("satellite")
+    assert emb.modality == "satellite" and emb.dim == 32
+    assert emb.captions == table.columns["text"]  # captions come along for the explorer
+    assert emb.items == table.columns["satellite"]
+    assert all(t[:2] == b"\xff\xd8" for t in emb.thumbnails)
+    assert not (tmp_path / "sat.parquet.parts").exists()
+
+
+def test_float16_and_text_modality(model, tiny_data, tmp_path):
+    embed_dataset(model, tiny_data["test"], "text", tmp_path / "t.parquet", float16=True, log=None)
+    emb = read_embeddings(tmp_path / "t.parquet")
+    assert emb.vectors.dtype == np.float16 and emb.thumbnails is None
+    direct = model.embed("text", read_dataset(tiny_data["test"]).columns["text"]).numpy()
+    np.testing.assert_allclose(emb.vectors.astype(np.float32), direct, atol=2e-3)
+    assert pq.read_schema(tmp_path / "t.parquet").field("embedding").type.value_type == "halffloat"
+
+
+def test_resume_after_interruption_embeds_only_missing_chunks(
+    model, tiny_data, tmp_path, monkeypatch
+):
+    out = tmp_path / "sat.parquet"
+    real = embed_mod._embed_rows
+    calls = []
+
+    def flaky(encoder, data, modality, start, stop, **kw):
+        calls.append(start)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third chunk
+        return real(encoder, data, modality, start, stop, **kw)
+
+    monkeypatch.setattr(embed_mod, "_embed_rows", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        embed_dataset(model, tiny_data["test"], "satellite", out, chunk_rows=3, log=None)
+    parts = tmp_path / "sat.parquet.parts"
+    assert sorted(p.name for p in parts.glob("chunk-*")) == [
+        "chunk-0000000.parquet",
+        "chunk-0000001.parquet",
+    ]
+    assert not out.exists()
+    calls.clear()
+    said = []
+    embed_dataset(model, tiny_data["test"], "satellite", out, chunk_rows=3, log=said.append)
+    assert calls == [6, 9]  # only the chunks that were not done
+    assert "resuming: 2 of 4 chunks" in said[0]
+    monkeypatch.setattr(embed_mod, "_embed_rows", real)
+    embed_dataset(
+        model, tiny_data["test"], "satellite", tmp_path / "ref.parquet", chunk_rows=3, log=None
+    )
+    a, b = read_embeddings(out), read_embeddings(tmp_path / "ref.parquet")
+    assert a.ids == b.ids and np.array_equal(a.vectors, b.vectors)
+
+
+def test_parts_of_another_model_are_not_reused(model, tiny_data, tmp_path):
+    parts = tmp_path / "sat.parquet.parts"
+    parts.mkdir()
+    (parts / "header.json").write_text(json.dumps({"model": "something else"}))
+    (parts / "chunk-0000000.parquet").write_text("stale")
+    said = []
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "sat.parquet", log=said.append)
+    assert "different model" in said[0]
+    assert len(read_embeddings(tmp_path / "sat.parquet")) == 12
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_each_rank_embeds_its_share_and_rank0_merges(model, tiny_data, tmp_path, monkeypatch):
+    """Ranks simulated one after another in this process: rank 0 prepares the parts folder and
+    embeds chunks 0 and 2 (stopped at the barrier before merging), rank 1 embeds chunks 1 and 3
+    and does not merge, rank 0 runs again, finds its chunks done and merges all four."""
+    from geobind import distributed
+
+    out, parts = tmp_path / "sat.parquet", tmp_path / "sat.parquet.parts"
+    n_barriers = []
+
+    def barrier():
+        n_barriers.append(1)
+        if len(n_barriers) == 2:
+            raise _Stop
+
+    monkeypatch.setattr(distributed, "barrier", barrier)
+    kw = {"chunk_rows": 3, "world_size": 2, "log": None}
+    with pytest.raises(_Stop):
+        embed_dataset(model, tiny_data["test"], "satellite", out, rank=0, **kw)
+    assert sorted(p.name for p in parts.glob("chunk-*")) == [
+        "chunk-0000000.parquet",
+        "chunk-0000002.parquet",
+    ]
+    assert embed_dataset(model, tiny_data["test"], "satellite", out, rank=1, **kw) == {}
+    assert not out.exists()
+    assert len(list(parts.glob("chunk-*"))) == 4
+    summary = embed_dataset(model, tiny_data["test"], "satellite", out, rank=0, **kw)
+    assert summary["rows"] == 12 and not parts.exists()
+    table = read_dataset(tiny_data["test"])
+    emb = read_embeddings(out)
+    assert emb.ids == table.ids
+    np.testing.assert_allclose(
+        emb.vectors, model.embed("satellite", table.columns["satellite"]).numpy(), atol=1e-6
+    )
+
+
+def test_embed_under_torchrun(model_dir, tiny_data, tmp_path):
+    """The real thing: two CPU processes (gloo) under torchrun, one output equal to one process."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tr.parquet"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "geobind",
+        "embed",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(tiny_data["test"]),
+        "--modality",
+        "satellite",
+        "--out",
+        str(out),
+        "--chunk-rows",
+        "3",
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("embedded 12 of 12 rows") == 1  # rank 0 merges and reports
+    single = tmp_path / "one.parquet"
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(tiny_data["test"]),
+                "--modality",
+                "satellite",
+                "--out",
+                str(single),
+                "--chunk-rows",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    a, b = read_embeddings(out), read_embeddings(single)
+    assert a.ids == b.ids
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
+
+
+def test_bad_rows_are_skipped_and_counted(model, tiny_data, tmp_path):
+    df = pd.read_csv(tiny_data["test"])
+    df["satellite"] = [str(tiny_data["root"] / p) for p in df["satellite"]]
+    df.loc[1, "satellite"] = str(tmp_path / "missing.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    df.loc[2, "satellite"] = str(tmp_path / "broken.png")
+    df.loc[3, "lat"] = 123.0
+    df.to_csv(tmp_path / "m.csv", index=False)
+    s = embed_dataset(model, tmp_path / "m.csv", "satellite", tmp_path / "e.parquet", log=None)
+    assert s["rows"] == 9
+    assert s["skipped"] == {"missing": 1, "undecodable": 1, "bad-coordinates": 1}
+    emb = read_embeddings(tmp_path / "e.parquet")
+    assert emb.header["skipped"] == s["skipped"]
+    assert df["id"][1] not in emb.ids and df["id"][0] in emb.ids
+
+
+def test_empty_or_unusable_dataset_is_an_error(model, tiny_data, tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("id,lat,lon,satellite\n")
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                "x",
+                "--data",
+                str(tmp_path / "empty.csv"),
+                "--modality",
+                "satellite",
+                "--out",
+                str(tmp_path / "e.parquet"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "x does not exist" in err or "has no rows" in err
+    with pytest.raises(ValueError, match="has no rows"):
+        embed_dataset(model, tmp_path / "empty.csv", "satellite", tmp_path / "e.parquet", log=None)
+    (tmp_path / "allbad.csv").write_text(
+        "id,lat,lon,satellite\na,1.5,2.5,nope.png\nb,3.5,4.5,nope2.png\n"
+    )
+    with pytest.raises(ValueError, match=r"no usable rows .* every row was skipped \(missing: 2\)"):
+        embed_dataset(model, tmp_path / "allbad.csv", "satellite", tmp_path / "e.parquet", log=None)
+    assert not (tmp_path / "e.parquet").exists() and not (tmp_path / "e.parquet.parts").exists()
+    with pytest.raises(ValueError, match="no 'audio' column"):
+        embed_dataset(model, tiny_data["stage1"], "audio", tmp_path / "a.parquet", log=None)
+
+
+def test_embed_never_overwrites_without_force(model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "e.parquet"
+    out.write_text("precious")
+    args = [
+        "embed",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(tiny_data["test"]),
+        "--modality",
+        "text",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(args) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_text() == "precious"
+    assert main(args + ["--force"]) == 0
+    assert len(read_embeddings(out)) == 12
+
+
+def test_embeddings_of_another_model_are_refused_by_maps(model, tiny_data, tmp_path):
+    from space_helpers import perturbed_copy
+
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "e.parquet", log=None)
+    with pytest.raises(ValueError, match="made with another model"):
+        perturbed_copy(model).map(text="x", embeddings=tmp_path / "e.parquet")
+
+
+@pytest.mark.parametrize(
+    "argv", [["embed"], ["index"], ["index", "build"], ["index", "info"], ["search"], ["map"]]
+)
+def test_every_command_has_help_with_examples(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_identity_cache_follows_in_place_updates(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    before = m.identity("satellite")
+    with torch.no_grad():
+        next(m.encoder("satellite").parameters()).mul_(1.5)
+    assert m.identity("satellite") != before
+
+
+def test_embed_streamed_shards_equals_manifest(model, tiny_data, tmp_path):
+    """WebDataset shards are streamed chunk by chunk (no random access) to the same output."""
+    from geobind.data.pack import pack
+
+    pack(
+        tiny_data["test"],
+        tmp_path / "shards",
+        shard_size=5,
+        image_size=32,
+        image_format="png",
+        progress=False,
+        log=None,
+    )
+    embed_dataset(
+        model, tmp_path / "shards", "satellite", tmp_path / "s.parquet", chunk_rows=4, log=None
+    )
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "m.parquet", log=None)
+    a, b = read_embeddings(tmp_path / "s.parquet"), read_embeddings(tmp_path / "m.parquet")
+    assert a.ids == b.ids and a.captions == b.captions
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
+    assert all(t[:2] == b"\xff\xd8" for t in a.thumbnails)

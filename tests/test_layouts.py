@@ -1,0 +1,189 @@
+"""The published layouts (Sat2Cap shards, SoundingEarth, GeoTIFF tiles), read from fixtures
+generated here, and configs of the two published layouts trained end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from fixtures import TINY_CLIP
+from layout_fixtures import make_geotiff, make_sat2cap, make_soundingearth
+from test_model import build_space
+
+from geobind.binding.cache import embed_table
+from geobind.cli import main
+from geobind.data import shards as shards_mod
+from geobind.data.check import check_dataset
+from geobind.data.manifest import Table, read_dataset
+from geobind.data.shards import ShardSet
+from geobind.encoders.audio import tiny_clap_audio_spec
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
+
+
+@pytest.fixture(scope="module")
+def sat2cap(tmp_path_factory):
+    return make_sat2cap(tmp_path_factory.mktemp("sat2cap"))
+
+
+@pytest.fixture(scope="module")
+def soundingearth(tmp_path_factory):
+    return make_soundingearth(tmp_path_factory.mktemp("soundingearth"))
+
+
+def test_sat2cap_shards_use_keys_as_ids_and_metadata_coordinates(sat2cap, monkeypatch):
+    data = read_dataset(sat2cap, "sat2cap")
+    assert isinstance(data, ShardSet) and len(data) == 36 and len(data.urls) == 4
+    assert set(data.columns) == {"satellite", "ground"}
+    assert data.ids[:2] == ["9000000", "9000037"]
+    assert all(-60 <= a <= 60 for a in data.lat) and data.bad_rows == {}
+    assert data.meta["date_taken"].iloc[0] == "2012-01-10 12:00:00.0"
+    # The index was built once and cached: a second open reads no tar, and a brace pattern of the
+    # same shards is the same set.
+    monkeypatch.setattr(shards_mod, "build_index", lambda *a, **k: pytest.fail("re-indexed"))
+    again = read_dataset(str(sat2cap / "yfcc-{0000..0003}.tar"), "sat2cap")
+    assert again.ids == data.ids and again.identity == data.identity
+    # Read with GeoBind's own keys the members are not found, and the error says which it expected.
+    monkeypatch.undo()
+    wrong = read_dataset(sat2cap, "shards")
+    with pytest.raises(ValueError, match="satellite.jpg"):
+        wrong.require("satellite")
+
+
+def test_soundingearth_table_follows_the_published_layout(soundingearth):
+    t = read_dataset(soundingearth, "soundingearth")
+    assert isinstance(t, Table) and len(t) == 32 and t.bad_rows == {}
+    root = soundingearth.parent
+    assert t.ids[0] == "100"
+    assert t.columns["satellite"][0] == str(root / "images/googleEarth/100.jpg")
+    assert t.columns["audio"][0] == str(root / "raw_audio/aporee_0000_1000/rec_0000.mp3")
+    assert t.columns["text"][1] == "the sound of a desert at dawn"
+    assert {"caption", "address", "long_key", "mp3name"} <= set(t.meta.columns)
+    # The folder works too; options pick another image set and caption column.
+    (root / "images/sentinel").mkdir(exist_ok=True)
+    t2 = read_dataset(root, "soundingearth", image="images/sentinel/{key}.jpeg", text="caption")
+    assert t2.columns["satellite"][3] == str(root / "images/sentinel/103.jpeg")
+    assert t2.columns["text"][0].startswith("This is a sound of forest")
+    assert t2.identity != t.identity
+    with pytest.raises(ValueError, match="names column 'nope'"):
+        read_dataset(soundingearth, "soundingearth", image="x/{nope}.jpg")
+
+
+def test_audio_of_every_format_is_decoded_mono_resampled_and_fitted(soundingearth):
+    """MP3, FLAC, WAV and OGG at 16/22.05/44.1 kHz, mono and stereo, 1-3 s -> 1 s at 16 kHz."""
+    from geobind.encoders.audio import AudioSettings, load_clip
+
+    t = read_dataset(soundingearth, "soundingearth")
+    audio = AudioSettings(
+        **{k: v for k, v in tiny_clap_audio_spec(32).items() if k in AudioSettings.__annotations__}
+    )
+    seen = set()
+    for path in t.columns["audio"][:8]:
+        seen.add(path.rsplit(".", 1)[-1])
+        fixed = load_clip(path, audio, train=False)
+        assert fixed.shape == (audio.clip_samples,) and fixed.dtype == torch.float32
+        assert torch.equal(fixed, load_clip(path, audio, train=False))  # evaluation: a fixed window
+    assert seen == {"mp3", "flac", "wav", "ogg"}
+    long = t.columns["audio"][2]  # 3 s: training crops a random 1 s window
+    crops = {tuple(load_clip(long, audio, train=True)[:4].tolist()) for _ in range(6)}
+    assert len(crops) > 1
+
+
+def test_published_layout_configs_train_end_to_end(
+    sat2cap, soundingearth, tmp_path, tiny_data, capsys
+):
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "seed": 0,
+        "device": "cpu",
+        "anchor": {"type": "clip", "config": TINY_CLIP, "tokenizer": str(tiny_data["tokenizer"])},
+        "stages": [
+            {
+                "name": "satellite",
+                "train": "satellite",
+                "bind_to": "ground",
+                "encoder": {"type": "clip_vision", "init_from": "ground"},
+                "data": {"train": str(sat2cap), "layout": "sat2cap", "shuffle_buffer": 8},
+                "optim": {
+                    "batch_size": 8,
+                    "max_steps": 3,
+                    "lr": 1e-3,
+                    "log_every": 1,
+                    "num_workers": 2,
+                },
+            },
+            {
+                "name": "audio",
+                "train": "audio",
+                "bind_to": "satellite",
+                "encoder": {"type": "clap_audio", **tiny_clap_audio_spec(32)},
+                "data": {"train": str(soundingearth), "layout": "soundingearth"},
+                "optim": {"batch_size": 8, "max_steps": 3, "lr": 1e-3, "log_every": 1},
+                "loss": {"symmetric": True},
+            },
+        ],
+        "eval": {"data": str(soundingearth), "layout": "soundingearth", "batch_size": 16},
+    }
+    path = tmp_path / "published.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["pairs"]) == {
+        f"{a}->{b}"
+        for a in ("satellite", "audio", "text")
+        for b in ("satellite", "audio", "text")
+        if a != b
+    }
+    assert all(m["n"] == 32 for m in report["pairs"].values())
+    stages = json.loads((tmp_path / "run" / "model" / "geobind.json").read_text())["stages"]
+    assert [s["steps"] for s in stages] == [3, 3]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "36 samples in 4 shards (sat2cap)" in log
+
+
+def test_geotiff_centres_are_transformed_to_wgs84(tmp_path):
+    pytest.importorskip("rasterio")
+    tiles = make_geotiff(tmp_path / "tiles")
+    t = read_dataset(tmp_path / "tiles", "geotiff")
+    pos = {i: (a, o) for i, a, o in zip(t.ids, t.lat, t.lon)}
+    assert set(pos) == {"bavaria/wgs84", "utm/north", "utm/south", "s2/tile", "plain/nocrs"}
+    assert pos["bavaria/wgs84"] == pytest.approx((48.0, 11.0), abs=1e-9)
+    # UTM 33N: on the central meridian (15 E) at the equator.
+    assert pos["utm/north"] == pytest.approx((0.0, 15.0), abs=1e-7)
+    # UTM 33S, northing 10,000 km = the equator; 100 km east of 15 E at scale 0.9996.
+    lat, lon = pos["utm/south"]
+    assert lat == pytest.approx(0.0, abs=1e-7)
+    assert lon == pytest.approx(15 + 100_000 / 0.9996 / 111_319.49, abs=2e-3)
+    assert t.bad_rows == {t.ids.index("plain/nocrs"): "no-georeference"}
+    # Sidecar caption; tiles of any type come out as 8-bit RGB.
+    assert t.columns["text"][t.ids.index("bavaria/wgs84")] == "a photo of a forest"
+    s2 = t.item("satellite", t.ids.index("s2/tile"))
+    assert s2.shape == (16, 16, 3) and s2.dtype == np.uint8 and s2.max() == 255 and s2.min() == 0
+    t3 = read_dataset(tiles["uint16"], "geotiff", bands=[4, 3, 2], scale=4000)
+    x = t3.item("satellite", 0)
+    assert x.shape == (16, 16, 3) and 0 < x.max() <= 255
+    rgb = read_dataset(tmp_path / "tiles", "geotiff").item("satellite", t.ids.index("utm/north"))
+    import rasterio
+
+    with rasterio.open(tiles["utm_north"]) as src:
+        assert np.array_equal(rgb, src.read().transpose(1, 2, 0))  # 8-bit tiles are untouched
+
+
+def test_geotiff_tiles_embed_and_check(tmp_path, tiny_data):
+    pytest.importorskip("rasterio")
+    make_geotiff(tmp_path / "tiles")
+    t = read_dataset(tmp_path / "tiles", "geotiff")
+    model = build_space(tiny_data)
+    emb, valid, bad = embed_table(
+        model.encoder("satellite"), t, "satellite", num_workers=2, batch_size=2
+    )
+    assert valid.sum() == 4 and dict(bad) == {"no-georeference": 1}
+    assert torch.allclose(emb[valid].norm(dim=1), torch.ones(4))
+    report = check_dataset(tmp_path / "tiles", "geotiff", modalities=["satellite"])
+    assert (report.usable, dict(report.reasons)) == (4, {"no-georeference": 1})

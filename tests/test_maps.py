@@ -1,0 +1,308 @@
+"""Zero-shot maps: GeoTIFF georeferencing and values against a direct computation, point maps,
+softmax scores, bad rasters, no-overwrite, and the map command."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from space_helpers import saved_space
+
+from geobind import GeoBind
+from geobind.cli import main
+from geobind.search.maps import auto_resolution, map_points, tile_grid
+
+rasterio = pytest.importorskip("rasterio")
+from affine import Affine  # noqa: E402  (installed with rasterio)
+
+ORIGIN = Affine(10.0, 0.0, 500_000.0, 0.0, -10.0, 4_650_000.0)  # 10 m pixels, UTM 33N
+
+
+def write_raster(
+    path,
+    width=96,
+    height=64,
+    *,
+    dtype="uint8",
+    crs="EPSG:32633",
+    transform=ORIGIN,
+    nodata=None,
+    seed=0,
+):
+    """A seeded 3-band raster: greenish on the left, sandy on the right."""
+    rng = np.random.default_rng(seed)
+    base = np.zeros((3, height, width))
+    base[:, :, : width // 2] = np.array([40, 140, 50])[:, None, None]
+    base[:, :, width // 2 :] = np.array([220, 190, 120])[:, None, None]
+    data = np.clip(base + rng.normal(0, 20, base.shape), 0, 255)
+    if dtype == "uint16":
+        data = data * 40
+    data = data.astype(dtype)
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 3,
+        "dtype": dtype,
+        "transform": transform,
+        "nodata": nodata,
+    }
+    if crs is not None:
+        profile["crs"] = crs
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return data
+
+
+@pytest.fixture(scope="module")
+def model(tiny_data, tmp_path_factory):
+    return GeoBind.from_pretrained(saved_space(tiny_data, tmp_path_factory.mktemp("maps")))
+
+
+def direct_tile_scores(model, data, tile, stride, query):
+    """Scores computed the plain way: crop each tile from the full array, embed, dot."""
+    rows, cols = tile_grid(data.shape[2], data.shape[1], tile, stride)
+    crops = [
+        np.ascontiguousarray(
+            data[:, r * stride : r * stride + tile, c * stride : c * stride + tile].transpose(
+                1, 2, 0
+            )
+        )
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    emb = model.embed("satellite", crops)
+    return (emb @ query).numpy().reshape(rows, cols)
+
+
+@pytest.mark.parametrize("stride", [32, 16])
+def test_raster_map_georeferencing_and_values(model, tmp_path, stride):
+    data = write_raster(tmp_path / "region.tif")
+    out = tmp_path / "forest.tif"
+    result = model.map(
+        text="a photo of a forest",
+        raster=tmp_path / "region.tif",
+        tile_size=32,
+        stride=stride,
+        out=out,
+    )
+    q = model.embed("text", ["a photo of a forest"])[0]
+    expect = direct_tile_scores(model, data, 32, stride, q)
+    with rasterio.open(tmp_path / "region.tif") as src, rasterio.open(out) as m:
+        assert m.crs == src.crs
+        off = (32 - stride) / 2  # cell centred on its tile, stride pixels wide
+        t = src.transform
+        assert m.transform == Affine(
+            t.a * stride, 0.0, t.c + t.a * off, 0.0, t.e * stride, t.f + t.e * off
+        )
+        if stride == 32:  # one cell = one tile's footprint
+            assert m.transform == Affine(320.0, 0.0, 500_000.0, 0.0, -320.0, 4_650_000.0)
+        assert m.shape == expect.shape == tile_grid(96, 64, 32, stride)
+        assert m.dtypes[0] == "float32"
+        np.testing.assert_allclose(m.read(1), expect, atol=1e-5)
+        assert m.tags()["score"] == "cosine" and "forest" in m.tags()["query"]
+    np.testing.assert_allclose(result.values, expect, atol=1e-5)
+    table = pd.read_csv(tmp_path / "forest.csv")
+    assert list(table.columns[:4]) == ["row", "col", "lat", "lon"] and len(table) == expect.size
+    # tile centres in lat/lon: UTM 33N near 500 km easting is close to 15 E, ~42 N
+    assert table["lon"].between(14.9, 15.1).all() and table["lat"].between(41.9, 42.1).all()
+    np.testing.assert_allclose(table["score"].to_numpy(), expect.reshape(-1), atol=1e-5)
+    png = (tmp_path / "forest.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_raster_map_softmax_over_prompts(model, tmp_path):
+    data = write_raster(tmp_path / "r.tif")
+    prompts = ["a photo of a desert", "a photo of an ocean"]
+    result = model.map(
+        text="a photo of a forest",
+        raster=tmp_path / "r.tif",
+        tile_size=32,
+        prompts=prompts,
+        scale=10.0,
+    )
+    texts = model.embed("text", ["a photo of a forest", *prompts])
+    cos = np.stack([direct_tile_scores(model, data, 32, 32, t) for t in texts])  # [3, rows, cols]
+    expect = torch.softmax(torch.from_numpy(cos) * 10.0, dim=0)[0].numpy()
+    assert (
+        result.score == "softmax" and "softmax over the query and 2 prompts" in result.score_label
+    )
+    np.testing.assert_allclose(result.values, expect, atol=1e-5)
+    assert ((result.values >= 0) & (result.values <= 1)).all()
+
+
+def test_raster_nodata_and_16_bit(model, tmp_path):
+    data = write_raster(tmp_path / "r16.tif", dtype="uint16", nodata=0)
+    with rasterio.open(tmp_path / "r16.tif", "r+") as dst:  # blank out the top-left tile
+        block = data.copy()
+        block[:, :32, :32] = 0
+        dst.write(block)
+    result = model.map(text="a photo of a forest", raster=tmp_path / "r16.tif", tile_size=32)
+    assert np.isnan(result.values[0, 0]) and np.isfinite(result.values[0, 1:]).all()
+    assert np.isfinite(result.values[1]).all()
+
+
+def test_raster_without_georeferencing_is_refused(model, tmp_path):
+    with pytest.warns(rasterio.errors.NotGeoreferencedWarning):
+        write_raster(tmp_path / "plain.tif", crs=None, transform=Affine.identity())
+    with pytest.raises(ValueError, match="has no georeferencing"):
+        model.map(text="forest", raster=tmp_path / "plain.tif", tile_size=32)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "photo.png")
+    with pytest.raises(ValueError, match="has no georeferencing"):
+        model.map(text="forest", raster=tmp_path / "photo.png", tile_size=32)
+    write_raster(tmp_path / "small.tif", width=20, height=20)
+    with pytest.raises(ValueError, match="smaller than one tile"):
+        model.map(text="forest", raster=tmp_path / "small.tif", tile_size=32)
+
+
+def test_point_map_from_embeddings(model, tiny_data, tmp_path):
+    from geobind.search import embed_dataset, read_embeddings
+
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "sat.parquet", log=None)
+    emb = read_embeddings(tmp_path / "sat.parquet")
+    result = model.map(
+        text="a photo of a desert",
+        embeddings=tmp_path / "sat.parquet",
+        resolution=5.0,
+        out=tmp_path / "desert.tif",
+    )
+    q = model.embed("text", ["a photo of a desert"])[0].numpy()
+    direct = emb.vectors.astype(np.float32) @ q
+    table = pd.read_csv(tmp_path / "desert.csv", dtype={"id": str})
+    assert list(table.columns) == ["id", "lat", "lon", "score"]
+    np.testing.assert_allclose(table["score"], direct, atol=1e-5)
+    with rasterio.open(tmp_path / "desert.tif") as m:
+        assert m.crs.to_epsg() == 4326
+        assert m.transform.a == 5.0 and m.transform.e == -5.0
+        grid = m.read(1)
+        # every place lands in the cell the transform puts it in; a cell holds its places' mean score
+        cells = {}
+        for la, lo, x in zip(emb.lat, emb.lon, direct):
+            cells.setdefault(rasterio.transform.rowcol(m.transform, lo, la), []).append(x)
+        for (r, c), xs in cells.items():
+            assert grid[r, c] == pytest.approx(np.mean(xs), abs=1e-5)
+        assert np.isnan(grid).sum() == grid.size - len(cells)
+    assert result.bounds_latlon() == result.bounds
+    assert result.overlay_png()[:4] == b"\x89PNG"
+
+
+def test_point_map_grid_of_places_and_softmax():
+    lat, lon = np.meshgrid(np.arange(-10, 10.1, 2.0), np.arange(0, 20.1, 2.0), indexing="ij")
+    lat, lon = lat.ravel(), lon.ravel()
+    assert auto_resolution(lat, lon) == pytest.approx(2.0)
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(lat.size, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    q, p = v[0], v[1:3]
+    res = map_points(v, lat, lon, [str(i) for i in range(lat.size)], q)
+    assert res.values.shape == (11, 11) and np.isfinite(res.values).all()
+    np.testing.assert_allclose(np.sort(res.values.ravel()), np.sort(v @ q), atol=1e-6)
+    sm = map_points(v, lat, lon, [str(i) for i in range(lat.size)], q, prompts=p, scale=100.0)
+    logits = 100.0 * v @ np.vstack([q, p]).T
+    expect = np.exp(logits - logits.max(1, keepdims=True))
+    expect = expect[:, 0] / expect.sum(1)
+    np.testing.assert_allclose(sm.table["score"], expect, atol=1e-5)
+
+
+def test_map_outputs_never_overwritten_without_force(model, tmp_path):
+    write_raster(tmp_path / "r.tif")
+    (tmp_path / "m.png").write_text("keep me")
+    with pytest.raises(FileExistsError, match="m.png exists"):
+        model.map(text="forest", raster=tmp_path / "r.tif", tile_size=32, out=tmp_path / "m.tif")
+    assert not (tmp_path / "m.tif").exists()  # checked before anything is written
+    assert (tmp_path / "m.png").read_text() == "keep me"
+    model.map(
+        text="forest", raster=tmp_path / "r.tif", tile_size=32, out=tmp_path / "m.tif", force=True
+    )
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.png", "m.tif", "r.tif"]
+
+
+def test_map_cli(model, tiny_data, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    write_raster(tmp_path / "r.tif")
+    wav = str(tiny_data["root"] / "audio" / "0003.wav")
+    base = ["map", "--model", str(model_dir), "--no-progress"]
+    rc = main(
+        base
+        + [
+            "--text",
+            "forest",
+            "--audio",
+            wav,
+            "--raster",
+            str(tmp_path / "r.tif"),
+            "--tile-size",
+            "32",
+            "--out",
+            str(tmp_path / "a.tif"),
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert 'query: "forest" + audio 0003.wav' in out and "score: cosine similarity" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"a.tif", "a.png", "a.csv"}
+    assert (
+        main(
+            base
+            + [
+                "--text",
+                "forest",
+                "--raster",
+                str(tmp_path / "r.tif"),
+                "--tile-size",
+                "32",
+                "--out",
+                str(tmp_path / "a.tif"),
+            ]
+        )
+        == 2
+    )
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (
+        main(
+            base
+            + [
+                "--text",
+                "forest",
+                "--raster",
+                str(tmp_path / "r.tif"),
+                "--out",
+                str(tmp_path / "b.tif"),
+            ]
+        )
+        == 2
+    )
+    assert "--tile-size" in capsys.readouterr().err
+    assert main(base + ["--text", "forest", "--out", str(tmp_path / "b.tif")]) == 2
+    assert "exactly one of --raster" in capsys.readouterr().err
+
+
+def test_raster_is_read_window_by_window(model, tmp_path, monkeypatch):
+    """No read covers more than one tile (or a decimated overview for 16-bit scaling): rasters
+    larger than memory work."""
+    from geobind.search import maps
+
+    write_raster(tmp_path / "r.tif", width=128, height=96, dtype="uint16")
+    reads = []
+    real_open = maps.open_georeferenced
+
+    class Recording:
+        def __init__(self, src):
+            self._src = src
+
+        def __getattr__(self, name):
+            return getattr(self._src, name)
+
+        def read(self, *args, window=None, out_shape=None, **kw):
+            reads.append((window, out_shape))
+            return self._src.read(*args, window=window, out_shape=out_shape, **kw)
+
+    monkeypatch.setattr(maps, "open_georeferenced", lambda p: Recording(real_open(p)))
+    result = model.map(text="forest", raster=tmp_path / "r.tif", tile_size=32)
+    assert result.values.shape == (3, 4)
+    tiles = [w for w, o in reads if w is not None]
+    assert len(tiles) == 12 and all((w.width, w.height) == (32, 32) for w in tiles)
+    assert all(w is not None or o is not None for w, o in reads)  # never a plain full read

@@ -1,0 +1,397 @@
+"""WebDataset shards: packing, the index, streaming plans, and training/embedding from shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from fixtures import tiny_config
+from layout_fixtures import make_soundingearth
+from PIL import Image
+from safetensors.torch import load_file
+from test_model import build_space
+
+from geobind.binding.cache import embed_table
+from geobind.binding.trainer import TrainingInterrupted, train
+from geobind.cli import main
+from geobind.config import parse_config
+from geobind.data import pack as pack_mod
+from geobind.data.manifest import read_dataset
+from geobind.data.pack import pack
+from geobind.data.shards import (
+    SHARDS_FILE,
+    RowStream,
+    ShardSet,
+    buffer_shuffle,
+    epoch_rows,
+    next_segments,
+    plan_epoch,
+)
+from geobind.evaluate import evaluate
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
+
+
+def _members(shards: ShardSet):
+    return {row: s for row, s in RowStream(shards, lambda row, sample: sample)}
+
+
+def test_pack_round_trip_keeps_rows_order_and_metadata(tiny_data, tmp_path):
+    out = tmp_path / "shards"
+    res = pack(tiny_data["stage1"], out, shard_size=10, image_size=16, progress=False, log=None)
+    assert (res.shards, res.samples, dict(res.bad)) == (4, 36, {})
+    table = read_dataset(tiny_data["stage1"])
+    shards = read_dataset(out)  # a folder of shards is detected with the default layout
+    assert isinstance(shards, ShardSet) and len(shards) == len(table)
+    assert shards.ids == table.ids and shards.lat == table.lat and shards.lon == table.lon
+    assert shards.meta["scene"].tolist() == table.meta["scene"].tolist()
+    assert set(shards.columns) == {"satellite", "ground", "text"}
+    head = json.loads((out / SHARDS_FILE).read_text())
+    assert [e["nsamples"] for e in head["shardlist"]] == [10, 10, 10, 6]
+    samples = _members(shards)
+    assert sorted(samples) == list(range(36))
+    s = samples[5]
+    assert set(s) >= {"__key__", "satellite.jpg", "ground.jpg", "text.txt", "json"}
+    assert Image.open(io.BytesIO(s["satellite.jpg"])).size == (16, 16)  # 32 px pre-resized to 16
+    assert s["text.txt"].decode() == table.columns["text"][5]
+    assert json.loads(s["json"])["id"] == table.ids[5]
+
+
+def test_pack_resumes_after_interruption_and_refuses_other_settings(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
+    clean = tmp_path / "clean"
+    pack(tiny_data["stage1"], clean, shard_size=8, image_size=16, progress=False, log=None)
+
+    real, calls = pack_mod._write_shard, []
+
+    def flaky(k, *a, **kw):
+        calls.append(k)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(k, *a, **kw)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pack_mod, "_write_shard", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        pack(tiny_data["stage1"], out, shard_size=8, image_size=16, progress=False, log=None)
+    monkeypatch.setattr(pack_mod, "_write_shard", real)
+    said = []
+    res = pack(
+        tiny_data["stage1"], out, shard_size=8, image_size=16, progress=False, log=said.append
+    )
+    assert res.resumed == 2 and "resuming, 2 of 5 shards" in said[0]
+    for name in [f"shard-{k:06d}.tar" for k in range(5)] + ["index.parquet"]:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    assert not (out / ".pack").exists()
+
+    # Same command again: nothing to do. Other settings or a foreign folder: refused, named.
+    assert (
+        main(
+            [
+                "data",
+                "pack",
+                str(tiny_data["stage1"]),
+                str(out),
+                "--shard-size",
+                "8",
+                "--image-size",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "nothing to do" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "data",
+                "pack",
+                str(tiny_data["stage1"]),
+                str(out),
+                "--shard-size",
+                "9",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "shard_size: 8 there, 9 now" in err and "new folder" in err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    assert (
+        main(["data", "pack", str(tiny_data["stage1"]), str(tmp_path / "junk"), "--no-progress"])
+        == 2
+    )
+    assert "not a GeoBind pack" in capsys.readouterr().err
+
+
+def test_pack_audio_rate_stores_mono_flac_at_that_rate(tmp_path):
+    csv = make_soundingearth(tmp_path / "se", n=8)
+    out = tmp_path / "se-shards"
+    assert (
+        main(
+            [
+                "data",
+                "pack",
+                str(csv),
+                str(out),
+                "--layout",
+                "soundingearth",
+                "--audio-rate",
+                "8000",
+                "--shard-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    shards = read_dataset(out)
+    assert set(shards.columns) == {"satellite", "audio", "text"}
+    table = read_dataset(csv, "soundingearth")
+    for row, s in _members(shards).items():
+        wave, rate = sf.read(io.BytesIO(s["audio.flac"]))
+        assert rate == 8000 and wave.ndim == 1
+        # The recording's duration survives the resampling (1-3 s).
+        src = sf.info(table.columns["audio"][row])
+        assert abs(len(wave) / 8000 - src.frames / src.samplerate) < 1e-3
+        assert json.loads(s["json"])["caption"].startswith("This is a sound of")
+
+
+def test_embeddings_and_report_from_shards_equal_the_manifest(tiny_data, tmp_path):
+    # PNG sources packed without resizing keep their bytes, so the decoded inputs are identical.
+    out = tmp_path / "test-shards"
+    pack(
+        tiny_data["test"],
+        out,
+        shard_size=5,
+        image_size=0,
+        image_format="png",
+        progress=False,
+        log=None,
+    )
+    model = build_space(tiny_data)
+    table, shards = read_dataset(tiny_data["test"]), read_dataset(out)
+    for m in ("ground", "text", "satellite"):
+        ref, v_ref, _ = embed_table(model.encoder(m), table, m, batch_size=4)
+        got, v_got, _ = embed_table(model.encoder(m), shards, m, batch_size=4, num_workers=2)
+        assert torch.equal(v_got, v_ref), m
+        # Same inputs; only the batching differs (two workers split the rows).
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=m)
+    assert evaluate(model, shards)["pairs"] == evaluate(model, table)["pairs"]
+
+
+def _emitted_batches(plan, rank):
+    """What rank ``rank``'s DataLoader delivers under ``plan``: slot order, buffer shuffle,
+    skip, round-robin over workers."""
+    out = {}
+    for w in range(plan.workers):
+        sid = rank * plan.workers + w
+        rows = list(buffer_shuffle(plan.slots[sid].tolist(), plan.bufsize, plan.slot_rng(sid)))
+        rows = rows[plan.skip_batches[sid] * plan.per_rank_batch :]
+        out[w] = [
+            rows[i : i + plan.per_rank_batch] for i in range(0, len(rows), plan.per_rank_batch)
+        ]
+    seq, k = [], 0
+    while any(out.values()):
+        w = (k + plan.rotation) % plan.workers
+        seq.append(out[w].pop(0))
+        k += 1
+    return seq
+
+
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 3), (3, 2), (2, 2)])
+def test_plan_gives_every_usable_row_once_per_epoch(layout):
+    counts = np.array([7, 0, 13, 5, 9, 11])
+    valid = np.ones(counts.sum(), dtype=bool)
+    valid[[3, 20, 21, 40]] = False
+    world, workers = layout
+    bs = 6
+    rows = epoch_rows(counts, valid, seed=1, epoch=2)
+    expected = sorted(rows[: len(rows) // bs * bs].tolist())
+    plan = plan_epoch(
+        counts,
+        valid,
+        seed=1,
+        epoch=2,
+        batch_size=bs,
+        segments=[(world, workers, 0)],
+        step_in_epoch=0,
+        bufsize=4,
+    )
+    per_rank = [_emitted_batches(plan, r) for r in range(world)]
+    assert {len(b) for b in per_rank} == {len(expected) // bs}  # every rank, same number of steps
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert sorted(seen) == expected  # exactly once
+    assert all(len(b) == bs // world for batches in per_rank for b in batches)
+    # Deterministic, and each epoch has its own order.
+    again = plan_epoch(
+        counts,
+        valid,
+        seed=1,
+        epoch=2,
+        batch_size=bs,
+        segments=[(world, workers, 0)],
+        step_in_epoch=0,
+        bufsize=4,
+    )
+    assert [_emitted_batches(again, r) for r in range(world)] == per_rank
+    other = plan_epoch(
+        counts,
+        valid,
+        seed=1,
+        epoch=3,
+        batch_size=bs,
+        segments=[(world, workers, 0)],
+        step_in_epoch=0,
+        bufsize=4,
+    )
+    assert [_emitted_batches(other, r) for r in range(world)] != per_rank
+
+
+def test_plan_resumes_exactly_on_the_same_layout_and_once_on_another():
+    counts, bs = np.array([9, 14, 6, 12, 7]), 4
+    valid = np.ones(counts.sum(), dtype=bool)
+    plan = plan_epoch(
+        counts,
+        valid,
+        seed=0,
+        epoch=0,
+        batch_size=bs,
+        segments=[(2, 2, 0)],
+        step_in_epoch=0,
+        bufsize=5,
+    )
+    full = [_emitted_batches(plan, r) for r in range(2)]
+    steps = len(full[0])
+    for k in range(steps + 1):  # same layout: the remaining batches are the very same ones
+        segs = next_segments([[2, 2, 0]], 2, 2, k)
+        assert segs == [[2, 2, 0]]
+        p = plan_epoch(
+            counts, valid, seed=0, epoch=0, batch_size=bs, segments=segs, step_in_epoch=k, bufsize=5
+        )
+        assert [_emitted_batches(p, r) for r in range(2)] == [b[k:] for b in full]
+    # 2 ranks x 2 workers for 3 steps, then 1 rank x 3 workers for 2, then 4 ranks x 1 worker.
+    seen = [i for r in range(2) for b in full[r][:3] for i in b]
+    segs = next_segments([[2, 2, 0]], 1, 3, 3)
+    p = plan_epoch(
+        counts, valid, seed=0, epoch=0, batch_size=bs, segments=segs, step_in_epoch=3, bufsize=5
+    )
+    part = _emitted_batches(p, 0)
+    seen += [i for b in part[:2] for i in b]
+    segs = next_segments(segs, 4, 1, 5)
+    assert segs == [[2, 2, 0], [1, 3, 3], [4, 1, 5]]
+    p = plan_epoch(
+        counts, valid, seed=0, epoch=0, batch_size=bs, segments=segs, step_in_epoch=5, bufsize=5
+    )
+    for r in range(4):
+        rest = _emitted_batches(p, r)
+        assert len(rest) == steps - 5
+        seen += [i for b in rest for i in b]
+    all_rows = epoch_rows(counts, valid, 0, 0)
+    assert sorted(seen) == sorted(all_rows[: len(all_rows) // bs * bs].tolist())
+
+
+def _weights(model_dir):
+    return load_file(str(model_dir / "satellite" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_from_shards_resumes_exactly(tiny_data, tmp_path, workers):
+    shards = tmp_path / "shards"
+    pack(
+        tiny_data["stage1"],
+        shards,
+        shard_size=7,
+        image_size=0,
+        image_format="png",
+        progress=False,
+        log=None,
+    )
+
+    def cfg(out):
+        d = tiny_config({**tiny_data, "stage1": shards}, out, steps=6, audio=False)
+        d["stages"][0]["optim"].update(
+            epochs=2, max_steps=0, batch_size=12, ckpt_every=100, num_workers=workers
+        )
+        d["stages"][0]["data"]["shuffle_buffer"] = 6
+        d["eval"] = None
+        return parse_config(d)
+
+    full = train(cfg(tmp_path / "a"), progress=False, log=None)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tmp_path / "b"), progress=False, log=None, stop_at_step=4)  # mid second epoch
+    said = []
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False, log=said.append)
+    assert any("resumed at step 4 (epoch 2, batch 1)" in s for s in said), said
+    wa, wb = _weights(full), _weights(resumed)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    done = json.loads((tmp_path / "b" / "stages" / "01-satellite" / "done.json").read_text())
+    assert done["steps"] == 6 and done["bad_samples"] == {}
+
+
+def test_stale_index_is_rebuilt(tiny_data, tmp_path):
+    out = tmp_path / "shards"
+    pack(tiny_data["stage1"], out, shard_size=10, image_size=16, progress=False, log=None)
+    # Replace one shard by a shorter one: its size changes, so the stored index is not trusted.
+    shutil.copy(out / "shard-000003.tar", out / "shard-000000.tar")
+    with pytest.warns(UserWarning, match="re-indexing"):
+        shards = read_dataset(out)
+    assert len(shards) == 6 + 10 + 10 + 6
+
+
+def test_loaders_pickle_for_spawned_workers(tiny_data, tmp_path):
+    """Under a spawn/forkserver start method (macOS, Python 3.14, spawned ranks) the dataset
+    and collate function travel to loader workers by pickle."""
+    import pickle
+
+    from geobind.binding.trainer import _collate_train, train_items, train_loader
+
+    model = build_space(tiny_data)
+    enc = model.encoder("satellite")
+    out = tmp_path / "shards"
+    pack(tiny_data["stage1"], out, shard_size=10, image_size=16, progress=False, log=None)
+    for data in (read_dataset(tiny_data["stage1"]), read_dataset(out)):
+        loader, _ = train_loader(
+            data,
+            train_items(data, "satellite", enc, 0),
+            valid=torch.ones(len(data), dtype=bool),
+            batch_size=6,
+            seed=0,
+            epoch=0,
+            step_in_epoch=0,
+            rank=0,
+            world=1,
+            num_workers=2,
+            collate_fn=_collate_train(enc, None),
+        )
+        pickle.loads(pickle.dumps((loader.dataset, loader.collate_fn)))
+
+
+def test_data_throughput_benchmark_quick_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "data_throughput.py"
+    spec = importlib.util.spec_from_file_location("data_throughput", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.main(["--quick", "--workers", "1", "--out", str(tmp_path / "r.json")])
+    assert len(r["pipeline"]) == 12 and all(p["samples_per_s"] > 0 for p in r["pipeline"])
+    assert set(r["train"]) == {"memory", "manifest", "shards_256"}
+    assert (
+        json.loads((tmp_path / "r.json").read_text())["machine"]["gpu"] is None
+        or torch.cuda.is_available()
+    )

@@ -1,0 +1,132 @@
+"""Spatial (default) and random splits: whole cells per split, buffers, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from layout_fixtures import make_soundingearth
+
+from geobind.cli import main
+from geobind.data.manifest import read_dataset
+from geobind.data.splits import cells, random_split, spatial_split
+
+
+def _places(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    # Clustered like real data: towns of various sizes, a few near the antimeridian.
+    centres = np.column_stack([rng.uniform(-60, 70, 80), rng.uniform(-180, 180, 80)])
+    centres[:3, 1] = [179.7, -179.6, 179.9]
+    which = rng.integers(0, 80, n)
+    lat = np.clip(centres[which, 0] + rng.normal(0, 1.5, n), -89.9, 89.9)
+    lon = (centres[which, 1] + rng.normal(0, 1.5, n) + 180) % 360 - 180
+    return lat, lon
+
+
+def test_spatial_split_holds_out_whole_cells_at_the_requested_shares():
+    lat, lon = _places()
+    labels = spatial_split(lat, lon, cell_deg=1.0, val=0.1, test=0.2, seed=0)
+    r, c = cells(lat, lon, 1.0)
+    by_cell = pd.Series(labels).groupby(r * 360 + c).nunique()
+    assert (by_cell == 1).all()  # no cell is shared between splits
+    share = pd.Series(labels).value_counts(normalize=True)
+    assert share["test"] == pytest.approx(0.2, abs=0.02) and share["val"] == pytest.approx(
+        0.1, abs=0.02
+    )
+    assert np.array_equal(labels, spatial_split(lat, lon, cell_deg=1.0, val=0.1, test=0.2, seed=0))
+    assert not np.array_equal(
+        labels, spatial_split(lat, lon, cell_deg=1.0, val=0.1, test=0.2, seed=1)
+    )
+
+
+def test_buffer_cells_keep_training_places_away_from_held_out_ones():
+    lat, lon = _places()
+    labels = spatial_split(lat, lon, cell_deg=1.0, val=0.1, test=0.1, seed=0, buffer_cells=1)
+    r, c = cells(lat, lon, 1.0)
+    held = {(a, b) for a, b, x in zip(r, c, labels) if x in ("val", "test")}
+    assert (labels == "buffer").any()
+    for a, b, x in zip(r, c, labels):
+        if x == "train":
+            # Neighbouring cells, with longitude wrapping at the antimeridian (360 columns).
+            assert not any(
+                (a + da, (b + db) % 360) in held for da in (-1, 0, 1) for db in (-1, 0, 1)
+            )
+    # Every training place is at least one cell (~111 km in latitude) from every held-out place.
+    tr = labels == "train"
+    ho = np.isin(labels, ["val", "test"])
+    dlat = np.abs(lat[tr][:, None] - lat[ho][None, :])
+    dlon = np.abs((lon[tr][:, None] - lon[ho][None, :] + 180) % 360 - 180)
+    assert (np.maximum(dlat, dlon) > 1.0 - 1e-9).all()
+
+
+def test_random_split_exists_but_mixes_cells():
+    lat, lon = _places(seed=2)
+    labels = random_split(len(lat), val=0.1, test=0.1, seed=0, lat=lat, lon=lon)
+    assert pd.Series(labels).value_counts()["test"] == round(0.1 * len(lat))
+    r, c = cells(lat, lon, 1.0)
+    assert (pd.Series(labels).groupby(r * 360 + c).nunique() > 1).any()
+    with pytest.raises(ValueError, match="sum to less than 1"):
+        spatial_split(lat, lon, val=0.5, test=0.5)
+
+
+def test_cli_split_writes_manifests_that_train_reads(tiny_data, tmp_path, capsys):
+    src = tiny_data["stage1"]
+    out = tmp_path / "splits"
+    assert (
+        main(
+            [
+                "data",
+                "split",
+                str(src),
+                "--cell-deg",
+                "10",
+                "--val",
+                "0.15",
+                "--test",
+                "0.15",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "train" in printed and "cells" in printed
+    summary = json.loads((out / "stage1.split.json").read_text())
+    assert summary["method"] == "spatial" and sum(summary["counts"].values()) == 36
+    full = read_dataset(src)
+    parts = {s: read_dataset(out / f"stage1.{s}.csv") for s in ("train", "val", "test")}
+    assert sorted(i for p in parts.values() for i in p.ids) == sorted(full.ids)
+    for p in parts.values():  # paths were rewritten relative to the new folder and still resolve
+        got = [os.path.realpath(x) for x in p.columns["satellite"]]
+        assert got == [
+            os.path.realpath(full.columns["satellite"][full.ids.index(i)]) for i in p.ids
+        ]
+    cell = {
+        i: (math.floor((a + 90) / 10), math.floor((o + 180) / 10))
+        for i, a, o in zip(full.ids, full.lat, full.lon)
+    }
+    for s in ("val", "test"):
+        assert not {cell[i] for i in parts[s].ids} & {cell[i] for i in parts["train"].ids}
+    # Existing files are not overwritten without --force; --random is a different split.
+    assert main(["data", "split", str(src), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["data", "split", str(src), "--out", str(out), "--random", "--force"]) == 0
+    assert json.loads((out / "stage1.split.json").read_text())["method"] == "random"
+
+
+def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path):
+    csv = make_soundingearth(tmp_path / "se", n=24)
+    assert main(["data", "split", str(csv), "--layout", "soundingearth", "--cell-deg", "30"]) == 0
+    parts = [
+        read_dataset(csv.parent / f"{csv.stem}.{s}.csv", "soundingearth")
+        for s in ("train", "val", "test")
+    ]
+    assert sum(len(p) for p in parts) == 24
+    assert all(
+        p.columns["audio"][0].endswith((".mp3", ".flac", ".wav", ".ogg")) for p in parts if len(p)
+    )
