@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geobind import distributed as gbdist
 from geobind.binding.cache import cached_embeddings, embed_table
-from geobind.binding.stage import BindingStage, total_loss
+from geobind.binding.stage import BindingStage
+from geobind.binding.step import StepRunner
 from geobind.config import RunConfig, StageConfig
 from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
@@ -444,6 +445,8 @@ class Trainer:
             ddp_stage = torch.nn.parallel.DistributedDataParallel(
                 stage, device_ids=[dev.index] if dev.type == "cuda" else None
             )
+        runner = StepRunner(stage, optim, sched, autocast=autocast, scaler=scaler, grad_clip=o.grad_clip,
+                            module=ddp_stage)
 
         def save_ckpt():
             if not self.main:
@@ -499,29 +502,7 @@ class Trainer:
                     inputs = _take(inputs, n)
                     anchor_inputs = _take(anchor_inputs, n)
                     a_emb = anchor_emb[idx] if anchor_emb is not None else None
-                    for g in optim.param_groups:
-                        g.setdefault("initial_lr", g["lr"])
-                    with autocast():
-                        out = ddp_stage(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=idx.to(dev))
-                        loss = total_loss(out)
-                    optim.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optim)
-                    else:
-                        loss.backward()
-                    if o.grad_clip:
-                        torch.nn.utils.clip_grad_norm_([p for _, p in stage.trainable_parameters()], o.grad_clip)
-                    if scaler is not None:
-                        scaler.step(optim)
-                        scaler.update()
-                    else:
-                        optim.step()
-                    sched.step()
-                    stage.logit_scale.clamp_()
-                    if stage.queue is not None:
-                        stage.queue.enqueue(gbdist.all_gather_no_grad(out["anchor"].detach()),
-                                            gbdist.all_gather_no_grad(idx.to(dev)))
+                    loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=idx.to(dev))
                     step += 1
                     step_in_epoch += 1
                     last_loss = float(loss.detach())

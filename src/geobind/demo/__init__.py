@@ -198,7 +198,11 @@ def run_demo(
 
     from geobind.model import GeoBind
 
-    GeoBind.from_pretrained(model_dir).save_pretrained(out / "model")
+    final = GeoBind.from_pretrained(model_dir)
+    final.save_pretrained(out / "model")
+    t = time.perf_counter()
+    index = write_places_index(final, out, progress=progress)
+    seconds["index"] = round(time.perf_counter() - t, 1)
     seconds["total"] = round(time.perf_counter() - t_all, 1)
     report["seconds"] = seconds
     report["anchor"] = {**anchor, "note": NOTICE}
@@ -209,7 +213,34 @@ def run_demo(
 
     log(format_summary(report))
     log(f"model: {out / 'model'}  report: {out / 'report.md'}  maps: {out / 'maps'}")
+    log(f"explore it: geobind serve --model {out / 'model'} --index {index}")
     return report
+
+
+def write_places_index(model, out: Path, *, progress: bool = True) -> Path:
+    """Satellite embeddings of every demo place with a tile (captions where known, thumbnails)
+    as an exact index, ``out/places.index``, for ``geobind search`` and ``geobind serve``."""
+    import pandas as pd
+
+    from geobind.search.embed import embed_dataset
+    from geobind.search.index import build_index
+
+    world = out / "world"
+    parts = []
+    for name in ("test", "stage1_train", "stage1_val", "stage2_train", "stage2_val"):
+        df = pd.read_csv(world / f"{name}.csv", dtype={"id": str}, keep_default_na=False)
+        cols = [c for c in ("id", "lat", "lon", "satellite", "text", "scene") if c in df.columns]
+        parts.append(df[cols])
+    places = pd.concat(parts, ignore_index=True).drop_duplicates("id")
+    places["text"] = places["text"].fillna("") if "text" in places else ""
+    manifest = world / "places.csv"
+    places.to_csv(manifest, index=False)
+    emb = out / "places.parquet"
+    embed_dataset(model, manifest, "satellite", emb, batch_size=256, thumbnails=True, progress=progress,
+                  log=None)
+    index = out / "places.index"
+    build_index(emb, index, kind="exact", log=None)
+    return index
 
 
 def add_demo_parser(sub) -> None:
