@@ -153,8 +153,9 @@ def bad_coordinates(lat: list[Any], lon: list[Any]) -> dict[int, str]:
     """Rows whose latitude/longitude is missing, not a number or out of range."""
     bad = {}
     for i, (a, o) in enumerate(zip(lat, lon)):
-        if not (isinstance(a, float) and isinstance(o, float)) or math.isnan(a) or math.isnan(o) \
-                or not -90 <= a <= 90 or not -180 <= o <= 180:
+        # Integer columns are fine (pandas reads "1,2" as ints); booleans and strings are not.
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, o))
+        if not ok or math.isnan(a) or math.isnan(o) or not -90 <= a <= 90 or not -180 <= o <= 180:
             bad[i] = "bad-coordinates"
     return bad
 
