@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     from geobind.cli_data import add_data_parser
 
     add_data_parser(sub)
+    from geobind.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

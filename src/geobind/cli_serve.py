@@ -1,0 +1,69 @@
+"""``geobind serve``: the web explorer over a model and an index."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG_SERVE = """\
+The page (open the printed URL) takes a text query, an audio or image upload, or a microphone
+recording, and shows the top places as markers and a heat map of every place's score. Scores
+are cosine similarities between the query and each place's embedding: compare them within one
+query. The JSON API is documented at /docs. Nothing is loaded from the internet.
+
+examples:
+  geobind demo --out demo && geobind serve --model demo/model --index demo/places.index
+  geobind serve --model M --index tiles.index --port 8080
+  geobind serve --model M --index tiles.index --host 0.0.0.0     # reachable from other machines
+  geobind serve --model M --index tiles.index --max-upload-mb 5
+"""
+
+
+def add_serve_parser(sub) -> None:
+    """Register ``geobind serve`` on the subcommand parsers ``sub``."""
+    s = sub.add_parser(
+        "serve",
+        help="web explorer: search and map an index by text, audio or image",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_SERVE,
+    )
+    s.add_argument("--model", required=True, help="GeoBind model directory")
+    s.add_argument(
+        "--index", required=True, help="index folder built with this model (geobind index build)"
+    )
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for all)",
+    )
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)"
+    )
+    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from geobind.serve.app import SERVE_HINT, create_app
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise ImportError(f"geobind serve needs uvicorn: {SERVE_HINT}") from None
+    from geobind.model import GeoBind
+    from geobind.search.index import Index
+
+    if args.max_upload_mb <= 0:
+        raise ValueError("--max-upload-mb must be positive")
+    model = GeoBind.from_pretrained(args.model, device=args.device)
+    index = Index.load(args.index)
+    app = create_app(model, index, max_upload_mb=args.max_upload_mb)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
+    print(f"{len(index)} places ({index.modality} embeddings) from {args.index}")
+    print(
+        f"GeoBind explorer: http://{shown}:{args.port}/   (API docs: /docs; Ctrl-C stops)",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,456 @@
+"""The web explorer: a FastAPI app over one model and one index of places.
+
+Endpoints (OpenAPI at ``/docs``):
+
+* ``POST /api/search``: a text query or an uploaded audio / image file -> the top ``k`` places
+  (id, lat, lon, score, caption, thumbnail URL); with ``map=true`` also the heat-map overlay.
+* ``POST /api/map``: the same query -> a heat-map overlay of every indexed place (PNG data URL
+  plus its lat/lon bounds and score range).
+* ``GET /api/thumbnail/{id}``: the JPEG thumbnail of an indexed place, looked up by id in the
+  index (no request path ever reaches the filesystem).
+* ``GET /api/health``: model identity, index size.
+* ``GET /``: the page (Leaflet, vendored under ``static/``; nothing is loaded from the internet).
+
+Safety: uploads are capped (``max_upload_mb``, checked on the raw request body before it is
+parsed, and again on the file) and decoded as image or audio before use; anything else is a 4xx
+with a message. Model and index are shared read-only; model calls run in the thread pool under
+one lock (``GeoBind.embed`` toggles the encoder's train/eval flag, so concurrent calls on one
+encoder are not safe without it).
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the endpoint annotations
+# (UploadFile, imported inside create_app) at runtime.
+import base64
+import io
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+STATIC = Path(__file__).parent / "static"
+SERVE_HINT = "pip install 'geobind[serve]'"
+MODALITY_HINTS = ("auto", "audio", "image", "satellite")
+MAX_TEXT_CHARS = 1000
+MAX_K = 100
+# Multipart framing and small form fields on top of the file itself.
+FORM_OVERHEAD = 64 * 1024
+SCORE_HELP = (
+    "Scores are cosine similarities between the query and each place's {modality} embedding, "
+    "in [-1, 1]; higher means closer. Compare them within one query only: their absolute level "
+    "depends on the model and the kind of query."
+)
+
+
+def import_fastapi():
+    """Import FastAPI or raise an error naming the extra that installs it."""
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart: form and file uploads)
+    except ImportError:
+        raise ImportError(
+            f"geobind serve needs fastapi and python-multipart: {SERVE_HINT}"
+        ) from None
+    import fastapi
+
+    return fastapi
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets a 413 before it is parsed
+    (by its Content-Length, or by counting chunks when it has none)."""
+
+    def __init__(self, app, limit: int, message: str):
+        self.app, self.limit, self.message = app, limit, message
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(send)
+        seen = 0
+        exceeded = rejected = False
+
+        async def counting_receive():
+            nonlocal seen, exceeded
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    exceeded = True
+                    raise UploadTooLarge
+            return msg
+
+        async def guarded_send(msg):
+            # Once the body went over the limit, whatever the app answers (its form parser
+            # may turn our exception into a 400) is replaced by the 413.
+            nonlocal rejected
+            if not exceeded:
+                return await send(msg)
+            if not rejected:
+                rejected = True
+                await self._reject(send)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except UploadTooLarge:
+            pass
+        if exceeded and not rejected:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        from starlette.responses import JSONResponse
+
+        resp = JSONResponse({"detail": self.message}, status_code=413)
+        await resp({"type": "http"}, None, send)
+
+
+class Explorer:
+    """The model and index behind the app, with the query and map logic (no HTTP)."""
+
+    def __init__(self, model, index, *, max_upload_mb: float):
+        if max_upload_mb <= 0:
+            raise ValueError("max_upload_mb must be positive")
+        index.verify(model)
+        self.model = model
+        self.index = index
+        self.max_upload_mb = max_upload_mb
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.lock = threading.Lock()
+        # Warm every lazy cache now so that request threads only ever read shared state.
+        self.vectors = index.vectors_f32()
+        if len(index):
+            index.position(index.ids[0])
+            index.thumbnail(index.ids[0])
+        self.has_thumbnails = index.has_thumbnails
+        self.identity = {m: model.identity(m) for m in model.modalities}
+        self.resolution = map_resolution(index.lat, index.lon)
+
+    # -- queries ---------------------------------------------------------------------------
+    def decode_upload(self, data: bytes, filename: str, hint: str) -> tuple[str, Any]:
+        """``(query keyword, decoded item)`` for an uploaded file; ``QueryError`` otherwise."""
+        from geobind.data.errors import BadSampleError
+
+        name = filename or "upload"
+        if not data:
+            raise QueryError(400, f"the uploaded file {name!r} is empty")
+        if len(data) > self.max_upload_bytes:
+            raise QueryError(413, self.too_large_message())
+        if hint not in MODALITY_HINTS:
+            raise QueryError(
+                422, f"modality must be one of {', '.join(MODALITY_HINTS)}, not {hint!r}"
+            )
+        kind = sniff_bytes(data)
+        if kind is None:
+            raise QueryError(
+                415,
+                f"{name!r} is neither an image nor an audio file that can be decoded "
+                "(images: png, jpeg, webp, ...; audio: wav, flac, ogg, mp3)",
+            )
+        want = {"audio": "audio", "image": "image", "satellite": "image"}.get(hint)
+        if want is not None and kind != want:
+            raise QueryError(415, f"{name!r} is {kind}, but the query asked for {hint}")
+        keyword = hint if hint != "auto" else ("audio" if kind == "audio" else "image")
+        modality = {"audio": "audio", "image": "ground", "satellite": "satellite"}[keyword]
+        if modality not in self.model.modalities:
+            raise QueryError(
+                422,
+                f"this model has no {modality} encoder; it embeds {', '.join(self.model.modalities)}",
+            )
+        try:
+            if kind == "image":
+                from geobind.data.media import load_image
+
+                item = load_image(data)
+            else:
+                from geobind.data.audio_io import load_audio
+
+                rate = _audio_rate(self.model)
+                item = (load_audio(data, rate, name=name), rate)
+        except BadSampleError as e:
+            raise QueryError(
+                422, f"{name!r} could not be decoded as {kind}: {e.reason} ({e.detail})"
+            ) from None
+        return keyword, item
+
+    def too_large_message(self) -> str:
+        return f"upload too large: the limit is {self.max_upload_mb:g} MB"
+
+    def query_vector(
+        self, *, text: str | None, upload: tuple[str, Any] | None
+    ) -> tuple[np.ndarray, str]:
+        """The unit query vector and a label for it."""
+        text = (text or "").strip()
+        if not text and upload is None:
+            raise QueryError(400, "give a text query or upload an audio or image file")
+        if len(text) > MAX_TEXT_CHARS:
+            raise QueryError(422, f"the text query is longer than {MAX_TEXT_CHARS} characters")
+        items: dict[str, Any] = {}
+        labels = []
+        if text:
+            items["text"] = text
+            labels.append(f'"{text}"')
+        if upload is not None:
+            items[upload[0]] = upload[1]
+            labels.append(f"{upload[0]} upload")
+        with self.lock:
+            try:
+                q = self.model.embed_query(**items)
+            except ValueError as e:
+                raise QueryError(422, str(e)) from None
+        return q.numpy().astype(np.float32), " + ".join(labels)
+
+    def search(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
+        out = []
+        for hit in self.index.hits(q, k):
+            d = hit.to_dict()
+            d["thumbnail_url"] = (
+                f"/api/thumbnail/{quote(hit.id, safe='')}"
+                if self.has_thumbnails and self.index.thumbnail(hit.id)
+                else None
+            )
+            out.append(d)
+        return out
+
+    def heat_map(self, q: np.ndarray, label: str) -> dict[str, Any]:
+        from geobind.search.maps import map_points
+
+        result = map_points(
+            self.vectors,
+            self.index.lat,
+            self.index.lon,
+            self.index.ids,
+            q,
+            resolution=self.resolution,
+            label=label,
+        )
+        v = result.values[np.isfinite(result.values)]
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+        png = result.overlay_png(vmin=lo, vmax=hi)
+        west, south, east, north = result.bounds_latlon()
+        return {
+            "overlay": "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+            # Leaflet's order: [[south, west], [north, east]].
+            "bounds": [[south, west], [north, east]],
+            "resolution_deg": self.resolution,
+            "score": result.score,
+            "score_label": result.score_label,
+            "min": lo,
+            "max": hi,
+            "colormap": "viridis",
+            "query": label,
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": {
+                "modalities": self.model.modalities,
+                "dim": self.model.dim,
+                "identity": self.identity,
+            },
+            "index": {
+                "name": Path(self.index.name).name,
+                "count": len(self.index),
+                "modality": self.index.modality,
+                "kind": self.index.kind,
+                "thumbnails": self.has_thumbnails,
+                "captions": self.index.captions is not None,
+            },
+            "max_upload_mb": self.max_upload_mb,
+            "scores": SCORE_HELP.format(modality=self.index.modality),
+        }
+
+
+class QueryError(Exception):
+    """A bad request: HTTP status and a message for the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def sniff_bytes(data: bytes) -> str | None:
+    """``"image"``, ``"audio"`` or None, from the file's header (not a full decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            return "image"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        pass
+    import soundfile as sf
+
+    try:
+        sf.info(io.BytesIO(data))
+        return "audio"
+    except Exception:  # libsndfile raises several types for foreign data
+        return None
+
+
+def _audio_rate(model) -> int:
+    enc = model.encoder("audio")
+    settings = getattr(enc, "audio", None)
+    return int(getattr(settings, "sample_rate", 48_000))
+
+
+def map_resolution(lat: np.ndarray, lon: np.ndarray) -> float:
+    """Grid step (degrees) of the overlay: the places' own spacing when they are dense (tiles
+    on a grid), coarser when they are sparse (a few hundred places over the world would
+    otherwise be specks), so that each place covers a visible cell."""
+    from geobind.search.maps import auto_resolution
+
+    lat, lon = np.asarray(lat), np.asarray(lon)
+    if len(lat) == 0:
+        return 1.0
+    base = auto_resolution(lat, lon)
+    area = max(float(np.ptp(lat)), 1e-6) * max(float(np.ptp(lon)), 1e-6)
+    sparse = float(np.sqrt(area / len(lat)) / 2)
+    return float(min(max(base, sparse), 10.0) if sparse > base else base)
+
+
+def create_app(
+    model,
+    index,
+    *,
+    max_upload_mb: float = 20,
+    default_k: int = 10,
+    title: str = "GeoBind explorer",
+):
+    """The FastAPI app over ``model`` (a :class:`geobind.GeoBind` or a model directory) and
+    ``index`` (a :class:`geobind.search.Index` or an index folder built with this model).
+    ``max_upload_mb`` caps uploads (413 above it)."""
+    fastapi = import_fastapi()
+    from fastapi import File, Form, HTTPException, UploadFile
+    from fastapi.responses import FileResponse, Response
+    from fastapi.staticfiles import StaticFiles
+
+    from geobind.model import GeoBind
+    from geobind.search.index import Index
+
+    if not isinstance(model, GeoBind):
+        model = GeoBind.from_pretrained(model)
+    if not isinstance(index, Index):
+        index = Index.load(index)
+    model.eval()
+    ex = Explorer(model, index, max_upload_mb=max_upload_mb)
+
+    docs_assets = _swagger_assets()
+    app = fastapi.FastAPI(
+        title=title,
+        description="Search and map the places of a GeoBind index by text, audio or image.",
+        docs_url=None if docs_assets else "/docs",
+        redoc_url=None,
+    )
+    app.state.explorer = ex
+
+    def run(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except QueryError as e:
+            raise HTTPException(e.status, e.message) from None
+
+    def query(text: str | None, file: UploadFile | None, modality: str) -> tuple[np.ndarray, str]:
+        upload = None
+        if file is not None and (file.filename or file.size):
+            # Read one byte past the limit: enough to tell "too large" without reading it all.
+            data = file.file.read(ex.max_upload_bytes + 1)
+            upload = run(ex.decode_upload, data, file.filename or "", modality)
+        elif modality not in MODALITY_HINTS:
+            raise HTTPException(422, f"modality must be one of {', '.join(MODALITY_HINTS)}")
+        return run(ex.query_vector, text=text, upload=upload)
+
+    # Plain ``def`` endpoints run in the thread pool: embedding never blocks the event loop.
+    @app.post("/api/search", summary="Top places for a text, audio or image query")
+    def api_search(
+        text: str | None = Form(None, description="text query"),
+        file: UploadFile | None = File(None, description="audio or image file"),
+        modality: str = Form("auto", description="auto | audio | image (ground photo) | satellite"),
+        k: int = Form(default_k, ge=1, le=MAX_K, description="number of places"),
+        map: bool = Form(False, description="also return the heat-map overlay"),
+    ) -> dict[str, Any]:
+        q, label = query(text, file, modality)
+        out: dict[str, Any] = {
+            "query": label,
+            "score": "cosine",
+            "score_help": SCORE_HELP.format(modality=index.modality),
+            "results": ex.search(q, k),
+        }
+        if map:
+            out["map"] = ex.heat_map(q, label)
+        return out
+
+    @app.post("/api/map", summary="Heat-map overlay of a query over every indexed place")
+    def api_map(
+        text: str | None = Form(None, description="text query"),
+        file: UploadFile | None = File(None, description="audio or image file"),
+        modality: str = Form("auto", description="auto | audio | image (ground photo) | satellite"),
+    ) -> dict[str, Any]:
+        q, label = query(text, file, modality)
+        return ex.heat_map(q, label)
+
+    @app.get("/api/thumbnail/{item_id:path}", summary="JPEG thumbnail of an indexed place")
+    def api_thumbnail(item_id: str):
+        try:
+            index.position(item_id)
+        except KeyError:
+            raise HTTPException(404, f"no place with id {item_id!r} in the index") from None
+        data = index.thumbnail(item_id)
+        if not data:
+            raise HTTPException(404, f"place {item_id!r} has no thumbnail")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/health", summary="Model identity and index size")
+    def api_health() -> dict[str, Any]:
+        return ex.health()
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if docs_assets:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        app.mount("/docs-assets", StaticFiles(directory=docs_assets), name="docs-assets")
+
+        @app.get("/docs/openapi.json", include_in_schema=False)
+        def docs_schema():
+            # The packaged Swagger UI (4.x) refuses "openapi: 3.1.x", which FastAPI writes; the
+            # schema it renders is labelled 3.0.3 (it displays fine). /openapi.json is unchanged.
+            return {**app.openapi(), "openapi": "3.0.3"}
+
+        @app.get("/docs", include_in_schema=False)
+        def docs():
+            return get_swagger_ui_html(
+                openapi_url="/docs/openapi.json",
+                title=f"{title}: API",
+                swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                swagger_css_url="/docs-assets/swagger-ui.css",
+                swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            )
+
+    app.add_middleware(
+        BodyLimit, limit=ex.max_upload_bytes + FORM_OVERHEAD, message=ex.too_large_message()
+    )
+    return app
+
+
+def _swagger_assets() -> Path | None:
+    """Swagger UI files from the ``swagger-ui-bundle`` package, so ``/docs`` works offline;
+    None (FastAPI's default page, which loads them from a CDN) when it is not installed."""
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    path = Path(swagger_ui_bundle.swagger_ui_path)
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+__all__ = ["Explorer", "create_app", "map_resolution", "sniff_bytes"]

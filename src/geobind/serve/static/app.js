@@ -1,0 +1,153 @@
+// GeoBind explorer page: query form -> POST /api/search (with the heat map) -> Leaflet layers.
+// Everything is served by the app itself; no tiles or scripts come from the internet.
+(function () {
+  "use strict";
+  const $ = (id) => document.getElementById(id);
+  const map = L.map("map", { minZoom: 1, maxZoom: 12, zoomSnap: 0.5, worldCopyJump: false })
+    .setView([15, 0], 2);
+  map.attributionControl.setPrefix("Leaflet");
+
+  // A plain background: a graticule every 30 degrees (no tile server is needed or used).
+  const grid = L.layerGroup().addTo(map);
+  for (let lat = -90; lat <= 90; lat += 30) {
+    L.polyline([[lat, -180], [lat, 180]], { color: "#8fa3b3", weight: lat === 0 ? 1.5 : 0.7, interactive: false }).addTo(grid);
+  }
+  for (let lon = -180; lon <= 180; lon += 30) {
+    L.polyline([[-90, lon], [90, lon]], { color: "#8fa3b3", weight: lon === 0 ? 1.5 : 0.7, interactive: false }).addTo(grid);
+  }
+
+  const results = L.layerGroup().addTo(map);
+  let overlay = null;
+  let recording = null; // a File made from the microphone, used instead of the file input
+  let markers = [];
+
+  const esc = (s) => String(s == null ? "" : s).replace(/[&<>"']/g,
+    (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+  const status = (msg, error) => { $("status").textContent = msg; $("status").className = error ? "error" : ""; };
+
+  fetch("/api/health").then((r) => r.json()).then((h) => {
+    $("info").textContent = `${h.index.count} places (${h.index.modality} embeddings); ` +
+      `model embeds ${h.model.modalities.join(", ")}; uploads up to ${h.max_upload_mb} MB.`;
+    $("legend-modality").textContent = h.index.modality;
+    if (h.model.modalities.includes("audio") && navigator.mediaDevices && window.MediaRecorder) {
+      $("record").hidden = false;
+    }
+  }).catch(() => status("the server does not answer /api/health", true));
+
+  function errorText(body, res) {
+    const d = body && body.detail;
+    if (Array.isArray(d)) return d.map((e) => `${(e.loc || []).slice(-1)[0]}: ${e.msg}`).join("; ");
+    return d || `${res.status} ${res.statusText}`;
+  }
+
+  function render(data) {
+    results.clearLayers();
+    markers = [];
+    if (overlay) { map.removeLayer(overlay); overlay = null; }
+    const m = data.map;
+    if (m) {
+      overlay = L.imageOverlay(m.overlay, m.bounds, { opacity: 0.85, interactive: false }).addTo(map);
+      $("vmin").textContent = m.min.toFixed(4);
+      $("vmax").textContent = m.max.toFixed(4);
+    }
+    const list = $("results");
+    list.innerHTML = "";
+    data.results.forEach((r, i) => {
+      const html = `<div class="popup">` +
+        (r.thumbnail_url ? `<img src="${esc(r.thumbnail_url)}" alt="thumbnail of ${esc(r.id)}">` : "") +
+        `<div class="score">#${r.rank} · score ${r.score.toFixed(4)}</div>` +
+        (r.caption ? `<div>${esc(r.caption)}</div>` : "") +
+        `<div class="muted small">${esc(r.id)} · ${r.lat.toFixed(2)}, ${r.lon.toFixed(2)}</div></div>`;
+      const mk = L.marker([r.lat, r.lon], { title: `#${r.rank} ${r.id}`, riseOnHover: true })
+        .bindPopup(html, { maxWidth: 240 }).addTo(results);
+      markers.push(mk);
+      const li = document.createElement("li");
+      li.innerHTML = `<span class="score">${r.score.toFixed(4)}</span> ${esc(r.caption || r.id)}`;
+      li.addEventListener("click", () => { map.setView(mk.getLatLng(), Math.max(map.getZoom(), 4)); mk.openPopup(); });
+      list.appendChild(li);
+    });
+    if (markers.length) {
+      map.fitBounds(L.featureGroup(markers).getBounds().pad(0.3), { maxZoom: 5 });
+      markers[0].openPopup();
+    }
+    status(`${data.results.length} places for ${data.query}`);
+  }
+
+  $("query").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const form = new FormData();
+    const text = $("text").value.trim();
+    const file = recording || $("file").files[0];
+    if (!text && !file) { status("type a query, choose a file or record a sound", true); return; }
+    if (text) form.append("text", text);
+    if (file) form.append("file", file, file.name);
+    form.append("modality", recording ? "audio" : $("modality").value);
+    form.append("k", $("k").value || "10");
+    form.append("map", "true");
+    status("searching…");
+    $("submit").disabled = true;
+    try {
+      const res = await fetch("/api/search", { method: "POST", body: form });
+      const body = await res.json().catch(() => null);
+      if (!res.ok) { status(errorText(body, res), true); return; }
+      render(body);
+    } catch (e) {
+      status(`request failed: ${e}`, true);
+    } finally {
+      $("submit").disabled = false;
+    }
+  });
+
+  $("file").addEventListener("change", () => { recording = null; $("recinfo").textContent = ""; });
+  $("clear").addEventListener("click", () => {
+    $("query").reset(); recording = null; $("recinfo").textContent = "";
+    results.clearLayers(); if (overlay) { map.removeLayer(overlay); overlay = null; }
+    $("results").innerHTML = ""; status("");
+  });
+
+  // Microphone: MediaRecorder gives webm/ogg (not every server-side decoder reads webm), so
+  // the clip is decoded by the browser and uploaded as 16-bit mono WAV.
+  let recorder = null;
+  $("record").addEventListener("click", async () => {
+    if (recorder && recorder.state === "recording") { recorder.stop(); return; }
+    let stream;
+    try { stream = await navigator.mediaDevices.getUserMedia({ audio: true }); } catch (e) {
+      status(`no microphone: ${e.message || e}`, true); return;
+    }
+    const chunks = [];
+    recorder = new MediaRecorder(stream);
+    recorder.ondataavailable = (e) => chunks.push(e.data);
+    recorder.onstop = async () => {
+      stream.getTracks().forEach((t) => t.stop());
+      $("record").classList.remove("recording"); $("record").textContent = "● Record";
+      const blob = new Blob(chunks, { type: recorder.mimeType });
+      try {
+        const ctx = new (window.AudioContext || window.webkitAudioContext)();
+        const audio = await ctx.decodeAudioData(await blob.arrayBuffer());
+        recording = new File([wav(audio)], "recording.wav", { type: "audio/wav" });
+        $("recinfo").textContent = `recording ready (${audio.duration.toFixed(1)} s); press Search`;
+      } catch (e) {
+        recording = new File([blob], "recording.webm", { type: blob.type });
+        $("recinfo").textContent = "recording ready (undecoded); press Search";
+      }
+    };
+    recorder.start();
+    $("record").classList.add("recording"); $("record").textContent = "■ Stop";
+    $("recinfo").textContent = "recording… (stops after 10 s)";
+    setTimeout(() => { if (recorder.state === "recording") recorder.stop(); }, 10000);
+  });
+
+  function wav(audio) {
+    const n = audio.length, rate = audio.sampleRate, chans = audio.numberOfChannels;
+    const mono = new Float32Array(n);
+    for (let c = 0; c < chans; c++) { const d = audio.getChannelData(c); for (let i = 0; i < n; i++) mono[i] += d[i] / chans; }
+    const buf = new ArrayBuffer(44 + 2 * n), v = new DataView(buf);
+    const str = (o, s) => { for (let i = 0; i < s.length; i++) v.setUint8(o + i, s.charCodeAt(i)); };
+    str(0, "RIFF"); v.setUint32(4, 36 + 2 * n, true); str(8, "WAVE"); str(12, "fmt ");
+    v.setUint32(16, 16, true); v.setUint16(20, 1, true); v.setUint16(22, 1, true);
+    v.setUint32(24, rate, true); v.setUint32(28, 2 * rate, true); v.setUint16(32, 2, true);
+    v.setUint16(34, 16, true); str(36, "data"); v.setUint32(40, 2 * n, true);
+    for (let i = 0; i < n; i++) v.setInt16(44 + 2 * i, Math.max(-1, Math.min(1, mono[i])) * 32767, true);
+    return buf;
+  }
+})();

@@ -1,0 +1,311 @@
+"""``geobind serve``: the JSON API on a tiny model and index (FastAPI's test client)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+pytest.importorskip(
+    "fastapi", reason="the serve extra is not installed: pip install 'geobind[serve]'"
+)
+pytest.importorskip("multipart", reason="python-multipart is not installed")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from space_helpers import saved_space  # noqa: E402
+
+from geobind.cli import main  # noqa: E402
+from geobind.model import GeoBind  # noqa: E402
+from geobind.search.index import Index, build_index  # noqa: E402
+from geobind.serve import create_app  # noqa: E402
+
+
+def make_served(tiny_data, root):
+    """The tiny four-modality model (saved under ``root``) and an exact index of its satellite
+    embeddings of the test split, with thumbnails and captions."""
+    from geobind.search.embed import embed_dataset
+
+    model_dir = saved_space(tiny_data, root)
+    model = GeoBind.from_pretrained(model_dir)
+    embed_dataset(model, tiny_data["test"], "satellite", root / "sat.parquet", log=None)
+    build_index(root / "sat.parquet", root / "sat.index", "exact", log=None)
+    return {
+        "model": model,
+        "model_dir": model_dir,
+        "index": Index.load(root / "sat.index"),
+        "index_dir": root / "sat.index",
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tiny_data, tmp_path_factory):
+    """:func:`make_served` plus a test client of the app over them."""
+    parts = make_served(tiny_data, tmp_path_factory.mktemp("serve"))
+    return {**parts, "client": TestClient(create_app(parts["model"], parts["index"]))}
+
+
+def png_bytes(size: int = 32, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wav_bytes(seconds: float = 1.0, fmt: str = "WAV") -> bytes:
+    t = np.arange(int(16000 * seconds)) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000, format=fmt)
+    return buf.getvalue()
+
+
+def upload(client, data: bytes, name: str, **form):
+    return client.post("/api/search", data=form, files={"file": (name, data)})
+
+
+# -- good requests ---------------------------------------------------------------------------
+def test_health_names_the_model_and_index(served):
+    h = served["client"].get("/api/health").json()
+    assert h["status"] == "ok"
+    assert h["index"]["count"] == len(served["index"]) and h["index"]["modality"] == "satellite"
+    assert h["model"]["identity"]["satellite"] == served["index"].identity
+    assert set(h["model"]["modalities"]) == {"satellite", "ground", "text", "audio"}
+    assert h["max_upload_mb"] == 20
+
+
+def test_text_search_equals_the_python_api(served):
+    r = served["client"].post("/api/search", data={"text": "a photo of a forest", "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = served["model"].search(served["index"], text="a photo of a forest", k=5)
+    assert [x["id"] for x in body["results"]] == [h.id for h in ref]
+    np.testing.assert_allclose(
+        [x["score"] for x in body["results"]], [h.score for h in ref], atol=1e-5
+    )
+    first = body["results"][0]
+    assert set(first) >= {"id", "lat", "lon", "score", "caption", "thumbnail_url", "rank"}
+    assert first["caption"] == served["index"].caption(first["id"])
+    assert first["thumbnail_url"] == f"/api/thumbnail/{first['id']}"
+    assert "cosine" in body["score_help"] and "map" not in body
+
+
+def test_image_and_audio_uploads_search(served):
+    client, model, index = served["client"], served["model"], served["index"]
+    img = png_bytes()
+    body = upload(client, img, "photo.png", k=3).json()
+    ref = model.search(index, image=Image.open(io.BytesIO(img)), k=3)
+    assert [x["id"] for x in body["results"]] == [h.id for h in ref]
+    assert body["query"] == "image upload"
+    # A satellite hint embeds the image with the satellite encoder instead.
+    body = upload(client, img, "tile.png", modality="satellite", k=3).json()
+    ref = model.search(index, satellite=Image.open(io.BytesIO(img)), k=3)
+    assert [x["id"] for x in body["results"]] == [h.id for h in ref]
+    for fmt, name in (("WAV", "clip.wav"), ("FLAC", "clip.flac"), ("OGG", "clip.ogg")):
+        r = upload(client, wav_bytes(fmt=fmt), name, k=4)
+        assert r.status_code == 200, (fmt, r.text)
+        assert len(r.json()["results"]) == 4 and r.json()["query"] == "audio upload"
+    # Text and a file together: one combined query.
+    r = client.post(
+        "/api/search", data={"text": "a forest", "k": 2}, files={"file": ("a.wav", wav_bytes())}
+    )
+    assert r.status_code == 200 and r.json()["query"] == '"a forest" + audio upload'
+
+
+def test_map_overlay_covers_the_places(served):
+    client, index = served["client"], served["index"]
+    for r in (
+        client.post("/api/map", data={"text": "a photo of a desert"}),
+        client.post("/api/search", data={"text": "a photo of a desert", "map": "true"}),
+    ):
+        assert r.status_code == 200, r.text
+        m = r.json().get("map", r.json())
+        assert m["overlay"].startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(m["overlay"].split(",", 1)[1])))
+        assert img.mode == "RGBA" and img.width >= 1
+        (south, west), (north, east) = m["bounds"]
+        assert south <= index.lat.min() and north >= index.lat.max()
+        assert west <= index.lon.min() and east >= index.lon.max()
+        assert m["min"] <= m["max"] and m["score"] == "cosine"
+
+
+def test_thumbnails_by_id_only(served):
+    client, index = served["client"], served["index"]
+    item = index.ids[0]
+    r = client.get(f"/api/thumbnail/{item}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.content == index.thumbnail(item)
+    Image.open(io.BytesIO(r.content)).verify()
+    assert "no place with id 'nope'" in client.get("/api/thumbnail/nope").json()["detail"]
+    for bad in ("nope", "..%2F..%2Fetc%2Fpasswd", "../sat.index/index.json"):
+        r = client.get(f"/api/thumbnail/{bad}")
+        # (the client resolves a literal "../" itself: that one misses every route)
+        assert r.status_code == 404, bad
+
+
+def test_page_docs_and_static_files_are_local(served):
+    client = served["client"]
+    page = client.get("/")
+    assert page.status_code == 200 and "leaflet.js" in page.text
+    assert "http://" not in page.text and "https://" not in page.text
+    for path in (
+        "/static/app.js",
+        "/static/style.css",
+        "/static/vendor/leaflet/leaflet.js",
+        "/static/vendor/leaflet/leaflet.css",
+        "/static/vendor/leaflet/images/marker-icon.png",
+    ):
+        assert client.get(path).status_code == 200, path
+    assert "https://" not in client.get("/static/app.js").text
+    assert client.get("/openapi.json").json()["paths"].keys() >= {
+        "/api/search",
+        "/api/map",
+        "/api/health",
+    }
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    try:
+        import swagger_ui_bundle  # noqa: F401
+    except ImportError:
+        return
+    assert (
+        "cdn." not in docs.text
+        and client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    )
+
+
+def test_concurrent_requests_agree(served):
+    client = served["client"]
+    texts = ["a photo of a forest", "a photo of a desert", "a photo of a city"] * 3
+    expected = {
+        t: client.post("/api/search", data={"text": t, "k": 3}).json()["results"]
+        for t in set(texts)
+    }
+    got: dict[int, object] = {}
+
+    def ask(i, t):
+        got[i] = client.post("/api/search", data={"text": t, "k": 3}).json()["results"]
+
+    threads = [threading.Thread(target=ask, args=(i, t)) for i, t in enumerate(texts)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i, t in enumerate(texts):
+        assert [x["id"] for x in got[i]] == [x["id"] for x in expected[t]]
+
+
+# -- bad requests ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, data, form, status, words",
+    [
+        ("notes.txt", b"just some text, not media", {}, 415, "neither an image nor an audio"),
+        ("empty.png", b"", {}, 400, "empty"),
+        (
+            "half.png",
+            png_bytes(64)[: len(png_bytes(64)) // 2],
+            {},
+            422,
+            "could not be decoded as image",
+        ),
+        ("header.wav", wav_bytes()[:44], {}, 422, "could not be decoded as audio"),
+        ("cut.flac", wav_bytes(fmt="FLAC")[:200], {}, 422, "could not be decoded as audio"),
+        (
+            "photo.png",
+            png_bytes(),
+            {"modality": "audio"},
+            415,
+            "is image, but the query asked for audio",
+        ),
+        ("clip.wav", wav_bytes(), {"modality": "satellite"}, 415, "is audio"),
+        ("photo.png", png_bytes(), {"modality": "video"}, 422, "modality must be one of"),
+        ("photo.png", png_bytes(), {"k": 0}, 422, ""),
+        ("photo.png", png_bytes(), {"k": 1000}, 422, ""),
+    ],
+)
+def test_bad_uploads_get_a_clear_4xx(served, name, data, form, status, words):
+    r = upload(served["client"], data, name, **form)
+    assert r.status_code == status, r.text
+    assert words in str(r.json()["detail"])
+
+
+def test_query_without_text_or_file_is_400(served):
+    for data in ({}, {"text": "   "}):
+        r = served["client"].post("/api/search", data=data)
+        assert r.status_code == 400 and "give a text query" in r.json()["detail"]
+    r = served["client"].post("/api/search", data={"text": "x" * 5000})
+    assert r.status_code == 422 and "longer than" in r.json()["detail"]
+
+
+def test_uploads_over_the_limit_get_413(served):
+    app = create_app(served["model"], served["index"], max_upload_mb=0.01)  # ~10 KB
+    client = TestClient(app)
+    # Over the file limit, within the body allowance for the form: checked on the file.
+    r = upload(client, png_bytes(96), "big.png")
+    assert len(png_bytes(96)) > 0.01 * 2**20
+    assert r.status_code == 413 and "limit is 0.01 MB" in r.json()["detail"]
+    # Far over: refused from the request's size before the form is parsed, also when chunked.
+    big = b"\0" * (2 * 2**20)
+    r = upload(client, big, "huge.bin")
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+
+    def chunks():
+        for _ in range(64):
+            yield b"x" * 32768
+
+    r = client.post(
+        "/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert r.status_code == 413
+    # Small uploads still work on this app.
+    assert upload(client, png_bytes(), "small.png").status_code == 200
+
+
+def test_app_refuses_an_index_of_another_model(served, tiny_data):
+    import torch
+    from test_model import build_space
+
+    other = build_space(tiny_data)
+    with torch.no_grad():
+        next(other.encoder("satellite").parameters()).add_(0.01)
+    with pytest.raises(ValueError, match="another model"):
+        create_app(other, served["index"])
+
+
+# -- command line ----------------------------------------------------------------------------
+def test_serve_cli_binds_localhost_and_prints_the_url(served, monkeypatch, capsys):
+    import uvicorn
+
+    calls = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
+    argv = [
+        "serve",
+        "--model",
+        str(served["model_dir"]),
+        "--index",
+        str(served["index_dir"]),
+        "--port",
+        "8123",
+    ]
+    assert main(argv) == 0
+    assert calls["host"] == "127.0.0.1" and calls["port"] == 8123
+    assert "http://127.0.0.1:8123/" in capsys.readouterr().out
+    assert TestClient(calls["app"]).get("/api/health").json()["index"]["count"] == len(
+        served["index"]
+    )
+    # A missing index is an error message and exit status 2, not a traceback.
+    assert (
+        main(["serve", "--model", str(served["model_dir"]), "--index", "/nonexistent.index"]) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--max-upload-mb" in out and "127.0.0.1" in out

@@ -1,0 +1,131 @@
+"""End to end: the explorer served by uvicorn on a free port, driven in headless Chromium.
+
+Needs Debian's ``chromium`` (``/usr/bin/chromium``; `.ci/run` installs it) and Playwright for
+Python (the ``test`` extra). ``playwright install`` is never run: it would download a browser.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None,
+        reason="Playwright for Python is not installed (pip install playwright)",
+    ),
+    pytest.mark.skipif(
+        not CHROMIUM.is_file(),
+        reason=f"no Chromium at {CHROMIUM} (apt-get install chromium); the browser test needs it",
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None,
+        reason="the serve extra is not installed: pip install 'geobind[serve]'",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_data, tmp_path_factory):
+    """The app on a free local port, run by uvicorn in a thread; its base URL."""
+    import uvicorn
+    from test_serve import make_served
+
+    from geobind.serve import create_app
+
+    parts = make_served(tiny_data, tmp_path_factory.mktemp("serve_browser"))
+    port = free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(parts["model"], parts["index"]),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", **parts}
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_text_query_shows_markers_overlay_and_popups(server, browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    requests: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server["url"] + "/")
+    page.wait_for_function("document.getElementById('info').textContent.includes('places')")
+    page.fill("#text", "a photo of a forest")
+    page.fill("#k", "5")
+    page.click("#submit")
+    page.wait_for_selector("img.leaflet-image-layer", timeout=20_000)
+    page.wait_for_function("document.querySelectorAll('.leaflet-marker-icon').length === 5")
+    overlay_src = page.get_attribute("img.leaflet-image-layer", "src")
+    assert overlay_src.startswith("data:image/png;base64,")
+    assert page.locator("#results li").count() == 5
+    # The best place's popup opens with its thumbnail (served by id), caption and score.
+    page.wait_for_selector(".leaflet-popup img")
+    best = server["model"].search(server["index"], text="a photo of a forest", k=1)[0]
+    popup = page.inner_text(".leaflet-popup-content")
+    assert f"{best.score:.4f}" in popup and best.id in popup
+    assert page.evaluate("document.querySelector('.leaflet-popup img').naturalWidth") > 0
+    assert "cosine similarity" in page.inner_text("#legend")
+    # Nothing was fetched from anywhere but this server (no CDN, no tiles).
+    assert all(u.startswith(server["url"]) or u.startswith("data:") for u in requests), requests
+    assert not errors, errors
+    page.close()
+
+
+def test_bad_query_shows_the_message(server, browser):
+    page = browser.new_page()
+    page.goto(server["url"] + "/")
+    page.wait_for_function("document.getElementById('info').textContent.includes('places')")
+    page.set_input_files(
+        "#file",
+        files=[
+            {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image or a sound"}
+        ],
+    )
+    page.click("#submit")
+    page.wait_for_selector("#status.error")
+    assert "neither an image nor an audio" in page.inner_text("#status")
+    page.close()
