@@ -25,8 +25,8 @@ import yaml
 
 DEMO_EPILOG = """\
 examples:
-  geobind demo                         # the full demo (about 10 minutes on a 2-core CPU)
-  geobind demo --quick --out /tmp/gb   # a smaller world and shorter training (about 2 minutes)
+  geobind demo                         # the full demo (about 5 minutes on a 2-core CPU)
+  geobind demo --quick --out /tmp/gb   # a smaller world and shorter training (about 1 minute)
   geobind demo --out demo --force      # replace an earlier demo folder
 """
 
@@ -93,8 +93,9 @@ def _stage(name, train, bind_to, encoder, data, val, epochs, batch, lr, symmetri
         "encoder": encoder,
         "data": {"train": data, **({"val": val} if val else {})},
         "loss": {"symmetric": symmetric},
+        # Validation every 50 steps (and at the end), not every epoch: the epochs here are short.
         "optim": {"epochs": epochs, "batch_size": batch, "lr": lr, "weight_decay": 0.05,
-                  "warmup_steps": 20, "log_every": 10, "ckpt_every": 500},
+                  "warmup_steps": 20, "log_every": 10, "ckpt_every": 500, "val_every": 50},
     }
 
 
@@ -108,7 +109,7 @@ def write_configs(out: Path, p: Preset, seed: int) -> tuple[Path, Path]:
         "stages": [
             _stage("satellite", "satellite", "ground",
                    {"type": "clip_vision", "init_from": "ground", "image_size": IMAGE_SIZE},
-                   "world/stage1_train.csv", "world/stage1_val.csv", p.stage1_epochs, p.batch_size, 3e-4, False),
+                   "world/stage1_train.csv", "world/stage1_val.csv", p.stage1_epochs, p.batch_size, 5e-4, False),
             _stage("audio", "audio", "satellite", demo_audio_spec(), "world/stage2_train.csv",
                    "world/stage2_val.csv", p.stage2_epochs, p.batch_size, 1e-3, True),
         ],
