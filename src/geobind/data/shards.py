@@ -34,6 +34,7 @@ once per epoch, but not the batches the old layout would have made.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -871,16 +872,8 @@ class EpochStream(IterableDataset):
         stream = buffer_shuffle(
             self.shards.read_rows(slot), self.plan.bufsize, self.plan.slot_rng(sid)
         )
-        for k, (row, sample) in enumerate(stream):
-            if k < skip:  # consumed before a resume: read, never decoded
-                continue
-            if isinstance(sample, BadSampleError):
-                yield row, sample
-                continue
-            try:
-                yield row, self.process(row, sample)
-            except BadSampleError as e:
-                yield row, e
+        # Samples consumed before a resume are read, never decoded.
+        yield from _processed(itertools.islice(stream, skip, None), self.process)
 
 
 class RowStream(IterableDataset):
@@ -905,14 +898,20 @@ class RowStream(IterableDataset):
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
         chunk = np.array_split(self.rows, n)[w]
-        for row, sample in self.shards.read_rows(chunk):
-            if isinstance(sample, BadSampleError):
-                yield row, sample
-                continue
-            try:
-                yield row, self.process(row, sample)
-            except BadSampleError as e:
-                yield row, e
+        yield from _processed(self.shards.read_rows(chunk), self.process)
+
+
+def _processed(rows, process: Callable[[int, dict[str, Any]], Any]):
+    """``(row, sample | error)`` -> ``(row, process(row, sample) | error)``: a bad sample is
+    passed on, never raised, so a long run skips and counts it."""
+    for row, sample in rows:
+        if isinstance(sample, BadSampleError):
+            yield row, sample
+            continue
+        try:
+            yield row, process(row, sample)
+        except BadSampleError as e:
+            yield row, e
 
 
 def worker_count(num_workers: int) -> int:
