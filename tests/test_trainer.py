@@ -169,3 +169,21 @@ def test_cli_two_stage_train_and_eval(tiny_data, tmp_path, capsys):
     assert main(["train", str(cfg), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing"), "--data", str(tiny_data["test"])]) == 2
+
+
+def test_metrics_csv_appends_and_grows_columns(tmp_path):
+    import csv
+
+    from geobind.binding.trainer import _MetricsWriter
+
+    w = _MetricsWriter(tmp_path / "metrics.csv")
+    w.row({"step": 4, "epoch": 1, "val_R@1": 0.5})
+    w.row({"step": 10, "epoch": 1, "loss": 2.0, "lr": 0.1})
+    w.row({"step": 20, "epoch": 2, "loss": 1.5, "lr": 0.05})
+    w.row({"step": 30, "epoch": 2, "loss": 1.0, "bad_missing": 1})
+    w.close()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["step"] for r in rows] == ["4", "10", "20", "30"]
+    assert list(rows[0])[:4] == ["step", "epoch", "loss", "lr"]
+    assert rows[0]["val_R@1"] == "0.5" and rows[2]["loss"] == "1.5" and rows[3]["bad_missing"] == "1"
+    assert rows[1]["bad_missing"] == ""

@@ -630,27 +630,45 @@ class _MetricsWriter:
             except Exception:  # tensorboard not installed: CSV only
                 self.tb = None
 
+    # The usual columns come first, so the file reads well whichever row arrives first.
+    LEADING = ("step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait", "bad_samples")
+
     def row(self, row: dict) -> None:
         if self.path is None:
             return
-        rows = []
-        if self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        rows.append({k: v for k, v in row.items()})
-        keys: list[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        header = self._header()
+        if header is not None and set(row) <= set(header):
+            # Common case: append one line (a long run must not rewrite the file every row).
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerow(row)
+        else:
+            # A new column (a first validation or skip reason): rewrite once with it added.
+            rows = []
+            if header is not None:
+                with open(self.path, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            rows.append(row)
+            seen = {k for r in rows for k in r}
+            keys = [k for k in self.LEADING if k in seen]
+            for r in rows:
+                keys += [k for k in r if k not in keys]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, self.path)
+            self._keys = keys
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, row["step"])
+
+    def _header(self) -> list[str] | None:
+        if getattr(self, "_keys", None) is None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                self._keys = next(csv.reader(f), None)
+        return getattr(self, "_keys", None)
 
     def close(self) -> None:
         if self.tb is not None:
