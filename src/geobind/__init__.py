@@ -1,8 +1,22 @@
 """GeoBind: one embedding space for satellite images, ground-level photos, text and audio,
 learned by binding every modality to satellite imagery of the same place."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from geobind.model import GeoBind  # noqa: E402
-
 __all__ = ["GeoBind", "__version__"]
+
+if TYPE_CHECKING:
+    from geobind.model import GeoBind
+
+
+def __getattr__(name: str):
+    # Imported on first use, so `geobind --help` and light submodules do not load torch.
+    if name == "GeoBind":
+        from geobind.model import GeoBind
+
+        return GeoBind
+    raise AttributeError(f"module 'geobind' has no attribute {name!r}")
