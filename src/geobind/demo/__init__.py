@@ -111,7 +111,7 @@ def write_configs(out: Path, p: Preset, seed: int) -> tuple[Path, Path]:
                    {"type": "clip_vision", "init_from": "ground", "image_size": IMAGE_SIZE},
                    "world/stage1_train.csv", "world/stage1_val.csv", p.stage1_epochs, p.batch_size, 5e-4, False),
             _stage("audio", "audio", "satellite", demo_audio_spec(), "world/stage2_train.csv",
-                   "world/stage2_val.csv", p.stage2_epochs, p.batch_size, 1e-3, True),
+                   "world/stage2_val.csv", p.stage2_epochs, p.batch_size, 5e-4, True),
         ],
         "eval": {"data": "world/test.csv", "batch_size": 128},
     }
@@ -121,7 +121,7 @@ def write_configs(out: Path, p: Preset, seed: int) -> tuple[Path, Path]:
         "anchor": anchor,
         "stages": [
             _stage("audio_text", "audio", "text", demo_audio_spec(), "world/audiotext_train.csv", None,
-                   p.baseline_epochs, p.batch_size, 1e-3, True),
+                   p.baseline_epochs, p.batch_size, 5e-4, True),
         ],
     }
     header = (
