@@ -57,6 +57,9 @@ def make_dataset(root: Path, n: int = 48, seed: int = 0, image_size: int = 32) -
         part[["id", "lat", "lon", *cols, "scene"]].to_csv(p, index=False)
         paths[name] = p
     texts = df["text"].tolist() + [f"a photo of a {c}" for c in CLASSES]
+    # A realistic tokenizer has more than a handful of tokens (tiny ones are refused).
+    texts += ["the quick brown fox jumps over lazy dogs in warm summer rain and cold winter snow",
+              "busy streets with cars buses trains bridges towers parks rivers lakes hills valleys"]
     from geobind.encoders.tokenizer import train_tokenizer
 
     train_tokenizer(texts * 3, vocab_size=120, out_dir=root / "tokenizer")
