@@ -89,14 +89,15 @@ class RunConfig:
     cache_dir: str | None = None  # anchor-embedding cache (default: <output_dir>/cache)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
 
-def _plain(x):
+def plain(x):
+    """Dataclass-dict values made YAML-friendly: tuples become lists, recursively."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 

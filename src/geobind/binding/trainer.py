@@ -35,7 +35,7 @@ from geobind import distributed as gbdist
 from geobind.binding.cache import cached_embeddings, embed_table
 from geobind.binding.stage import BindingStage
 from geobind.binding.step import StepRunner
-from geobind.config import RunConfig, StageConfig
+from geobind.config import RunConfig, StageConfig, plain
 from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
 from geobind.data.shards import EpochStream, ShardSet, next_segments, plan_epoch, worker_count
@@ -368,7 +368,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         if self.main:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            (stage_dir / "config.yaml").write_text(yaml.safe_dump(_plain(dataclasses.asdict(scfg)), sort_keys=False))
+            (stage_dir / "config.yaml").write_text(yaml.safe_dump(plain(dataclasses.asdict(scfg)), sort_keys=False))
         anchor = model.encoder(scfg.bind_to)
         model.frozen(model.modalities)
         # Seeded per stage so an interrupted and a fresh run build the same initial weights.
@@ -606,14 +606,6 @@ def _take(batch, n):
     if isinstance(batch, dict):
         return {k: v[:n] for k, v in batch.items()}
     return batch[:n]
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 class _MetricsWriter:
