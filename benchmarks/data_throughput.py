@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from geobind.binding.step import StepRunner
-from geobind.binding.trainer import _collate_train, build_optimizer, train_items, train_loader
+from geobind.binding.trainer import _CollateTrain, build_optimizer, train_items, train_loader
 from geobind.data.manifest import read_dataset
 from geobind.data.pack import pack
 
@@ -144,7 +144,7 @@ def loader_rate(data, modality, fn, *, workers: int, batch: int, seed: int = 0) 
         rank=0,
         world=1,
         num_workers=workers,
-        collate_fn=_collate_train(enc, None),
+        collate_fn=_CollateTrain(enc, None),
         shuffle_buffer=100,
     )
     t0 = time.perf_counter()
@@ -278,7 +278,7 @@ def loader_batches(data, enc, batch, workers):
         rank=0,
         world=1,
         num_workers=workers,
-        collate_fn=_collate_train(enc, None),
+        collate_fn=_CollateTrain(enc, None),
         shuffle_buffer=100,
     )
     return loader

@@ -18,7 +18,7 @@ from fixtures import tiny_config
 from geobind import distributed as gbdist
 from geobind.binding.trainer import (
     TrainingInterrupted,
-    _collate_train,
+    _CollateTrain,
     train,
     train_items,
     train_loader,
@@ -55,7 +55,7 @@ def _epoch_rows(data, epoch, rank, world, start=0, segments=None, stop_after=Non
         rank=rank,
         world=world,
         num_workers=WORKERS,
-        collate_fn=_collate_train(enc, None),
+        collate_fn=_CollateTrain(enc, None),
         segments=segments,
         shuffle_buffer=5,
     )

@@ -357,7 +357,7 @@ def test_loaders_pickle_for_spawned_workers(tiny_data, tmp_path):
     and collate function travel to loader workers by pickle."""
     import pickle
 
-    from geobind.binding.trainer import _collate_train, train_items, train_loader
+    from geobind.binding.trainer import _CollateTrain, train_items, train_loader
 
     model = build_space(tiny_data)
     enc = model.encoder("satellite")
@@ -375,7 +375,7 @@ def test_loaders_pickle_for_spawned_workers(tiny_data, tmp_path):
             rank=0,
             world=1,
             num_workers=2,
-            collate_fn=_collate_train(enc, None),
+            collate_fn=_CollateTrain(enc, None),
         )
         pickle.loads(pickle.dumps((loader.dataset, loader.collate_fn)))
 

@@ -221,4 +221,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def cleanup() -> None:
     """Leave the process group, if one was initialised."""
     if dist.is_available() and dist.is_initialized():
+        # Wait for every rank first: a rank tearing gloo down while another still talks to it
+        # aborts the process ("terminate called without an active exception").
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

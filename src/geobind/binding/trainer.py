@@ -201,10 +201,6 @@ class _CollateTrain:
         )
 
 
-def _collate_train(encoder, anchor):
-    return _CollateTrain(encoder, anchor)
-
-
 # ---------------------------------------------------------------------------------------------
 # optimisation
 
@@ -478,7 +474,7 @@ class Trainer:
                 loader, segments = train_loader(
                     table, ds, valid=valid, batch_size=o.batch_size, seed=cfg.seed, epoch=epoch,
                     step_in_epoch=step_in_epoch, rank=self.dist.rank, world=world, num_workers=o.num_workers,
-                    collate_fn=_collate_train(encoder, uncached_anchor), segments=segments,
+                    collate_fn=_CollateTrain(encoder, uncached_anchor), segments=segments,
                     shuffle_buffer=scfg.data.shuffle_buffer, pin_memory=dev.type == "cuda")
                 t_data = time.perf_counter()
                 window = {"data": 0.0, "step": 0.0, "n": 0}
