@@ -131,22 +131,7 @@ def make_data(
 
 def loader_rate(data, modality, fn, *, workers: int, batch: int, seed: int = 0) -> dict:
     """Samples/s of one epoch of the trainer's loader (start-up included)."""
-    enc = _Load(fn)
-    valid = torch.ones(len(data), dtype=torch.bool)
-    loader, _ = train_loader(
-        data,
-        train_items(data, modality, enc, seed),
-        valid=valid,
-        batch_size=batch,
-        seed=seed,
-        epoch=0,
-        step_in_epoch=0,
-        rank=0,
-        world=1,
-        num_workers=workers,
-        collate_fn=_CollateTrain(enc, None),
-        shuffle_buffer=100,
-    )
+    loader = loader_batches(data, _Load(fn), batch, workers, modality=modality, seed=seed)
     t0 = time.perf_counter()
     n = 0
     for idx, _x, _, bad in loader:
@@ -265,14 +250,15 @@ def _repeat(x):
         yield x
 
 
-def loader_batches(data, enc, batch, workers):
+def loader_batches(data, enc, batch, workers, *, modality: str = "satellite", seed: int = 0):
+    """The trainer's loader for one epoch over every row of ``data``."""
     valid = torch.ones(len(data), dtype=torch.bool)
     loader, _ = train_loader(
         data,
-        train_items(data, "satellite", enc, 0),
+        train_items(data, modality, enc, seed),
         valid=valid,
         batch_size=batch,
-        seed=0,
+        seed=seed,
         epoch=0,
         step_in_epoch=0,
         rank=0,

@@ -187,3 +187,15 @@ def test_metrics_csv_appends_and_grows_columns(tmp_path):
     assert list(rows[0])[:4] == ["step", "epoch", "loss", "lr"]
     assert rows[0]["val_R@1"] == "0.5" and rows[2]["loss"] == "1.5" and rows[3]["bad_missing"] == "1"
     assert rows[1]["bad_missing"] == ""
+
+
+def test_validation_is_not_repeated_on_the_same_weights(tiny_data, tmp_path):
+    d = tiny_config(tiny_data, tmp_path / "run", steps=4, audio=False)
+    d["stages"][0]["data"]["val"] = str(tiny_data["test"])
+    d["stages"][0]["optim"]["val_every"] = 2
+    d["eval"] = None
+    said = []
+    final = train(parse_config(d), progress=False, log=said.append)
+    vals = [s for s in said if ": val satellite->ground" in s]
+    assert [v.split(":")[0] for v in vals] == ["stage satellite step 2", "stage satellite step 4"]
+    assert json.loads((final / "geobind.json").read_text())["stages"][0]["val"]["n"] == 12

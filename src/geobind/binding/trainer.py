@@ -549,11 +549,13 @@ class Trainer:
         if pbar is not None:
             pbar.close()
         seconds = time.perf_counter() - t_start
+        vm = None
         if val is not None:
-            vm = self._validate(stage, val, scfg, writer, step, epoch)
-        else:
-            vm = None
-        save_ckpt()
+            # Reuse a validation already run on these very weights (val_every hit the last step).
+            last = getattr(self, "_last_val", None)
+            vm = last[1] if last and last[0] == (scfg.name, step) else \
+                self._validate(stage, val, scfg, writer, step, epoch)
+        # The last step already wrote the checkpoint (step == total), so none is written here.
         # The stage's result: the space with the new modality added.
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,
@@ -593,6 +595,7 @@ class Trainer:
         writer.row(row)
         self._say(f"stage {scfg.name} step {step}: val {scfg.train}->{scfg.bind_to} "
                   + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        self._last_val = ((scfg.name, step), m)
         return m
 
 
