@@ -18,12 +18,15 @@ from transformers import (
 )
 
 from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
+from geobind.encoders.device_augment import apply_overhead_augment
 from geobind.encoders.images import (
+    AUGMENT_ON,
     CLIP_MEAN,
     CLIP_STD,
     SATELLITE_MEAN,
     SATELLITE_STD,
     ImageTransform,
+    collate_images,
 )
 
 # A real CLIP tokenizer has ~49k tokens. Offline `from_pretrained` of a hub id can silently
@@ -204,18 +207,31 @@ def anchor_encoders(clip: CLIPModel, tok: PreTrainedTokenizerBase, ground: str, 
 @register_encoder("clip_vision")
 class ClipVisionEncoder(Encoder):
     """A trainable ``CLIPVisionModelWithProjection`` for overhead tiles (Sat2Cap's recipe),
-    with its own normalisation statistics and overhead augmentation."""
+    with its own normalisation statistics and overhead augmentation.
+
+    With ``augment_on: device`` the loader hands over uint8 tiles and their drawn augmentation
+    parameters (a dict batch), and :meth:`forward` augments the batch on the model's device;
+    evaluation batches are normalised float tensors in either mode."""
 
     def __init__(self, modality: str, model: CLIPVisionModelWithProjection, transform: ImageTransform):
         super().__init__(modality, model.config.projection_dim)
         self.model = model
         self.transform = transform
 
-    def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
+    def load(self, item: Any, *, train: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         return self.transform(item, train=train)
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
+    def collate(self, samples: list[Any]) -> torch.Tensor | dict[str, torch.Tensor]:
+        return collate_images(samples)
+
+    def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(batch, dict):
+            t = self.transform
+            pixels = batch["pixels"].to(self.device, non_blocking=True)
+            batch = apply_overhead_augment(pixels, batch["aug"].to(self.device, non_blocking=True),
+                                           t.size, t.mean, t.std)
+        else:
+            batch = batch.to(self.device, non_blocking=True)
         return l2_normalize(self.model(pixel_values=batch).image_embeds)
 
     def settings(self) -> dict[str, Any]:
@@ -225,11 +241,20 @@ class ClipVisionEncoder(Encoder):
     def create(cls, modality, spec, dim, space):
         """``spec``: ``init_from`` (a modality served by a CLIP image tower, default ``ground``)
         or ``pretrained`` (a ``CLIPVisionModelWithProjection`` directory or hub id) or ``config``;
-        optional ``image_size``, ``mean``, ``std``, ``augment`` (``overhead`` or ``none``)."""
-        known = {"type", "init_from", "pretrained", "config", "image_size", "mean", "std", "augment"}
+        optional ``image_size``, ``mean``, ``std``, ``augment`` (``overhead`` or ``none``),
+        ``augment_on`` (``loader``, the default: PIL in the loader workers; or ``device``: batched
+        on the training device) and ``load_size`` (device mode: the side tiles are loaded at,
+        default ``round(image_size * 8 / 7)``)."""
+        known = {"type", "init_from", "pretrained", "config", "image_size", "mean", "std", "augment",
+                 "augment_on", "load_size"}
         unknown = set(spec) - known
         if unknown:
             raise ValueError(f"encoder clip_vision: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        augment_on = spec.get("augment_on", "loader")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(
+                f"encoder clip_vision: augment_on={augment_on!r}; use one of {', '.join(AUGMENT_ON)}"
+            )
         if spec.get("pretrained"):
             name, local = resolve_pretrained(spec["pretrained"])
             model = CLIPVisionModelWithProjection.from_pretrained(
@@ -256,7 +281,8 @@ class ClipVisionEncoder(Encoder):
             )
         size = spec.get("image_size", model.config.image_size)
         transform = ImageTransform(
-            size, spec.get("mean", SATELLITE_MEAN), spec.get("std", SATELLITE_STD), spec.get("augment", "overhead")
+            size, spec.get("mean", SATELLITE_MEAN), spec.get("std", SATELLITE_STD), spec.get("augment", "overhead"),
+            augment_on, spec.get("load_size"),
         )
         return cls(modality, model, transform)
 
@@ -268,7 +294,9 @@ class ClipVisionEncoder(Encoder):
         model = CLIPVisionModelWithProjection.from_pretrained(
             str(directory), local_files_only=True, attn_implementation="sdpa"
         )
+        # Models saved before `augment_on` existed augmented in the loader.
         transform = ImageTransform(
-            settings["image_size"], settings["mean"], settings["std"], settings.get("augment", "overhead")
+            settings["image_size"], settings["mean"], settings["std"], settings.get("augment", "overhead"),
+            settings.get("augment_on", "loader"), settings.get("load_size"),
         )
         return cls(modality, model, transform)

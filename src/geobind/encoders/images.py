@@ -1,5 +1,6 @@
 """Image preprocessing in PIL + torch (no torchvision): CLIP-style resize/crop/normalise and
-the training augmentation used for overhead tiles."""
+the training augmentation used for overhead tiles (applied here with PIL, or only drawn here and
+applied in batches on the model's device by :mod:`geobind.encoders.device_augment`)."""
 
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
-def random_resized_crop(
-    img: Image.Image, size: int, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
-) -> Image.Image:
-    """RandomResizedCrop (bicubic), as in Sat2Cap's overhead augmentation."""
-    w, h = img.size
+def random_crop_box(
+    w: int, h: int, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int] | None:
+    """RandomResizedCrop's box ``(left, top, width, height)`` in pixels of a ``w`` x ``h`` image,
+    drawn with :mod:`random`; ``None`` when ten tries find no box that fits."""
     area = w * h
     for _ in range(10):
         target = area * random.uniform(*scale)
@@ -55,41 +56,118 @@ def random_resized_crop(
         if 0 < cw <= w and 0 < ch <= h:
             left = random.randint(0, w - cw)
             top = random.randint(0, h - ch)
-            return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-    return resize_center_crop(img, size)
+            return left, top, cw, ch
+    return None
+
+
+def random_resized_crop(
+    img: Image.Image, size: int, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> Image.Image:
+    """RandomResizedCrop (bicubic), as in Sat2Cap's overhead augmentation."""
+    box = random_crop_box(*img.size, scale, ratio)
+    if box is None:
+        return resize_center_crop(img, size)
+    left, top, cw, ch = box
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+
+
+def overhead_params() -> tuple[bool, int, float, float]:
+    """``(flip, k, brightness, contrast)`` of :func:`overhead_augment`, drawn with :mod:`random`:
+    a left-right flip with probability 1/2, ``k`` quarter turns counter-clockwise (0-3), and
+    brightness and contrast factors in [0.8, 1.2]."""
+    flip = random.random() < 0.5
+    k = random.randint(0, 3)
+    return flip, k, random.uniform(0.8, 1.2), random.uniform(0.8, 1.2)
 
 
 def overhead_augment(img: Image.Image) -> Image.Image:
     """Augmentations that keep an overhead tile plausible: dihedral flips/rotations and mild
     photometric jitter (a light stand-in for RandAugment)."""
-    if random.random() < 0.5:
+    flip, k, brightness, contrast = overhead_params()
+    if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    k = random.randint(0, 3)
     if k:
         img = img.transpose([Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270][k - 1])
-    img = ImageEnhance.Brightness(img).enhance(random.uniform(0.8, 1.2))
-    img = ImageEnhance.Contrast(img).enhance(random.uniform(0.8, 1.2))
+    img = ImageEnhance.Brightness(img).enhance(brightness)
+    img = ImageEnhance.Contrast(img).enhance(contrast)
     return img
 
 
-class ImageTransform:
-    """Item -> normalised ``[3, size, size]`` float tensor; optional training augmentation."""
+AUGMENT_ON = ("loader", "device")
 
-    def __init__(self, size: int, mean, std, augment: str = "none"):
+
+class ImageTransform:
+    """Item -> normalised ``[3, size, size]`` float tensor; optional training augmentation.
+
+    ``augment_on`` says where the ``overhead`` training augmentation runs. ``"loader"``: in
+    :meth:`__call__`, with PIL, one tile at a time. ``"device"``: :meth:`__call__` only decodes,
+    resizes to ``load_size`` (default ``round(size * 8 / 7)``, 256 for 224) and draws the random
+    parameters; it returns ``{"pixels": uint8 [3, load_size, load_size], "aug": float32 [8]}``
+    (layout in :mod:`geobind.encoders.device_augment`), and its ``apply_overhead_augment``
+    crops, turns, jitters and normalises whole batches where the model runs.
+    Evaluation (``train=False``) is the same PIL resize and centre crop in both modes.
+    """
+
+    def __init__(self, size: int, mean, std, augment: str = "none", augment_on: str = "loader",
+                 load_size: int | None = None):
         if augment not in ("none", "overhead"):
             raise ValueError(f"unknown augment {augment!r}; use 'none' or 'overhead'")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"unknown augment_on {augment_on!r}; use 'loader' or 'device'")
         self.size = int(size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.augment = augment
+        self.augment_on = augment_on
+        self.load_size = int(load_size) if load_size else round(self.size * 8 / 7)
+        if self.load_size < self.size:
+            raise ValueError(f"load_size {self.load_size} is smaller than image_size {self.size}")
 
-    def __call__(self, item: Any, train: bool = False) -> torch.Tensor:
+    @property
+    def on_device(self) -> bool:
+        """Whether training items leave the loader as uint8 pixels plus augmentation parameters."""
+        return self.augment_on == "device" and self.augment == "overhead"
+
+    def __call__(self, item: Any, train: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         img = load_image(item)
+        if train and self.on_device:
+            return self._device_sample(img)
         if train and self.augment == "overhead":
             img = overhead_augment(random_resized_crop(img, self.size))
         else:
             img = resize_center_crop(img, self.size)
         return _to_tensor(img, self.mean, self.std)
 
+    def _device_sample(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        n = self.load_size
+        img = resize_center_crop(img, n)
+        # Same draws, in the same order, as the loader path on an n x n image.
+        box = random_crop_box(n, n) or (0, 0, n, n)
+        left, top, cw, ch = box
+        flip, k, brightness, contrast = overhead_params()
+        aug = torch.tensor(
+            [left / n, top / n, (left + cw) / n, (top + ch) / n, float(flip), float(k), brightness, contrast],
+            dtype=torch.float32,
+        )
+        # A [3, n, n] view of the [n, n, 3] pixels: the transpose (a third of this method's cost)
+        # is left to the device; collate_images stacks the tiles as they are stored.
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        return {"pixels": pixels, "aug": aug}
+
     def settings(self) -> dict[str, Any]:
-        return {"image_size": self.size, "mean": list(self.mean), "std": list(self.std), "augment": self.augment}
+        out = {"image_size": self.size, "mean": list(self.mean), "std": list(self.std), "augment": self.augment}
+        # Only written when set, so models saved before the option existed keep their settings
+        # (and with them the identity that embeddings files and indexes record).
+        if self.augment_on != "loader":
+            out.update(augment_on=self.augment_on, load_size=self.load_size)
+        return out
+
+
+def collate_images(samples: list[torch.Tensor | dict[str, torch.Tensor]]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Stack :class:`ImageTransform` outputs: tensors, or the dicts of the device mode key by key.
+    Device-mode pixels become a ``[B, 3, H, W]`` uint8 batch in channels-last memory (one copy of
+    the bytes as decoded, no transpose on the CPU)."""
+    if isinstance(samples[0], dict):
+        pixels = torch.stack([s["pixels"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
+        return {"pixels": pixels, "aug": torch.stack([s["aug"] for s in samples])}
+    return torch.stack(samples)
