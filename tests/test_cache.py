@@ -1,7 +1,10 @@
+import os
 import time
 
 import numpy as np
+import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from test_model import build_space
 
@@ -20,9 +23,9 @@ def test_cache_is_reused_and_invalidated(tiny_data, tmp_path):
     cache = tmp_path / "cache"
 
     e1, v1, info1 = cached_embeddings(ground, table, "ground", cache)
-    assert not info1["hit"] and v1.all()
+    assert not info1["hit"] and v1.all() and e1.dtype == torch.float16
     ref, _, _ = embed_table(ground, table, "ground")
-    assert torch.equal(e1, ref)
+    assert torch.equal(e1, ref.half())
     e2, v2, info2 = cached_embeddings(ground, table, "ground", cache)
     assert info2["hit"] and info2["path"] == info1["path"] and torch.equal(e1, e2)
 
@@ -61,3 +64,228 @@ def test_bad_rows_are_marked_invalid_and_counted(tiny_data, tmp_path):
     assert valid.tolist()[:5] == [True, False, False, False, True]
     assert info["bad"] == {"empty": 1, "undecodable": 1, "missing": 1}
     assert torch.all(emb[1:4] == 0)
+
+
+def _mapped_from(t: torch.Tensor, path) -> bool:
+    """Whether ``t``'s memory lies in a mapping of the file ``path`` (Linux)."""
+    ptr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return len(parts) >= 6 and parts[5] == str(path)
+    return False
+
+
+def test_cache_stores_float16_and_reads_float32_files(tiny_data, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = build_space(tiny_data)
+    ground = model.encoder("ground")
+    table = read_dataset(tiny_data["stage1"])
+    ref, v_ref, _ = embed_table(ground, table, "ground", batch_size=8)
+
+    emb, valid, info = cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=8)
+    assert emb.dtype == torch.float16 and torch.equal(emb, ref.half()) and torch.equal(valid, v_ref)
+    with safe_open(info["path"], framework="pt") as f:
+        assert f.get_slice("embeddings").get_dtype() == "F16"
+    meta = json.loads(open(info["path"].replace(".safetensors", ".json")).read())
+    assert meta["dtype"] == "float16" and meta["rows"] == len(table)
+    # Rounding unit vectors to float16 moves each component by at most ~5e-4 of the norm.
+    assert (emb.float() - ref).abs().max() <= 2**-11
+
+    hit, hit_valid, hit_info = cached_embeddings(ground, table, "ground", tmp_path / "c")
+    assert hit_info["hit"] and torch.equal(hit, emb) and torch.equal(hit_valid, valid)
+    if os.path.exists("/proc/self/maps"):
+        # Zero-copy: the tensor is the file's pages, shared by every process that maps it.
+        assert _mapped_from(hit, os.path.realpath(info["path"]))
+
+    # A float32 file as an earlier version wrote it, under the same name: read, not recomputed,
+    # and exactly what a fresh float16 file holds.
+    old = tmp_path / "old" / os.path.basename(info["path"])
+    old.parent.mkdir()
+    v_ref[5] = False  # marks the file as the one read
+    save_file({"embeddings": ref.contiguous(), "valid": v_ref.to(torch.uint8)}, str(old))
+    old.with_suffix(".json").write_text(json.dumps({"bad": {"missing": 1}}))
+    e32, v32, i32 = cached_embeddings(ground, table, "ground", tmp_path / "old")
+    assert i32["hit"] and i32["bad"] == {"missing": 1}
+    assert e32.dtype == torch.float16 and torch.equal(e32, emb) and torch.equal(v32, v_ref)
+
+
+def test_rank_bounds_cut_at_batches_or_shards(tiny_data, tmp_path, monkeypatch):
+    from layout_fixtures import make_bad_shards
+
+    from geobind.binding.cache import rank_bounds
+
+    table = read_dataset(tiny_data["stage1"])  # 36 rows
+    assert rank_bounds(table, 1, 4) == [0, 36]
+    assert rank_bounds(table, 2, 4) == [0, 16, 36]
+    assert rank_bounds(table, 3, 5) == [0, 10, 25, 36]
+    assert rank_bounds(table, 4, 64) == [0, 0, 0, 36, 36]  # one batch: one rank takes it
+    monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
+    shards = read_dataset(make_bad_shards(tmp_path / "shards"))  # two shards of 6
+    assert rank_bounds(shards, 2, 4) == [0, 6, 12]
+    assert rank_bounds(shards, 3, 4) == [0, 6, 6, 12]
+
+
+# -- several ranks ----------------------------------------------------------------------------
+
+WORLD = 2
+
+
+def _bad_manifests(tiny_data, root):
+    """Copies of stage1 (36 rows): ``both`` has bad ground photos in rows 1-3 (rank 0's share at
+    batch size 4) and 30 (rank 1's); ``late`` only in row 30."""
+    import shutil
+
+    import pandas as pd
+
+    data = root / "data"
+    shutil.copytree(tiny_data["root"], data)
+    (data / "ground" / "empty.png").write_bytes(b"")
+    (data / "ground" / "junk.png").write_bytes(b"not a png at all")
+    df = pd.read_csv(data / "stage1.csv")
+    late = df.copy()
+    late.loc[30, "ground"] = "ground/nope.png"
+    both = late.copy()
+    both.loc[1, "ground"], both.loc[2, "ground"], both.loc[3, "ground"] = (
+        "ground/empty.png", "ground/junk.png", "ground/nope.png")
+    both.to_csv(data / "both.csv", index=False)
+    late.to_csv(data / "late.csv", index=False)
+    return data / "both.csv", data / "late.csv"
+
+
+def _cache_worker(r: int, port: int, tiny_data, cases, root) -> None:
+    from geobind import distributed as gbdist
+    from geobind.binding import cache as cache_mod
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                      LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    gbdist.init_distributed(backend="gloo")
+    try:
+        writes = []
+        real_save = cache_mod.save_file
+
+        def counting_save(tensors, path):
+            writes.append(str(path))
+            return real_save(tensors, path)
+
+        cache_mod.save_file = counting_save
+        model = build_space(tiny_data)
+        out = {}
+        for name, (path, modality, bs, gather_bytes) in cases.items():
+            table, enc = read_dataset(path), model.encoder(modality)
+            out[name] = [
+                cached_embeddings(enc, table, modality, root / "cache", batch_size=bs,
+                                  gather_bytes=gather_bytes)
+                for _ in range(2)
+            ]
+        out["writes"] = list(writes)
+
+        # Two machines without a shared filesystem (each rank its own folder, both local rank
+        # 0): each machine keeps a copy, so the next run is a hit on both.
+        os.environ["LOCAL_RANK"] = "0"
+        path, modality, bs, _ = cases["shards"]
+        enc = model.encoder(modality)
+        out["nodes"] = [
+            cached_embeddings(enc, read_dataset(path), modality, root / f"node{r}", batch_size=bs)[2]
+            for _ in range(2)
+        ]
+        os.environ["LOCAL_RANK"] = str(r)
+
+        # Under strict, a bad sample in rank 1's share stops both ranks (no hang).
+        try:
+            cached_embeddings(model.encoder("ground"), read_dataset(root / "data" / "late.csv"),
+                              "ground", root / "strict", batch_size=4, strict=True)
+            out["strict"] = "no error"
+        except Exception as e:
+            out["strict"] = f"{type(e).__name__}: {e}"
+
+        # Rank 0 cannot write the file (a full disk): both ranks stop, rank 1 not left waiting.
+        def full_disk(*args):
+            raise OSError("No space left on device")
+
+        real_write = cache_mod._write
+        if r == 0:
+            cache_mod._write = full_disk
+        try:
+            cached_embeddings(enc, read_dataset(path), modality, root / "full", batch_size=bs)
+            out["full"] = "no error"
+        except Exception as e:
+            out["full"] = f"{type(e).__name__}: {e}"
+        cache_mod._write = real_write
+        torch.save(out, root / f"rank{r}.pt")
+    finally:
+        gbdist.cleanup()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+    from layout_fixtures import make_bad_shards
+    from test_distributed import _free_port
+
+    monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
+    both, _ = _bad_manifests(tiny_data, tmp_path)
+    shard_dir = make_bad_shards(tmp_path / "shards")
+    # name -> (data, modality, batch size, gather buffer bytes); 32-d float16 rows are 64 B, so
+    # 512 B moves the manifest in rounds of 4 rows per rank.
+    cases = {"table": (both, "ground", 4, 512), "shards": (shard_dir, "satellite", 3, 256 * 2**20)}
+    expected_bad = {"table": {"empty": 1, "undecodable": 1, "missing": 2},
+                    "shards": {"missing-satellite": 1, "undecodable": 1, "bad-metadata": 1,
+                               "bad-coordinates": 1, "bad-shard": 1}}
+
+    # Single-process references, one thread like the workers.
+    model = build_space(tiny_data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        refs = {}
+        for name, (path, modality, bs, _) in cases.items():
+            table = read_dataset(path)  # builds the shard index once, before the workers
+            emb, valid, info = cached_embeddings(model.encoder(modality), table, modality,
+                                                 tmp_path / "single", batch_size=bs)
+            e32, v32, c32 = embed_table(model.encoder(modality), table, modality, batch_size=bs)
+            assert torch.equal(emb, e32.half()) and torch.equal(valid, v32)
+            assert info["bad"] == dict(c32) == expected_bad[name], name
+            refs[name] = (emb, valid)
+    finally:
+        torch.set_num_threads(threads)
+
+    mp.spawn(_cache_worker, args=(_free_port(), tiny_data, cases, tmp_path), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    for name in cases:
+        ref_emb, ref_valid = refs[name]
+        paths = set()
+        for r in range(WORLD):
+            (e1, v1, i1), (e2, v2, i2) = got[r][name]
+            assert (i1["hit"], i2["hit"]) == (False, True), (name, r)
+            assert e1.dtype == torch.float16
+            assert torch.equal(e1, ref_emb) and torch.equal(e2, ref_emb), (name, r)
+            assert torch.equal(v1, ref_valid) and torch.equal(v2, ref_valid), (name, r)
+            assert i1["bad"] == i2["bad"] == expected_bad[name], (name, r)
+            paths |= {i1["path"], i2["path"]}
+        assert len(paths) == 1
+        # The file is the same as a single process writes (same key, same bytes).
+        single = tmp_path / "single" / os.path.basename(paths.pop())
+        assert open(tmp_path / "cache" / single.name, "rb").read() == single.read_bytes()
+    # Written once, by rank 0, with nothing temporary left behind.
+    assert len(got[0]["writes"]) == len(cases) and got[1]["writes"] == []
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json"] * 2 + [".safetensors"] * 2
+
+    for r in range(WORLD):
+        assert [i["hit"] for i in got[r]["nodes"]] == [False, True]
+        assert len(list((tmp_path / f"node{r}").glob("*.safetensors"))) == 1
+    assert got[0]["strict"].startswith(
+        "RuntimeError: anchor cache: embedding failed on rank 1: BadSampleError")
+    assert got[1]["strict"].startswith("BadSampleError")
+    assert not list((tmp_path / "strict").glob("*.safetensors"))
+    assert got[0]["full"] == "OSError: No space left on device"
+    assert got[1]["full"] == (
+        "RuntimeError: anchor cache: writing the cache failed on rank 0: OSError: No space left on device")

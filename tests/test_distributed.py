@@ -150,3 +150,58 @@ def test_helpers_single_process(monkeypatch):
     assert gbdist.broadcast_object("a") == "a"
     gbdist.barrier()
     gbdist.cleanup()
+
+
+def _check_blocks(r: int) -> None:
+    # Uneven blocks, an empty one, and a buffer of two rows per rank: several rounds, padded.
+    n, width = 11, 3
+    full = torch.arange(n * width, dtype=torch.float16).reshape(n, width) / 7
+    mask = torch.arange(n) % 3 == 0
+    for bounds in ([0, 4, 11], [0, 0, 11], [0, 11, 11], [0, 5, 6]):
+        for max_bytes in (1, 2 * WORLD * width * 2, 1 << 20):
+            out = torch.zeros_like(full)
+            out[bounds[r] : bounds[r + 1]] = full[bounds[r] : bounds[r + 1]]
+            assert gbdist.all_gather_blocks(out, bounds, max_bytes=max_bytes) is out
+            case = f"bounds={bounds} max_bytes={max_bytes}"
+            assert torch.equal(out[: bounds[-1]], full[: bounds[-1]]), case
+            assert not out[bounds[-1] :].any(), case  # rows past the last bound are untouched
+            m = torch.zeros(n, dtype=torch.uint8)
+            m[bounds[r] : bounds[r + 1]] = mask[bounds[r] : bounds[r + 1]].to(torch.uint8)
+            gbdist.all_gather_blocks(m, bounds, max_bytes=max_bytes)
+            assert torch.equal(m[: bounds[-1]].bool(), mask[: bounds[-1]]), case
+    with pytest.raises(ValueError, match="do not split"):
+        gbdist.all_gather_blocks(torch.zeros(4, 2), [0, 3, 2])
+
+
+def _blocks_worker(r: int, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(r),
+        LOCAL_RANK=str(r),
+        WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    gbdist.init_distributed(backend="gloo")
+    try:
+        assert gbdist.comm_device() == torch.device("cpu")  # gloo
+        assert gbdist.all_gather_object({"rank": r}) == [{"rank": s} for s in range(WORLD)]
+        _check_blocks(r)
+    finally:
+        gbdist.cleanup()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_all_gather_blocks_fills_every_rank():
+    import torch.multiprocessing as mp
+
+    mp.spawn(_blocks_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_block_helpers_single_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    gbdist.init_distributed()
+    x = torch.randn(4, 2)
+    assert gbdist.all_gather_blocks(x, [0, 4]) is x
+    assert gbdist.all_gather_object("a") == ["a"]
+    assert gbdist.comm_device() == torch.device("cpu")

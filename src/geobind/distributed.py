@@ -26,6 +26,9 @@ __all__ = [
     "all_gather_no_grad",
     "all_reduce_sum",
     "broadcast_object",
+    "all_gather_object",
+    "comm_device",
+    "all_gather_blocks",
     "cleanup",
 ]
 
@@ -216,6 +219,64 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (any picklable object), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def comm_device() -> torch.device:
+    """Where collective buffers must live: the rank's CUDA device under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather_blocks(out: torch.Tensor, bounds: list[int], *, max_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """Fill in, on every rank, the row blocks that the other ranks computed.
+
+    Rank ``r`` has filled ``out[bounds[r]:bounds[r + 1]]`` (``bounds`` has ``world_size + 1``
+    ascending entries, the same on every rank, as are ``out``'s shape and dtype); afterwards
+    every rank's ``out`` holds every block. ``out`` may live anywhere (typically host memory):
+    the rows travel in rounds through buffers on :func:`comm_device`, each round gathering at
+    most ``chunk`` rows from every rank, padded to ``chunk`` since ``all_gather`` needs equal
+    sizes. ``chunk`` is chosen so the receive buffer stays within ``max_bytes``; the extra memory
+    is about ``max_bytes * (1 + 1 / world_size)`` whatever the size of ``out``. Returns ``out``.
+    A no-op when not distributed.
+    """
+    if not is_distributed():
+        return out
+    world, r = dist.get_world_size(), dist.get_rank()
+    if len(bounds) != world + 1 or list(bounds) != sorted(bounds) or bounds[-1] > out.shape[0]:
+        raise ValueError(f"bounds {bounds} do not split {out.shape[0]} rows over {world} ranks")
+    sizes = [bounds[s + 1] - bounds[s] for s in range(world)]
+    largest = max(sizes)
+    if largest == 0:
+        return out
+    row_bytes = max(1, out[0].numel() * out.element_size())
+    chunk = max(1, min(largest, max_bytes // (world * row_bytes)))
+    dev = comm_device()
+    send = torch.empty((chunk, *out.shape[1:]), dtype=out.dtype, device=dev)
+    recv = torch.empty((world * chunk, *out.shape[1:]), dtype=out.dtype, device=dev)
+    # Into one tensor: the list form of all_gather makes NCCL stage a second flat buffer.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    for k in range(0, largest, chunk):
+        m = min(chunk, largest - k)
+        own = min(m, max(0, sizes[r] - k))
+        send[:own].copy_(out[bounds[r] + k : bounds[r] + k + own])
+        send[own:m].zero_()
+        gather(recv[: world * m], send[:m])
+        for s in range(world):
+            n = min(m, max(0, sizes[s] - k))
+            if s != r and n:
+                out[bounds[s] + k : bounds[s] + k + n].copy_(recv[s * m : s * m + n])
+    return out
 
 
 def cleanup() -> None:
