@@ -263,3 +263,40 @@ def test_audio_settings_defaults_are_clap():
         64,
     )
     assert (s.f_min, s.f_max, s.mel_scale) == (0.0, 14_000.0, "htk")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_global_patch_embed_matches_clap_fused_model(train):
+    """The compile-friendly patch embedding computes exactly what transformers' fused HTS-AT
+    computes for clips that are not longer (outputs and batch-norm running statistics)."""
+    from transformers import ClapAudioConfig, ClapAudioModelWithProjection
+
+    encoder = make_encoder()
+    assert encoder.fusion
+    reference = ClapAudioModelWithProjection(ClapAudioConfig(**tiny_clap_audio_config(32)))
+    reference.load_state_dict(encoder.backbone.state_dict())
+    encoder.train(train)
+    reference.train(train)
+    batch = encoder.collate([encoder.load(w) for w in waves(4)])
+    with torch.no_grad():
+        features = encoder.frontend(batch)
+        torch.manual_seed(1)  # the same dropout masks in training mode
+        expected = reference(input_features=features, is_longer=torch.zeros(4, 1, dtype=torch.bool)).audio_embeds
+        torch.manual_seed(1)
+        got = encoder(batch)
+    torch.testing.assert_close(got, torch.nn.functional.normalize(expected, dim=-1), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(encoder.backbone.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_encoder_pickles_for_spawned_workers():
+    import pickle
+
+    encoder = make_encoder().eval()
+    copy = pickle.loads(pickle.dumps(encoder))
+    batch = encoder.collate([encoder.load(w) for w in waves(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(copy(batch), encoder(batch))
+    assert type(copy.backbone.audio_model.audio_encoder.patch_embed) is type(
+        encoder.backbone.audio_model.audio_encoder.patch_embed
+    )

@@ -9,7 +9,10 @@ Clips are cropped (random offset in training, the start in evaluation) or repeat
 ``clip_seconds`` in the waveform domain, so every clip is "not longer" for CLAP's fusion and
 ``is_longer`` is always false. With a fused checkpoint the fusion branch
 (``patch_embed.fusion_model``, ``patch_embed.mel_conv2d``) is therefore never run; it is frozen
-so DDP sees no unused trainable parameters and the optimiser leaves it as loaded.
+so DDP sees no unused trainable parameters and the optimiser leaves it as loaded. The patch
+embedding is switched to :class:`_GlobalPatchEmbed`, which computes exactly what CLAP's fused
+patch embedding computes for clips that are not longer, without the data-dependent
+``torch.where(is_longer)`` indexing: the whole forward is then one ``torch.compile`` graph.
 
 Spec keys (a stage's encoder config)::
 
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.clap.modeling_clap import ClapAudioPatchEmbed
 
 from geobind.data.audio_io import load_audio
 from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
@@ -132,6 +136,36 @@ def tiny_clap_audio_spec(projection_dim: int = 32) -> dict[str, Any]:
     }
 
 
+def _use_global_patch_embed(audio_encoder: nn.Module) -> None:
+    """Switch a fused HTS-AT to the global-only patch embedding (same weights, same state-dict
+    keys, same results for clips that are not longer; see :class:`_GlobalPatchEmbed`)."""
+    if type(audio_encoder.patch_embed) is ClapAudioPatchEmbed:
+        audio_encoder.patch_embed.__class__ = _GlobalPatchEmbed
+    # With fusion off at the encoder level it no longer computes torch.where(is_longer), a
+    # data-dependent shape that splits a compiled graph; the patch embedding ignores the index.
+    audio_encoder.enable_fusion = False
+
+
+class _GlobalPatchEmbed(ClapAudioPatchEmbed):
+    """Fused HTS-AT patch embedding for clips that are never "longer": the global channel only.
+
+    CLAP's fused patch embedding projects mel channel 0 (the global view) and, for the clips
+    flagged ``is_longer``, mixes in the local views through ``fusion_model``. Every clip here
+    is cropped or padded to length, so no clip is flagged and the result is
+    ``norm(flatten(proj(x[:, 0:1])))``, computed here without the index lookup."""
+
+    def forward(self, hidden_states, is_longer_idx=None):
+        _, _, height, width = hidden_states.shape
+        if height != self.img_size[0] or width != self.img_size[1]:
+            raise ValueError(
+                f"Input audio size ({height}*{width}) doesn't match model ({self.img_size[0]}*{self.img_size[1]})."
+            )
+        hidden_states = self.proj(hidden_states[:, 0:1])
+        if self.flatten:
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        return self.norm(hidden_states)
+
+
 @register_encoder("clap_audio")
 class ClapAudioEncoder(Encoder):
     """CLAP audio tower + torch mel front end (+ linear head) -> unit ``[B, dim]`` vectors.
@@ -161,9 +195,11 @@ class ClapAudioEncoder(Encoder):
         self.head = nn.Linear(projection_dim, self.dim) if projection_dim != self.dim else None
         if self.fusion:
             # is_longer is always false (clips are cropped to length), so these never run.
-            patch_embed = backbone.audio_model.audio_encoder.patch_embed
+            audio_encoder = backbone.audio_model.audio_encoder
+            patch_embed = audio_encoder.patch_embed
             patch_embed.fusion_model.requires_grad_(False)
             patch_embed.mel_conv2d.requires_grad_(False)
+            _use_global_patch_embed(audio_encoder)
 
     # -- data side -------------------------------------------------------------------------
     def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
