@@ -184,9 +184,21 @@ class EmbeddingQueue(nn.Module):
         # Next slot to write, and how many slots hold data.
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        # Host copies of (ptr, count): reading the buffers on a GPU would make the host wait
+        # for the device several times a step. Refreshed from the buffers after a state load.
+        self._host: list[int] | None = [0, 0]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host = None
+
+    def _pointers(self) -> list[int]:
+        if self._host is None:
+            self._host = [int(self.ptr), int(self.count)]
+        return self._host
 
     def __len__(self) -> int:
-        return int(self.count)
+        return self._pointers()[1]
 
     @torch.no_grad()
     def enqueue(self, emb: torch.Tensor, keys: torch.Tensor | Sequence[int] | np.ndarray) -> None:
@@ -202,17 +214,18 @@ class EmbeddingQueue(nn.Module):
             return
         if n > self.capacity:
             emb, keys, n = emb[-self.capacity :], keys[-self.capacity :], self.capacity
-        start = int(self.ptr)
+        start, count = self._pointers()
         idx = (torch.arange(n, device=self.keys.device) + start) % self.capacity
         self.embeddings[idx] = emb.to(self.embeddings.device, self.embeddings.dtype)
         self.keys[idx] = keys
-        self.ptr.fill_((start + n) % self.capacity)
-        self.count.fill_(min(int(self.count) + n, self.capacity))
+        self._host = [(start + n) % self.capacity, min(count + n, self.capacity)]
+        self.ptr.fill_(self._host[0])
+        self.count.fill_(self._host[1])
 
     def _order(self) -> torch.Tensor:
-        count = int(self.count)
+        ptr, count = self._pointers()
         # Oldest entry sits at ptr once the buffer has wrapped, at 0 before.
-        first = (int(self.ptr) - count) % self.capacity
+        first = (ptr - count) % self.capacity
         return (torch.arange(count, device=self.keys.device) + first) % self.capacity
 
     def negatives(self) -> torch.Tensor:

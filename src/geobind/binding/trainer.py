@@ -45,6 +45,8 @@ from geobind.model import GeoBind
 
 CHECKPOINT = "checkpoint.pt"
 DONE = "done.json"
+# An anchor cache up to this size is moved to the GPU for the stage (1.7M 512-d float16 vectors).
+ANCHOR_ON_DEVICE_BYTES = 2 * 2**30
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -389,6 +391,10 @@ class Trainer:
             self._say(f"stage {scfg.name}: anchor cache {'hit' if info['hit'] else 'written'} ({info['path']})")
         else:
             anchor_emb, valid = None, torch.tensor([i not in table.bad_rows for i in range(len(table))])
+        cache_bytes = anchor_emb.numel() * anchor_emb.element_size() if anchor_emb is not None else 0
+        if dev.type == "cuda" and 0 < cache_bytes <= ANCHOR_ON_DEVICE_BYTES:
+            # Small enough to live on the device: each step's anchors are then a device gather.
+            anchor_emb = anchor_emb.to(dev)
         val = None
         if scfg.data.val:
             vt = read_dataset(scfg.data.val, scfg.data.layout, **scfg.data.layout_options)
@@ -436,6 +442,10 @@ class Trainer:
             _set_rng_state(ck["rng"])
             self._say(f"stage {scfg.name}: resumed at step {step} (epoch {epoch + 1}, batch {step_in_epoch})")
 
+        if o.compile:
+            # In place: parameter names (checkpoints, saved models) are unchanged. The first
+            # steps include the compilation; a batch of another size compiles once more.
+            encoder.compile()
         ddp_stage = stage
         if self.dist.distributed:
             ddp_stage = torch.nn.parallel.DistributedDataParallel(
@@ -468,7 +478,7 @@ class Trainer:
         t_start = time.perf_counter()
         bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
         stage.train()
-        last_loss = float("nan")
+        last_loss, last_loss_t = float("nan"), None
         try:
             while step < total:
                 loader, segments = train_loader(
@@ -497,19 +507,32 @@ class Trainer:
                     idx = idx[:n]
                     inputs = _take(inputs, n)
                     anchor_inputs = _take(anchor_inputs, n)
-                    a_emb = anchor_emb[idx] if anchor_emb is not None else None
-                    loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=idx.to(dev))
+                    keys = idx.to(dev, non_blocking=True)
+                    a_emb = None
+                    if anchor_emb is not None:
+                        a_emb = anchor_emb[keys if anchor_emb.device == dev else idx]
+                        if a_emb.device != dev:
+                            # Pinned, so the copy is queued without making the host wait.
+                            a_emb = a_emb.pin_memory().to(dev, non_blocking=True)
+                    loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys)
                     step += 1
                     step_in_epoch += 1
-                    last_loss = float(loss.detach())
+                    # The loss stays on the device between log rows: reading it every step
+                    # would make the host wait for the device each step. Reading it on a log
+                    # row waits for every queued step, so the window's time is wall time.
+                    last_loss_t = loss
+                    log_row = step % o.log_every == 0 or step == total
+                    if log_row:
+                        last_loss = float(last_loss_t)
                     t1 = time.perf_counter()
                     window["step"] += t1 - t0
                     window["n"] += n * world
                     if pbar is not None:
                         pbar.update(1)
-                        pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{window['n'] / max(1e-9, window['data'] + window['step']):.1f}")
-                    if step % o.log_every == 0 or step == total:
+                    if log_row:
                         el = window["data"] + window["step"]
+                        if pbar is not None:
+                            pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{window['n'] / max(1e-9, el):.1f}")
                         writer.row({"step": step, "epoch": epoch + 1, "loss": round(last_loss, 6),
                                     "lr": sched.get_last_lr()[0], "logit_scale": float(out["logit_scale"]),
                                     "samples_per_s": round(window["n"] / max(el, 1e-9), 2),
@@ -548,6 +571,8 @@ class Trainer:
             raise TrainingInterrupted(ckpt_path) from None
         if pbar is not None:
             pbar.close()
+        if last_loss_t is not None:
+            last_loss = float(last_loss_t)
         seconds = time.perf_counter() - t_start
         vm = None
         if val is not None:
@@ -556,6 +581,10 @@ class Trainer:
             vm = last[1] if last and last[0] == (scfg.name, step) else \
                 self._validate(stage, val, scfg, writer, step, epoch)
         # The last step already wrote the checkpoint (step == total), so none is written here.
+        if o.compile:
+            # Hand on the eager module: later stages and evaluation run it on other devices
+            # and without gradients, where the compiled graphs would only be rebuilt.
+            encoder._compiled_call_impl = None
         # The stage's result: the space with the new modality added.
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,
@@ -572,15 +601,11 @@ class Trainer:
         writer.close()
 
     def _anchor_cache(self, anchor, table, scfg):
-        # Rank 0 computes and writes; the others read the finished file.
-        if self.main:
-            out = cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
-                                    num_workers=scfg.optim.num_workers, progress=self.progress,
-                                    strict=scfg.data.strict)
-        gbdist.barrier()
-        if not self.main:
-            out = cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256)
-        return out
+        # Collective: every rank embeds its share of the rows and all end with the full float16
+        # table (rank 0 writes the file); on a hit every rank maps the existing file.
+        return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
+                                 num_workers=scfg.optim.num_workers, progress=self.progress and self.main,
+                                 strict=scfg.data.strict)
 
     @torch.no_grad()
     def _validate(self, stage: BindingStage, val, scfg: StageConfig, writer, step: int, epoch: int):
