@@ -16,6 +16,13 @@ each with 0 (the main process, one torch thread: one core's rate) and ``--worker
 workers. Rates include worker start-up and the shuffle buffer fill (100 samples), as an epoch
 start does.
 
+Part 1b, satellite augmentation in the loader or on the device (``augment_on``): the loader's
+per-tile cost on the pre-resized 256 px shards in each mode (``loader``: decode + PIL crop, flips,
+jitter, normalise; ``device``: decode + drawing the parameters only), one core, timed directly and
+through the trainer's loader; and the cost of the batched device augmentation
+(``geobind.encoders.device_augment.apply_overhead_augment``, 256 -> 224 px) per tile at
+``--aug-batch`` on this machine's device (the CPU here unless a GPU is present).
+
 Part 2, training: the stage-1 step (``geobind.binding.step.StepRunner``: satellite ViT forward and
 backward against cached anchor embeddings, AdamW) at ``--model`` size (``b32`` = CLIP ViT-B/32
 at 224 px, randomly initialised; ``tiny`` for a smoke run), fed from memory (one pre-made batch)
@@ -29,6 +36,7 @@ against fed from the manifest's files and from pre-resized shards through the tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,14 +64,18 @@ class _Load:
         return self.fn(item, train)
 
     def collate(self, samples):
-        return torch.stack(samples)
+        from geobind.encoders.images import collate_images
+
+        return collate_images(samples)
 
 
 class _SatLoad:
-    def __init__(self, size):
+    def __init__(self, size, augment_on="loader"):
         from geobind.encoders.images import SATELLITE_MEAN, SATELLITE_STD, ImageTransform
 
-        self.t = ImageTransform(size, SATELLITE_MEAN, SATELLITE_STD, augment="overhead")
+        self.t = ImageTransform(
+            size, SATELLITE_MEAN, SATELLITE_STD, augment="overhead", augment_on=augment_on
+        )
 
     def __call__(self, item, train):
         return self.t(item, train=train)
@@ -141,6 +153,70 @@ def loader_rate(data, modality, fn, *, workers: int, batch: int, seed: int = 0) 
     return {"samples": n, "seconds": round(dt, 3), "samples_per_s": round(n / dt, 1)}
 
 
+def augment_costs(shards, workers: int, loader_batch: int, aug_batch: int, reps: int) -> dict:
+    """Loader-side cost per tile with the augmentation in the loader vs on the device, and the
+    batched device augmentation's cost per tile (256 px tiles -> 224 px)."""
+    import random
+
+    from geobind.encoders.device_augment import apply_overhead_augment
+    from geobind.encoders.images import collate_images
+
+    modes = {m: _SatLoad(224, m) for m in ("loader", "device")}
+    items = [
+        shards.item(sample, row, "satellite")
+        for row, sample in shards.read_rows(np.arange(len(shards)))
+    ]
+    out: dict = {"tiles": len(items), "tile_px": 256, "per_tile_ms": {}, "pipeline": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(2):  # best of two passes over the tiles, modes alternating
+            for mode, fn in modes.items():
+                t0 = time.perf_counter()
+                for i, item in enumerate(items):
+                    random.seed(i)
+                    fn(item, True)
+                ms = 1000 * (time.perf_counter() - t0) / len(items)
+                out["per_tile_ms"][mode] = round(min(ms, out["per_tile_ms"].get(mode, ms)), 3)
+        for mode, fn in modes.items():
+            for w in sorted({0, workers}):
+                r = loader_rate(shards, "satellite", fn, workers=w, batch=loader_batch)
+                out["pipeline"].append({"augment_on": mode, "workers": w, **r})
+    finally:
+        torch.set_num_threads(threads)
+    t = modes["device"].t
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    samples = []
+    for i in range(aug_batch):
+        random.seed(i)
+        samples.append(t(items[i % len(items)], train=True))
+    batch = {k: v.to(dev) for k, v in collate_images(samples).items()}
+
+    def run():
+        y = apply_overhead_augment(batch["pixels"], batch["aug"], t.size, t.mean, t.std)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return y
+
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    out["device_apply"] = {
+        "device": str(dev),
+        "torch_threads": threads,
+        "batch": aug_batch,
+        "load_size": t.load_size,
+        "size": t.size,
+        "ms_per_batch": round(1000 * best, 2),
+        "us_per_tile": round(1e6 * best / aug_batch, 1),
+        "tiles_per_s": round(aug_batch / best, 1),
+    }
+    return out
+
+
 def vision_model(size: str):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -187,23 +263,31 @@ def train_rates(
         data=DataConfig(train=""),
         optim=OptimConfig(batch_size=batch),
     )
-    run = StepRunner(stage, build_optimizer(stage, cfg, torch.device("cpu")), grad_clip=1.0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stage.to(dev)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
+    run = StepRunner(stage, build_optimizer(stage, cfg, dev), grad_clip=1.0, autocast=autocast)
     stage.train()
     g = torch.Generator().manual_seed(0)
-    anchor_all = torch.nn.functional.normalize(torch.randn(100_000, enc.dim, generator=g), dim=1)
+    anchor_all = torch.nn.functional.normalize(torch.randn(100_000, enc.dim, generator=g), dim=1).half().to(dev)
+
+    def step(idx, x):
+        run(x, anchor_emb=anchor_all[idx.to(dev)])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # the step's time is the device's, the wait is the loader's
 
     def timed(batches, label):
         # One warm-up step (worker start-up, first buffer fill), then `steps` timed ones.
         it = iter(batches)
         idx, x, _, _ = next(it)
-        run(x, anchor_emb=anchor_all[idx])
+        step(idx, x)
         wait = comp = 0.0
         n = 0
         t_prev = time.perf_counter()
         for _ in range(steps):
             idx, x, _, _ = next(it)
             t1 = time.perf_counter()
-            run(x, anchor_emb=anchor_all[idx])
+            step(idx, x)
             t2 = time.perf_counter()
             wait += t1 - t_prev
             comp += t2 - t1
@@ -222,24 +306,35 @@ def train_rates(
 
     table = read_dataset(paths["images"])
     shards = read_dataset(shards_dir)
+    pin = dev.type == "cuda"
     mem = next(iter(loader_batches(table, enc, batch, workers=0)))
+    loader_t, device_t = enc.transform, ImageTransform(px, SATELLITE_MEAN, SATELLITE_STD, "overhead", augment_on="device")
     feeds = {
-        "memory": (lambda: _repeat(mem), "one pre-made batch"),
+        "memory": (lambda: _repeat(mem), "one pre-made batch", loader_t),
         "manifest": (
-            lambda: loader_batches(table, enc, batch, workers=workers),
+            lambda: loader_batches(table, enc, batch, workers=workers, pin_memory=pin),
             f"JPEG files, {workers} workers",
+            loader_t,
         ),
         "shards_256": (
-            lambda: loader_batches(shards, enc, batch, workers=workers),
+            lambda: loader_batches(shards, enc, batch, workers=workers, pin_memory=pin),
             f"pre-resized shards, {workers} workers",
+            loader_t,
+        ),
+        "shards_256_device_aug": (
+            lambda: loader_batches(shards, enc, batch, workers=workers, pin_memory=pin),
+            f"pre-resized shards, {workers} workers, augment_on: device",
+            device_t,
         ),
     }
     # Feeds alternate and each keeps its best round, so load from other processes on a shared
     # machine biases none of them in particular.
     out: dict = {}
     for _ in range(rounds):
-        for name, (make, label) in feeds.items():
+        for name, (make, label, transform) in feeds.items():
+            enc.transform = transform  # the loader and the forward both follow the transform
             r = timed(make(), label)
+            r["device"] = str(dev)
             if name not in out or r["samples_per_s"] > out[name]["samples_per_s"]:
                 out[name] = r
     return out
@@ -250,7 +345,8 @@ def _repeat(x):
         yield x
 
 
-def loader_batches(data, enc, batch, workers, *, modality: str = "satellite", seed: int = 0):
+def loader_batches(data, enc, batch, workers, *, modality: str = "satellite", seed: int = 0,
+                   pin_memory: bool = False):
     """The trainer's loader for one epoch over every row of ``data``."""
     valid = torch.ones(len(data), dtype=torch.bool)
     loader, _ = train_loader(
@@ -266,6 +362,7 @@ def loader_batches(data, enc, batch, workers, *, modality: str = "satellite", se
         num_workers=workers,
         collate_fn=_CollateTrain(enc, None),
         shuffle_buffer=100,
+        pin_memory=pin_memory,
     )
     return loader
 
@@ -320,6 +417,12 @@ def main(argv=None) -> dict:
         default=2,
         help="rounds over the training feeds; best kept (default: 2)",
     )
+    p.add_argument(
+        "--aug-batch",
+        type=int,
+        default=64,
+        help="batch of the timed device augmentation (default: 64)",
+    )
     p.add_argument("--skip-train", action="store_true", help="input pipeline only")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and model")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed afterwards)")
@@ -327,7 +430,7 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.quick:
         a.images, a.image_px, a.audio, a.audio_seconds, a.batch = 24, 64, 4, 2.0, 8
-        a.model, a.train_batch, a.train_steps, a.rounds = "tiny", 8, 1, 1
+        a.model, a.train_batch, a.train_steps, a.rounds, a.aug_batch = "tiny", 8, 1, 1, 8
     os.environ.setdefault("GEOBIND_CACHE", tempfile.mkdtemp(prefix="geobind-bench-cache-"))
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="geobind-bench-"))
     res = {
@@ -378,6 +481,27 @@ def main(argv=None) -> dict:
                     flush=True,
                 )
         torch.set_num_threads(threads)
+        aug = augment_costs(
+            read_dataset(packs["shards_256"]), a.workers, a.batch, a.aug_batch, 3 if a.quick else 10
+        )
+        res["satellite_augment"] = aug
+        for mode, ms in aug["per_tile_ms"].items():
+            print(
+                f"satellite 256 px tile, augment_on={mode:<7} loader side {ms:>7.3f} ms/tile (one core)",
+                flush=True,
+            )
+        for r in aug["pipeline"]:
+            print(
+                f"satellite shards 256, augment_on={r['augment_on']:<7} workers={r['workers']}  "
+                f"{r['samples_per_s']:>8.1f} samples/s",
+                flush=True,
+            )
+        d = aug["device_apply"]
+        print(
+            f"device augmentation on {d['device']}, batch {d['batch']}, {d['load_size']} -> {d['size']} px: "
+            f"{d['ms_per_batch']} ms/batch, {d['us_per_tile']} us/tile",
+            flush=True,
+        )
         if not a.skip_train:
             res["train"] = train_rates(
                 paths,

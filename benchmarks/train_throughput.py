@@ -2,18 +2,20 @@
 
 Plain (what Sat2Cap / GeoCLAP do): every step runs the frozen teacher on the paired input
 (CLIP image tower on ground photos for stage 1; the stage-1 satellite ViT on tiles for stage 2),
-then the trainable student forward + backward, non-fused AdamW.
+then the trainable student forward + backward, PyTorch's default AdamW (Sat2Cap's settings).
 GeoBind: the real training step (``geobind.binding.step.StepRunner`` over a ``BindingStage``,
-``build_optimizer``'s fused AdamW on CUDA) fed with cached frozen-anchor embeddings, bf16
-autocast on CUDA, optional ``torch.compile``; stage 2 computes mel features on the device.
+``build_optimizer``'s fused AdamW on CUDA) fed with cached float16 frozen-anchor embeddings, bf16
+autocast on CUDA, eager and ``torch.compile``d (``Module.compile``, as ``optim.compile: true``),
+at the plain batch and at larger ones (the cache frees the teacher's memory); stage 2 computes mel
+features on the device. Each variant builds fresh models; an out-of-memory is recorded, not fatal.
 
 FLOPs per sample (stated, not measured): ViT forward = patch embedding 2*T*(3*p*p)*h plus, per
 layer, 24*T*h^2 (QKV, projection, 4h MLP) + 4*T^2*h (scores and weighted sum), T = tokens
 (ViT-B/32 at 224 px: ~8.8 GFLOP; ViT-B/16: ~35 GFLOP); training = 3 x forward. MFU = samples/s x
 training FLOPs / peak FLOP/s (``--peak-tflops``, default 800 for an H100's measured bf16 rate).
 
-    python benchmarks/train_throughput.py --size b32 --out results.json     # on a GPU
-    python benchmarks/train_throughput.py --size tiny --steps 2             # CPU smoke run
+    python benchmarks/train_throughput.py --size b32 b16 --stage2 --out results.json   # on a GPU
+    python benchmarks/train_throughput.py --size tiny --steps 2 --stage2               # CPU smoke run
 """
 
 from __future__ import annotations
@@ -60,10 +62,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+_LAST_WARMUP_S = [0.0]
+
+
 def _timeit(fn, steps: int, warmup: int, device) -> float:
+    """Seconds per call after ``warmup`` untimed calls (their wall time, compilation included,
+    is kept in ``_LAST_WARMUP_S``)."""
+    t = time.perf_counter()
     for _ in range(warmup):
         fn()
     _sync(device)
+    _LAST_WARMUP_S[0] = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(steps):
         fn()
@@ -82,56 +91,107 @@ def vision_config(size: str) -> tuple[CLIPVisionConfig, int]:
     return CLIPVisionConfig(image_size=img, **over), img
 
 
-def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: str, compile_: bool) -> dict:
+def _fresh_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def _guarded(fn) -> dict:
+    """Run one variant; an out-of-memory is recorded as such instead of ending the run."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"error": "out of memory", "detail": str(e).splitlines()[0]}
+
+
+def _geobind_runner(stage: BindingStage, name: str, train: str, bind_to: str, enc_type: str, device, ac):
+    scfg = StageConfig(name, train, bind_to, {"type": enc_type}, DataConfig("x"), OptimConfig())
+    # The trainer's defaults: gradient clipping on (1.0), like `geobind train`.
+    return StepRunner(stage, build_optimizer(stage, scfg, device), autocast=ac, grad_clip=scfg.optim.grad_clip)
+
+
+def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: str,
+           variants: list[tuple[bool, int]]) -> dict:
+    """Plain step, GeoBind's step for each (compile, batch scale) and inference tiles/s."""
     cfg, img = vision_config(size)
     ac = _autocast(device, precision)
-    student = CLIPVisionModelWithProjection(cfg).to(device)
-    teacher = CLIPVisionModelWithProjection(cfg).to(device).eval().requires_grad_(False)
-    scale = LogitScale().to(device)
-    opt = torch.optim.AdamW(list(student.parameters()) + list(scale.parameters()), lr=5e-5, weight_decay=0.2,
-                            betas=(0.9, 0.98), eps=1e-6)
-    tiles = torch.randn(batch, 3, img, img, device=device)
-    ground = torch.randn(batch, 3, img, img, device=device)
-
-    def plain():
-        with ac():
-            with torch.no_grad():
-                t = torch.nn.functional.normalize(teacher(pixel_values=ground).image_embeds.float(), dim=-1)
-            s = torch.nn.functional.normalize(student(pixel_values=tiles).image_embeds.float(), dim=-1)
-            loss = contrastive_loss(s, t, scale(), symmetric=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    plain_s = _timeit(plain, steps, warmup, device)
-
-    enc = ClipVisionEncoder("satellite", student, ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
-    anchor = ClipVisionEncoder("ground", CLIPVisionModelWithProjection(cfg),
-                               ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
-    stage = BindingStage(enc, anchor, symmetric=False).to(device)
-    if compile_:
-        enc.model = torch.compile(enc.model)
-    scfg = StageConfig("s1", "satellite", "ground", {"type": "clip_vision"}, DataConfig("x"), OptimConfig())
-    runner = StepRunner(stage, build_optimizer(stage, scfg, device), autocast=ac)
-    cached = torch.nn.functional.normalize(torch.randn(batch, cfg.projection_dim, device=device), dim=-1)
-    stage.train()
-    fast_s = _timeit(lambda: runner(tiles, anchor_emb=cached), steps, warmup, device)
-
-    stage.eval()
-
-    @torch.no_grad()
-    def infer():
-        with ac():
-            enc(tiles)
-
-    infer_s = _timeit(infer, steps, warmup, device)
     flops = vit_forward_flops(cfg)
-    return {"batch": batch, "plain_sps": batch / plain_s, "geobind_sps": batch / fast_s,
-            "speedup": plain_s / fast_s, "infer_tiles_per_s": batch / infer_s,
-            "fwd_gflop_per_sample": flops / 1e9, "train_flop_per_sample": 3 * flops}
+    out = {"batch": batch, "fwd_gflop_per_sample": flops / 1e9, "train_flop_per_sample": 3 * flops,
+           "geobind": {}, "infer": {}}
+
+    def plain_variant():
+        _fresh_peak(device)
+        student = CLIPVisionModelWithProjection(cfg).to(device)
+        teacher = CLIPVisionModelWithProjection(cfg).to(device).eval().requires_grad_(False)
+        scale = LogitScale().to(device)
+        opt = torch.optim.AdamW(list(student.parameters()) + list(scale.parameters()), lr=5e-5,
+                                weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+        tiles = torch.randn(batch, 3, img, img, device=device)
+        ground = torch.randn(batch, 3, img, img, device=device)
+
+        def plain():
+            with ac():
+                with torch.no_grad():
+                    t = torch.nn.functional.normalize(teacher(pixel_values=ground).image_embeds.float(), dim=-1)
+                s = torch.nn.functional.normalize(student(pixel_values=tiles).image_embeds.float(), dim=-1)
+                loss = contrastive_loss(s, t, scale(), symmetric=False)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        sec = _timeit(plain, steps, warmup, device)
+        return {"sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
+
+    out["plain"] = plain_variant()
+
+    def geobind_variant(compile_: bool, b: int):
+        _fresh_peak(device)
+        enc = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
+                                ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
+        anchor = ClipVisionEncoder("ground", CLIPVisionModelWithProjection(cfg),
+                                   ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
+        stage = BindingStage(enc, anchor, symmetric=False).to(device)
+        if compile_:
+            enc.compile()  # what the trainer does for optim.compile: true
+        runner = _geobind_runner(stage, "s1", "satellite", "ground", "clip_vision", device, ac)
+        tiles = torch.randn(b, 3, img, img, device=device)
+        # The cache stores float16 unit vectors; the step widens its batch on the device.
+        cached = torch.nn.functional.normalize(torch.randn(b, cfg.projection_dim, device=device), dim=-1).half()
+        stage.train()
+        sec = _timeit(lambda: runner(tiles, anchor_emb=cached), steps, warmup, device)
+        r = {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
+             "peak_gib": _peak_gib(device)}
+
+        stage.eval()
+
+        @torch.no_grad()
+        def infer():
+            with ac():
+                enc(tiles)
+
+        isec = _timeit(infer, steps, warmup, device)
+        return r, {"batch": b, "tiles_per_s": b / isec}
+
+    for c, k in variants:
+        key = f"{'compile' if c else 'eager'}-b{batch * k}"
+        res = _guarded(lambda c=c, k=k: geobind_variant(c, batch * k))
+        if "error" in res:
+            out["geobind"][key] = out["infer"][key] = res
+        else:
+            out["geobind"][key], out["infer"][key] = res
+    return out
 
 
-def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: str, compile_: bool) -> dict:
+def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: str,
+           variants: list[tuple[bool, int]]) -> dict:
+    """Plain audio step (loader-side features, frozen satellite ViT every step) vs GeoBind's."""
     from transformers import ClapAudioModelWithProjection
 
     cfg, img = vision_config(size)
@@ -144,39 +204,100 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
     else:
         acfg = ClapAudioConfig(enable_fusion=True, projection_dim=cfg.projection_dim)
         settings = AudioSettings()
-    enc = ClapAudioEncoder("audio", cfg.projection_dim, ClapAudioModelWithProjection(acfg), settings).to(device)
-    sat = CLIPVisionModelWithProjection(cfg).to(device).eval().requires_grad_(False)
-    scale = LogitScale().to(device)
-    waves = torch.randn(batch, settings.clip_samples, device=device) * 0.1
-    tiles = torch.randn(batch, 3, img, img, device=device)
-    with torch.no_grad():
-        feats = enc.frontend(waves)
-    opt = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad] + list(scale.parameters()), lr=5e-5)
-    is_longer = torch.zeros(batch, 1, dtype=torch.bool, device=device)
 
-    def plain():
-        # Features arrive precomputed (GeoCLAP's extractor runs in the loader); the frozen
-        # satellite encoder runs every step.
-        with ac():
-            with torch.no_grad():
-                t = torch.nn.functional.normalize(sat(pixel_values=tiles).image_embeds.float(), dim=-1)
-            a = enc.backbone(input_features=feats, is_longer=is_longer).audio_embeds
-            loss = contrastive_loss(torch.nn.functional.normalize(a.float(), dim=-1), t, scale(), symmetric=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def encoder():
+        return ClapAudioEncoder("audio", cfg.projection_dim, ClapAudioModelWithProjection(acfg), settings).to(device)
 
-    plain_s = _timeit(plain, steps, warmup, device)
-    anchor = ClipVisionEncoder("satellite", sat, ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
-    stage = BindingStage(enc, anchor, symmetric=True).to(device)
-    if compile_:
-        enc.backbone = torch.compile(enc.backbone)
-    scfg = StageConfig("s2", "audio", "satellite", {"type": "clap_audio"}, DataConfig("x"), OptimConfig())
-    runner = StepRunner(stage, build_optimizer(stage, scfg, device), autocast=ac)
-    cached = torch.nn.functional.normalize(torch.randn(batch, cfg.projection_dim, device=device), dim=-1)
-    stage.train()
-    fast_s = _timeit(lambda: runner(waves, anchor_emb=cached), steps, warmup, device)
-    return {"batch": batch, "plain_sps": batch / plain_s, "geobind_sps": batch / fast_s, "speedup": plain_s / fast_s}
+    out = {"batch": batch, "geobind": {}}
+
+    def plain_variant():
+        _fresh_peak(device)
+        # transformers' own model, as GeoCLAP runs it (fusion branch, is_longer lookup).
+        backbone = ClapAudioModelWithProjection(acfg).to(device)
+        sat = CLIPVisionModelWithProjection(cfg).to(device).eval().requires_grad_(False)
+        scale = LogitScale().to(device)
+        waves = torch.randn(batch, settings.clip_samples, device=device) * 0.1
+        tiles = torch.randn(batch, 3, img, img, device=device)
+        with torch.no_grad():
+            feats = encoder().frontend(waves)  # features arrive precomputed from the loader
+        opt = torch.optim.AdamW(list(backbone.parameters()) + list(scale.parameters()), lr=5e-5)
+        is_longer = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+
+        def plain():
+            with ac():
+                with torch.no_grad():
+                    t = torch.nn.functional.normalize(sat(pixel_values=tiles).image_embeds.float(), dim=-1)
+                a = backbone(input_features=feats, is_longer=is_longer).audio_embeds
+                loss = contrastive_loss(torch.nn.functional.normalize(a.float(), dim=-1), t, scale(), symmetric=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        sec = _timeit(plain, steps, warmup, device)
+        return {"sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
+
+    out["plain"] = plain_variant()
+
+    def geobind_variant(compile_: bool, b: int):
+        _fresh_peak(device)
+        enc = encoder()
+        anchor = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
+                                   ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
+        stage = BindingStage(enc, anchor, symmetric=True).to(device)
+        if compile_:
+            enc.compile()
+        runner = _geobind_runner(stage, "s2", "audio", "satellite", "clap_audio", device, ac)
+        waves = torch.randn(b, settings.clip_samples, device=device) * 0.1
+        cached = torch.nn.functional.normalize(torch.randn(b, cfg.projection_dim, device=device), dim=-1).half()
+        stage.train()
+        sec = _timeit(lambda: runner(waves, anchor_emb=cached), steps, warmup, device)
+        return {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
+                "peak_gib": _peak_gib(device)}
+
+    for c, k in variants:
+        out["geobind"][f"{'compile' if c else 'eager'}-b{batch * k}"] = _guarded(
+            lambda c=c, k=k: geobind_variant(c, batch * k))
+    return out
+
+
+def _summarise(r: dict, peak: float | None, train_flops: float | None = None) -> None:
+    """Add each variant's ratio to the plain step (and MFU), and the best variant."""
+    base = r["plain"]["sps"]
+    best, best_name = None, None
+    for name, v in r["geobind"].items():
+        if "sps" not in v:
+            continue
+        v["ratio"] = v["sps"] / base
+        if peak and train_flops:
+            v["mfu"] = v["sps"] * train_flops / (peak * 1e12)
+        if best is None or v["sps"] > best["sps"]:
+            best, best_name = v, name
+    if peak and train_flops:
+        r["plain"]["mfu"] = base * train_flops / (peak * 1e12)
+    r["best"], r["best_variant"] = best, best_name
+    if "infer" in r:
+        ok = [v["tiles_per_s"] for v in r["infer"].values() if "tiles_per_s" in v]
+        if ok and best:
+            r["best_infer_tiles_per_s"] = max(ok)
+            r["infer_over_train"] = max(ok) / best["sps"]
+
+
+def parse_variants(specs: list[str]) -> list[tuple[bool, int]]:
+    """``["eager:1", "compile:2"]`` -> ``[(False, 1), (True, 2)]``."""
+    out = []
+    for spec in specs:
+        mode, _, scale = spec.partition(":")
+        if mode not in ("eager", "compile") or not scale.isdigit() or int(scale) < 1:
+            raise SystemExit(f"--variants {spec!r}: use eager:N or compile:N with N a positive integer")
+        out.append((mode == "compile", int(scale)))
+    return out
+
+
+def _write(path: str | None, results: dict) -> None:
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(path)
 
 
 def main(argv=None) -> dict:
@@ -184,43 +305,62 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", nargs="+", default=["b32", "b16"], choices=sorted(SIZES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the trainable encoder")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="MODE:SCALE",
+                    help="GeoBind step variants: eager|compile : multiple of the plain batch "
+                         "(default on CUDA: eager:1 eager:2 compile:2; on CPU: eager:1)")
     ap.add_argument("--stage2", action="store_true", help="also run the audio stage (once, at the first size)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default 800 on CUDA)")
     ap.add_argument("--out", help="write every figure to this JSON file")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    precision = a.precision or ("bf16" if device.type == "cuda" else "fp32")
-    peak = a.peak_tflops or (800.0 if device.type == "cuda" else None)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    precision = a.precision or ("bf16" if cuda else "fp32")
+    peak = a.peak_tflops or (800.0 if cuda else None)
+    variants = parse_variants(a.variants or (["eager:1", "eager:2", "compile:2"] if cuda else ["eager:1"]))
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "precision": precision, "compile": a.compile, "torch": torch.__version__, "stage1": {}, "stage2": {}}
+        torch.backends.cudnn.allow_tf32 = True
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "precision": precision,
+               "variants": a.variants, "torch": torch.__version__, "peak_tflops": peak, "stage1": {}, "stage2": {}}
     for size in a.size:
-        r = stage1(size, device, SIZES[size][2], a.steps, a.warmup, precision, a.compile)
-        if peak:
-            r["mfu"] = r["geobind_sps"] * r["train_flop_per_sample"] / (peak * 1e12)
-            r["plain_mfu"] = r["plain_sps"] * r["train_flop_per_sample"] / (peak * 1e12)
-        r["infer_over_train"] = r["infer_tiles_per_s"] / r["geobind_sps"]
+        r = stage1(size, device, SIZES[size][2], a.steps, a.warmup, precision, variants)
+        _summarise(r, peak, r["train_flop_per_sample"])
         results["stage1"][size] = r
+        _write(a.out, results)  # after every part, so a run stopped early keeps what it measured
     if a.stage2:
         size = a.size[0]
-        results["stage2"][size] = stage2(size, device, SIZES[size][3], a.steps, a.warmup, precision, a.compile)
-    rows = [("stage", "size", "batch", "plain/s", "geobind/s", "ratio", "MFU", "infer/s")]
-    for size, r in results["stage1"].items():
-        rows.append(("1 sat->ground", size, r["batch"], f"{r['plain_sps']:.1f}", f"{r['geobind_sps']:.1f}",
-                     f"{r['speedup']:.2f}x", f"{r['mfu']:.1%}" if "mfu" in r else "-", f"{r['infer_tiles_per_s']:.1f}"))
-    for size, r in results["stage2"].items():
-        rows.append(("2 audio->sat", size, r["batch"], f"{r['plain_sps']:.1f}", f"{r['geobind_sps']:.1f}",
-                     f"{r['speedup']:.2f}x", "-", "-"))
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"device: {results['device']}  precision: {precision}  compile: {a.compile}")
-    for row in rows:
-        print("".join(f"{str(c):>16}" for c in row))
+        r = stage2(size, device, SIZES[size][3], a.steps, a.warmup, precision, variants)
+        _summarise(r, None)
+        results["stage2"][size] = r
+        _write(a.out, results)
+    print(table(results))
     return results
+
+
+def table(results: dict) -> str:
+    """The short text table printed last (one row per measured variant)."""
+    rows = [("stage", "size", "variant", "batch", "samples/s", "vs plain", "MFU", "infer/s", "peak GiB")]
+
+    def fmt(v, f):
+        return f.format(v) if v is not None else "-"
+
+    for stage, label in (("stage1", "1 sat->ground"), ("stage2", "2 audio->sat")):
+        for size, r in results[stage].items():
+            p = r["plain"]
+            rows.append((label, size, "plain", r["batch"], fmt(p["sps"], "{:.1f}"), "1.00x",
+                         fmt(p.get("mfu"), "{:.1%}"), "-", fmt(p.get("peak_gib"), "{:.1f}")))
+            for name, v in r["geobind"].items():
+                if "sps" not in v:
+                    rows.append((label, size, name, "-", v.get("error", "?"), "-", "-", "-", "-"))
+                    continue
+                inf = r.get("infer", {}).get(name, {}).get("tiles_per_s")
+                rows.append((label, size, name, v["batch"], fmt(v["sps"], "{:.1f}"), fmt(v["ratio"], "{:.2f}x"),
+                             fmt(v.get("mfu"), "{:.1%}"), fmt(inf, "{:.1f}"), fmt(v.get("peak_gib"), "{:.1f}")))
+    head = (f"device: {results['device']}  precision: {results['precision']}  "
+            f"torch: {results['torch']}")
+    return "\n".join([head] + ["".join(f"{str(c):>15}" for c in row) for row in rows])
 
 
 if __name__ == "__main__":

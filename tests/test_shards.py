@@ -390,7 +390,8 @@ def test_data_throughput_benchmark_quick_run(tmp_path):
     spec.loader.exec_module(mod)
     r = mod.main(["--quick", "--workers", "1", "--out", str(tmp_path / "r.json")])
     assert len(r["pipeline"]) == 12 and all(p["samples_per_s"] > 0 for p in r["pipeline"])
-    assert set(r["train"]) == {"memory", "manifest", "shards_256"}
+    assert set(r["train"]) == {"memory", "manifest", "shards_256", "shards_256_device_aug"}
+    assert all(0 <= t["data_wait"] <= 1 and t["samples_per_s"] > 0 for t in r["train"].values())
     assert (
         json.loads((tmp_path / "r.json").read_text())["machine"]["gpu"] is None
         or torch.cuda.is_available()

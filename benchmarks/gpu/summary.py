@@ -1,0 +1,44 @@
+"""Print the short table of a ``run_all.sh`` output folder (what the goals ask for, per part)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def rows(folder: Path) -> list[tuple]:
+    out = [("part", "size", "plain/s", "best GeoBind", "samples/s", "vs plain", "MFU", "infer/s", "infer/train")]
+    for path in sorted(folder.glob("train-*.json")):
+        r = json.loads(path.read_text())
+        for stage in ("stage1", "stage2"):
+            for size, s in r.get(stage, {}).items():
+                best = s.get("best") or {}
+                name = s.get("best_variant") or "-"
+                out.append((
+                    f"{stage} {path.stem}", size, f"{s['plain']['sps']:.0f}", name,
+                    f"{best['sps']:.0f}" if best else "-",
+                    f"{best['ratio']:.2f}x" if best else "-",
+                    f"{best['mfu']:.1%}" if "mfu" in best else "-",
+                    f"{s['best_infer_tiles_per_s']:.0f}" if "best_infer_tiles_per_s" in s else "-",
+                    f"{s['infer_over_train']:.2f}x" if "infer_over_train" in s else "-",
+                ))
+    data = folder / "data.json"
+    if data.is_file():
+        d = json.loads(data.read_text())
+        out.append(("data feed", "workers", "samples/s", "data wait", "step s", "", "", "", ""))
+        for name, r in d.get("train", {}).items():
+            out.append((name.replace("shards_256_device_aug", "shards+gpu aug")[:14], d["settings"].get("workers", "-"), f"{r['samples_per_s']:.0f}",
+                        f"{r['data_wait']:.1%}", f"{r['step_s']:.3f}", "", "", "", ""))
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    folder = Path((argv or sys.argv[1:] or ["gpu-results"])[0])
+    text = "\n".join("".join(f"{str(c):>14}" for c in row) for row in rows(folder))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
