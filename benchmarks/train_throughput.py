@@ -111,6 +111,22 @@ def _guarded(fn) -> dict:
         return {"error": "out of memory", "detail": str(e).splitlines()[0]}
 
 
+def _time_plain(forward, opt, scale, symmetric: bool, batch: int, steps: int, warmup: int, device) -> dict:
+    """Time the plain step: ``forward()`` -> (student, teacher) embeddings, InfoNCE, AdamW."""
+    normalize = torch.nn.functional.normalize
+
+    def step():
+        s, t = forward()
+        loss = contrastive_loss(normalize(s.float(), dim=-1), normalize(t.float(), dim=-1), scale(),
+                                symmetric=symmetric)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sec = _timeit(step, steps, warmup, device)
+    return {"sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
+
+
 def _geobind_runner(stage: BindingStage, name: str, train: str, bind_to: str, enc_type: str, device, ac):
     scfg = StageConfig(name, train, bind_to, {"type": enc_type}, DataConfig("x"), OptimConfig())
     # The trainer's defaults: gradient clipping on (1.0), like `geobind train`.
@@ -139,15 +155,11 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         def plain():
             with ac():
                 with torch.no_grad():
-                    t = torch.nn.functional.normalize(teacher(pixel_values=ground).image_embeds.float(), dim=-1)
-                s = torch.nn.functional.normalize(student(pixel_values=tiles).image_embeds.float(), dim=-1)
-                loss = contrastive_loss(s, t, scale(), symmetric=False)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                    t = teacher(pixel_values=ground).image_embeds
+                s = student(pixel_values=tiles).image_embeds
+            return s, t
 
-        sec = _timeit(plain, steps, warmup, device)
-        return {"sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
+        return _time_plain(plain, opt, scale, False, batch, steps, warmup, device)
 
     out["plain"] = plain_variant()
 
@@ -226,15 +238,11 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         def plain():
             with ac():
                 with torch.no_grad():
-                    t = torch.nn.functional.normalize(sat(pixel_values=tiles).image_embeds.float(), dim=-1)
+                    t = sat(pixel_values=tiles).image_embeds
                 a = backbone(input_features=feats, is_longer=is_longer).audio_embeds
-                loss = contrastive_loss(torch.nn.functional.normalize(a.float(), dim=-1), t, scale(), symmetric=True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            return a, t
 
-        sec = _timeit(plain, steps, warmup, device)
-        return {"sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
+        return _time_plain(plain, opt, scale, True, batch, steps, warmup, device)
 
     out["plain"] = plain_variant()
 

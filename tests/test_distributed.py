@@ -99,15 +99,15 @@ def _check_loss(r: int, sizes: list[int], symmetric: bool, use_queue: bool, froz
         )
 
 
-def _worker(r: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(r),
-        LOCAL_RANK=str(r),
-        WORLD_SIZE=str(WORLD),
-    )
+def _rank_env(r: int, port: int) -> None:
+    """This process is rank ``r`` of ``WORLD`` on localhost, one thread."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
+                      WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+
+
+def _worker(r: int, port: int) -> None:
+    _rank_env(r, port)
     info = gbdist.init_distributed(backend="gloo")
     try:
         assert info.distributed and info.rank == r and info.world_size == WORLD
@@ -174,14 +174,7 @@ def _check_blocks(r: int) -> None:
 
 
 def _blocks_worker(r: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(r),
-        LOCAL_RANK=str(r),
-        WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
+    _rank_env(r, port)
     gbdist.init_distributed(backend="gloo")
     try:
         assert gbdist.comm_device() == torch.device("cpu")  # gloo
