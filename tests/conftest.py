@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import geobind  # noqa: F401  (first: it configures pyarrow's allocator before pandas loads it)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures import make_dataset  # noqa: E402

@@ -125,3 +125,19 @@ def test_training_from_bad_shards_skips_and_counts(bad, tiny_data, tmp_path):
     d["output_dir"] = str(tmp_path / "strict")
     with pytest.raises(Exception, match=r"part-0.tar#s03: bad-metadata"):
         train(parse_config(d), progress=False, log=None)
+
+
+def test_no_allocator_thread_that_could_hang_forked_loader_workers():
+    """Importing geobind's data layer (pandas -> pyarrow) starts no jemalloc purging thread,
+    which can hold a lock at the moment a loader worker is forked and hang it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, geobind.data.manifest, pandas, pyarrow\n"
+        "print(sorted(open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JE_ARROW_MALLOC_CONF"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "jemalloc_bg_thd" not in out.stdout, out.stdout

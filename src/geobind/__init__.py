@@ -3,7 +3,13 @@ learned by binding every modality to satellite imagery of the same place."""
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
+
+# pyarrow (loaded by pandas) starts a jemalloc purging thread when it is first imported; a data
+# loader worker forked while that thread holds an allocator lock can hang forever. Purging
+# inline instead costs nothing measurable. Only effective if pyarrow is not imported yet.
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
 
 __version__ = "0.1.0"
 

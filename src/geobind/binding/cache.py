@@ -155,7 +155,8 @@ def _embed_rows(
         data = RowStream(table, _ShardItem(table, modality, encoder), rows=np.arange(start, stop))
     else:
         data = _ItemDataset(table, modality, encoder, start=start, stop=stop)
-    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items(encoder))
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items(encoder),
+                        pin_memory=encoder.device.type == "cuda")
     was = encoder.training
     encoder.eval()
     it = loader
