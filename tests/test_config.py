@@ -73,3 +73,20 @@ def test_the_packaged_paper_config_is_valid():
     assert cfg.anchor["pretrained"] == "openai/clip-vit-base-patch32"  # a hub id, left as is
     assert cfg.stages[0].loss.queue_size == 9000 and not cfg.stages[0].loss.symmetric
     assert cfg.stages[0].data.train == "/data/data/sat2cap/train.csv"
+
+
+def test_help_loads_neither_torch_nor_pandas():
+    """``geobind --help`` and every subcommand's parser stay light (no torch, pandas, transformers)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from geobind.cli import main\n"
+        "for argv in (['--help'], ['index', 'build', '--help'], ['map', '--help'], ['train', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'pandas', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

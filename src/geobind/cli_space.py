@@ -138,7 +138,7 @@ def _query_kwargs(args) -> dict:
 
 def add_space_parsers(sub) -> None:
     """Register ``embed``, ``index``, ``search`` and ``map`` on the ``geobind`` subparsers."""
-    from geobind.search.index import APPROX_THRESHOLD
+    from geobind.search.common import APPROX_THRESHOLD
 
     fmt = argparse.RawDescriptionHelpFormatter
     e = sub.add_parser(

@@ -11,10 +11,34 @@
 The same is on the model: ``model.search(...)``, ``model.map(...)``, ``model.embed_query(...)``.
 """
 
-from geobind.search.embed import Embeddings, embed_dataset, read_embeddings, write_embeddings
-from geobind.search.index import APPROX_THRESHOLD, Hit, Index, build_index, exact_topk, recall_at_k
-from geobind.search.maps import MapResult, map_points, map_raster, score_matrix, scores
-from geobind.search.query import Query, embed_query, sniff_file
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Where each public name lives; submodules load on first use, so that importing a light one
+# (``geobind.search.common``, the CLI's help) does not load torch and pandas.
+_HOME = {
+    "Embeddings": "embed", "embed_dataset": "embed", "read_embeddings": "embed", "write_embeddings": "embed",
+    "APPROX_THRESHOLD": "common", "Hit": "index", "Index": "index", "build_index": "index",
+    "exact_topk": "index", "recall_at_k": "index",
+    "MapResult": "maps", "map_points": "maps", "map_raster": "maps", "score_matrix": "maps", "scores": "maps",
+    "Query": "query", "embed_query": "query", "sniff_file": "query",
+}
+
+if TYPE_CHECKING:
+    from geobind.search.common import APPROX_THRESHOLD
+    from geobind.search.embed import Embeddings, embed_dataset, read_embeddings, write_embeddings
+    from geobind.search.index import Hit, Index, build_index, exact_topk, recall_at_k
+    from geobind.search.maps import MapResult, map_points, map_raster, score_matrix, scores
+    from geobind.search.query import Query, embed_query, sniff_file
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"geobind.search.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'geobind.search' has no attribute {name!r}")
+
 
 __all__ = [
     "APPROX_THRESHOLD",

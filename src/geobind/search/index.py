@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from geobind.search.common import (
+    APPROX_THRESHOLD,
     FAISS_SERIAL_BUILD,
     FAISS_SERIAL_QUERIES,
     atomic_path,
@@ -42,9 +43,6 @@ from geobind.search.embed import Embeddings, read_embeddings
 FORMAT = "geobind-index"
 FORMAT_VERSION = 1
 KINDS = ("auto", "exact", "hnsw", "ivfpq")
-# ``kind="auto"`` builds an approximate (ivfpq) index at and above this many items when FAISS
-# is installed: below it, exact search answers a query in well under a second on a laptop CPU.
-APPROX_THRESHOLD = 1_000_000
 CHUNK_ROWS = 131_072
 IMAGE_MODALITIES = ("satellite", "ground")
 # Settings tried, cheapest first, when ``check`` tunes an approximate index to a target recall.
