@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 from fixtures import TINY_CLIP
-from layout_fixtures import make_geotiff, make_sat2cap, make_soundingearth
+from layout_fixtures import make_geotiff, make_sat2cap, make_soundingearth, write_geotiff
 from test_model import build_space
 
 from geobind.binding.cache import embed_table
 from geobind.cli import main
 from geobind.data import shards as shards_mod
 from geobind.data.check import check_dataset
+from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
 from geobind.data.shards import ShardSet
 from geobind.encoders.audio import tiny_clap_audio_spec
@@ -187,3 +188,33 @@ def test_geotiff_tiles_embed_and_check(tmp_path, tiny_data):
     assert torch.allclose(emb[valid].norm(dim=1), torch.ones(4))
     report = check_dataset(tmp_path / "tiles", "geotiff", modalities=["satellite"])
     assert (report.usable, dict(report.reasons)) == (4, {"no-georeference": 1})
+
+
+def test_tif_files_named_in_a_manifest_are_read_like_the_geotiff_layout(tmp_path, monkeypatch):
+    """A 16-bit 4-band tile named in a plain manifest: rasterio's reading (first three bands,
+    percentile stretch), not PIL's clip to white; without rasterio, a clear error."""
+    pytest.importorskip("rasterio")
+    from geobind.data.layouts import read_raster_rgb
+    from geobind.data.media import load_image
+
+    rng = np.random.default_rng(0)
+    data16 = (rng.random((4, 24, 24)) * 3000).astype(np.uint16)
+    write_geotiff(tmp_path / "s2.tif", data16, "EPSG:4326", 10.0, 50.0, 0.001)
+    got = np.asarray(load_image(str(tmp_path / "s2.tif")))
+    assert got.shape == (24, 24, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, read_raster_rgb(str(tmp_path / "s2.tif")))
+    assert 20 < got.mean() < 235  # stretched, not clipped to white
+
+    data8 = rng.integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    write_geotiff(tmp_path / "rgb8.tif", data8, None, 0.0, 0.0, 1.0)
+    np.testing.assert_array_equal(np.asarray(load_image(str(tmp_path / "rgb8.tif"))), data8.transpose(1, 2, 0))
+
+    import geobind.data.media as media
+
+    monkeypatch.setattr(media, "_have_rasterio", lambda: False)
+    np.testing.assert_array_equal(np.asarray(load_image(str(tmp_path / "rgb8.tif"))), data8.transpose(1, 2, 0))
+    from PIL import Image
+
+    Image.fromarray(data16[0]).save(tmp_path / "grey16.tif")
+    with pytest.raises(BadSampleError, match="install rasterio"):
+        load_image(str(tmp_path / "grey16.tif"))
