@@ -72,6 +72,19 @@ def test_gpu_suite_summary_reads_the_benchmark_json(tmp_path):
     spec.loader.exec_module(summary)
     lines = summary.main([str(tmp_path)]).splitlines()
     assert len(lines) == 2 and "stage1 train-tiny" in lines[1] and "eager-b" in lines[1]
-    # The suite script itself needs a GPU; here only its syntax is checked.
-    for script in ("run_all.sh", "fetch_wheels.sh"):
-        subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu" / script)], check=True)
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu" / "fetch_wheels.sh")], check=True)
+
+
+def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SMOKE="1", PARTS="train-b32", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_all.sh")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "out" / "train-b32.json").is_file()
+    assert "== train-b32: exit 0" in run.stdout and "train-b16" not in run.stdout
+    last = run.stdout.strip().splitlines()
+    assert "stage2 train-b32" in last[-1] and "stage1 train-b32" in last[-2]
