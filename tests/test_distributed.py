@@ -179,6 +179,7 @@ def _blocks_worker(r: int, port: int) -> None:
     try:
         assert gbdist.comm_device() == torch.device("cpu")  # gloo
         assert gbdist.all_gather_object({"rank": r}) == [{"rank": s} for s in range(WORLD)]
+        assert gbdist.all_reduce_min_int(10 - r) == 10 - (WORLD - 1)
         _check_blocks(r)
     finally:
         gbdist.cleanup()
@@ -197,4 +198,5 @@ def test_block_helpers_single_process(monkeypatch):
     x = torch.randn(4, 2)
     assert gbdist.all_gather_blocks(x, [0, 4]) is x
     assert gbdist.all_gather_object("a") == ["a"]
+    assert gbdist.all_reduce_min_int(7) == 7
     assert gbdist.comm_device() == torch.device("cpu")

@@ -27,6 +27,7 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_object",
     "all_gather_object",
+    "all_reduce_min_int",
     "comm_device",
     "all_gather_blocks",
     "cleanup",
@@ -118,6 +119,11 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     dist.init_process_group(
         backend=backend, rank=int(os.environ["RANK"]), world_size=world, **kwargs
     )
+    global _HOST_GROUP
+    if backend == "nccl":
+        # Small host-side agreements (batch sizes) go over gloo: an NCCL collective read back
+        # with .item() would make the host wait for all the work queued on the GPU.
+        _HOST_GROUP = dist.new_group(backend="gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), lrank, device, is_distributed())
 
 
@@ -204,12 +210,17 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def all_reduce_min(x: torch.Tensor) -> torch.Tensor:
-    """Minimum of a detached tensor over ranks (a copy; ``x`` is untouched)."""
-    out = x.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+_HOST_GROUP = None  # a gloo group beside an NCCL default group (see init_distributed)
+
+
+def all_reduce_min_int(value: int) -> int:
+    """Minimum of a Python int over ranks, agreed on the host (gloo): it never waits for the
+    GPU's queued work, unlike an NCCL collective read back with ``.item()``."""
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_HOST_GROUP)
+    return int(t.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -286,4 +297,6 @@ def cleanup() -> None:
         # aborts the process ("terminate called without an active exception").
         if dist.get_world_size() > 1:
             dist.barrier()
+        global _HOST_GROUP
+        _HOST_GROUP = None
         dist.destroy_process_group()

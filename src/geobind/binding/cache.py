@@ -294,7 +294,7 @@ def cached_embeddings(
     seen = path.is_file()
     if gbdist.is_distributed():
         # A hit only if every rank can read the file; otherwise all compute (collectives below).
-        seen = bool(gbdist.all_reduce_min(torch.tensor(int(seen), device=gbdist.comm_device())).item())
+        seen = bool(gbdist.all_reduce_min_int(int(seen)))
     if seen:
         emb, valid, meta = _read(path)
         return emb, valid, {"path": str(path), "hit": True, "bad": meta.get("bad", {})}

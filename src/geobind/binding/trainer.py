@@ -499,7 +499,7 @@ class Trainer:
                     n = len(idx)
                     if self.dist.distributed:
                         # Ranks must agree on the batch shape; trim to the smallest after skips.
-                        n = int(gbdist.all_reduce_min(torch.tensor(n, device=dev)).item())
+                        n = gbdist.all_reduce_min_int(n)
                     if n < 1:
                         step_in_epoch += 1
                         t_data = time.perf_counter()
