@@ -319,6 +319,8 @@ def main(argv=None) -> dict:
                     help="GeoBind step variants: eager|compile : multiple of the plain batch "
                          "(default on CUDA: eager:1 eager:2 compile:2; on CPU: eager:1)")
     ap.add_argument("--stage2", action="store_true", help="also run the audio stage (once, at the first size)")
+    ap.add_argument("--stage2-only", action="store_true",
+                    help="only the audio stage (its satellite teacher at the first --size)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default 800 on CUDA)")
     ap.add_argument("--out", help="write every figure to this JSON file")
     a = ap.parse_args(argv)
@@ -332,12 +334,12 @@ def main(argv=None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "precision": precision,
                "variants": a.variants, "torch": torch.__version__, "peak_tflops": peak, "stage1": {}, "stage2": {}}
-    for size in a.size:
+    for size in ([] if a.stage2_only else a.size):
         r = stage1(size, device, SIZES[size][2], a.steps, a.warmup, precision, variants)
         _summarise(r, peak, r["train_flop_per_sample"])
         results["stage1"][size] = r
         _write(a.out, results)  # after every part, so a run stopped early keeps what it measured
-    if a.stage2:
+    if a.stage2 or a.stage2_only:
         size = a.size[0]
         r = stage2(size, device, SIZES[size][3], a.steps, a.warmup, precision, variants)
         _summarise(r, None)

@@ -80,11 +80,12 @@ def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, SMOKE="1", PARTS="train-b32", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    env = dict(os.environ, SMOKE="1", PARTS="train-b32 train-audio", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_all.sh")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "out" / "train-b32.json").is_file()
-    assert "== train-b32: exit 0" in run.stdout and "train-b16" not in run.stdout
+    assert "== train-b32: exit 0" in run.stdout and "== train-audio: exit 0" in run.stdout
+    assert "train-b16" not in run.stdout
     last = run.stdout.strip().splitlines()
-    assert "stage2 train-b32" in last[-1] and "stage1 train-b32" in last[-2]
+    assert "stage2 train-audio" in last[-1] and "stage1 train-b32" in last[-2]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 def rows(folder: Path) -> list[tuple]:
     out = [("part", "size", "plain/s", "best GeoBind", "samples/s", "vs plain", "MFU", "infer/s", "infer/train")]
-    for path in sorted(folder.glob("train-*.json")):
-        r = json.loads(path.read_text())
-        for stage in ("stage1", "stage2"):
+    runs = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("train-*.json"))]
+    for stage in ("stage1", "stage2"):
+        for path, r in runs:
             for size, s in r.get(stage, {}).items():
                 best = s.get("best") or {}
                 name = s.get("best_variant") or "-"
