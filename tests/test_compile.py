@@ -32,6 +32,18 @@ def test_satellite_encoder_traces_as_one_graph():
     assert (graphs, breaks) == (1, [])
 
 
+def test_satellite_encoder_with_device_augmentation_traces_as_one_graph():
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=8, projection_dim=16, image_size=32)
+    transform = ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD, "overhead", augment_on="device")
+    encoder = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg), transform).train()
+    side = transform.load_size
+    batch = {"pixels": torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8),
+             "aug": torch.tensor([[0.1, 0.05, 0.9, 0.95, 1.0, 1.0, 1.1, 0.9]] * 4)}
+    graphs, breaks = _graph_breaks(encoder, batch)
+    assert (graphs, breaks) == (1, [])
+
+
 def test_audio_encoder_traces_as_one_graph():
     """Mel front end + fused HTS-AT: no data-dependent shapes (CLAP's is_longer lookup is
     replaced by the global-only patch embedding)."""

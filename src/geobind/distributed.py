@@ -140,9 +140,12 @@ def barrier() -> None:
 
 
 def _gather_sizes(x: torch.Tensor) -> list[int]:
-    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    """Every rank's ``x.shape[0]``. Agreed on the host (gloo) where possible: an NCCL gather read
+    back with ``.item()`` would make the host wait for all the GPU's queued work, every step."""
+    on_host = _HOST_GROUP is not None or dist.get_backend() != "nccl"
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=None if on_host else x.device)
     out = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, n)
+    dist.all_gather(out, n, group=_HOST_GROUP if on_host else None)
     return [int(t.item()) for t in out]
 
 

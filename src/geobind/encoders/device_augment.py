@@ -32,13 +32,28 @@ _COS = (1.0, 0.0, -1.0, 0.0)
 _SIN = (0.0, 1.0, 0.0, -1.0)
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, made once: a fresh one every step would copy from
+    pageable memory, which makes the host wait for all the work queued on the GPU. (Inside a
+    compiled graph it is a constant of the graph anyway.)"""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, device, dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
 def overhead_grid_theta(aug: torch.Tensor) -> torch.Tensor:
     """``[B, 2, 3]`` affine matrices for ``F.affine_grid`` (normalised coordinates,
     ``align_corners=False``) that map output pixels to the crop box, flipped and turned."""
     x0, y0, x1, y1, flip, k = aug[:, :6].unbind(1)
     k = k.round().long() % 4
-    cos = torch.tensor(_COS, dtype=aug.dtype, device=aug.device)[k]
-    sin = torch.tensor(_SIN, dtype=aug.dtype, device=aug.device)[k]
+    cos = _constant(_COS, aug.device, aug.dtype)[k]
+    sin = _constant(_SIN, aug.device, aug.dtype)[k]
     # Output (u, v) reads the flipped crop at M^k (u, v), M = [[0, -1], [1, 0]]: k quarter turns
     # counter-clockwise, as torch.rot90(dims=(-2, -1)) and PIL's ROTATE_90 turn an image.
     m = 1.0 - 2.0 * flip  # -1 mirrors u
@@ -75,10 +90,10 @@ def apply_overhead_augment(
         x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
         x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL's result is 8-bit
         x = x.mul_(aug[:, 6, None, None, None]).clamp_(0.0, 1.0)
-        luma = torch.tensor(_LUMA, dtype=torch.float32, device=dev)
+        luma = _constant(_LUMA, dev, torch.float32)
         grey = torch.einsum("bchw,c->b", x, luma) / (size * size)
         g = grey[:, None, None, None]
         x = x.sub_(g).mul_(aug[:, 7, None, None, None]).add_(g).clamp_(0.0, 1.0)
-        m = torch.tensor(mean, dtype=torch.float32, device=dev)[None, :, None, None]
-        s = torch.tensor(std, dtype=torch.float32, device=dev)[None, :, None, None]
+        m = _constant(tuple(float(v) for v in mean), dev, torch.float32)[None, :, None, None]
+        s = _constant(tuple(float(v) for v in std), dev, torch.float32)[None, :, None, None]
         return x.sub_(m).div_(s)
