@@ -101,6 +101,29 @@ def _peak_gib(device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
+def host_syncs(step, device) -> dict:
+    """Run one more step with CUDA's sync debug mode on: how many operations made the host wait
+    for the GPU, and where the first ones were (a fast step has none). Empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+    except Exception as e:  # a diagnostic: never the reason a timing run stops
+        return {"host_syncs_error": f"{type(e).__name__}: {e}"}
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = [f"{w.filename}:{w.lineno}" for w in syncs[:5]]
+    return {"host_syncs": len(syncs), "host_sync_sites": where}
+
+
 def _guarded(fn) -> dict:
     """Run one variant; an out-of-memory is recorded as such instead of ending the run."""
     try:
@@ -179,7 +202,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         stage.train()
         sec = _timeit(lambda: runner(tiles, anchor_emb=cached), steps, warmup, device)
         r = {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
-             "peak_gib": _peak_gib(device)}
+             "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(tiles, anchor_emb=cached), device)}
 
         stage.eval()
 
@@ -260,7 +283,7 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         stage.train()
         sec = _timeit(lambda: runner(waves, anchor_emb=cached), steps, warmup, device)
         return {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
-                "peak_gib": _peak_gib(device)}
+                "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(waves, anchor_emb=cached), device)}
 
     for c, k in variants:
         out["geobind"][f"{'compile' if c else 'eager'}-b{batch * k}"] = _guarded(
@@ -351,7 +374,8 @@ def main(argv=None) -> dict:
 
 def table(results: dict) -> str:
     """The short text table printed last (one row per measured variant)."""
-    rows = [("stage", "size", "variant", "batch", "samples/s", "vs plain", "MFU", "infer/s", "peak GiB")]
+    rows = [("stage", "size", "variant", "batch", "samples/s", "vs plain", "MFU", "infer/s", "peak GiB",
+             "host syncs")]
 
     def fmt(v, f):
         return f.format(v) if v is not None else "-"
@@ -360,14 +384,15 @@ def table(results: dict) -> str:
         for size, r in results[stage].items():
             p = r["plain"]
             rows.append((label, size, "plain", r["batch"], fmt(p["sps"], "{:.1f}"), "1.00x",
-                         fmt(p.get("mfu"), "{:.1%}"), "-", fmt(p.get("peak_gib"), "{:.1f}")))
+                         fmt(p.get("mfu"), "{:.1%}"), "-", fmt(p.get("peak_gib"), "{:.1f}"), "-"))
             for name, v in r["geobind"].items():
                 if "sps" not in v:
-                    rows.append((label, size, name, "-", v.get("error", "?"), "-", "-", "-", "-"))
+                    rows.append((label, size, name, "-", v.get("error", "?"), "-", "-", "-", "-", "-"))
                     continue
                 inf = r.get("infer", {}).get(name, {}).get("tiles_per_s")
                 rows.append((label, size, name, v["batch"], fmt(v["sps"], "{:.1f}"), fmt(v["ratio"], "{:.2f}x"),
-                             fmt(v.get("mfu"), "{:.1%}"), fmt(inf, "{:.1f}"), fmt(v.get("peak_gib"), "{:.1f}")))
+                             fmt(v.get("mfu"), "{:.1%}"), fmt(inf, "{:.1f}"), fmt(v.get("peak_gib"), "{:.1f}"),
+                             v.get("host_syncs", "-")))
     head = (f"device: {results['device']}  precision: {results['precision']}  "
             f"torch: {results['torch']}")
     return "\n".join([head] + ["".join(f"{str(c):>15}" for c in row) for row in rows])
