@@ -334,3 +334,28 @@ def test_embed_streamed_shards_equals_manifest(model, tiny_data, tmp_path):
     assert a.ids == b.ids and a.captions == b.captions
     np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-5)
     assert all(t[:2] == b"\xff\xd8" for t in a.thumbnails)
+
+
+def test_loader_workers_give_the_same_output_with_thumbnails_made_in_them(model, tiny_data, tmp_path):
+    """Decoding, preprocessing and thumbnails run in the loader workers: 2 workers write what
+    the main process alone writes, for a manifest and for streamed shards, and each thumbnail
+    is the reference ``thumbnail_bytes`` of the row's item."""
+    from geobind.data.pack import pack
+
+    pack(tiny_data["test"], tmp_path / "shards", shard_size=5, image_size=32, image_format="png",
+         progress=False, log=None)
+    for name, data in (("manifest", tiny_data["test"]), ("shards", tmp_path / "shards")):
+        runs = {}
+        for workers in (0, 2):
+            out = tmp_path / f"{name}-{workers}.parquet"
+            embed_dataset(model, data, "satellite", out, chunk_rows=7, num_workers=workers, log=None)
+            runs[workers] = read_embeddings(out)
+        a, b = runs[0], runs[2]
+        assert a.ids == b.ids and a.captions == b.captions and a.thumbnails == b.thumbnails, name
+        # Workers batch streamed rows differently (each streams its own share): float rounding only.
+        np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6, err_msg=name)
+    table = read_dataset(tiny_data["test"])
+    got = read_embeddings(tmp_path / "manifest-2.parquet")
+    row = {pid: i for i, pid in enumerate(table.ids)}
+    for pid, thumb in zip(got.ids, got.thumbnails):
+        assert thumb == embed_mod.thumbnail_bytes(table.item("satellite", row[pid]), 128)

@@ -16,7 +16,6 @@ every ``world_size``-th chunk and writes its own parts; rank 0 then merges them 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -147,20 +146,6 @@ def _arrow_table(ids, lat, lon, vectors: np.ndarray, captions=None, items=None, 
     return pa.table(cols)
 
 
-def _slice(table, start: int, stop: int):
-    """Rows ``start:stop`` of a dataset table, as a table of its own."""
-    meta = table.meta.iloc[start:stop].reset_index(drop=True) if table.meta is not None else None
-    return dataclasses.replace(
-        table,
-        ids=table.ids[start:stop],
-        lat=table.lat[start:stop],
-        lon=table.lon[start:stop],
-        columns={m: v[start:stop] for m, v in table.columns.items()},
-        meta=meta,
-        bad_rows={i - start: r for i, r in table.bad_rows.items() if start <= i < stop},
-    )
-
-
 def _captions(table) -> list[str | None] | None:
     """The text column, else a caption-like metadata column; None when the dataset has none."""
     if "text" in table.columns and not getattr(table, "streaming", False):
@@ -178,15 +163,19 @@ def _captions(table) -> list[str | None] | None:
 
 def thumbnail_bytes(item: Any, size: int) -> bytes | None:
     """A JPEG thumbnail (longest side ``size`` px) of an image item, or None if it does not decode."""
-    import io
-
     from geobind.data.errors import BadSampleError
     from geobind.data.media import load_image
 
     try:
-        img = load_image(item)
+        return _thumbnail(load_image(item), size)
     except BadSampleError:
         return None
+
+
+def _thumbnail(img, size: int) -> bytes:
+    import io
+
+    img = img.copy()
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
@@ -202,6 +191,80 @@ class _Chunk:
     thumbnails: dict[int, bytes | None]  # row -> thumbnail
 
 
+class _Prepare:
+    """Loader-side work for one row: the encoder input, and the thumbnail (image modalities) and
+    caption (streamed datasets) stored beside its vector. An image is decoded once for both, in
+    the loader workers, so a GPU is not left waiting on thumbnails made one by one."""
+
+    def __init__(self, encoder, modality: str, thumbnail_size: int, caption: bool):
+        self.encoder, self.modality = encoder, modality
+        self.thumbnail_size, self.caption = thumbnail_size, caption
+
+    def input_and_thumbnail(self, item: Any) -> tuple[Any, bytes | None]:
+        if not self.thumbnail_size:
+            return self.encoder.load(item, train=False), None
+        from geobind.data.media import load_image
+
+        img = load_image(item)
+        return self.encoder.load(img, train=False), _thumbnail(img, self.thumbnail_size)
+
+
+class _TableRows:
+    """Rows ``start:stop`` of a table as a map-style dataset of ``(row, (input, thumb, None))``
+    (or ``(row, BadSampleError)``)."""
+
+    def __init__(self, table, start: int, stop: int, prep: _Prepare):
+        self.table, self.start, self.stop, self.prep = table, start, stop, prep
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int):
+        from geobind.data.errors import BadSampleError
+
+        row = self.start + i
+        try:
+            x, thumb = self.prep.input_and_thumbnail(self.table.item(self.prep.modality, row))
+        except BadSampleError as e:
+            return row, e
+        return row, (x, thumb, None)
+
+
+class _ShardRows:
+    """``(row, streamed sample) -> (input, thumb, caption)`` for :class:`RowStream`."""
+
+    def __init__(self, shards, prep: _Prepare):
+        self.shards, self.prep = shards, prep
+
+    def __call__(self, row: int, sample: dict):
+        from geobind.data.errors import BadSampleError
+
+        x, thumb = self.shards.load(sample, row, self.prep.modality, self.prep.input_and_thumbnail)
+        caption = None
+        if self.prep.caption:
+            try:
+                caption = self.shards.item(sample, row, "text")
+            except BadSampleError:
+                pass
+        return x, thumb, caption
+
+
+class _Collate:
+    """``[(row, (input, thumb, caption) | BadSampleError)]`` -> ``(rows, batch, thumbs,
+    captions, bad)``."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __call__(self, samples):
+        from geobind.data.errors import BadSampleError
+
+        good = [(r, v) for r, v in samples if not isinstance(v, BadSampleError)]
+        bad = [v for _, v in samples if isinstance(v, BadSampleError)]
+        batch = self.encoder.collate([v[0] for _, v in good]) if good else None
+        return [r for r, _ in good], batch, [v[1] for _, v in good], [v[2] for _, v in good], bad
+
+
 def _embed_rows(
     encoder,
     data,
@@ -213,79 +276,43 @@ def _embed_rows(
     num_workers: int,
     thumbnail_size: int,
 ) -> _Chunk:
-    """Embed rows ``start:stop`` of a table (random access, via ``embed_table``) or of a streamed
-    shard set; bad rows are skipped and counted."""
-    if getattr(data, "streaming", False):
-        return _embed_stream(
-            encoder,
-            data,
-            modality,
-            start,
-            stop,
-            batch_size=batch_size,
-            thumbnail_size=thumbnail_size,
-        )
-    from geobind.binding.cache import embed_table
-
-    sub = _slice(data, start, stop)
-    emb, valid, counts = embed_table(
-        encoder, sub, modality, batch_size=batch_size, num_workers=num_workers
-    )
-    keep = np.flatnonzero(valid.numpy())
-    thumbs: dict[int, bytes | None] = {}
-    if thumbnail_size:
-        for i in keep:
-            thumbs[start + int(i)] = thumbnail_bytes(sub.item(modality, int(i)), thumbnail_size)
-    return _Chunk(keep + start, emb.numpy()[keep], counts, {}, thumbs)
-
-
-def _embed_stream(
-    encoder, data, modality: str, start: int, stop: int, *, batch_size: int, thumbnail_size: int
-) -> _Chunk:
+    """Embed rows ``start:stop`` of a table (random access) or of a streamed shard set (each
+    loader worker streams its own share of the rows); bad rows are skipped and counted.
+    Decoding, preprocessing and thumbnails run in the ``num_workers`` loader workers."""
     import torch
+    from torch.utils.data import DataLoader
 
-    from geobind.data.errors import BadSampleError
+    from geobind.data.shards import RowStream
     from geobind.model import autocast_for
 
+    streaming = getattr(data, "streaming", False)
+    prep = _Prepare(encoder, modality, thumbnail_size, caption=streaming and "text" in data.columns)
+    if streaming:
+        dataset = RowStream(data, _ShardRows(data, prep), rows=np.arange(start, stop))
+    else:
+        dataset = _TableRows(data, start, stop, prep)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Collate(encoder),
+                        pin_memory=encoder.device.type == "cuda")
     counts: Counter = Counter()
     rows: list[int] = []
     out: list[np.ndarray] = []
     captions: dict[int, str | None] = {}
     thumbs: dict[int, bytes | None] = {}
-    batch: list[tuple[int, Any]] = []
-    has_text = "text" in data.columns
-
-    def flush():
-        if batch:
-            with torch.no_grad(), autocast_for(encoder.device):
-                e = encoder(encoder.collate([x for _, x in batch])).float().cpu().numpy()
-            rows.extend(r for r, _ in batch)
-            out.append(e)
-            batch.clear()
-
     was = encoder.training
     encoder.eval()
     try:
-        for row, sample in data.read_rows(np.arange(start, stop)):
-            if isinstance(sample, BadSampleError):
-                counts[sample.reason] += 1
-                continue
-            try:
-                x = data.load(sample, row, modality, lambda item: encoder.load(item, train=False))
-            except BadSampleError as e:
+        for batch_rows, batch, batch_thumbs, batch_caps, bad in loader:
+            for e in bad:
                 counts[e.reason] += 1
+            if batch is None:
                 continue
-            batch.append((row, x))
-            if has_text:
-                try:
-                    captions[row] = data.item(sample, row, "text")
-                except BadSampleError:
-                    captions[row] = None
+            with torch.no_grad(), autocast_for(encoder.device):
+                out.append(encoder(batch).float().cpu().numpy())
+            rows.extend(batch_rows)
             if thumbnail_size:
-                thumbs[row] = thumbnail_bytes(data.item(sample, row, modality), thumbnail_size)
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+                thumbs.update(zip(batch_rows, batch_thumbs))
+            if prep.caption:
+                captions.update(zip(batch_rows, batch_caps))
     finally:
         encoder.train(was)
     order = np.argsort(rows, kind="stable")
