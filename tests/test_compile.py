@@ -90,3 +90,4 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
         torch.testing.assert_close(wc[k], we[k], rtol=1e-3, atol=1e-4, msg=k)
     meta = json.loads((compiled / "geobind.json").read_text())
     assert meta["stages"][0]["steps"] == 3
+

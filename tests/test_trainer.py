@@ -13,7 +13,7 @@ from geobind import GeoBind
 from geobind.binding.stage import BindingStage, total_loss
 from geobind.binding.trainer import TrainingInterrupted, train
 from geobind.cli import main
-from geobind.config import parse_config
+from geobind.config import ConfigError, parse_config
 from geobind.data.manifest import read_dataset
 from geobind.encoders import Encoder, l2_normalize, register_encoder
 from geobind.modality import ModalitySpec, register_modality
@@ -199,3 +199,28 @@ def test_validation_is_not_repeated_on_the_same_weights(tiny_data, tmp_path):
     vals = [s for s in said if ": val satellite->ground" in s]
     assert [v.split(":")[0] for v in vals] == ["stage satellite step 2", "stage satellite step 4"]
     assert json.loads((final / "geobind.json").read_text())["stages"][0]["val"]["n"] == 12
+
+
+def test_loader_workers_auto(monkeypatch):
+    """``optim.num_workers: auto``: none on a CPU; on a GPU the rank's share of the cores less
+    one, at most 8; a number is kept as given; anything else is a config error."""
+    from geobind.binding.trainer import loader_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert loader_workers("auto", cpu) == 0 and loader_workers(3, cpu) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers("auto", gpu) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers("auto", gpu) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert loader_workers("auto", gpu) == 0
+
+
+def test_num_workers_must_be_auto_or_a_count(tiny_data, tmp_path):
+    d = tiny_config(tiny_data, tmp_path / "run", audio=False)
+    d["stages"][0]["optim"]["num_workers"] = "many"
+    with pytest.raises(ConfigError, match="optim.num_workers"):
+        parse_config(d)
+    d["stages"][0]["optim"]["num_workers"] = "auto"
+    assert parse_config(d).stages[0].optim.num_workers == "auto"

@@ -32,7 +32,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max gradient norm (0: off)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the trainable encoder (pays on GPUs over long runs)
-    num_workers: int = 0  # data-loader worker processes per rank
+    num_workers: int | str = "auto"  # loader worker processes per rank; auto: 0 on CPU, up to 8 per GPU
     log_every: int = 10  # steps between metric rows in metrics.csv
     val_every: int = 0  # steps between validation runs (0: at the end of each epoch)
     ckpt_every: int = 200  # steps between checkpoints (always one at each epoch end)
@@ -267,6 +267,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.data.layout: unknown layout {s.data.layout!r}; use one of {', '.join(layouts())}")
         if o.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.optim.precision: use auto, fp32, bf16 or fp16")
+        if o.num_workers != "auto" and not (isinstance(o.num_workers, int) and o.num_workers >= 0):
+            raise ConfigError(f"{where}.optim.num_workers: use auto or a number >= 0, got {o.num_workers!r}")
         if not isinstance(o.compile, bool):
             raise ConfigError(f"{where}.optim.compile: use true or false, got {o.compile!r}")
         if s.loss.temperature <= 0:

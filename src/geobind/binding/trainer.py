@@ -218,6 +218,18 @@ def build_optimizer(stage: BindingStage, cfg: StageConfig, device: torch.device)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kwargs)
 
 
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """``optim.num_workers`` as a number: ``auto`` is 0 on a CPU (the model needs the cores) and,
+    on a GPU, this rank's share of the machine's cores less one for the rank itself, at most 8."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_rank - 1))
+
+
 def lr_lambda(total_steps: int, warmup: int, floor: float):
     """Linear warmup then cosine decay to ``floor`` x peak."""
 
@@ -414,6 +426,9 @@ class Trainer:
                 f"({o.batch_size}); lower optim.batch_size"
             )
         total = o.max_steps or steps_per_epoch * o.epochs
+        workers = loader_workers(o.num_workers, dev)
+        if o.num_workers == "auto" and workers:
+            self._say(f"stage {scfg.name}: {workers} loader workers per rank (optim.num_workers: auto)")
         optim = build_optimizer(stage, scfg, dev)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(total, o.warmup_steps, o.min_lr_ratio))
         autocast, scaler = _precision(scfg, dev)
@@ -483,7 +498,7 @@ class Trainer:
             while step < total:
                 loader, segments = train_loader(
                     table, ds, valid=valid, batch_size=o.batch_size, seed=cfg.seed, epoch=epoch,
-                    step_in_epoch=step_in_epoch, rank=self.dist.rank, world=world, num_workers=o.num_workers,
+                    step_in_epoch=step_in_epoch, rank=self.dist.rank, world=world, num_workers=workers,
                     collate_fn=_CollateTrain(encoder, uncached_anchor), segments=segments,
                     shuffle_buffer=scfg.data.shuffle_buffer, pin_memory=dev.type == "cuda")
                 t_data = time.perf_counter()
@@ -604,7 +619,8 @@ class Trainer:
         # Collective: every rank embeds its share of the rows and all end with the full float16
         # table (rank 0 writes the file); on a hit every rank maps the existing file.
         return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
-                                 num_workers=scfg.optim.num_workers, progress=self.progress and self.main,
+                                 num_workers=loader_workers(scfg.optim.num_workers, self.device),
+                                 progress=self.progress and self.main,
                                  strict=scfg.data.strict)
 
     @torch.no_grad()
