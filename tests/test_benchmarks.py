@@ -80,12 +80,32 @@ def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, SMOKE="1", PARTS="train-b32 train-audio", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    env = dict(os.environ, SMOKE="1", PARTS="train-b32 train-audio trainer", OUT=str(tmp_path / "out"),
+               WORK=str(tmp_path / "work"), PYTHON=sys.executable)
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_all.sh")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "out" / "train-b32.json").is_file()
+    # Few files come back from a lent machine: logs in one file, scratch data elsewhere.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu.txt", "parts.log", "train-audio.json", "train-b32.json", "trainer.json"]
     assert "== train-b32: exit 0" in run.stdout and "== train-audio: exit 0" in run.stdout
-    assert "train-b16" not in run.stdout
+    assert "train-b16" not in run.stdout and "== trainer: exit 0" in run.stdout
     last = run.stdout.strip().splitlines()
-    assert "stage2 train-audio" in last[-1] and "stage1 train-b32" in last[-2]
+    assert "02-audio" in last[-1] and "01-satellite" in last[-2] and "trainer stage" in last[-3]
+    assert "stage2 train-audio" in last[-4] and "stage1 train-b32" in last[-5]
+
+
+def test_train_smoke_runs_the_real_trainer_on_generated_data(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_smoke", ROOT / "benchmarks" / "gpu" / "train_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    r = smoke.main(["--out", str(tmp_path / "s"), "--size", "tiny", "--places", "48", "--steps", "4"])
+    assert set(r["stages"]) == {"01-satellite", "02-audio"}
+    for s in r["stages"].values():
+        assert s["samples_per_s"] > 0 and 0 <= s["data_wait"] <= 1 and s["final_loss"] > 0
+    assert (tmp_path / "s" / "run" / "model" / "geobind.json").is_file()
+    import json as _json
+
+    meta = _json.loads((tmp_path / "s" / "run" / "model" / "geobind.json").read_text())
+    assert meta["modalities"]["satellite"]["settings"]["augment_on"] == "device"

@@ -7,17 +7,20 @@
 #   QUICK=1 bash benchmarks/gpu/run_all.sh                     # fewer steps
 #   SMOKE=1 bash benchmarks/gpu/run_all.sh                     # tiny models, runs on a CPU too
 #
-# Parts and their time limits (about 12 minutes in all, so on a machine whose calls stop at
-# 10 minutes run the training parts in one call and data in another): train-b32 (stage 1 at
-# ViT-B/32, 180 s), train-audio (stage 2, 200 s), train-b16 (150 s), data (input pipeline with
-# all cores, and stage 1 fed from files: data wait; 150 s).
+# Parts, most important first, and their time limits (about 15 minutes in all: where calls stop
+# at 10 minutes, split them with PARTS): train-b32 (stage 1 step at ViT-B/32, 180 s),
+# train-audio (stage 2 step, 200 s), trainer (a short real `geobind train` on generated data:
+# shards, device augmentation, compile, both stages; samples/s and data wait, 200 s), train-b16
+# (150 s), data (input pipeline with all cores, and stage 1 fed from files: data wait; 150 s).
 #
 # Each part has its own time limit so one slow part cannot eat the others' time; the training
 # benchmark writes its JSON after each stage, so a part stopped at its limit keeps what it measured.
+# $OUT receives few files (gpu.txt, parts.log, one JSON per part); scratch data goes to $WORK.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-gpu-results}"
-mkdir -p "$OUT"
+WORK="${WORK:-$(mktemp -d -t geobind-gpu-XXXXXX)}"
+mkdir -p "$OUT" "$WORK"
 PY="${PYTHON:-python3}"
 if compgen -G ".whl/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -29,24 +32,28 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEPS=20; WARMUP=5; B32=b32; B16=b16; DATA_SIZE=(--images 1536 --image-px 512 --audio 8 --batch 128 --train-batch 128)
+SMOKE_SIZE=(--size b32 --places 2048 --steps 30 --compile)
 if [ -n "${QUICK:-}" ]; then STEPS=5; WARMUP=2; fi
-if [ -n "${SMOKE:-}" ]; then STEPS=2; WARMUP=1; B32=tiny; B16=tiny; DATA_SIZE=(--quick); fi
+if [ -n "${SMOKE:-}" ]; then
+    STEPS=2; WARMUP=1; B32=tiny; B16=tiny; DATA_SIZE=(--quick); SMOKE_SIZE=(--size tiny --places 48 --steps 4)
+fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no GPU"; } \
     | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 
-PARTS="${PARTS:-train-b32 train-audio train-b16 data}"
+PARTS="${PARTS:-train-b32 train-audio trainer train-b16 data}"
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
     local t0=$SECONDS
-    echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name (limit ${limit}s)" | tee -a "$OUT/parts.log"
+    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
-    tail -n 25 "$OUT/$name.log"
-    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
+    cat "$WORK/$name.log" >> "$OUT/parts.log"
+    tail -n 25 "$WORK/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/parts.log"
 }
 
 # Most important first: stage 1 at ViT-B/32, then stage 2, then ViT-B/16 (fewer variants).
@@ -54,10 +61,12 @@ part train-b32 180 "$PY" benchmarks/train_throughput.py --size "$B32" --steps "$
     --out "$OUT/train-b32.json"
 part train-audio 200 "$PY" benchmarks/train_throughput.py --size "$B32" --stage2-only --steps "$STEPS" \
     --warmup "$WARMUP" --out "$OUT/train-audio.json"
+part trainer 200 "$PY" benchmarks/gpu/train_smoke.py --out "$WORK/trainer-run" "${SMOKE_SIZE[@]}"
+[ -f "$WORK/trainer-run/result.json" ] && cp "$WORK/trainer-run/result.json" "$OUT/trainer.json"
 part train-b16 150 "$PY" benchmarks/train_throughput.py --size "$B16" --steps "$STEPS" --warmup "$WARMUP" \
     --variants eager:1 compile:1 --out "$OUT/train-b16.json"
 # Input pipeline with the machine's cores, and stage-1 training fed from files: data wait.
 WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
 part data 150 "$PY" benchmarks/data_throughput.py "${DATA_SIZE[@]}" --workers "$WORKERS" \
-    --train-steps 12 --rounds 1 --aug-batch 512 --out "$OUT/data.json"
+    --train-steps 12 --rounds 1 --aug-batch 512 --work "$WORK/data" --out "$OUT/data.json"
 "$PY" benchmarks/gpu/summary.py "$OUT"

@@ -23,6 +23,13 @@ def rows(folder: Path) -> list[tuple]:
                     f"{s['best_infer_tiles_per_s']:.0f}" if "best_infer_tiles_per_s" in s else "-",
                     f"{s['infer_over_train']:.2f}x" if "infer_over_train" in s else "-",
                 ))
+    trainer = folder / "trainer.json"
+    if trainer.is_file():
+        t = json.loads(trainer.read_text())
+        out.append(("trainer stage", "size", "samples/s", "data wait", "final loss", "", "", "", ""))
+        for name, r in t.get("stages", {}).items():
+            out.append((name[:14], t.get("size", "-"), f"{r['samples_per_s']:.0f}", f"{r['data_wait']:.1%}",
+                        f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", "", "", "", ""))
     data = folder / "data.json"
     if data.is_file():
         d = json.loads(data.read_text())
