@@ -10,7 +10,7 @@
 # Parts, most important first, and their time limits (about 15 minutes in all: where calls stop
 # at 10 minutes, split them with PARTS): train-b32 (stage 1 step at ViT-B/32, 180 s),
 # train-audio (stage 2 step, 200 s), trainer (a short real `geobind train` on generated data:
-# shards, device augmentation, compile, both stages; samples/s and data wait, 200 s), train-b16
+# shards, device augmentation, compile, both stages; samples/s and data wait, 240 s), train-b16
 # (150 s), data (input pipeline with all cores, and stage 1 fed from files: data wait; 150 s).
 #
 # Each part has its own time limit so one slow part cannot eat the others' time; the training
@@ -61,7 +61,7 @@ part train-b32 180 "$PY" benchmarks/train_throughput.py --size "$B32" --steps "$
     --out "$OUT/train-b32.json"
 part train-audio 200 "$PY" benchmarks/train_throughput.py --size "$B32" --stage2-only --steps "$STEPS" \
     --warmup "$WARMUP" --out "$OUT/train-audio.json"
-part trainer 200 "$PY" benchmarks/gpu/train_smoke.py --out "$WORK/trainer-run" "${SMOKE_SIZE[@]}"
+part trainer 240 "$PY" benchmarks/gpu/train_smoke.py --out "$WORK/trainer-run" "${SMOKE_SIZE[@]}"
 [ -f "$WORK/trainer-run/result.json" ] && cp "$WORK/trainer-run/result.json" "$OUT/trainer.json"
 part train-b16 150 "$PY" benchmarks/train_throughput.py --size "$B16" --steps "$STEPS" --warmup "$WARMUP" \
     --variants eager:1 compile:1 --out "$OUT/train-b16.json"
