@@ -14,6 +14,8 @@ examples:
   geobind train run.yaml --set stages.satellite.optim.lr=1e-4 --set seed=1
   geobind train run.yaml --resume                       # continue after Ctrl-C or a crash
   torchrun --nproc_per_node 4 -m geobind train run.yaml # all GPUs of one machine
+  geobind train run.yaml --set stages.satellite.optim.compile=true    # GPU: a compiled step
+  geobind train run.yaml --set stages.satellite.encoder.augment_on=device  # GPU: augment there
 """
 
 EPILOG_EVAL = """\
