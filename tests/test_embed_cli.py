@@ -359,3 +359,23 @@ def test_loader_workers_give_the_same_output_with_thumbnails_made_in_them(model,
     row = {pid: i for i, pid in enumerate(table.ids)}
     for pid, thumb in zip(got.ids, got.thumbnails):
         assert thumb == embed_mod.thumbnail_bytes(table.item("satellite", row[pid]), 128)
+
+
+def test_embed_cli_compile_workers_and_thumbnail_options(model, model_dir, tiny_data, tmp_path, capsys):
+    """``--compile`` gives the eager vectors (float rounding) and leaves the model eager;
+    ``--workers auto`` is none on a CPU; ``--no-thumbnails`` stores none; a bad count is refused."""
+    common = ["embed", "--model", str(model_dir), "--data", str(tiny_data["test"]), "--modality", "satellite",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "eager.parquet")]) == 0
+    assert main([*common, "--out", str(tmp_path / "compiled.parquet"), "--compile", "--workers", "auto",
+                 "--no-thumbnails"]) == 0
+    eager, compiled = read_embeddings(tmp_path / "eager.parquet"), read_embeddings(tmp_path / "compiled.parquet")
+    assert eager.ids == compiled.ids
+    np.testing.assert_allclose(compiled.vectors, eager.vectors, atol=1e-5)
+    assert eager.thumbnails is not None and compiled.thumbnails is None
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "x.parquet"), "--workers", "many"])
+    assert "use auto or a number" in capsys.readouterr().err
+    # The Python API hands the model back uncompiled.
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "api.parquet", compile=True, log=None)
+    assert getattr(model.encoder("satellite"), "_compiled_call_impl", None) is None

@@ -12,6 +12,7 @@ EPILOG_EMBED = """\
 examples:
   geobind embed --model demo/model --data demo/world/test.csv --modality satellite --out sat.parquet
   geobind embed --model M --data tiles.csv --modality satellite --out sat.parquet --float16
+  geobind embed --model M --data shards/ --modality satellite --out sat.parquet --compile   # on a GPU
   geobind embed ... --out sat.parquet          # run again after Ctrl-C: resumes from sat.parquet.parts/
   torchrun --nproc_per_node 4 -m geobind embed --model M --data tiles.csv --modality satellite --out sat.parquet
 
@@ -161,7 +162,20 @@ def add_space_parsers(sub) -> None:
     )
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument(
-        "--workers", type=int, default=0, help="data-loader worker processes (default: 0)"
+        "--workers",
+        type=_workers_arg,
+        default="auto",
+        help="data-loader worker processes: a number, or auto (default: none on a CPU, up to 8 "
+        "per GPU)",
+    )
+    e.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoder (pays on GPUs, large runs)"
+    )
+    e.add_argument(
+        "--no-thumbnails", action="store_true", help="do not store thumbnails of image items"
+    )
+    e.add_argument(
+        "--thumbnail-size", type=int, default=128, help="thumbnail size in px (default: 128)"
     )
     e.add_argument(
         "--chunk-rows", type=int, default=4096, help="rows per resumable part (default: 4096)"
@@ -287,6 +301,18 @@ def add_space_parsers(sub) -> None:
     m.set_defaults(func=cmd_map)
 
 
+def _workers_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: use auto or a number >= 0")
+    return n
+
+
 def _device(name: str):
     import torch
 
@@ -298,6 +324,7 @@ def _device(name: str):
 @_friendly
 def cmd_embed(args) -> int:
     from geobind import distributed
+    from geobind.binding.trainer import loader_workers
     from geobind.model import GeoBind
     from geobind.search.embed import embed_dataset
 
@@ -305,6 +332,7 @@ def cmd_embed(args) -> int:
     device = info.device if info.distributed else _device(args.device)
     try:
         model = GeoBind.from_pretrained(args.model, device=device)
+        workers = loader_workers(args.workers, device)
         embed_dataset(
             model,
             args.data,
@@ -314,7 +342,10 @@ def cmd_embed(args) -> int:
             batch_size=args.batch_size,
             float16=args.float16,
             chunk_rows=args.chunk_rows,
-            num_workers=args.workers,
+            num_workers=workers,
+            compile=args.compile,
+            thumbnails=False if args.no_thumbnails else None,
+            thumbnail_size=args.thumbnail_size,
             force=args.force,
             progress=not args.no_progress and info.is_main,
             model_name=args.model,

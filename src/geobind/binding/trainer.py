@@ -40,6 +40,7 @@ from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
 from geobind.data.shards import EpochStream, ShardSet, next_segments, plan_epoch, worker_count
 from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
+from geobind.encoders.base import uncompile
 from geobind.metrics import retrieval_metrics
 from geobind.model import GeoBind
 
@@ -597,9 +598,7 @@ class Trainer:
                 self._validate(stage, val, scfg, writer, step, epoch)
         # The last step already wrote the checkpoint (step == total), so none is written here.
         if o.compile:
-            # Hand on the eager module: later stages and evaluation run it on other devices
-            # and without gradients, where the compiled graphs would only be rebuilt.
-            encoder._compiled_call_impl = None
+            uncompile(encoder)  # later stages and evaluation run it eagerly
         # The stage's result: the space with the new modality added.
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,

@@ -143,6 +143,12 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def uncompile(module: nn.Module) -> None:
+    """Undo :meth:`torch.nn.Module.compile` on ``module``: later calls run it eagerly again (on
+    other devices or without gradients the compiled graphs would only be rebuilt)."""
+    module._compiled_call_impl = None
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit length, in float32 (the space's contract)."""
     return torch.nn.functional.normalize(x.float(), dim=-1)

@@ -333,6 +333,7 @@ def embed_dataset(
     thumbnail_size: int = 128,
     chunk_rows: int = 4096,
     num_workers: int = 0,
+    compile: bool = False,
     force: bool = False,
     progress: bool = False,
     rank: int | None = None,
@@ -346,6 +347,8 @@ def embed_dataset(
     an already-read table / shard set. ``thumbnails`` (default: on for image modalities) stores
     a ``thumbnail_size`` px JPEG per row, which indexes keep and ``geobind serve`` shows.
     Resumes from ``out``'s parts folder when one from the same model, data and settings exists.
+    ``compile`` runs the encoder through ``torch.compile`` for this call (same vectors up to
+    float rounding; the first batches include the compilation).
     ``rank``/``world_size`` default to the ``torch.distributed`` group (one process otherwise).
     Returns a summary: ``path``, ``rows`` written, ``skipped`` counts per reason.
     """
@@ -404,40 +407,48 @@ def embed_dataset(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"embed {modality}", unit="row")
-    for c, start, stop in todo:
-        ch = _embed_rows(
-            encoder,
-            table,
-            modality,
-            start,
-            stop,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            thumbnail_size=thumb_px,
-        )
-        rows = ch.rows.tolist()
-        vectors = ch.vectors.astype(np.float16 if float16 else np.float32)
-        if captions is not None:
-            caps = [captions[r] for r in rows]
-        elif ch.captions:
-            caps = [ch.captions.get(r) for r in rows]
-        else:
-            caps = None
-        part = _arrow_table(
-            [ids[r] for r in rows],
-            np.asarray([lat[r] for r in rows], np.float64),
-            np.asarray([lon[r] for r in rows], np.float64),
-            vectors,
-            caps,
-            [None if raw_items[r] is None else str(raw_items[r]) for r in rows]
-            if raw_items is not None
-            else None,
-            [ch.thumbnails.get(r) for r in rows] if thumb_px else None,
-        )
-        part = part.replace_schema_metadata({b"bad": json.dumps(dict(ch.counts)).encode()})
-        _write_part(part, _part_path(parts, c))
-        if bar is not None:
-            bar.update(stop - start)
+    if compile and todo:
+        encoder.compile()
+    try:
+        for c, start, stop in todo:
+            ch = _embed_rows(
+                encoder,
+                table,
+                modality,
+                start,
+                stop,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                thumbnail_size=thumb_px,
+            )
+            rows = ch.rows.tolist()
+            vectors = ch.vectors.astype(np.float16 if float16 else np.float32)
+            if captions is not None:
+                caps = [captions[r] for r in rows]
+            elif ch.captions:
+                caps = [ch.captions.get(r) for r in rows]
+            else:
+                caps = None
+            part = _arrow_table(
+                [ids[r] for r in rows],
+                np.asarray([lat[r] for r in rows], np.float64),
+                np.asarray([lon[r] for r in rows], np.float64),
+                vectors,
+                caps,
+                [None if raw_items[r] is None else str(raw_items[r]) for r in rows]
+                if raw_items is not None
+                else None,
+                [ch.thumbnails.get(r) for r in rows] if thumb_px else None,
+            )
+            part = part.replace_schema_metadata({b"bad": json.dumps(dict(ch.counts)).encode()})
+            _write_part(part, _part_path(parts, c))
+            if bar is not None:
+                bar.update(stop - start)
+    finally:
+        if compile:
+            from geobind.encoders.base import uncompile
+
+            uncompile(encoder)  # hand the model back as it came
     if bar is not None:
         bar.close()
     dist.barrier()
