@@ -224,3 +224,15 @@ def test_num_workers_must_be_auto_or_a_count(tiny_data, tmp_path):
         parse_config(d)
     d["stages"][0]["optim"]["num_workers"] = "auto"
     assert parse_config(d).stages[0].optim.num_workers == "auto"
+
+
+def test_resolve_device_always_names_the_cuda_index(monkeypatch):
+    """``device: cuda`` resolves to ``cuda:N``, so the trainer's checks of where a tensor lives
+    (``tensor.device == device``) hold for tensors placed on it."""
+    from geobind.binding.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("cuda", torch.device("cpu")) == torch.device("cuda", 0)
+    assert resolve_device("cuda:1", torch.device("cpu")) == torch.device("cuda", 1)
+    assert resolve_device("cpu", torch.device("cuda", 0)) == torch.device("cpu")
+    assert resolve_device("auto", torch.device("cpu")) == torch.device("cpu")

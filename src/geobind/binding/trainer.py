@@ -291,9 +291,12 @@ def _stage_fingerprint(cfg: StageConfig) -> str:
 
 
 def resolve_device(name: str, dist_device: torch.device) -> torch.device:
-    if name == "auto":
-        return dist_device
-    return torch.device(name)
+    """The config's ``device`` (``auto``: the rank's device), with a CUDA index always given, so
+    that it compares equal to the device of the tensors placed on it."""
+    device = dist_device if name == "auto" else torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def initial_space(cfg: RunConfig) -> GeoBind:
@@ -526,8 +529,9 @@ class Trainer:
                     keys = idx.to(dev, non_blocking=True)
                     a_emb = None
                     if anchor_emb is not None:
-                        a_emb = anchor_emb[keys if anchor_emb.device == dev else idx]
-                        if a_emb.device != dev:
+                        on_device = anchor_emb.device == dev
+                        a_emb = anchor_emb[keys if on_device else idx]
+                        if not on_device:
                             # Pinned, so the copy is queued without making the host wait.
                             a_emb = a_emb.pin_memory().to(dev, non_blocking=True)
                     loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys)
