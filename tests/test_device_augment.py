@@ -231,3 +231,56 @@ def test_training_with_device_augmentation_resumes_exactly(tiny_data, tmp_path):
         assert torch.equal(wa[k], wb[k]), k
     saved = json.loads((full / "geobind.json").read_text())["modalities"]["satellite"]["settings"]
     assert saved["augment_on"] == "device"
+
+
+def test_device_evaluation_preprocessing_matches_the_pil_path():
+    """``eval_on_device``: the loader hands uint8 ``load_size`` tiles; ``resize_normalize`` gives
+    PIL's resize + normalisation up to resampling rounding, exactly when no resize is needed."""
+    from geobind.encoders.device_augment import resize_normalize
+
+    t = ImageTransform(SIZE, SATELLITE_MEAN, SATELLITE_STD, "overhead")
+    t.eval_on_device = True
+    imgs = [tile(s, px) for s, px in ((0, L), (1, 64), (2, 23))]
+    items = [t(img) for img in imgs]
+    assert all(x["pixels"].dtype == torch.uint8 and x["pixels"].shape == (3, t.load_size, t.load_size)
+               for x in items)
+    got = resize_normalize(collate_images(items)["pixels"], SIZE, SATELLITE_MEAN, SATELLITE_STD)
+    t.eval_on_device = False
+    want = torch.stack([t(img) for img in imgs])
+    std = torch.tensor(SATELLITE_STD)[:, None, None]
+    diff = ((got - want) * std).abs()  # in [0, 1] pixel units
+    assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
+    # A tile already at the model's size is only normalised: exactly the loader's tensor.
+    exact = resize_normalize(as_uint8(tile(3, SIZE))[None], SIZE, SATELLITE_MEAN, SATELLITE_STD)
+    torch.testing.assert_close(exact[0], _to_tensor(tile(3, SIZE), SATELLITE_MEAN, SATELLITE_STD))
+
+
+def test_embed_with_preprocessing_on_the_device(tmp_path):
+    """``embed_dataset(preprocess_on="device")``: vectors close to the PIL path, recorded in the
+    header, the model handed back unchanged; refused for a non-image encoder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from geobind.search import embed_dataset, read_embeddings
+
+    for i in range(12):
+        tile(i, 48).save(tmp_path / f"{i}.png")
+    rows = "\n".join(f"t{i},{i},{i},{i}.png" for i in range(12))
+    (tmp_path / "tiles.csv").write_text("id,lat,lon,satellite\n" + rows + "\n")
+    torch.manual_seed(0)
+    enc = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION)),
+                            ImageTransform(SIZE, SATELLITE_MEAN, SATELLITE_STD, "overhead"))
+    model = GeoBind(enc.dim, {"satellite": enc}).eval()
+    for where in ("loader", "device"):
+        embed_dataset(model, tmp_path / "tiles.csv", "satellite", tmp_path / f"{where}.parquet",
+                      preprocess_on=where, batch_size=5, log=None)
+    a, b = read_embeddings(tmp_path / "loader.parquet"), read_embeddings(tmp_path / "device.parquet")
+    assert a.ids == b.ids
+    assert (a.vectors * b.vectors).sum(1).min() > 0.99  # cosine of each place's two vectors
+    assert b.header.get("preprocess_on") == "device" and "preprocess_on" not in a.header
+    assert enc.transform.eval_on_device is False
+    with pytest.raises(ValueError, match="image encoder"):
+        from geobind.encoders.audio import ClapAudioEncoder, tiny_clap_audio_spec
+
+        audio = ClapAudioEncoder.create("audio", tiny_clap_audio_spec(16), 16, {})
+        embed_dataset(GeoBind(16, {"audio": audio}), tmp_path / "tiles.csv", "audio", tmp_path / "x.parquet",
+                      preprocess_on="device", log=None)

@@ -172,6 +172,13 @@ def add_space_parsers(sub) -> None:
         "--compile", action="store_true", help="torch.compile the encoder (pays on GPUs, large runs)"
     )
     e.add_argument(
+        "--preprocess-on",
+        default="loader",
+        choices=["loader", "device"],
+        help="image resizing and normalisation: in the loader workers (default, PIL) or on the "
+        "model's device (frees the workers on a GPU; vectors differ by resampling rounding)",
+    )
+    e.add_argument(
         "--no-thumbnails", action="store_true", help="do not store thumbnails of image items"
     )
     e.add_argument(
@@ -344,6 +351,7 @@ def cmd_embed(args) -> int:
             chunk_rows=args.chunk_rows,
             num_workers=workers,
             compile=args.compile,
+            preprocess_on=args.preprocess_on,
             thumbnails=False if args.no_thumbnails else None,
             thumbnail_size=args.thumbnail_size,
             force=args.force,

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
-from geobind.encoders.device_augment import apply_overhead_augment
+from geobind.encoders.device_augment import model_input
 from geobind.encoders.images import (
     AUGMENT_ON,
     CLIP_MEAN,
@@ -114,12 +114,15 @@ class ClipImageEncoder(_ClipShared, Encoder):
         size = image_size or clip.config.vision_config.image_size
         self.transform = ImageTransform(size, CLIP_MEAN, CLIP_STD)
 
-    def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
+    def load(self, item: Any, *, train: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         return self.transform(item, train=False)
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        pooled = self.clip.vision_model(pixel_values=batch).pooler_output
+    def collate(self, samples: list[Any]) -> torch.Tensor | dict[str, torch.Tensor]:
+        return collate_images(samples)
+
+    def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        pixels = model_input(batch, self.transform, self.device)
+        pooled = self.clip.vision_model(pixel_values=pixels).pooler_output
         return l2_normalize(self.clip.visual_projection(pooled))
 
     def settings(self) -> dict[str, Any]:
@@ -225,14 +228,8 @@ class ClipVisionEncoder(Encoder):
         return collate_images(samples)
 
     def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-        if isinstance(batch, dict):
-            t = self.transform
-            pixels = batch["pixels"].to(self.device, non_blocking=True)
-            batch = apply_overhead_augment(pixels, batch["aug"].to(self.device, non_blocking=True),
-                                           t.size, t.mean, t.std)
-        else:
-            batch = batch.to(self.device, non_blocking=True)
-        return l2_normalize(self.model(pixel_values=batch).image_embeds)
+        pixels = model_input(batch, self.transform, self.device)
+        return l2_normalize(self.model(pixel_values=pixels).image_embeds)
 
     def settings(self) -> dict[str, Any]:
         return self.transform.settings()

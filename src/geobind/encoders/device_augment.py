@@ -97,3 +97,31 @@ def apply_overhead_augment(
         m = _constant(tuple(float(v) for v in mean), dev, torch.float32)[None, :, None, None]
         s = _constant(tuple(float(v) for v in std), dev, torch.float32)[None, :, None, None]
         return x.sub_(m).div_(s)
+
+
+def resize_normalize(pixels: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``[B, 3, L, L]`` tiles -> normalised float32 ``[B, 3, size, size]``: the evaluation
+    transform on the model's device (bicubic with antialiasing, like PIL's resize)."""
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must be [B, 3, H, W], got {tuple(pixels.shape)}")
+    dev = pixels.device
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+        x = pixels.to(torch.float32).div_(255.0)
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp_(0.0, 1.0)
+        m = _constant(tuple(float(v) for v in mean), dev, torch.float32)[None, :, None, None]
+        s = _constant(tuple(float(v) for v in std), dev, torch.float32)[None, :, None, None]
+        return x.sub_(m).div_(s)
+
+
+def model_input(batch, transform, device: torch.device) -> torch.Tensor:
+    """An image encoder's batch on ``device`` as normalised pixels: a float tensor as is, or the
+    uint8 dict of device-side preprocessing (training augmentation when it carries ``aug``)."""
+    if not isinstance(batch, dict):
+        return batch.to(device, non_blocking=True)
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    if "aug" in batch:
+        return apply_overhead_augment(pixels, batch["aug"].to(device, non_blocking=True), transform.size,
+                                      transform.mean, transform.std)
+    return resize_normalize(pixels, transform.size, transform.mean, transform.std)

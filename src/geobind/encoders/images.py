@@ -128,10 +128,18 @@ class ImageTransform:
         """Whether training items leave the loader as uint8 pixels plus augmentation parameters."""
         return self.augment_on == "device" and self.augment == "overhead"
 
+    # Evaluation items leave the loader as uint8 ``load_size`` tiles, resized and normalised where
+    # the model runs (set for one embedding run by ``geobind embed --preprocess-on device``; not a
+    # setting of the model: the vectors match the PIL path to float and resampling rounding).
+    eval_on_device: bool = False
+
     def __call__(self, item: Any, train: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         img = load_image(item)
         if train and self.on_device:
             return self._device_sample(img)
+        if not train and self.eval_on_device:
+            img = resize_center_crop(img, self.load_size)
+            return {"pixels": torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)}
         if train and self.augment == "overhead":
             img = overhead_augment(random_resized_crop(img, self.size))
         else:
@@ -169,5 +177,7 @@ def collate_images(samples: list[torch.Tensor | dict[str, torch.Tensor]]) -> tor
     the bytes as decoded, no transpose on the CPU)."""
     if isinstance(samples[0], dict):
         pixels = torch.stack([s["pixels"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
+        if "aug" not in samples[0]:
+            return {"pixels": pixels}
         return {"pixels": pixels, "aug": torch.stack([s["aug"] for s in samples])}
     return torch.stack(samples)

@@ -334,6 +334,7 @@ def embed_dataset(
     chunk_rows: int = 4096,
     num_workers: int = 0,
     compile: bool = False,
+    preprocess_on: str = "loader",
     force: bool = False,
     progress: bool = False,
     rank: int | None = None,
@@ -348,7 +349,10 @@ def embed_dataset(
     a ``thumbnail_size`` px JPEG per row, which indexes keep and ``geobind serve`` shows.
     Resumes from ``out``'s parts folder when one from the same model, data and settings exists.
     ``compile`` runs the encoder through ``torch.compile`` for this call (same vectors up to
-    float rounding; the first batches include the compilation).
+    float rounding; the first batches include the compilation). ``preprocess_on="device"``
+    (image encoders) hands uint8 tiles from the loader and resizes and normalises them where the
+    model runs, which unloads the loader workers on a GPU; the vectors then differ from the
+    default PIL path by resampling rounding only.
     ``rank``/``world_size`` default to the ``torch.distributed`` group (one process otherwise).
     Returns a summary: ``path``, ``rows`` written, ``skipped`` counts per reason.
     """
@@ -360,11 +364,20 @@ def embed_dataset(
     world_size = dist.world_size() if world_size is None else world_size
     out = Path(out)
     check_writable(out, force=force)
+    encoder = model.encoder(modality)
+    if preprocess_on not in ("loader", "device"):
+        raise ValueError(f"preprocess_on={preprocess_on!r}: use 'loader' or 'device'")
+    from geobind.encoders.images import ImageTransform
+
+    transform = getattr(encoder, "transform", None)
+    if preprocess_on == "device" and not isinstance(transform, ImageTransform):
+        raise ValueError(
+            f"preprocess_on='device' needs an image encoder; {modality!r} uses {encoder.type_name}"
+        )
     table = read_dataset(data, layout) if isinstance(data, (str, Path)) else data
     if len(table) == 0:
         raise ValueError(f"dataset {getattr(table, 'source', data)} has no rows")
     table.require(modality)
-    encoder = model.encoder(modality)
     if thumbnails is None:
         thumbnails = modality in IMAGE_MODALITIES
     thumb_px = int(thumbnail_size) if thumbnails else 0
@@ -387,6 +400,8 @@ def embed_dataset(
         },
         "chunk_rows": int(chunk_rows),
         "thumbnail_size": thumb_px,
+        # Only when set, so parts written before the option existed still resume.
+        **({"preprocess_on": preprocess_on} if preprocess_on != "loader" else {}),
     }
     parts = out.with_name(out.name + ".parts")
     if rank == 0:
@@ -409,6 +424,8 @@ def embed_dataset(
         bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"embed {modality}", unit="row")
     if compile and todo:
         encoder.compile()
+    if preprocess_on == "device":
+        transform.eval_on_device = True
     try:
         for c, start, stop in todo:
             ch = _embed_rows(
@@ -449,6 +466,8 @@ def embed_dataset(
             from geobind.encoders.base import uncompile
 
             uncompile(encoder)  # hand the model back as it came
+        if preprocess_on == "device":
+            del transform.eval_on_device  # back to the class default (the PIL path)
     if bar is not None:
         bar.close()
     dist.barrier()
