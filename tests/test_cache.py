@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from dist_helpers import free_port, rank_env
 from PIL import Image
 from test_model import build_space
 
@@ -163,9 +164,7 @@ def _cache_worker(r: int, port: int, tiny_data, cases, root) -> None:
     from geobind import distributed as gbdist
     from geobind.binding import cache as cache_mod
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
-                      LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    rank_env(r, port, WORLD)
     gbdist.init_distributed(backend="gloo")
     try:
         writes = []
@@ -228,7 +227,6 @@ def _cache_worker(r: int, port: int, tiny_data, cases, root) -> None:
 def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, monkeypatch):
     import torch.multiprocessing as mp
     from layout_fixtures import make_bad_shards
-    from test_distributed import _free_port
 
     monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
     both, _ = _bad_manifests(tiny_data, tmp_path)
@@ -257,7 +255,7 @@ def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, mon
     finally:
         torch.set_num_threads(threads)
 
-    mp.spawn(_cache_worker, args=(_free_port(), tiny_data, cases, tmp_path), nprocs=WORLD, join=True)
+    mp.spawn(_cache_worker, args=(free_port(), tiny_data, cases, tmp_path), nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     for name in cases:

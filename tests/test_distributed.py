@@ -8,13 +8,12 @@ offset, a missing cross-rank gradient) shows up far above 1e-10.
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dist_helpers import free_port, rank_env
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -99,15 +98,8 @@ def _check_loss(r: int, sizes: list[int], symmetric: bool, use_queue: bool, froz
         )
 
 
-def _rank_env(r: int, port: int) -> None:
-    """This process is rank ``r`` of ``WORLD`` on localhost, one thread."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-
-
 def _worker(r: int, port: int) -> None:
-    _rank_env(r, port)
+    rank_env(r, port, WORLD)
     info = gbdist.init_distributed(backend="gloo")
     try:
         assert info.distributed and info.rank == r and info.world_size == WORLD
@@ -127,17 +119,11 @@ def _worker(r: int, port: int) -> None:
         gbdist.cleanup()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_gathered_loss_equals_global_single_process():
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_helpers_single_process(monkeypatch):
@@ -174,7 +160,7 @@ def _check_blocks(r: int) -> None:
 
 
 def _blocks_worker(r: int, port: int) -> None:
-    _rank_env(r, port)
+    rank_env(r, port, WORLD)
     gbdist.init_distributed(backend="gloo")
     try:
         assert gbdist.comm_device() == torch.device("cpu")  # gloo
@@ -189,7 +175,7 @@ def _blocks_worker(r: int, port: int) -> None:
 def test_all_gather_blocks_fills_every_rank():
     import torch.multiprocessing as mp
 
-    mp.spawn(_blocks_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_blocks_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_block_helpers_single_process(monkeypatch):

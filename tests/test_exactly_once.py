@@ -6,13 +6,12 @@ process start-up once."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from dist_helpers import free_port, rank_env
 from fixtures import tiny_config
 
 from geobind import distributed as gbdist
@@ -75,15 +74,7 @@ def _gather(obj):
 
 
 def _worker(rank: int, port: int, paths: dict, cache: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        GEOBIND_CACHE=cache,
-    )
-    torch.set_num_threads(1)
+    rank_env(rank, port, WORLD, GEOBIND_CACHE=cache)
     # Loader workers fork from the rank, as under torchrun on Linux (a spawned rank would
     # otherwise spawn its workers too, paying an interpreter start-up for each).
     torch.multiprocessing.set_start_method("fork", force=True)
@@ -111,12 +102,6 @@ def _worker(rank: int, port: int, paths: dict, cache: str) -> None:
             Path(paths["results"]).write_text(json.dumps(results))
     finally:
         gbdist.cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -149,7 +134,7 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers_and_resume_on_other_
         "results": str(tmp_path / "results.json"),
     }
     Path(paths["config"]).write_text(json.dumps(cfg))
-    mp.spawn(_worker, args=(_free_port(), paths, cache), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), paths, cache), nprocs=WORLD, join=True)
     res = json.loads(Path(paths["results"]).read_text())
 
     everyone = list(range(36))  # 36 rows, batches of 12: nothing left over
