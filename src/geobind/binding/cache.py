@@ -83,7 +83,8 @@ def dataset_fingerprint(table: Table | ShardSet, modality: str) -> str:
 
 class _ItemDataset(Dataset):
     """Rows ``start:stop`` of one modality, preprocessed for evaluation; bad rows come back as
-    exceptions. Items are ``(row, input)``."""
+    exceptions. Items are ``(row, encoder.load(item))``; ``encoder`` is an :class:`Encoder` or
+    anything with the same ``load(item, *, train)``."""
 
     def __init__(self, table: Table, modality: str, encoder: Encoder, train: bool = False,
                  start: int = 0, stop: int | None = None):

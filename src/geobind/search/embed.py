@@ -200,34 +200,15 @@ class _Prepare:
         self.encoder, self.modality = encoder, modality
         self.thumbnail_size, self.caption = thumbnail_size, caption
 
-    def input_and_thumbnail(self, item: Any) -> tuple[Any, bytes | None]:
+    def load(self, item: Any, *, train: bool = False) -> tuple[Any, bytes | None, None]:
+        """``(encoder input, thumbnail, None)``: an encoder-like ``load``, so the cache's row
+        dataset serves tables here too (the caption slot is filled for streamed rows)."""
         if not self.thumbnail_size:
-            return self.encoder.load(item, train=False), None
+            return self.encoder.load(item, train=False), None, None
         from geobind.data.media import load_image
 
         img = load_image(item)
-        return self.encoder.load(img, train=False), _thumbnail(img, self.thumbnail_size)
-
-
-class _TableRows:
-    """Rows ``start:stop`` of a table as a map-style dataset of ``(row, (input, thumb, None))``
-    (or ``(row, BadSampleError)``)."""
-
-    def __init__(self, table, start: int, stop: int, prep: _Prepare):
-        self.table, self.start, self.stop, self.prep = table, start, stop, prep
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, i: int):
-        from geobind.data.errors import BadSampleError
-
-        row = self.start + i
-        try:
-            x, thumb = self.prep.input_and_thumbnail(self.table.item(self.prep.modality, row))
-        except BadSampleError as e:
-            return row, e
-        return row, (x, thumb, None)
+        return self.encoder.load(img, train=False), _thumbnail(img, self.thumbnail_size), None
 
 
 class _ShardRows:
@@ -239,7 +220,7 @@ class _ShardRows:
     def __call__(self, row: int, sample: dict):
         from geobind.data.errors import BadSampleError
 
-        x, thumb = self.shards.load(sample, row, self.prep.modality, self.prep.input_and_thumbnail)
+        x, thumb, _ = self.shards.load(sample, row, self.prep.modality, self.prep.load)
         caption = None
         if self.prep.caption:
             try:
@@ -282,6 +263,7 @@ def _embed_rows(
     import torch
     from torch.utils.data import DataLoader
 
+    from geobind.binding.cache import _ItemDataset
     from geobind.data.shards import RowStream
     from geobind.model import autocast_for
 
@@ -290,7 +272,7 @@ def _embed_rows(
     if streaming:
         dataset = RowStream(data, _ShardRows(data, prep), rows=np.arange(start, stop))
     else:
-        dataset = _TableRows(data, start, stop, prep)
+        dataset = _ItemDataset(data, modality, prep, start=start, stop=stop)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Collate(encoder),
                         pin_memory=encoder.device.type == "cuda")
     counts: Counter = Counter()
