@@ -400,9 +400,12 @@ class Trainer:
         table.require(scfg.train, scfg.bind_to)
         if isinstance(table, ShardSet):
             self._say(f"stage {scfg.name}: {len(table)} samples in {len(table.urls)} shards ({table.schema.name})")
+        workers = loader_workers(scfg.optim.num_workers, dev)
+        if scfg.optim.num_workers == "auto" and workers:
+            self._say(f"stage {scfg.name}: {workers} loader workers per rank (optim.num_workers: auto)")
         bad = Counter()
         if scfg.cache_anchor:
-            anchor_emb, valid, info = self._anchor_cache(anchor, table, scfg)
+            anchor_emb, valid, info = self._anchor_cache(anchor, table, scfg, workers)
             bad.update(info["bad"])
             self._say(f"stage {scfg.name}: anchor cache {'hit' if info['hit'] else 'written'} ({info['path']})")
         else:
@@ -415,7 +418,7 @@ class Trainer:
         if scfg.data.val:
             vt = read_dataset(scfg.data.val, scfg.data.layout, **scfg.data.layout_options)
             vt.require(scfg.train, scfg.bind_to)
-            v_emb, v_valid, _ = self._anchor_cache(anchor, vt, scfg)
+            v_emb, v_valid, _ = self._anchor_cache(anchor, vt, scfg, workers)
             val = (vt, v_emb, v_valid)
 
         o = scfg.optim
@@ -430,9 +433,6 @@ class Trainer:
                 f"({o.batch_size}); lower optim.batch_size"
             )
         total = o.max_steps or steps_per_epoch * o.epochs
-        workers = loader_workers(o.num_workers, dev)
-        if o.num_workers == "auto" and workers:
-            self._say(f"stage {scfg.name}: {workers} loader workers per rank (optim.num_workers: auto)")
         optim = build_optimizer(stage, scfg, dev)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(total, o.warmup_steps, o.min_lr_ratio))
         autocast, scaler = _precision(scfg, dev)
@@ -618,11 +618,11 @@ class Trainer:
         gbdist.barrier()
         writer.close()
 
-    def _anchor_cache(self, anchor, table, scfg):
+    def _anchor_cache(self, anchor, table, scfg, workers: int):
         # Collective: every rank embeds its share of the rows and all end with the full float16
         # table (rank 0 writes the file); on a hit every rank maps the existing file.
         return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
-                                 num_workers=loader_workers(scfg.optim.num_workers, self.device),
+                                 num_workers=workers,
                                  progress=self.progress and self.main,
                                  strict=scfg.data.strict)
 
