@@ -204,7 +204,7 @@ def test_validation_is_not_repeated_on_the_same_weights(tiny_data, tmp_path):
 def test_loader_workers_auto(monkeypatch):
     """``optim.num_workers: auto``: none on a CPU; on a GPU the rank's share of the cores less
     one, at most 8; a number is kept as given; anything else is a config error."""
-    from geobind.binding.trainer import loader_workers
+    from geobind.distributed import loader_workers
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert loader_workers("auto", cpu) == 0 and loader_workers(3, cpu) == 3

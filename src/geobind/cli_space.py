@@ -331,7 +331,6 @@ def _device(name: str):
 @_friendly
 def cmd_embed(args) -> int:
     from geobind import distributed
-    from geobind.binding.trainer import loader_workers
     from geobind.model import GeoBind
     from geobind.search.embed import embed_dataset
 
@@ -339,7 +338,7 @@ def cmd_embed(args) -> int:
     device = info.device if info.distributed else _device(args.device)
     try:
         model = GeoBind.from_pretrained(args.model, device=device)
-        workers = loader_workers(args.workers, device)
+        workers = distributed.loader_workers(args.workers, device)
         embed_dataset(
             model,
             args.data,

@@ -28,6 +28,7 @@ __all__ = [
     "broadcast_object",
     "all_gather_object",
     "all_reduce_min_int",
+    "loader_workers",
     "comm_device",
     "all_gather_blocks",
     "cleanup",
@@ -233,6 +234,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """``optim.num_workers`` as a number: ``auto`` is 0 on a CPU (the model needs the cores) and,
+    on a GPU, this rank's share of the machine's cores less one for the rank itself, at most 8."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_rank - 1))
 
 
 def all_gather_object(obj: Any) -> list[Any]:

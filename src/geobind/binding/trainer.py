@@ -219,18 +219,6 @@ def build_optimizer(stage: BindingStage, cfg: StageConfig, device: torch.device)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **kwargs)
 
 
-def loader_workers(setting: int | str, device: torch.device) -> int:
-    """``optim.num_workers`` as a number: ``auto`` is 0 on a CPU (the model needs the cores) and,
-    on a GPU, this rank's share of the machine's cores less one for the rank itself, at most 8."""
-    if setting != "auto":
-        return int(setting)
-    if device.type != "cuda":
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(8, per_rank - 1))
-
-
 def lr_lambda(total_steps: int, warmup: int, floor: float):
     """Linear warmup then cosine decay to ``floor`` x peak."""
 
@@ -400,7 +388,7 @@ class Trainer:
         table.require(scfg.train, scfg.bind_to)
         if isinstance(table, ShardSet):
             self._say(f"stage {scfg.name}: {len(table)} samples in {len(table.urls)} shards ({table.schema.name})")
-        workers = loader_workers(scfg.optim.num_workers, dev)
+        workers = gbdist.loader_workers(scfg.optim.num_workers, dev)
         if scfg.optim.num_workers == "auto" and workers:
             self._say(f"stage {scfg.name}: {workers} loader workers per rank (optim.num_workers: auto)")
         bad = Counter()
