@@ -47,6 +47,13 @@ def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtyp
     return _CONSTANTS[key]
 
 
+def _normalize_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel, in place, for float ``[B, 3, H, W]`` pixels in [0, 1]."""
+    m = _constant(tuple(float(v) for v in mean), x.device, torch.float32)[None, :, None, None]
+    s = _constant(tuple(float(v) for v in std), x.device, torch.float32)[None, :, None, None]
+    return x.sub_(m).div_(s)
+
+
 def overhead_grid_theta(aug: torch.Tensor) -> torch.Tensor:
     """``[B, 2, 3]`` affine matrices for ``F.affine_grid`` (normalised coordinates,
     ``align_corners=False``) that map output pixels to the crop box, flipped and turned."""
@@ -94,9 +101,7 @@ def apply_overhead_augment(
         grey = torch.einsum("bchw,c->b", x, luma) / (size * size)
         g = grey[:, None, None, None]
         x = x.sub_(g).mul_(aug[:, 7, None, None, None]).add_(g).clamp_(0.0, 1.0)
-        m = _constant(tuple(float(v) for v in mean), dev, torch.float32)[None, :, None, None]
-        s = _constant(tuple(float(v) for v in std), dev, torch.float32)[None, :, None, None]
-        return x.sub_(m).div_(s)
+        return _normalize_(x, mean, std)
 
 
 def resize_normalize(pixels: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -110,9 +115,7 @@ def resize_normalize(pixels: torch.Tensor, size: int, mean: Sequence[float], std
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp_(0.0, 1.0)
-        m = _constant(tuple(float(v) for v in mean), dev, torch.float32)[None, :, None, None]
-        s = _constant(tuple(float(v) for v in std), dev, torch.float32)[None, :, None, None]
-        return x.sub_(m).div_(s)
+        return _normalize_(x, mean, std)
 
 
 def model_input(batch, transform, device: torch.device) -> torch.Tensor:
