@@ -140,13 +140,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _small_int_group():
+    """``(group, device)`` for agreeing on a few integers: the host (gloo: the default group, or
+    the one :func:`init_distributed` adds beside NCCL), so that reading the result back never
+    waits for the GPU's queued work; NCCL on the current GPU only for a group made elsewhere."""
+    if _HOST_GROUP is not None or dist.get_backend() != "nccl":
+        return _HOST_GROUP, torch.device("cpu")
+    return None, torch.device("cuda", torch.cuda.current_device())
+
+
 def _gather_sizes(x: torch.Tensor) -> list[int]:
-    """Every rank's ``x.shape[0]``. Agreed on the host (gloo) where possible: an NCCL gather read
-    back with ``.item()`` would make the host wait for all the GPU's queued work, every step."""
-    on_host = _HOST_GROUP is not None or dist.get_backend() != "nccl"
-    n = torch.tensor([x.shape[0]], dtype=torch.long, device=None if on_host else x.device)
+    """Every rank's ``x.shape[0]`` (see :func:`_small_int_group`)."""
+    group, device = _small_int_group()
+    n = torch.tensor([x.shape[0]], dtype=torch.long, device=device)
     out = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, n, group=_HOST_GROUP if on_host else None)
+    dist.all_gather(out, n, group=group)
     return [int(t.item()) for t in out]
 
 
@@ -218,12 +226,12 @@ _HOST_GROUP = None  # a gloo group beside an NCCL default group (see init_distri
 
 
 def all_reduce_min_int(value: int) -> int:
-    """Minimum of a Python int over ranks, agreed on the host (gloo): it never waits for the
-    GPU's queued work, unlike an NCCL collective read back with ``.item()``."""
+    """Minimum of a Python int over ranks (on the host where it can: :func:`_small_int_group`)."""
     if not is_distributed():
         return int(value)
-    t = torch.tensor([int(value)], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_HOST_GROUP)
+    group, device = _small_int_group()
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return int(t.item())
 
 
