@@ -6,6 +6,7 @@ initialised, so training and evaluation code calls them unconditionally.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -319,6 +320,9 @@ def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         # Wait for every rank first: a rank tearing gloo down while another still talks to it
         # aborts the process ("terminate called without an active exception").
+        # Objects that still hold the group (a DDP reducer in a reference cycle) are freed
+        # first: destroyed after the group, their gloo threads abort the process the same way.
+        gc.collect()
         if dist.get_world_size() > 1:
             dist.barrier()
         global _HOST_GROUP
