@@ -28,6 +28,7 @@ from geobind.encoders.images import (
     ImageTransform,
     collate_images,
 )
+from geobind.encoders.vit import pooled_class_token
 
 # A real CLIP tokenizer has ~49k tokens. Offline `from_pretrained` of a hub id can silently
 # fall back to a near-empty vocabulary, which trains on garbage: refuse anything this small.
@@ -122,7 +123,7 @@ class ClipImageEncoder(_ClipShared, Encoder):
 
     def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         pixels = model_input(batch, self.transform, self.device)
-        pooled = self.clip.vision_model(pixel_values=pixels).pooler_output
+        pooled = pooled_class_token(self.clip.vision_model, pixels)
         return l2_normalize(self.clip.visual_projection(pooled))
 
     def settings(self) -> dict[str, Any]:
@@ -229,7 +230,8 @@ class ClipVisionEncoder(Encoder):
 
     def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         pixels = model_input(batch, self.transform, self.device)
-        return l2_normalize(self.model(pixel_values=pixels).image_embeds)
+        pooled = pooled_class_token(self.model.vision_model, pixels)
+        return l2_normalize(self.model.visual_projection(pooled))
 
     def settings(self) -> dict[str, Any]:
         return self.transform.settings()

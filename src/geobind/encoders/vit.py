@@ -1,0 +1,56 @@
+"""A lean forward pass for CLIP's vision transformer: the pooled class token, no extra work.
+
+``transformers`` runs every token through every layer and returns all hidden states. GeoBind
+only ever uses the pooled class token, and in the last layer nothing else depends on the other
+tokens: only their keys and values are needed. :func:`pooled_class_token` therefore computes the
+last layer for the class token alone (about 7 % of a ViT-B/32's forward and backward work) and
+calls ``scaled_dot_product_attention`` directly in every layer. It reads the model's own
+submodules and parameters, so checkpoints, parameter names and ``state_dict`` are unchanged,
+and it computes what ``vision_model(pixel_values=x).pooler_output`` computes (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["pooled_class_token"]
+
+
+def _attend(attn: nn.Module, queries_from: torch.Tensor, keys_from: torch.Tensor) -> torch.Tensor:
+    """CLIP attention: queries from ``queries_from`` (B, Tq, D), keys and values from
+    ``keys_from`` (B, T, D); no mask (vision tokens attend to all tokens)."""
+    b, tq, d = queries_from.shape
+    t = keys_from.shape[1]
+    heads, head_dim = attn.num_heads, attn.head_dim
+    q = attn.q_proj(queries_from).view(b, tq, heads, head_dim).transpose(1, 2)
+    k = attn.k_proj(keys_from).view(b, t, heads, head_dim).transpose(1, 2)
+    v = attn.v_proj(keys_from).view(b, t, heads, head_dim).transpose(1, 2)
+    p = float(attn.dropout) if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=attn.scale)
+    return attn.out_proj(out.transpose(1, 2).reshape(b, tq, d))
+
+
+def _layer(layer: nn.Module, hidden: torch.Tensor, class_only: bool) -> torch.Tensor:
+    """One pre-norm CLIP encoder layer; with ``class_only`` only the class token's output."""
+    normed = layer.layer_norm1(hidden)
+    if class_only:
+        hidden, queries = hidden[:, :1], normed[:, :1]
+    else:
+        queries = normed
+    hidden = hidden + _attend(layer.self_attn, queries, normed)
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+
+def pooled_class_token(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``vision_model(pixel_values=...).pooler_output`` of a CLIP vision transformer (the
+    post-layer-norm class token, shape ``(B, hidden)``), with the last layer computed for the
+    class token only. ``vision_model`` is ``CLIPModel.vision_model`` or
+    ``CLIPVisionModelWithProjection.vision_model``."""
+    hidden = vision_model.embeddings(pixel_values)
+    hidden = vision_model.pre_layrnorm(hidden)
+    layers = vision_model.encoder.layers
+    for i, layer in enumerate(layers):
+        hidden = _layer(layer, hidden, class_only=i == len(layers) - 1)
+    return vision_model.post_layernorm(hidden[:, 0])
