@@ -7,7 +7,11 @@ GeoBind: the real training step (``geobind.binding.step.StepRunner`` over a ``Bi
 ``build_optimizer``'s fused AdamW on CUDA) fed with cached float16 frozen-anchor embeddings, bf16
 autocast on CUDA, eager and ``torch.compile``d (``Module.compile``, as ``optim.compile: true``),
 at the plain batch and at larger ones (the cache frees the teacher's memory); stage 2 computes mel
-features on the device. Each variant builds fresh models; an out-of-memory is recorded, not fatal.
+features on the device. Each variant builds fresh models; an out-of-memory (or any other failure
+of one variant) is recorded, not fatal. A variant suffixed ``:hf`` (e.g. ``eager:2:hf``) is the
+same step with transformers' own forward code where GeoBind has a leaner one (the satellite ViT
+computes every token in its last layer; the audio tower's window attention runs in eager form),
+so the gain of those two is measured on its own.
 
 FLOPs per sample (stated, not measured): ViT forward = patch embedding 2*T*(3*p*p)*h plus, per
 layer, 24*T*h^2 (QKV, projection, 4h MLP) + 4*T^2*h (scores and weighted sum), T = tokens
@@ -33,8 +37,15 @@ from geobind.binding.stage import BindingStage
 from geobind.binding.step import StepRunner
 from geobind.binding.trainer import build_optimizer
 from geobind.config import DataConfig, OptimConfig, StageConfig
-from geobind.encoders.audio import AudioSettings, ClapAudioEncoder, tiny_clap_audio_config
+from geobind.encoders.audio import (
+    AudioSettings,
+    ClapAudioEncoder,
+    set_window_attention,
+    tiny_clap_audio_config,
+)
+from geobind.encoders.base import l2_normalize
 from geobind.encoders.clip import ClipVisionEncoder
+from geobind.encoders.device_augment import model_input
 from geobind.encoders.images import SATELLITE_MEAN, SATELLITE_STD, ImageTransform
 from geobind.losses import LogitScale, contrastive_loss
 
@@ -125,13 +136,22 @@ def host_syncs(step, device) -> dict:
 
 
 def _guarded(fn) -> dict:
-    """Run one variant; an out-of-memory is recorded as such instead of ending the run."""
+    """Run one variant; an out-of-memory or any other failure (a compiler error, say) is
+    recorded instead of ending the run, so the other variants are still measured."""
     try:
         return fn()
     except torch.OutOfMemoryError as e:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return {"error": "out of memory", "detail": str(e).splitlines()[0]}
+    except Exception as e:  # noqa: BLE001 - reported in the JSON and the table
+        import traceback
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        lines = (str(e).strip() or type(e).__name__).splitlines()
+        return {"error": type(e).__name__, "detail": lines[0][:300],
+                "where": traceback.format_exc().strip().splitlines()[-3:]}
 
 
 def _time_plain(forward, opt, scale, symmetric: bool, batch: int, steps: int, warmup: int, device) -> dict:
@@ -156,8 +176,21 @@ def _geobind_runner(stage: BindingStage, name: str, train: str, bind_to: str, en
     return StepRunner(stage, build_optimizer(stage, scfg, device), autocast=ac, grad_clip=scfg.optim.grad_clip)
 
 
+class _HfVisionEncoder(ClipVisionEncoder):
+    """The satellite encoder with transformers' full forward (every token in every layer)."""
+
+    def forward(self, batch):
+        pixels = model_input(batch, self.transform, self.device)
+        return l2_normalize(self.model(pixel_values=pixels).image_embeds)
+
+
+def variant_name(compile_: bool, batch: int, hf: bool) -> str:
+    """``eager-b512``, ``compile-b1024``, ``eager-b1024-hf``."""
+    return f"{'compile' if compile_ else 'eager'}-b{batch}{'-hf' if hf else ''}"
+
+
 def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[tuple[bool, int]]) -> dict:
+           variants: list[tuple[bool, int, bool]]) -> dict:
     """Plain step, GeoBind's step for each (compile, batch scale) and inference tiles/s."""
     cfg, img = vision_config(size)
     ac = _autocast(device, precision)
@@ -186,10 +219,10 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
     out["plain"] = plain_variant()
 
-    def geobind_variant(compile_: bool, b: int):
+    def geobind_variant(compile_: bool, b: int, hf: bool):
         _fresh_peak(device)
-        enc = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
-                                ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
+        enc = (_HfVisionEncoder if hf else ClipVisionEncoder)(
+            "satellite", CLIPVisionModelWithProjection(cfg), ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
         anchor = ClipVisionEncoder("ground", CLIPVisionModelWithProjection(cfg),
                                    ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
         stage = BindingStage(enc, anchor, symmetric=False).to(device)
@@ -214,9 +247,9 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         isec = _timeit(infer, steps, warmup, device)
         return r, {"batch": b, "tiles_per_s": b / isec}
 
-    for c, k in variants:
-        key = f"{'compile' if c else 'eager'}-b{batch * k}"
-        res = _guarded(lambda c=c, k=k: geobind_variant(c, batch * k))
+    for c, k, hf in variants:
+        key = variant_name(c, batch * k, hf)
+        res = _guarded(lambda c=c, k=k, hf=hf: geobind_variant(c, batch * k, hf))
         if "error" in res:
             out["geobind"][key] = out["infer"][key] = res
         else:
@@ -225,7 +258,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
 
 def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[tuple[bool, int]]) -> dict:
+           variants: list[tuple[bool, int, bool]]) -> dict:
     """Plain audio step (loader-side features, frozen satellite ViT every step) vs GeoBind's."""
     from transformers import ClapAudioModelWithProjection
 
@@ -269,9 +302,11 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
     out["plain"] = plain_variant()
 
-    def geobind_variant(compile_: bool, b: int):
+    def geobind_variant(compile_: bool, b: int, hf: bool):
         _fresh_peak(device)
         enc = encoder()
+        if hf:
+            set_window_attention(enc.backbone, "eager")
         anchor = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
                                    ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
         stage = BindingStage(enc, anchor, symmetric=True).to(device)
@@ -285,9 +320,9 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         return {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
                 "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(waves, anchor_emb=cached), device)}
 
-    for c, k in variants:
-        out["geobind"][f"{'compile' if c else 'eager'}-b{batch * k}"] = _guarded(
-            lambda c=c, k=k: geobind_variant(c, batch * k))
+    for c, k, hf in variants:
+        out["geobind"][variant_name(c, batch * k, hf)] = _guarded(
+            lambda c=c, k=k, hf=hf: geobind_variant(c, batch * k, hf))
     return out
 
 
@@ -313,14 +348,18 @@ def _summarise(r: dict, peak: float | None, train_flops: float | None = None) ->
             r["infer_over_train"] = max(ok) / best["sps"]
 
 
-def parse_variants(specs: list[str]) -> list[tuple[bool, int]]:
-    """``["eager:1", "compile:2"]`` -> ``[(False, 1), (True, 2)]``."""
+def parse_variants(specs: list[str]) -> list[tuple[bool, int, bool]]:
+    """``["eager:1", "compile:2", "eager:2:hf"]`` -> ``[(False, 1, False), (True, 2, False),
+    (False, 2, True)]``: (compiled, multiple of the plain batch, transformers' forward code)."""
     out = []
     for spec in specs:
-        mode, _, scale = spec.partition(":")
-        if mode not in ("eager", "compile") or not scale.isdigit() or int(scale) < 1:
-            raise SystemExit(f"--variants {spec!r}: use eager:N or compile:N with N a positive integer")
-        out.append((mode == "compile", int(scale)))
+        parts = spec.split(":")
+        mode, scale, rest = parts[0], (parts[1] if len(parts) > 1 else ""), parts[2:]
+        if (mode not in ("eager", "compile") or not scale.isdigit() or int(scale) < 1
+                or rest not in ([], ["hf"])):
+            raise SystemExit(f"--variants {spec!r}: use eager:N or compile:N (N a positive integer), "
+                             "optionally with :hf")
+        out.append((mode == "compile", int(scale), rest == ["hf"]))
     return out
 
 
@@ -339,8 +378,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--variants", nargs="+", default=None, metavar="MODE:SCALE",
-                    help="GeoBind step variants: eager|compile : multiple of the plain batch "
-                         "(default on CUDA: eager:1 eager:2 compile:2; on CPU: eager:1)")
+                    help="GeoBind step variants: eager|compile : multiple of the plain batch [:hf for "
+                         "transformers' forward code] (default on CUDA: eager:1 eager:2 eager:2:hf "
+                         "compile:2; on CPU: eager:1)")
     ap.add_argument("--stage2", action="store_true", help="also run the audio stage (once, at the first size)")
     ap.add_argument("--stage2-only", action="store_true",
                     help="only the audio stage (its satellite teacher at the first --size)")
@@ -351,7 +391,8 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     precision = a.precision or ("bf16" if cuda else "fp32")
     peak = a.peak_tflops or (800.0 if cuda else None)
-    variants = parse_variants(a.variants or (["eager:1", "eager:2", "compile:2"] if cuda else ["eager:1"]))
+    variants = parse_variants(a.variants or (["eager:1", "eager:2", "eager:2:hf", "compile:2"] if cuda
+                                             else ["eager:1"]))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

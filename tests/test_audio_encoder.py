@@ -300,3 +300,58 @@ def test_encoder_pickles_for_spawned_workers():
     assert type(copy.backbone.audio_model.audio_encoder.patch_embed) is type(
         encoder.backbone.audio_model.audio_encoder.patch_embed
     )
+
+
+def _shifted_encoder() -> ClapAudioEncoder:
+    """Two blocks per stage, so every stage has a shifted-window (masked) block."""
+    spec = tiny_clap_audio_spec(32)
+    spec["config"]["depths"] = [2, 2]
+    torch.manual_seed(0)
+    return ClapAudioEncoder.create("audio", spec, 32, {})
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_sdpa_window_attention_matches_eager_outputs_and_gradients(train):
+    from transformers.models.clap.modeling_clap import ClapAudioSelfAttention
+
+    from geobind.encoders.audio import _SdpaWindowAttention, set_window_attention
+
+    encoder = _shifted_encoder().train(train)
+    attention = [m for m in encoder.modules() if isinstance(m, ClapAudioSelfAttention)]
+    assert attention and all(type(m) is _SdpaWindowAttention for m in attention)  # the default
+    masked = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: masked.append(args[1] is not None)) for m in attention]
+    batch = torch.randn(3, encoder.audio.clip_samples) * 0.1
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        set_window_attention(encoder.backbone, implementation)
+        torch.manual_seed(1)  # the same dropout masks in training mode
+        out = encoder(batch)
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        results[implementation] = (out, torch.autograd.grad((out * weights).sum(), params))
+    for h in hooks:
+        h.remove()
+    assert any(masked) and not all(masked)  # both plain and shifted windows ran
+    (ref, ref_grads), (got, got_grads) = results["eager"], results["sdpa"]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip([n for n, p in encoder.named_parameters() if p.requires_grad], got_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sdpa_window_attention_under_bf16_autocast_and_state_dict():
+    from geobind.encoders.audio import set_window_attention
+
+    encoder = _shifted_encoder().eval()
+    keys = list(encoder.state_dict())
+    batch = torch.randn(2, encoder.audio.clip_samples) * 0.1
+    outs = {}
+    for implementation in ("eager", "sdpa"):
+        set_window_attention(encoder.backbone, implementation)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[implementation] = encoder(batch).float()
+    assert list(encoder.state_dict()) == keys
+    assert torch.nn.functional.cosine_similarity(outs["sdpa"], outs["eager"], dim=-1).min() > 0.99
+    with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+        set_window_attention(encoder.backbone, "flash")

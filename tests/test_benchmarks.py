@@ -26,16 +26,17 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     tt = _load("train_throughput")
     out = tmp_path / "r.json"
     r = tt.main(["--size", "tiny", "--steps", "2", "--warmup", "1", "--stage2", "--variants", "eager:1", "eager:2",
-                 "--out", str(out)])
+                 "eager:1:hf", "--out", str(out)])
     s1 = r["stage1"]["tiny"]
     assert s1["plain"]["sps"] > 0
-    assert set(s1["geobind"]) == {"eager-b8", "eager-b16"} and set(s1["infer"]) == set(s1["geobind"])
+    assert set(s1["geobind"]) == {"eager-b8", "eager-b16", "eager-b8-hf"} and set(s1["infer"]) == set(s1["geobind"])
     for v in s1["geobind"].values():
         assert v["sps"] > 0 and v["ratio"] == v["sps"] / s1["plain"]["sps"]
     assert s1["best"]["sps"] == max(v["sps"] for v in s1["geobind"].values())
     assert s1["infer_over_train"] > 0
     s2 = r["stage2"]["tiny"]
     assert s2["plain"]["sps"] > 0 and all(v["sps"] > 0 for v in s2["geobind"].values())
+    assert set(s2["geobind"]) == {"eager-b4", "eager-b8", "eager-b4-hf"}
     assert json.loads(out.read_text())["device"] == "cpu"
     text = tt.table(r)
     assert "eager-b16" in text and "2 audio->sat" in text
@@ -45,9 +46,11 @@ def test_variants_are_parsed_and_checked():
     import pytest
 
     tt = _load("train_throughput")
-    assert tt.parse_variants(["eager:1", "compile:2"]) == [(False, 1), (True, 2)]
-    with pytest.raises(SystemExit, match="eager:N or compile:N"):
-        tt.parse_variants(["fast:2"])
+    assert tt.parse_variants(["eager:1", "compile:2", "eager:2:hf"]) == [(False, 1, False), (True, 2, False),
+                                                                          (False, 2, True)]
+    for bad in ("fast:2", "eager:0", "eager:2:fast", "compile"):
+        with pytest.raises(SystemExit, match="eager:N or compile:N"):
+            tt.parse_variants([bad])
 
 
 def test_out_of_memory_is_recorded_not_fatal():
@@ -59,6 +62,12 @@ def test_out_of_memory_is_recorded_not_fatal():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     assert tt._guarded(boom)["error"] == "out of memory"
+
+    def broken():
+        raise RuntimeError("backend compiler failed\nlong trace")
+
+    r = tt._guarded(broken)
+    assert r["error"] == "RuntimeError" and r["detail"] == "backend compiler failed" and r["where"]
 
 
 def test_gpu_suite_summary_reads_the_benchmark_json(tmp_path):

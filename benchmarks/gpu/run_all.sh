@@ -8,8 +8,8 @@
 #   SMOKE=1 bash benchmarks/gpu/run_all.sh                     # tiny models, runs on a CPU too
 #
 # Parts, most important first, and their time limits (about 15 minutes in all: where calls stop
-# at 10 minutes, split them with PARTS): train-b32 (stage 1 step at ViT-B/32, 180 s),
-# train-audio (stage 2 step, 200 s), trainer (a short real `geobind train` on generated data:
+# at 10 minutes, split them with PARTS): train-b32 (stage 1 step at ViT-B/32, 200 s),
+# train-audio (stage 2 step, 220 s), trainer (a short real `geobind train` on generated data:
 # shards, device augmentation, compile, both stages; samples/s and data wait, 240 s), train-b16
 # (150 s), data (input pipeline with all cores, and stage 1 fed from files: data wait; 150 s).
 #
@@ -57,9 +57,9 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 # Most important first: stage 1 at ViT-B/32, then stage 2, then ViT-B/16 (fewer variants).
-part train-b32 180 "$PY" benchmarks/train_throughput.py --size "$B32" --steps "$STEPS" --warmup "$WARMUP" \
+part train-b32 200 "$PY" benchmarks/train_throughput.py --size "$B32" --steps "$STEPS" --warmup "$WARMUP" \
     --out "$OUT/train-b32.json"
-part train-audio 200 "$PY" benchmarks/train_throughput.py --size "$B32" --stage2-only --steps "$STEPS" \
+part train-audio 220 "$PY" benchmarks/train_throughput.py --size "$B32" --stage2-only --steps "$STEPS" \
     --warmup "$WARMUP" --out "$OUT/train-audio.json"
 part trainer 240 "$PY" benchmarks/gpu/train_smoke.py --out "$WORK/trainer-run" "${SMOKE_SIZE[@]}"
 [ -f "$WORK/trainer-run/result.json" ] && cp "$WORK/trainer-run/result.json" "$OUT/trainer.json"

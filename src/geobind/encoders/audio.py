@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.clap.modeling_clap import ClapAudioPatchEmbed
+from torch.nn import functional as F
+from transformers.models.clap.modeling_clap import ClapAudioPatchEmbed, ClapAudioSelfAttention
 
 from geobind.data.audio_io import load_audio
 from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
@@ -46,6 +47,7 @@ __all__ = [
     "AudioSettings",
     "ClapAudioEncoder",
     "load_clip",
+    "set_window_attention",
     "tiny_clap_audio_config",
     "tiny_clap_audio_spec",
 ]
@@ -166,6 +168,58 @@ class _GlobalPatchEmbed(ClapAudioPatchEmbed):
         return self.norm(hidden_states)
 
 
+class _SdpaWindowAttention(ClapAudioSelfAttention):
+    """HTS-AT window attention through ``scaled_dot_product_attention`` (same parameters).
+
+    transformers computes it in eager form: the scores of every window are materialised, the
+    relative position bias and the shifted-window mask added, then softmax and a second product.
+    Here the bias and mask become SDPA's additive mask, so fused attention kernels can run it.
+    Shifted windows put the window index beside the heads, ``(B, windows * heads, N, d)``, so
+    the mask ``(1, windows * heads, N, N)`` broadcasts over the batch instead of being copied
+    per clip. Asking for attention maps falls back to the eager form."""
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        if output_attentions:
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        rows, tokens, channels = hidden_states.shape
+        heads, size = self.num_attention_heads, self.attention_head_size
+        q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(tokens, tokens, heads).permute(2, 0, 1)  # (heads, N, N)
+        p = self.dropout.p if self.training else 0.0
+        if attention_mask is None:
+            def split(x):
+                return x.view(rows, tokens, heads, size).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias.unsqueeze(0).to(q.dtype),
+                                                 dropout_p=p)
+            out = out.transpose(1, 2)
+        else:
+            windows = attention_mask.shape[0]
+            batch = rows // windows
+
+            def split(x):
+                x = x.view(batch, windows, tokens, heads, size).permute(0, 1, 3, 2, 4)
+                return x.reshape(batch, windows * heads, tokens, size)
+
+            mask = (bias.unsqueeze(0) + attention_mask.unsqueeze(1)).reshape(1, windows * heads, tokens, tokens)
+            out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask.to(q.dtype), dropout_p=p)
+            out = out.view(batch, windows, heads, tokens, size).permute(0, 1, 3, 2, 4)
+        return (out.reshape(rows, tokens, channels),)
+
+
+def set_window_attention(backbone: nn.Module, implementation: str) -> None:
+    """Run every HTS-AT window attention of ``backbone`` as ``"sdpa"`` (the default of
+    :class:`ClapAudioEncoder`) or ``"eager"`` (transformers' own form). Parameters, buffers and
+    results are the same either way; only the kernels differ."""
+    classes = {"sdpa": _SdpaWindowAttention, "eager": ClapAudioSelfAttention}
+    if implementation not in classes:
+        raise ValueError(f"window attention {implementation!r}: use 'sdpa' or 'eager'")
+    for module in backbone.modules():
+        if isinstance(module, ClapAudioSelfAttention):
+            module.__class__ = classes[implementation]
+
+
 @register_encoder("clap_audio")
 class ClapAudioEncoder(Encoder):
     """CLAP audio tower + torch mel front end (+ linear head) -> unit ``[B, dim]`` vectors.
@@ -200,6 +254,7 @@ class ClapAudioEncoder(Encoder):
             patch_embed.fusion_model.requires_grad_(False)
             patch_embed.mel_conv2d.requires_grad_(False)
             _use_global_patch_embed(audio_encoder)
+        set_window_attention(backbone, "sdpa")
 
     # -- data side -------------------------------------------------------------------------
     def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
