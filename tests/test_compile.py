@@ -13,6 +13,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from geobind.binding.trainer import train
 from geobind.config import ConfigError, parse_config
 from geobind.encoders.audio import ClapAudioEncoder, tiny_clap_audio_spec
+from geobind.encoders.base import uncompile
 from geobind.encoders.clip import ClipVisionEncoder
 from geobind.encoders.images import SATELLITE_MEAN, SATELLITE_STD, ImageTransform
 
@@ -91,3 +92,35 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
     meta = json.loads((compiled / "geobind.json").read_text())
     assert meta["stages"][0]["steps"] == 3
 
+
+
+@pytest.mark.parametrize("kind", ["satellite", "satellite-device-aug", "audio"])
+def test_compiled_encoders_are_not_rebuilt_after_the_first_step(kind):
+    """Three training forwards and backwards of a compiled encoder compile once: nothing the
+    first call leaves behind (a cache filled on first use, say) invalidates the graph."""
+    torch.manual_seed(0)
+    if kind == "audio":
+        encoder = ClapAudioEncoder.create("audio", tiny_clap_audio_spec(32), 32, {})
+        batch = torch.randn(4, encoder.audio.clip_samples) * 0.1
+    else:
+        cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               patch_size=8, projection_dim=16, image_size=32)
+        on = "device" if kind.endswith("device-aug") else "loader"
+        transform = ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD, "overhead", augment_on=on)
+        encoder = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg), transform)
+        if on == "device":
+            side = transform.load_size
+            batch = {"pixels": torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8),
+                     "aug": torch.tensor([[0.1, 0.05, 0.9, 0.95, 1.0, 1.0, 1.1, 0.9]] * 4)}
+        else:
+            batch = torch.randn(4, 3, 32, 32)
+    encoder.train()
+    torch._dynamo.reset()
+    encoder.compile(backend="eager")
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):
+                encoder(batch).sum().backward()
+    finally:
+        uncompile(encoder)
+        torch._dynamo.reset()

@@ -256,6 +256,13 @@ class ClapAudioEncoder(Encoder):
             _use_global_patch_embed(audio_encoder)
         set_window_attention(backbone, "sdpa")
 
+    def compile(self, *args, **kwargs) -> None:
+        """:meth:`torch.nn.Module.compile`, in place, after making the mel front end's constants
+        on the encoder's device: the compiled graph reads them instead of being rebuilt once
+        they exist (compile after moving the encoder to its device)."""
+        self.frontend.prepare(self.device)
+        super().compile(*args, **kwargs)
+
     # -- data side -------------------------------------------------------------------------
     def load(self, item: Any, *, train: bool = False) -> torch.Tensor:
         """A path, bytes, ``(waveform, rate)`` pair or 1-D array -> float32 ``[clip_samples]``.

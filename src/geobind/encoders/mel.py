@@ -96,16 +96,29 @@ class ClapMelFrontEnd(nn.Module):
             tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]
         ] = {}
 
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        if self.stft_dtype == torch.float64 and device.type == "mps":
+            return torch.float32  # MPS has no float64
+        return self.stft_dtype
+
     def _constants_on(
         self, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, dtype)
-        if key not in self._constants:
-            self._constants[key] = (
-                self._window_cpu.to(device, dtype),
-                self._filters_cpu.to(device, dtype),
-            )
-        return self._constants[key]
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = (self._window_cpu.to(device, dtype), self._filters_cpu.to(device, dtype))
+            # Not while torch.compile traces: adding the key would invalidate the graph just
+            # built (one recompilation). prepare() fills the cache before compiling instead.
+            if not torch.compiler.is_compiling():
+                self._constants[key] = cached
+        return cached
+
+    def prepare(self, device: torch.device | str) -> None:
+        """Make the window and filter bank on ``device`` now (the first call would otherwise):
+        a compiled caller then reads them as they are, every step."""
+        device = torch.device(device)
+        self._constants_on(device, self._compute_dtype(device))
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the front end yields for a clip of ``num_samples`` samples."""
@@ -122,9 +135,7 @@ class ClapMelFrontEnd(nn.Module):
                 f"clips of {waveforms.shape[-1]} samples are too short for n_fft={self.n_fft} "
                 "(reflect padding needs more than n_fft // 2 samples); repeat_pad them first"
             )
-        dtype = self.stft_dtype
-        if dtype == torch.float64 and waveforms.device.type == "mps":
-            dtype = torch.float32  # MPS has no float64
+        dtype = self._compute_dtype(waveforms.device)
         x = waveforms.to(dtype)
         window, filters = self._constants_on(x.device, dtype)
         # Autocast would run the mel matmul in bf16/fp16 and lose the dB precision.
