@@ -93,7 +93,6 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
     assert meta["stages"][0]["steps"] == 3
 
 
-
 @pytest.mark.parametrize("kind", ["satellite", "satellite-device-aug", "audio"])
 def test_compiled_encoders_are_not_rebuilt_after_the_first_step(kind):
     """Three training forwards and backwards of a compiled encoder compile once: nothing the
