@@ -11,7 +11,10 @@ features on the device. Each variant builds fresh models; an out-of-memory (or a
 of one variant) is recorded, not fatal. A variant suffixed ``:hf`` (e.g. ``eager:2:hf``) is the
 same step with transformers' own forward code where GeoBind has a leaner one (the satellite ViT
 computes every token in its last layer; the audio tower's window attention runs in eager form),
-so the gain of those two is measured on its own.
+so the gain of those two is measured on its own. ``--profile`` (default on CUDA: the compiled
+variants) runs 3 more steps under ``torch.profiler`` and records where the time goes: GPU kernel
+time by category (matmul, attention, compiled fusions, optimiser, copies, ...), the busy fraction
+(kernel time over wall time; well below 1 means the GPU waits for the host) and the top kernels.
 
 FLOPs per sample (stated, not measured): ViT forward = patch embedding 2*T*(3*p*p)*h plus, per
 layer, 24*T*h^2 (QKV, projection, 4h MLP) + 4*T^2*h (scores and weighted sum), T = tokens
@@ -135,6 +138,73 @@ def host_syncs(step, device) -> dict:
     return {"host_syncs": len(syncs), "host_sync_sites": where}
 
 
+# Kernel or operator name fragments (lower case) -> where the step's time goes. First match wins.
+_CATEGORIES = (
+    ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("matmul", ("gemm", "cutlass", "xmma", "cublas", "nvjet", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::matmul", "aten::linear", "aten::baddbmm")),
+    ("convolution", ("conv", "cudnn", "implicit")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "clip_grad")),
+    ("communication", ("nccl", "gloo")),
+    ("copy", ("memcpy", "memset", "copy_", "aten::to", "aten::_to_copy")),
+    ("compiled (fused)", ("triton", "compiledfunction", "torchdynamo", "inductor")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, parts in _CATEGORIES:
+        if any(p in low for p in parts):
+            return cat
+    return "other"
+
+
+def profile_step(step, device, steps: int = 3) -> dict:
+    """Where a step's time goes: ``steps`` more steps under ``torch.profiler``. On CUDA, GPU
+    kernel time per step by category (matmul, attention, optimizer, compiled fusions, ...),
+    the busy fraction (kernel time / wall time: well below 1 means the GPU waits for the host),
+    and the top kernels; on CPU the same from operators' self time. A diagnostic: failures are
+    recorded, never fatal."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        _sync(device)
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync(device)
+            wall = (time.perf_counter() - t) / steps
+        totals: dict[str, float] = {}
+        if cuda:
+            for evt in prof.events():
+                if evt.device_type == torch.autograd.DeviceType.CUDA:
+                    totals[evt.name] = totals.get(evt.name, 0.0) + evt.device_time
+        else:
+            for avg in prof.key_averages():
+                if avg.self_cpu_time_total > 0:
+                    totals[avg.key] = totals.get(avg.key, 0.0) + avg.self_cpu_time_total
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        return {"profile_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    per_step = {k: v / 1e3 / steps for k, v in totals.items()}  # microseconds -> ms per step
+    cats: dict[str, float] = {}
+    for name, ms in per_step.items():
+        cats[_category(name)] = cats.get(_category(name), 0.0) + ms
+    busy = sum(per_step.values())
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:8]
+    return {"profile": {
+        "wall_ms": round(wall * 1e3, 3),
+        "busy_ms": round(busy, 3),
+        "busy_fraction": round(busy / (wall * 1e3), 3) if wall > 0 else None,
+        "what": "GPU kernel time" if cuda else "CPU operator self time",
+        "categories_ms": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+        "top_ms": [[name[:90], round(ms, 3)] for name, ms in top],
+    }}
+
+
 def _guarded(fn) -> dict:
     """Run one variant; an out-of-memory or any other failure (a compiler error, say) is
     recorded instead of ending the run, so the other variants are still measured."""
@@ -190,7 +260,7 @@ def variant_name(compile_: bool, batch: int, hf: bool) -> str:
 
 
 def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[tuple[bool, int, bool]]) -> dict:
+           variants: list[tuple[bool, int, bool]], profile: str = "none") -> dict:
     """Plain step, GeoBind's step for each (compile, batch scale) and inference tiles/s."""
     cfg, img = vision_config(size)
     ac = _autocast(device, precision)
@@ -236,6 +306,8 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         sec = _timeit(lambda: runner(tiles, anchor_emb=cached), steps, warmup, device)
         r = {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
              "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(tiles, anchor_emb=cached), device)}
+        if profile == "all" or (profile == "compiled" and compile_):
+            r.update(profile_step(lambda: runner(tiles, anchor_emb=cached), device))
 
         stage.eval()
 
@@ -258,7 +330,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
 
 def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[tuple[bool, int, bool]]) -> dict:
+           variants: list[tuple[bool, int, bool]], profile: str = "none") -> dict:
     """Plain audio step (loader-side features, frozen satellite ViT every step) vs GeoBind's."""
     from transformers import ClapAudioModelWithProjection
 
@@ -317,8 +389,11 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         cached = torch.nn.functional.normalize(torch.randn(b, cfg.projection_dim, device=device), dim=-1).half()
         stage.train()
         sec = _timeit(lambda: runner(waves, anchor_emb=cached), steps, warmup, device)
-        return {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
-                "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(waves, anchor_emb=cached), device)}
+        r = {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
+             "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(waves, anchor_emb=cached), device)}
+        if profile == "all" or (profile == "compiled" and compile_):
+            r.update(profile_step(lambda: runner(waves, anchor_emb=cached), device))
+        return r
 
     for c, k, hf in variants:
         out["geobind"][variant_name(c, batch * k, hf)] = _guarded(
@@ -341,6 +416,8 @@ def _summarise(r: dict, peak: float | None, train_flops: float | None = None) ->
     if peak and train_flops:
         r["plain"]["mfu"] = base * train_flops / (peak * 1e12)
     r["best"], r["best_variant"] = best, best_name
+    profiled = [(v["sps"], n) for n, v in r["geobind"].items() if "sps" in v and "profile" in v]
+    r["profiled_variant"] = max(profiled)[1] if profiled else None
     if "infer" in r:
         ok = [v["tiles_per_s"] for v in r["infer"].values() if "tiles_per_s" in v]
         if ok and best:
@@ -384,6 +461,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--stage2", action="store_true", help="also run the audio stage (once, at the first size)")
     ap.add_argument("--stage2-only", action="store_true",
                     help="only the audio stage (its satellite teacher at the first --size)")
+    ap.add_argument("--profile", choices=["none", "compiled", "all"], default=None,
+                    help="profile 3 more steps of these GeoBind variants: time by kernel category, GPU busy "
+                         "fraction, top kernels (default: compiled on CUDA, none on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default 800 on CUDA)")
     ap.add_argument("--out", help="write every figure to this JSON file")
     a = ap.parse_args(argv)
@@ -391,6 +471,7 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     precision = a.precision or ("bf16" if cuda else "fp32")
     peak = a.peak_tflops or (800.0 if cuda else None)
+    profile = a.profile or ("compiled" if cuda else "none")
     variants = parse_variants(a.variants or (["eager:1", "eager:2", "eager:2:hf", "compile:2"] if cuda
                                              else ["eager:1"]))
     if cuda:
@@ -399,13 +480,13 @@ def main(argv=None) -> dict:
     results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "precision": precision,
                "variants": a.variants, "torch": torch.__version__, "peak_tflops": peak, "stage1": {}, "stage2": {}}
     for size in ([] if a.stage2_only else a.size):
-        r = stage1(size, device, SIZES[size][2], a.steps, a.warmup, precision, variants)
+        r = stage1(size, device, SIZES[size][2], a.steps, a.warmup, precision, variants, profile)
         _summarise(r, peak, r["train_flop_per_sample"])
         results["stage1"][size] = r
         _write(a.out, results)  # after every part, so a run stopped early keeps what it measured
     if a.stage2 or a.stage2_only:
         size = a.size[0]
-        r = stage2(size, device, SIZES[size][3], a.steps, a.warmup, precision, variants)
+        r = stage2(size, device, SIZES[size][3], a.steps, a.warmup, precision, variants, profile)
         _summarise(r, None)
         results["stage2"][size] = r
         _write(a.out, results)
@@ -436,7 +517,16 @@ def table(results: dict) -> str:
                              v.get("host_syncs", "-")))
     head = (f"device: {results['device']}  precision: {results['precision']}  "
             f"torch: {results['torch']}")
-    return "\n".join([head] + ["".join(f"{str(c):>15}" for c in row) for row in rows])
+    lines = [head] + ["".join(f"{str(c):>15}" for c in row) for row in rows]
+    for stage in ("stage1", "stage2"):
+        for size, r in results[stage].items():
+            name = r.get("profiled_variant")
+            if name:
+                prof = r["geobind"][name]["profile"]
+                cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["categories_ms"].items())
+                lines.append(f"{stage} {size} {name}: {prof['what']} {prof['busy_ms']:.1f} ms of "
+                             f"{prof['wall_ms']:.1f} ms per step ({cats})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     tt = _load("train_throughput")
     out = tmp_path / "r.json"
     r = tt.main(["--size", "tiny", "--steps", "2", "--warmup", "1", "--stage2", "--variants", "eager:1", "eager:2",
-                 "eager:1:hf", "--out", str(out)])
+                 "eager:1:hf", "--profile", "all", "--out", str(out)])
     s1 = r["stage1"]["tiny"]
     assert s1["plain"]["sps"] > 0
     assert set(s1["geobind"]) == {"eager-b8", "eager-b16", "eager-b8-hf"} and set(s1["infer"]) == set(s1["geobind"])
@@ -40,6 +40,24 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     assert json.loads(out.read_text())["device"] == "cpu"
     text = tt.table(r)
     assert "eager-b16" in text and "2 audio->sat" in text
+    prof = s1["geobind"]["eager-b8"]["profile"]
+    assert prof["busy_ms"] > 0 and prof["wall_ms"] > 0 and prof["top_ms"]
+    assert abs(sum(prof["categories_ms"].values()) - prof["busy_ms"]) < 0.01 * prof["busy_ms"] + 0.01
+    assert "ms per step" in text
+
+
+def test_profile_categories():
+    tt = _load("train_throughput")
+    assert tt._category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert tt._category("aten::addmm") == "matmul"
+    assert tt._category("pytorch_flash::flash_fwd_kernel") == "attention"
+    assert tt._category("fmha_cutlassB_bf16_aligned_64x64_k64_sm80") == "attention"
+    assert tt._category("triton_per_fused_add_native_layer_norm_0") == "compiled (fused)"
+    assert tt._category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel") == "optimizer"
+    assert tt._category("Memcpy HtoD (Pageable -> Device)") == "copy"
+    assert tt._category("ncclDevKernel_AllGather_RING_LL") == "communication"
+    assert tt._category("aten::gelu") == "other"
+    assert tt._category("aten::_log_softmax_backward_data") == "loss"
 
 
 def test_variants_are_parsed_and_checked():
@@ -74,13 +92,14 @@ def test_gpu_suite_summary_reads_the_benchmark_json(tmp_path):
     import subprocess
 
     tt = _load("train_throughput")
-    tt.main(["--size", "tiny", "--steps", "1", "--warmup", "1", "--variants", "eager:1", "eager:2",
+    tt.main(["--size", "tiny", "--steps", "1", "--warmup", "1", "--variants", "eager:1", "eager:2", "--profile", "all",
              "--out", str(tmp_path / "train-tiny.json")])
     spec = importlib.util.spec_from_file_location("summary", ROOT / "benchmarks" / "gpu" / "summary.py")
     summary = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summary)
     lines = summary.main([str(tmp_path)]).splitlines()
-    assert len(lines) == 2 and "stage1 train-tiny" in lines[1] and "eager-b" in lines[1]
+    assert len(lines) == 3 and "stage1 train-tiny" in lines[1] and "eager-b" in lines[1]
+    assert lines[2].startswith("stage1 tiny eager-b") and "ms per step" in lines[2]
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu" / "fetch_wheels.sh")], check=True)
 
 

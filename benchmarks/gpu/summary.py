@@ -40,9 +40,26 @@ def rows(folder: Path) -> list[tuple]:
     return out
 
 
+def profiles(folder: Path) -> list[str]:
+    """One line per stage and size: where the step's time goes in the fastest profiled variant."""
+    out = []
+    for path in sorted(folder.glob("train-*.json")):
+        r = json.loads(path.read_text())
+        for stage in ("stage1", "stage2"):
+            for size, s in r.get(stage, {}).items():
+                name = s.get("profiled_variant")
+                if name:
+                    prof = s["geobind"][name]["profile"]
+                    cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["categories_ms"].items())
+                    out.append(f"{stage} {size} {name}: {prof['what']} {prof['busy_ms']:.1f} of "
+                               f"{prof['wall_ms']:.1f} ms per step ({cats})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> str:
     folder = Path((argv or sys.argv[1:] or ["gpu-results"])[0])
-    text = "\n".join("".join(f"{str(c):>14}" for c in row) for row in rows(folder))
+    lines = ["".join(f"{str(c):>14}" for c in row) for row in rows(folder)] + profiles(folder)
+    text = "\n".join(lines)
     print(text)
     return text
 
