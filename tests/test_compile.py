@@ -123,3 +123,20 @@ def test_compiled_encoders_are_not_rebuilt_after_the_first_step(kind):
     finally:
         uncompile(encoder)
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_validation_does_not_compile_the_encoder_again(tiny_data, tmp_path):
+    """A compiled stage validated every step builds one graph: validation (eval mode, no
+    gradients, a smaller last batch) runs the encoder eagerly, and training keeps its graph."""
+    d = tiny_config(tiny_data, tmp_path / "run", steps=3, audio=False)
+    d["stages"][0]["optim"].update(compile=True, val_every=1)
+    d["stages"][0]["data"]["val"] = d["stages"][0]["data"]["train"]
+    d["eval"] = None
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model_dir = train(parse_config(d), progress=False, log=None)
+    rows = (model_dir.parent / "stages" / "01-satellite" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert any(h.startswith("val_") for h in header)
+    assert sum(1 for r in rows[1:] if r.split(",")[header.index("loss")]) == 3

@@ -40,7 +40,7 @@ from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
 from geobind.data.shards import EpochStream, ShardSet, next_segments, plan_epoch, worker_count
 from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
-from geobind.encoders.base import uncompile
+from geobind.encoders.base import eagerly, uncompile
 from geobind.metrics import retrieval_metrics
 from geobind.model import GeoBind
 
@@ -619,7 +619,8 @@ class Trainer:
         if not self.main:
             return None
         vt, v_anchor, v_valid = val
-        emb, valid, _ = embed_table(stage.encoder, vt, scfg.train, batch_size=256)
+        with eagerly(stage.encoder):
+            emb, valid, _ = embed_table(stage.encoder, vt, scfg.train, batch_size=256)
         keep = valid & v_valid
         m = retrieval_metrics(emb[keep], v_anchor[keep])
         stage.train()

@@ -149,6 +149,19 @@ def uncompile(module: nn.Module) -> None:
     module._compiled_call_impl = None
 
 
+@contextlib.contextmanager
+def eagerly(module: nn.Module):
+    """Within the block, calls of a :meth:`~torch.nn.Module.compile`\ d ``module`` run eagerly
+    (validation in eval mode and without gradients would otherwise compile a second graph, and
+    its last, smaller batch a third); the compiled training graph is kept for after."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    module._compiled_call_impl = None
+    try:
+        yield module
+    finally:
+        module._compiled_call_impl = compiled
+
+
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit length, in float32 (the space's contract)."""
     return torch.nn.functional.normalize(x.float(), dim=-1)
