@@ -284,3 +284,24 @@ def test_embed_with_preprocessing_on_the_device(tmp_path):
         audio = ClapAudioEncoder.create("audio", tiny_clap_audio_spec(16), 16, {})
         embed_dataset(GeoBind(16, {"audio": audio}), tmp_path / "tiles.csv", "audio", tmp_path / "x.parquet",
                       preprocess_on="device", log=None)
+
+
+def test_non_square_tiles_are_cropped_anywhere_as_in_the_loader():
+    """A 60 x 40 tile: the device path draws its crop on the whole tile, like the PIL loader
+    path with the same seed (a centre square would lose the left and right sixths)."""
+    t = ImageTransform(SIZE, ZERO, ONE, "overhead", "device", L)
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(0, 255, (4, 6, 3)).astype(np.uint8)
+    img = Image.fromarray(coarse).resize((60, 40), Image.BICUBIC)
+    edges = 0
+    for seed in range(12):
+        random.seed(seed)
+        pil = _to_tensor(overhead_augment(random_resized_crop(img, SIZE)), ZERO, ONE)
+        random.seed(seed)
+        s = t(img, train=True)
+        x0, _, x1, _ = s["aug"][:4].tolist()
+        edges += x0 < 1 / 6 or x1 > 5 / 6
+        assert s["pixels"].shape == (3, L, L)
+        got = apply_overhead_augment(s["pixels"][None], s["aug"][None], SIZE, ZERO, ONE)[0]
+        assert (got - pil).abs().mean() < 0.02, seed
+    assert edges >= 3  # some crops reach into the strips a centre square would drop

@@ -102,7 +102,8 @@ class ImageTransform:
     ``augment_on`` says where the ``overhead`` training augmentation runs. ``"loader"``: in
     :meth:`__call__`, with PIL, one tile at a time. ``"device"``: :meth:`__call__` only decodes,
     resizes to ``load_size`` (default ``round(size * 8 / 7)``, 256 for 224) and draws the random
-    parameters; it returns ``{"pixels": uint8 [3, load_size, load_size], "aug": float32 [8]}``
+    parameters (non-square tiles are squashed to the square load size, so crops reach their
+    edges as in the loader); it returns ``{"pixels": uint8 [3, load_size, load_size], "aug": float32 [8]}``
     (layout in :mod:`geobind.encoders.device_augment`), and its ``apply_overhead_augment``
     crops, turns, jitters and normalises whole batches where the model runs.
     Evaluation (``train=False``) is the same PIL resize and centre crop in both modes.
@@ -148,13 +149,26 @@ class ImageTransform:
 
     def _device_sample(self, img: Image.Image) -> dict[str, torch.Tensor]:
         n = self.load_size
-        img = resize_center_crop(img, n)
-        # Same draws, in the same order, as the loader path on an n x n image.
-        box = random_crop_box(n, n) or (0, 0, n, n)
+        w, h = img.size
+        if w == h:
+            img = resize_center_crop(img, n)  # a plain resize
+            # Same draws, in the same order, as the loader path on an n x n image.
+            w = h = n
+            box = random_crop_box(n, n) or (0, 0, n, n)
+        else:
+            # The loader path crops anywhere in a non-square tile: draw the box on the whole
+            # w x h tile as it does, and squash the tile to n x n so the normalised box covers
+            # the same ground (the long side keeps n pixels; for strongly elongated tiles raise
+            # load_size or augment in the loader).
+            box = random_crop_box(w, h)
+            if box is None:  # the loader's fallback: the centred square
+                side = min(w, h)
+                box = ((w - side) // 2, (h - side) // 2, side, side)
+            img = img.resize((n, n), Image.BICUBIC)
         left, top, cw, ch = box
         flip, k, brightness, contrast = overhead_params()
         aug = torch.tensor(
-            [left / n, top / n, (left + cw) / n, (top + ch) / n, float(flip), float(k), brightness, contrast],
+            [left / w, top / h, (left + cw) / w, (top + ch) / h, float(flip), float(k), brightness, contrast],
             dtype=torch.float32,
         )
         # A [3, n, n] view of the [n, n, 3] pixels: the transpose (a third of this method's cost)
