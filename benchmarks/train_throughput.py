@@ -518,15 +518,18 @@ def table(results: dict) -> str:
     head = (f"device: {results['device']}  precision: {results['precision']}  "
             f"torch: {results['torch']}")
     lines = [head] + ["".join(f"{str(c):>15}" for c in row) for row in rows]
-    for stage in ("stage1", "stage2"):
-        for size, r in results[stage].items():
-            name = r.get("profiled_variant")
-            if name:
-                prof = r["geobind"][name]["profile"]
-                cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["categories_ms"].items())
-                lines.append(f"{stage} {size} {name}: {prof['what']} {prof['busy_ms']:.1f} ms of "
-                             f"{prof['wall_ms']:.1f} ms per step ({cats})")
-    return "\n".join(lines)
+    return "\n".join(lines + _summary_module().profile_lines(results))
+
+
+def _summary_module():
+    """``benchmarks/gpu/summary.py`` (plain JSON formatting, shared with the GPU suite's table)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "gpu" / "summary.py"
+    spec = importlib.util.spec_from_file_location("geobind_gpu_summary", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

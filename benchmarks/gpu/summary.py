@@ -40,20 +40,25 @@ def rows(folder: Path) -> list[tuple]:
     return out
 
 
-def profiles(folder: Path) -> list[str]:
-    """One line per stage and size: where the step's time goes in the fastest profiled variant."""
+def profile_lines(results: dict) -> list[str]:
+    """One line per stage and size of a ``train_throughput.py`` result: where the step's time goes
+    in the fastest profiled variant."""
     out = []
-    for path in sorted(folder.glob("train-*.json")):
-        r = json.loads(path.read_text())
-        for stage in ("stage1", "stage2"):
-            for size, s in r.get(stage, {}).items():
-                name = s.get("profiled_variant")
-                if name:
-                    prof = s["geobind"][name]["profile"]
-                    cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["categories_ms"].items())
-                    out.append(f"{stage} {size} {name}: {prof['what']} {prof['busy_ms']:.1f} of "
-                               f"{prof['wall_ms']:.1f} ms per step ({cats})")
+    for stage in ("stage1", "stage2"):
+        for size, s in results.get(stage, {}).items():
+            name = s.get("profiled_variant")
+            if name:
+                prof = s["geobind"][name]["profile"]
+                cats = ", ".join(f"{k} {v:.1f}" for k, v in prof["categories_ms"].items())
+                out.append(f"{stage} {size} {name}: {prof['what']} {prof['busy_ms']:.1f} of "
+                           f"{prof['wall_ms']:.1f} ms per step ({cats})")
     return out
+
+
+def profiles(folder: Path) -> list[str]:
+    """:func:`profile_lines` of every ``train-*.json`` in ``folder``."""
+    return [line for path in sorted(folder.glob("train-*.json"))
+            for line in profile_lines(json.loads(path.read_text()))]
 
 
 def main(argv: list[str] | None = None) -> str:

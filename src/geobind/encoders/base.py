@@ -151,9 +151,9 @@ def uncompile(module: nn.Module) -> None:
 
 @contextlib.contextmanager
 def eagerly(module: nn.Module):
-    """Within the block, calls of a :meth:`~torch.nn.Module.compile`\ d ``module`` run eagerly
-    (validation in eval mode and without gradients would otherwise compile a second graph, and
-    its last, smaller batch a third); the compiled training graph is kept for after."""
+    """Within the block, calls of a compiled ``module`` (:meth:`torch.nn.Module.compile`) run
+    eagerly (validation in eval mode and without gradients would otherwise compile a second
+    graph, and its last, smaller batch a third); the compiled training graph is kept for after."""
     compiled = getattr(module, "_compiled_call_impl", None)
     module._compiled_call_impl = None
     try:
