@@ -178,31 +178,44 @@ def profile_step(step, device, steps: int = 3) -> dict:
                 step()
             _sync(device)
             wall = (time.perf_counter() - t) / steps
-        totals: dict[str, float] = {}
-        if cuda:
-            for evt in prof.events():
-                if evt.device_type == torch.autograd.DeviceType.CUDA:
-                    totals[evt.name] = totals.get(evt.name, 0.0) + evt.device_time
-        else:
-            for avg in prof.key_averages():
-                if avg.self_cpu_time_total > 0:
-                    totals[avg.key] = totals.get(avg.key, 0.0) + avg.self_cpu_time_total
+        totals = time_by_name(prof, cuda)
     except Exception as e:  # noqa: BLE001 - a diagnostic only
         return {"profile_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    return {"profile": summarise_profile(totals, wall, steps, cuda)}
+
+
+def time_by_name(prof, cuda: bool) -> dict[str, float]:
+    """Microseconds per kernel name (CUDA: every GPU kernel, memcpy and memset event) or per
+    operator (CPU: self time, so nested operators are not counted twice)."""
+    totals: dict[str, float] = {}
+    if cuda:
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                totals[evt.name] = totals.get(evt.name, 0.0) + evt.time_range.elapsed_us()
+    else:
+        for avg in prof.key_averages():
+            if avg.self_cpu_time_total > 0:
+                totals[avg.key] = totals.get(avg.key, 0.0) + avg.self_cpu_time_total
+    return totals
+
+
+def summarise_profile(totals: dict[str, float], wall: float, steps: int, cuda: bool) -> dict:
+    """Per-step milliseconds by category and top names, and the busy fraction, from
+    :func:`time_by_name`'s totals over ``steps`` steps of ``wall`` seconds each."""
     per_step = {k: v / 1e3 / steps for k, v in totals.items()}  # microseconds -> ms per step
     cats: dict[str, float] = {}
     for name, ms in per_step.items():
         cats[_category(name)] = cats.get(_category(name), 0.0) + ms
     busy = sum(per_step.values())
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[:8]
-    return {"profile": {
+    return {
         "wall_ms": round(wall * 1e3, 3),
         "busy_ms": round(busy, 3),
         "busy_fraction": round(busy / (wall * 1e3), 3) if wall > 0 else None,
         "what": "GPU kernel time" if cuda else "CPU operator self time",
         "categories_ms": {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
         "top_ms": [[name[:90], round(ms, 3)] for name, ms in top],
-    }}
+    }
 
 
 def _guarded(fn) -> dict:

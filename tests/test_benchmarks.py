@@ -46,6 +46,30 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     assert "ms per step" in text
 
 
+def test_cuda_profile_counts_gpu_kernels_only():
+    """The CUDA branch of the profile (kernel events, not the CPU operators that launch them),
+    on stand-in events: 3 steps of 30 ms wall."""
+    from types import SimpleNamespace
+
+    import torch
+
+    tt = _load("train_throughput")
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def evt(name, us, kind=cuda):
+        return SimpleNamespace(name=name, device_type=kind, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    events = [evt("sm90_xmma_gemm_bf16", 9000.0), evt("sm90_xmma_gemm_bf16", 9000.0),
+              evt("flash_fwd_kernel", 3000.0), evt("triton_poi_fused_add_0", 6000.0),
+              evt("aten::mm", 50000.0, cpu)]
+    totals = tt.time_by_name(SimpleNamespace(events=lambda: events), cuda=True)
+    assert totals == {"sm90_xmma_gemm_bf16": 18000.0, "flash_fwd_kernel": 3000.0, "triton_poi_fused_add_0": 6000.0}
+    prof = tt.summarise_profile(totals, wall=0.030, steps=3, cuda=True)
+    assert prof["busy_ms"] == 9.0 and prof["wall_ms"] == 30.0 and prof["busy_fraction"] == 0.3
+    assert prof["categories_ms"] == {"matmul": 6.0, "compiled (fused)": 2.0, "attention": 1.0}
+    assert prof["top_ms"][0] == ["sm90_xmma_gemm_bf16", 6.0] and prof["what"] == "GPU kernel time"
+
+
 def test_profile_categories():
     tt = _load("train_throughput")
     assert tt._category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
