@@ -453,6 +453,8 @@ class Trainer:
             # In place: parameter names (checkpoints, saved models) are unchanged. The first
             # steps include the compilation; a batch of another size compiles once more.
             encoder.compile()
+            self._say(f"stage {scfg.name}: compiling the {scfg.train} encoder (optim.compile); the first "
+                      "step takes longer")
         ddp_stage = stage
         if self.dist.distributed:
             ddp_stage = torch.nn.parallel.DistributedDataParallel(
