@@ -379,3 +379,30 @@ def test_embed_cli_compile_workers_and_thumbnail_options(model, model_dir, tiny_
     # The Python API hands the model back uncompiled.
     embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "api.parquet", compile=True, log=None)
     assert getattr(model.encoder("satellite"), "_compiled_call_impl", None) is None
+
+
+def test_pad_batch_repeats_the_last_row():
+    x = torch.arange(6.0).view(3, 2)
+    padded = embed_mod.pad_batch({"pixels": x, "ids": torch.tensor([1, 2, 3])}, 5)
+    assert padded["pixels"].tolist() == [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]]
+    assert padded["ids"].tolist() == [1, 2, 3, 3, 3]
+    assert embed_mod.pad_batch(x, 3) is x
+    with pytest.raises(TypeError, match="cannot pad"):
+        embed_mod.pad_batch([1, 2], 4)
+
+
+def test_compiled_embedding_compiles_once_with_a_short_last_batch(model, tiny_data, tmp_path):
+    """With ``compile`` the last, short batch is padded to the batch size (and its extra vectors
+    dropped), so the encoder is not compiled again for it; vectors equal the eager ones."""
+    rows = len(read_dataset(tiny_data["test"]))
+    batch = 5 if rows % 5 else 7
+    assert rows % batch
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "eager.parquet", batch_size=batch, log=None)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "compiled.parquet", batch_size=batch,
+                      compile=True, log=None)
+    torch._dynamo.reset()
+    eager, compiled = read_embeddings(tmp_path / "eager.parquet"), read_embeddings(tmp_path / "compiled.parquet")
+    assert eager.ids == compiled.ids and len(eager.ids) == rows
+    np.testing.assert_allclose(compiled.vectors, eager.vectors, atol=1e-5)

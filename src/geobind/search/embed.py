@@ -246,6 +246,21 @@ class _Collate:
         return [r for r, _ in good], batch, [v[1] for _, v in good], [v[2] for _, v in good], bad
 
 
+def pad_batch(batch: Any, size: int) -> Any:
+    """A collated batch (a tensor, or a dict of tensors with the batch first) grown to ``size``
+    rows by repeating its last row."""
+    import torch
+
+    if isinstance(batch, dict):
+        return {k: pad_batch(v, size) for k, v in batch.items()}
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"cannot pad a batch of type {type(batch).__name__}")
+    extra = size - batch.shape[0]
+    if extra <= 0:
+        return batch
+    return torch.cat([batch, batch[-1:].expand(extra, *batch.shape[1:])])
+
+
 def _embed_rows(
     encoder,
     data,
@@ -256,10 +271,14 @@ def _embed_rows(
     batch_size: int,
     num_workers: int,
     thumbnail_size: int,
+    pad_batches: bool = False,
 ) -> _Chunk:
     """Embed rows ``start:stop`` of a table (random access) or of a streamed shard set (each
     loader worker streams its own share of the rows); bad rows are skipped and counted.
-    Decoding, preprocessing and thumbnails run in the ``num_workers`` loader workers."""
+    Decoding, preprocessing and thumbnails run in the ``num_workers`` loader workers.
+    ``pad_batches`` fills short batches (the last one, or one with skipped rows) up to
+    ``batch_size`` by repeating their last row, and drops those vectors: a compiled encoder
+    then always sees one shape and is not compiled again."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -288,8 +307,11 @@ def _embed_rows(
                 counts[e.reason] += 1
             if batch is None:
                 continue
+            n = len(batch_rows)
+            if pad_batches and n < batch_size:
+                batch = pad_batch(batch, batch_size)
             with torch.no_grad(), autocast_for(encoder.device):
-                out.append(encoder(batch).float().cpu().numpy())
+                out.append(encoder(batch)[:n].float().cpu().numpy())
             rows.extend(batch_rows)
             if thumbnail_size:
                 thumbs.update(zip(batch_rows, batch_thumbs))
@@ -331,7 +353,8 @@ def embed_dataset(
     a ``thumbnail_size`` px JPEG per row, which indexes keep and ``geobind serve`` shows.
     Resumes from ``out``'s parts folder when one from the same model, data and settings exists.
     ``compile`` runs the encoder through ``torch.compile`` for this call (same vectors up to
-    float rounding; the first batches include the compilation). ``preprocess_on="device"``
+    float rounding; the first batch includes the compilation, and short batches are padded to
+    ``batch_size`` so the encoder compiles once). ``preprocess_on="device"``
     (image encoders) hands uint8 tiles from the loader and resizes and normalises them where the
     model runs, which unloads the loader workers on a GPU; the vectors then differ from the
     default PIL path by resampling rounding only.
@@ -419,6 +442,7 @@ def embed_dataset(
                 batch_size=batch_size,
                 num_workers=num_workers,
                 thumbnail_size=thumb_px,
+                pad_batches=compile,
             )
             rows = ch.rows.tolist()
             vectors = ch.vectors.astype(np.float16 if float16 else np.float32)
