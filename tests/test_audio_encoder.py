@@ -355,3 +355,28 @@ def test_sdpa_window_attention_under_bf16_autocast_and_state_dict():
     assert torch.nn.functional.cosine_similarity(outs["sdpa"], outs["eager"], dim=-1).min() > 0.99
     with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
         set_window_attention(encoder.backbone, "flash")
+
+
+def test_sdpa_window_attention_accepts_both_transformers_call_forms():
+    """transformers 4.x calls self-attention with (mask, head_mask, output_attentions), 5.x with
+    (mask, output_attentions); unset extras run SDPA, attention maps fall back to the eager form."""
+    import inspect
+
+    from transformers.models.clap.modeling_clap import ClapAudioSelfAttention
+
+    from geobind.encoders.audio import _SdpaWindowAttention
+
+    encoder = _shifted_encoder().eval()
+    attn = next(m for m in encoder.modules() if isinstance(m, _SdpaWindowAttention))
+    tokens = attn.window_size[0] * attn.window_size[1]
+    x = torch.randn(3, tokens, attn.all_head_size)
+    with torch.no_grad():
+        ref = ClapAudioSelfAttention.forward(attn, x)[0]
+        for call in ((x,), (x, None), (x, None, False), (x, None, None, False), (x, None, None, None)):
+            out = attn(*call)
+            assert len(out) == 1
+            torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-6)
+        four_x = "head_mask" in inspect.signature(ClapAudioSelfAttention.forward).parameters
+        maps = attn(x, None, None, True) if four_x else attn(x, None, True)
+    assert len(maps) == 2 and maps[1].shape[-2:] == (tokens, tokens)
+    torch.testing.assert_close(maps[0], ref, rtol=1e-5, atol=1e-6)

@@ -176,11 +176,13 @@ class _SdpaWindowAttention(ClapAudioSelfAttention):
     Here the bias and mask become SDPA's additive mask, so fused attention kernels can run it.
     Shifted windows put the window index beside the heads, ``(B, windows * heads, N, d)``, so
     the mask ``(1, windows * heads, N, N)`` broadcasts over the batch instead of being copied
-    per clip. Asking for attention maps falls back to the eager form."""
+    per clip. Asking for attention maps (or a head mask) falls back to the eager form."""
 
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
-        if output_attentions:
-            return super().forward(hidden_states, attention_mask, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        # transformers 4.x passes (head_mask, output_attentions), 5.x (output_attentions): a head
+        # mask or attention maps are left to transformers' own form.
+        if any(a is not None and a is not False for a in (*args, *kwargs.values())):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
         rows, tokens, channels = hidden_states.shape
         heads, size = self.num_attention_heads, self.attention_head_size
         q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
