@@ -380,3 +380,45 @@ def test_sdpa_window_attention_accepts_both_transformers_call_forms():
         maps = attn(x, None, None, True) if four_x else attn(x, None, True)
     assert len(maps) == 2 and maps[1].shape[-2:] == (tokens, tokens)
     torch.testing.assert_close(maps[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_window_decoding_equals_whole_decoding_and_crop(tmp_path, monkeypatch):
+    """Files at the encoder's rate in exact-seek containers (FLAC, WAV) have only the clip's
+    window decoded: the same samples and the same random draw (the generator is left in the same
+    state) as decoding the whole file and cropping; other files are decoded whole, as before."""
+    import geobind.encoders.audio as audio_mod
+    from geobind.data.audio_io import load_audio_window
+    from geobind.encoders.audio import load_clip
+    from geobind.encoders.mel import fit_clip
+
+    settings = make_encoder().audio
+    n = settings.clip_samples
+    rng = np.random.default_rng(3)
+    long = (0.3 * rng.standard_normal((3 * SR + 77, 2))).astype(np.float32)
+    files = {
+        "long.flac": (long, SR, {}), "long.wav": (long[:, 0], SR, {"subtype": "PCM_16"}),
+        "short.flac": (long[: SR // 3], SR, {}), "other-rate.flac": (long[:, 0], 22_050, {}),
+        "long.ogg": (long[:, 0], SR, {"format": "OGG", "subtype": "VORBIS"}),
+    }
+    items = {}
+    for fname, (wave, rate, kw) in files.items():
+        path = tmp_path / fname
+        sf.write(path, wave, rate, **kw)
+        items[fname] = str(path)
+    items["long.flac bytes"] = (tmp_path / "long.flac").read_bytes()
+    windowed = {"long.flac", "long.wav", "short.flac", "long.flac bytes"}
+    for key, item in items.items():
+        assert (load_audio_window(item, SR, n, start=lambda frames: 0) is not None) == (key in windowed), key
+    for train in (False, True):
+        for seed in range(3):
+            for key, item in items.items():
+                torch.manual_seed(seed)
+                ref = fit_clip(torch.from_numpy(load_audio(item, SR)), n, train=train)
+                after_ref = torch.rand(1)
+                if key in windowed:  # no whole decoding on this path
+                    monkeypatch.setattr(audio_mod, "load_audio", lambda *a, **k: pytest.fail("decoded whole"))
+                torch.manual_seed(seed)
+                got = load_clip(item, settings, train=train)
+                monkeypatch.undo()
+                assert got.shape == (n,) and torch.equal(got, ref), (key, train, seed)
+                assert torch.equal(torch.rand(1), after_ref), (key, train, seed)

@@ -9,6 +9,7 @@ readers can skip and count it.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,11 @@ import numpy as np
 
 from geobind.data.errors import BadSampleError
 
-__all__ = ["load_audio", "resample"]
+__all__ = ["load_audio", "load_audio_window", "resample"]
+
+# Containers libsndfile seeks in to the exact sample (lossless or PCM): a window read from them
+# equals the same window of the whole decoded file.
+_EXACT_SEEK = frozenset({"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF"})
 
 
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
@@ -83,6 +88,60 @@ def _decode(source: str | io.BytesIO, name: str, sample_rate: int) -> np.ndarray
     return _finish(wave, rate, sample_rate, name)
 
 
+def _file_source(item: Any, name: str | None) -> tuple[str | io.BytesIO, str] | None:
+    """``(source for soundfile, label)`` of a path or bytes item (checked for being missing or
+    empty), or ``None`` for in-memory waveforms."""
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        label = name or str(path)
+        if not path.is_file():
+            detail = "is a directory" if path.is_dir() else "file does not exist"
+            raise BadSampleError(label, "missing", detail)
+        if path.stat().st_size == 0:
+            raise BadSampleError(label, "empty", "file is empty (0 bytes)")
+        return str(path), label
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        if len(item) == 0:
+            raise BadSampleError(label, "empty", "no bytes")
+        return io.BytesIO(bytes(item)), label
+    return None
+
+
+def load_audio_window(
+    item: Any, sample_rate: int, n: int, *, start: Callable[[int], int], name: str | None = None
+) -> np.ndarray | None:
+    """Decode only ``n`` samples of a file (or bytes) that is already at ``sample_rate`` Hz, in a
+    container that seeks exactly (WAV, FLAC, AIFF, ...): a mono float32 waveform equal to the
+    same window of :func:`load_audio`'s, or the whole waveform when it has ``n`` samples or
+    fewer. ``start(frames)`` gives the window's first sample (called only when ``frames > n``).
+    Returns ``None`` when the item is not such a file (other rates, lossy formats, in-memory
+    waveforms): decode it whole then. A long recording costs the decoding of one clip, not of
+    all of it."""
+    src = _file_source(item, name)
+    if src is None:
+        return None
+    source, label = src
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(source) as f:
+            if f.format not in _EXACT_SEEK or f.samplerate != int(sample_rate) or not f.seekable() or f.frames <= 0:
+                return None
+            frames = int(f.frames)
+            if frames > n:
+                f.seek(start(frames))
+                data = f.read(n, dtype="float32", always_2d=True)
+                if data.shape[0] != n:  # a header that promises more than the file holds
+                    return None
+            else:
+                data = f.read(dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
+        raise BadSampleError(label, "undecodable", f"cannot decode audio: {e}") from None
+    wave = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    return _finish(wave, sample_rate, sample_rate, label)
+
+
 def load_audio(item: Any, sample_rate: int, *, name: str | None = None) -> np.ndarray:
     """Decode ``item`` into a mono float32 waveform at ``sample_rate`` Hz.
 
@@ -98,20 +157,9 @@ def load_audio(item: Any, sample_rate: int, *, name: str | None = None) -> np.nd
     Raises :class:`BadSampleError` with reason ``"missing"``, ``"empty"``, ``"undecodable"``,
     ``"silent-zero-length"``, ``"non-finite"`` or ``"bad-shape"``, naming the sample.
     """
-    if isinstance(item, (str, Path)):
-        path = Path(item)
-        label = name or str(path)
-        if not path.is_file():
-            detail = "is a directory" if path.is_dir() else "file does not exist"
-            raise BadSampleError(label, "missing", detail)
-        if path.stat().st_size == 0:
-            raise BadSampleError(label, "empty", "file is empty (0 bytes)")
-        return _decode(str(path), label, sample_rate)
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        label = name or "<bytes>"
-        if len(item) == 0:
-            raise BadSampleError(label, "empty", "no bytes")
-        return _decode(io.BytesIO(bytes(item)), label, sample_rate)
+    src = _file_source(item, name)
+    if src is not None:
+        return _decode(src[0], src[1], sample_rate)
     if isinstance(item, tuple) and len(item) == 2:
         wave, rate = item
         if (

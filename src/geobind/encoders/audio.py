@@ -39,9 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.clap.modeling_clap import ClapAudioPatchEmbed, ClapAudioSelfAttention
 
-from geobind.data.audio_io import load_audio
+from geobind.data.audio_io import load_audio, load_audio_window
 from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
-from geobind.encoders.mel import ClapMelFrontEnd, fit_clip
+from geobind.encoders.mel import ClapMelFrontEnd, crop_start, fit_clip
 
 __all__ = [
     "AudioSettings",
@@ -399,9 +399,16 @@ class ClapAudioEncoder(Encoder):
 
 
 def load_clip(item: Any, audio: AudioSettings, *, train: bool = False) -> torch.Tensor:
-    """:meth:`ClapAudioEncoder.load` without the encoder (cheap to send to loader workers)."""
-    wave = torch.from_numpy(load_audio(item, audio.sample_rate))
-    clip = fit_clip(wave, audio.clip_samples, train=train)
+    """:meth:`ClapAudioEncoder.load` without the encoder (cheap to send to loader workers).
+
+    Files already at the sample rate in a container that seeks exactly (e.g. shards packed with
+    ``--audio-rate``) have only the clip's window decoded, with the same random draw and the
+    same samples as decoding the whole recording and cropping it."""
+    n = audio.clip_samples
+    window = load_audio_window(item, audio.sample_rate, n,
+                               start=lambda frames: crop_start(frames, n, random=train))
+    wave = torch.from_numpy(window if window is not None else load_audio(item, audio.sample_rate))
+    clip = fit_clip(wave, n, train=train)
     if clip.untyped_storage().nbytes() != clip.numel() * clip.element_size():
         # A crop is a view of the whole recording; don't ship all of it to the main process.
         clip = clip.clone()

@@ -195,10 +195,16 @@ def crop(
     length = int(wave.shape[-1])
     if length <= n:
         return wave
-    start = 0
-    if random:
-        start = int(torch.randint(0, length - n + 1, (1,), generator=generator).item())
+    start = crop_start(length, n, random=random, generator=generator)
     return wave[..., start : start + n]
+
+
+def crop_start(length: int, n: int, *, random: bool = False, generator: torch.Generator | None = None) -> int:
+    """Where :func:`crop` starts its window in a clip of ``length > n`` samples (the one random
+    draw it makes), for readers that decode only that window."""
+    if not random:
+        return 0
+    return int(torch.randint(0, length - n + 1, (1,), generator=generator).item())
 
 
 def fit_clip(
