@@ -86,6 +86,8 @@ TINY_CLIP = {
         "patch_size": 8,
     },
 }
+# A tiny trainable satellite tower (CLIPVisionConfig fields): the anchor's vision tower, 16-d.
+TINY_VISION = {**TINY_CLIP["vision_config"], "projection_dim": 16}
 
 
 def tiny_config(data: dict[str, Path], out: Path, steps: int = 4, audio: bool = True) -> dict:

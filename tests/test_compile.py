@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from fixtures import tiny_config
+from fixtures import TINY_VISION, tiny_config
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from geobind.binding.trainer import train
@@ -25,8 +25,7 @@ def _graph_breaks(module, *args):
 
 
 def test_satellite_encoder_traces_as_one_graph():
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=8, projection_dim=16, image_size=32)
+    cfg = CLIPVisionConfig(**TINY_VISION)
     encoder = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
                                 ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD)).train()
     graphs, breaks = _graph_breaks(encoder, torch.randn(4, 3, 32, 32))
@@ -34,8 +33,7 @@ def test_satellite_encoder_traces_as_one_graph():
 
 
 def test_satellite_encoder_with_device_augmentation_traces_as_one_graph():
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=8, projection_dim=16, image_size=32)
+    cfg = CLIPVisionConfig(**TINY_VISION)
     transform = ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD, "overhead", augment_on="device")
     encoder = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg), transform).train()
     side = transform.load_size
@@ -102,8 +100,7 @@ def test_compiled_encoders_are_not_rebuilt_after_the_first_step(kind):
         encoder = ClapAudioEncoder.create("audio", tiny_clap_audio_spec(32), 32, {})
         batch = torch.randn(4, encoder.audio.clip_samples) * 0.1
     else:
-        cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               patch_size=8, projection_dim=16, image_size=32)
+        cfg = CLIPVisionConfig(**TINY_VISION)
         on = "device" if kind.endswith("device-aug") else "loader"
         transform = ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD, "overhead", augment_on=on)
         encoder = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg), transform)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import TINY_VISION
 from PIL import Image
 
 from geobind import GeoBind
@@ -26,15 +27,6 @@ from geobind.encoders.images import (
 
 L, SIZE = 40, 32
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # mean / std that leave [0, 1] values as they are
-TINY_VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "patch_size": 8,
-    "image_size": 32,
-    "projection_dim": 16,
-}
 
 
 def tile(seed: int, px: int = L) -> Image.Image:
