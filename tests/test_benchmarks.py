@@ -132,7 +132,7 @@ def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
     import subprocess
     import sys
 
-    env = dict(os.environ, SMOKE="1", PARTS="train-b32 train-audio trainer", OUT=str(tmp_path / "out"),
+    env = dict(os.environ, SMOKE="1", PARTS="checks train-b32 train-audio trainer", OUT=str(tmp_path / "out"),
                WORK=str(tmp_path / "work"), PYTHON=sys.executable)
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_all.sh")], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -140,12 +140,41 @@ def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
     assert (tmp_path / "out" / "train-b32.json").is_file()
     # Few files come back from a lent machine: logs in one file, scratch data elsewhere.
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "gpu.txt", "parts.log", "train-audio.json", "train-b32.json", "trainer.json"]
+        "checks.json", "gpu.txt", "parts.log", "train-audio.json", "train-b32.json", "trainer.json"]
+    assert "== checks: exit 0" in run.stdout and "PASS window_attention" in run.stdout
     assert "== train-b32: exit 0" in run.stdout and "== train-audio: exit 0" in run.stdout
     assert "train-b16" not in run.stdout and "== trainer: exit 0" in run.stdout
     last = run.stdout.strip().splitlines()
     assert "02-audio" in last[-1] and "01-satellite" in last[-2] and "trainer stage" in last[-3]
     assert "stage2 train-audio" in last[-4] and "stage1 train-b32" in last[-5]
+    assert last[-7].startswith("checks: PASS vit, PASS window_attention, PASS device_augment")
+
+
+def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
+    """``gpu/checks.py`` on a CPU (tiny models): the fast paths pass against their references,
+    and a wrong one (attention without the shifted-window mask) is reported as failed."""
+    import json
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu" / "checks.py")
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    r = checks.main(["--device", "cpu", "--only", "vit", "window_attention", "device_augment",
+                     "--out", str(tmp_path / "c.json")])
+    assert r["ok"] and set(r["checks"]) == {"vit", "window_attention", "device_augment"}
+    assert json.loads((tmp_path / "c.json").read_text())["checks"]["vit"]["fp32_out_rel"] < 1e-4
+
+    from geobind.encoders import audio
+
+    real = audio._SdpaWindowAttention.forward
+
+    def unmasked(self, hidden_states, attention_mask=None, *args, **kwargs):
+        return real(self, hidden_states, None if attention_mask is None else torch.zeros_like(attention_mask))
+
+    monkeypatch.setattr(audio._SdpaWindowAttention, "forward", unmasked)
+    r = checks.main(["--device", "cpu", "--only", "window_attention"])
+    assert not r["ok"] and r["checks"]["window_attention"]["fp32_out_rel"] > 1e-3
 
 
 def test_train_smoke_runs_the_real_trainer_on_generated_data(tmp_path):

@@ -8,7 +8,8 @@
 #   SMOKE=1 bash benchmarks/gpu/run_all.sh                     # tiny models, runs on a CPU too
 #
 # Parts, most important first, and their time limits (about 15 minutes in all: where calls stop
-# at 10 minutes, split them with PARTS): train-b32 (stage 1 step at ViT-B/32, 200 s),
+# at 10 minutes, split them with PARTS): checks (the fast paths against their references on the
+# GPU's own kernels: gpu/checks.py, 120 s), train-b32 (stage 1 step at ViT-B/32, 200 s),
 # train-audio (stage 2 step, 220 s), trainer (a short real `geobind train` on generated data:
 # shards, device augmentation, compile, both stages; samples/s and data wait, 240 s), train-b16
 # (150 s), data (input pipeline with all cores, and stage 1 fed from files: data wait; 150 s).
@@ -43,7 +44,7 @@ fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/gpu.txt"
 
-PARTS="${PARTS:-train-b32 train-audio trainer train-b16 data}"
+PARTS="${PARTS:-checks train-b32 train-audio trainer train-b16 data}"
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
@@ -56,6 +57,9 @@ part() {  # part NAME SECONDS COMMAND...
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/parts.log"
 }
 
+# GPU-only correctness of the fast paths first (a failure there makes the timings moot).
+CHECKS_ONLY=(); [ -n "${SMOKE:-}" ] && CHECKS_ONLY=(--only vit window_attention device_augment)
+part checks 120 "$PY" benchmarks/gpu/checks.py "${CHECKS_ONLY[@]}" --out "$OUT/checks.json"
 # Most important first: stage 1 at ViT-B/32, then stage 2, then ViT-B/16 (fewer variants).
 part train-b32 200 "$PY" benchmarks/train_throughput.py --size "$B32" --steps "$STEPS" --warmup "$WARMUP" \
     --out "$OUT/train-b32.json"

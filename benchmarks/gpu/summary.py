@@ -61,9 +61,18 @@ def profiles(folder: Path) -> list[str]:
             for line in profile_lines(json.loads(path.read_text()))]
 
 
+def checks(folder: Path) -> list[str]:
+    """One line: each correctness check of ``gpu/checks.py`` and whether it passed."""
+    path = folder / "checks.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    return ["checks: " + ", ".join(f"{'PASS' if c['ok'] else 'FAIL'} {name}" for name, c in r["checks"].items())]
+
+
 def main(argv: list[str] | None = None) -> str:
     folder = Path((argv or sys.argv[1:] or ["gpu-results"])[0])
-    lines = ["".join(f"{str(c):>14}" for c in row) for row in rows(folder)] + profiles(folder)
+    lines = checks(folder) + ["".join(f"{str(c):>14}" for c in row) for row in rows(folder)] + profiles(folder)
     text = "\n".join(lines)
     print(text)
     return text

@@ -187,7 +187,8 @@ class _SdpaWindowAttention(ClapAudioSelfAttention):
         heads, size = self.num_attention_heads, self.attention_head_size
         q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(tokens, tokens, heads).permute(2, 0, 1)  # (heads, N, N)
+        # (heads, N, N), contiguous: fused kernels want a unit stride along the keys.
+        bias = bias.view(tokens, tokens, heads).permute(2, 0, 1).contiguous()
         p = self.dropout.p if self.training else 0.0
         if attention_mask is None:
             def split(x):

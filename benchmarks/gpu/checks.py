@@ -1,0 +1,215 @@
+"""GPU-only correctness checks of GeoBind's fast paths, against their plain references, on the
+kernels a GPU actually runs (flash / memory-efficient attention, inductor's CUDA code).
+
+The test suite checks the same things on a CPU; here each check runs where it matters:
+
+* ``vit``: the class-token-only CLIP forward against transformers' (fp32, and bf16 autocast).
+* ``window_attention``: the audio tower's SDPA window attention (additive bias with gradient,
+  broadcast over the batch) against the eager form: outputs and every gradient.
+* ``compile_once``: tiny satellite and audio encoders compiled with inductor train 3 steps
+  without recompiling, and match the eager encoder.
+* ``device_augment``: the batched overhead augmentation on the GPU against the same on the CPU.
+
+    python benchmarks/gpu/checks.py --out checks.json        # on a GPU
+    python benchmarks/gpu/checks.py --device cpu              # runs anywhere (tiny models)
+
+Prints one PASS/FAIL line per check and exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, params))
+
+
+def _grads_rel(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Largest gradient difference over all parameters, relative to the largest reference
+    gradient (a parameter whose gradient is nearly zero would make a per-tensor ratio noise)."""
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, ref))
+    scale = max(float(b.float().abs().max()) for b in ref)
+    return diff / max(scale, 1e-12)
+
+
+def _vision_config(size: str):
+    from transformers import CLIPVisionConfig
+
+    if size == "tiny":
+        return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                patch_size=8, image_size=32, projection_dim=16)
+    return CLIPVisionConfig(patch_size=32, image_size=224, projection_dim=512)
+
+
+def check_vit(device, size: str) -> dict:
+    from transformers import CLIPVisionModelWithProjection
+
+    from geobind.encoders.vit import pooled_class_token
+
+    torch.manual_seed(0)
+    cfg = _vision_config(size)
+    model = CLIPVisionModelWithProjection(cfg).to(device).train()
+    x = torch.randn(8, 3, cfg.image_size, cfg.image_size, device=device)
+    params = list(model.vision_model.parameters())
+    ref = model.vision_model(pixel_values=x).pooler_output
+    ours = pooled_class_token(model.vision_model, x)
+    w = torch.randn_like(ref)
+    grad_err = _grads_rel(_grads((ours * w).sum(), params), _grads((ref * w).sum(), params))
+    out = {"fp32_out_rel": _rel(ours, ref), "fp32_grad_rel": grad_err}
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref16 = model.vision_model(pixel_values=x).pooler_output
+            ours16 = pooled_class_token(model.vision_model, x)
+        out["bf16_cos_min"] = float(torch.nn.functional.cosine_similarity(ours16.float(), ref16.float(), dim=-1).min())
+    # TF32 may be on for fp32 matrix products on a GPU: allow its rounding there.
+    tol = 1e-3 if device.type == "cuda" else 1e-4
+    out["ok"] = out["fp32_out_rel"] < tol and grad_err < 10 * tol and out.get("bf16_cos_min", 1.0) > 0.99
+    return out
+
+
+def _audio_encoder(device, size: str, depths=None):
+    from transformers import ClapAudioConfig, ClapAudioModelWithProjection
+
+    from geobind.encoders.audio import AudioSettings, ClapAudioEncoder, tiny_clap_audio_spec
+
+    torch.manual_seed(0)
+    if size == "tiny":
+        spec = tiny_clap_audio_spec(32)
+        spec["config"]["depths"] = depths or [2, 2]
+        return ClapAudioEncoder.create("audio", spec, 32, {}).to(device)
+    backbone = ClapAudioModelWithProjection(ClapAudioConfig(enable_fusion=True, projection_dim=512))
+    return ClapAudioEncoder("audio", 512, backbone, AudioSettings()).to(device)
+
+
+def check_window_attention(device, size: str) -> dict:
+    from geobind.encoders.audio import set_window_attention
+
+    enc = _audio_encoder(device, size).train()
+    x = torch.randn(4, enc.audio.clip_samples, device=device) * 0.1
+    params = [p for p in enc.parameters() if p.requires_grad]
+    res = {}
+    for impl in ("eager", "sdpa"):
+        set_window_attention(enc.backbone, impl)
+        torch.manual_seed(1)
+        y = enc(x)
+        w = torch.linspace(-1, 1, y.numel(), device=device).view_as(y)
+        res[impl] = (y, _grads((y * w).sum(), params))
+    out = {"fp32_out_rel": _rel(res["sdpa"][0], res["eager"][0]),
+           "fp32_grad_rel": _grads_rel(res["sdpa"][1], res["eager"][1])}
+    if device.type == "cuda":
+        cos = {}
+        for impl in ("eager", "sdpa"):
+            set_window_attention(enc.backbone, impl)
+            torch.manual_seed(1)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                cos[impl] = enc(x).float()
+        out["bf16_cos_min"] = float(torch.nn.functional.cosine_similarity(cos["sdpa"], cos["eager"], dim=-1).min())
+    tol = 1e-3 if device.type == "cuda" else 1e-4
+    out["ok"] = out["fp32_out_rel"] < tol and out["fp32_grad_rel"] < 10 * tol and out.get("bf16_cos_min", 1.0) > 0.99
+    return out
+
+
+def check_compile_once(device, size: str) -> dict:
+    from transformers import CLIPVisionModelWithProjection
+
+    from geobind.encoders.base import uncompile
+    from geobind.encoders.clip import ClipVisionEncoder
+    from geobind.encoders.images import SATELLITE_MEAN, SATELLITE_STD, ImageTransform
+
+    cfg = _vision_config("tiny")  # what matters is the device's guards and kernels, not the size
+    torch.manual_seed(0)
+    sat = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
+                            ImageTransform(cfg.image_size, SATELLITE_MEAN, SATELLITE_STD)).to(device)
+    cases = {"satellite": (sat, torch.randn(8, 3, cfg.image_size, cfg.image_size, device=device))}
+    audio = _audio_encoder(device, "tiny", depths=[1, 1])
+    cases["audio"] = (audio, torch.randn(4, audio.audio.clip_samples, device=device) * 0.1)
+    out = {}
+    for name, (enc, batch) in cases.items():
+        enc.train()
+        torch._dynamo.reset()
+        enc.compile()
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for _ in range(3):
+                    enc(batch).sum().backward()
+            enc.eval()
+            with torch.no_grad():
+                compiled = enc(batch)
+        finally:
+            uncompile(enc)
+            torch._dynamo.reset()
+        # Eager afterwards: training-mode steps move batch-norm statistics.
+        with torch.no_grad():
+            eager = enc(batch)
+        out[f"{name}_out_rel"] = _rel(compiled, eager)
+    out["ok"] = all(v < 1e-2 for v in out.values())
+    return out
+
+
+def check_device_augment(device, size: str) -> dict:
+    from geobind.encoders.device_augment import apply_overhead_augment
+    from geobind.encoders.images import SATELLITE_MEAN, SATELLITE_STD
+
+    g = torch.Generator().manual_seed(0)
+    n, load, side = 16, 256, 224
+    pixels = torch.randint(0, 256, (n, 3, load, load), dtype=torch.uint8, generator=g)
+    x0 = torch.rand(n, generator=g) * 0.3
+    y0 = torch.rand(n, generator=g) * 0.3
+    aug = torch.stack([x0, y0, x0 + 0.6, y0 + 0.6, (torch.rand(n, generator=g) < 0.5).float(),
+                       torch.randint(0, 4, (n,), generator=g).float(), 0.8 + 0.4 * torch.rand(n, generator=g),
+                       0.8 + 0.4 * torch.rand(n, generator=g)], dim=1)
+    cpu = apply_overhead_augment(pixels, aug, side, SATELLITE_MEAN, SATELLITE_STD)
+    dev = apply_overhead_augment(pixels.to(device), aug.to(device), side, SATELLITE_MEAN, SATELLITE_STD).cpu()
+    out = {"max_abs": float((dev - cpu).abs().max()), "mean_abs": float((dev - cpu).abs().mean())}
+    out["ok"] = out["mean_abs"] < 1e-3 and out["max_abs"] < 0.05
+    return out
+
+
+CHECKS = {"vit": check_vit, "window_attention": check_window_attention, "compile_once": check_compile_once,
+          "device_augment": check_device_augment}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", default=None, choices=["tiny", "full"],
+                    help="model sizes: full (ViT-B/32, CLAP HTS-AT) on CUDA by default, tiny elsewhere")
+    ap.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run these checks only")
+    ap.add_argument("--out", help="write the results as JSON")
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    size = a.size or ("full" if device.type == "cuda" else "tiny")
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "size": size, "checks": {}}
+    for name in a.only or CHECKS:
+        try:
+            r = CHECKS[name](device, size)
+        except Exception as e:  # noqa: BLE001 - reported as a failed check
+            r = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
+                 "where": traceback.format_exc().strip().splitlines()[-3:]}
+        results["checks"][name] = r
+        figures = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float))
+        print(f"{'PASS' if r['ok'] else 'FAIL'} {name}: {figures or r.get('error', '')}", flush=True)
+        if a.out:
+            Path(a.out).write_text(json.dumps(results, indent=2))
+    results["ok"] = all(r["ok"] for r in results["checks"].values())
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["ok"] else 1)
