@@ -147,7 +147,7 @@ def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
     last = run.stdout.strip().splitlines()
     assert "02-audio" in last[-1] and "01-satellite" in last[-2] and "trainer stage" in last[-3]
     assert "stage2 train-audio" in last[-4] and "stage1 train-b32" in last[-5]
-    assert last[-7].startswith("checks: PASS vit, PASS window_attention, PASS device_augment")
+    assert last[-7].startswith("checks: PASS vit, PASS window_attention, PASS device_augment, PASS prefetch")
 
 
 def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
@@ -160,9 +160,9 @@ def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu" / "checks.py")
     checks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(checks)
-    r = checks.main(["--device", "cpu", "--only", "vit", "window_attention", "device_augment",
+    r = checks.main(["--device", "cpu", "--only", "vit", "window_attention", "device_augment", "prefetch",
                      "--out", str(tmp_path / "c.json")])
-    assert r["ok"] and set(r["checks"]) == {"vit", "window_attention", "device_augment"}
+    assert r["ok"] and set(r["checks"]) == {"vit", "window_attention", "device_augment", "prefetch"}
     assert json.loads((tmp_path / "c.json").read_text())["checks"]["vit"]["fp32_out_rel"] < 1e-4
 
     from geobind.encoders import audio

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geobind import distributed as gbdist
 from geobind.binding.cache import cached_embeddings, embed_table
+from geobind.binding.prefetch import DevicePrefetcher, map_tensors
 from geobind.binding.stage import BindingStage
 from geobind.binding.step import StepRunner
 from geobind.config import RunConfig, StageConfig, plain
@@ -495,6 +496,8 @@ class Trainer:
                     step_in_epoch=step_in_epoch, rank=self.dist.rank, world=world, num_workers=workers,
                     collate_fn=_CollateTrain(encoder, uncached_anchor), segments=segments,
                     shuffle_buffer=scfg.data.shuffle_buffer, pin_memory=dev.type == "cuda")
+                if dev.type == "cuda":  # copy batch k + 1 to the GPU while step k computes
+                    loader = DevicePrefetcher(loader, dev, _move_train_batch)
                 t_data = time.perf_counter()
                 window = {"data": 0.0, "step": 0.0, "n": 0}
                 for idx, inputs, anchor_inputs, bad_items in loader:
@@ -632,6 +635,12 @@ class Trainer:
                   + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
         self._last_val = ((scfg.name, step), m)
         return m
+
+
+def _move_train_batch(item, to_device):
+    """A training loader item with its model inputs moved (the indices stay on the host)."""
+    idx, inputs, anchor_inputs, bad = item
+    return idx, map_tensors(inputs, to_device), map_tensors(anchor_inputs, to_device), bad
 
 
 def _take(batch, n):
