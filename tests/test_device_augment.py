@@ -187,7 +187,7 @@ def test_clip_vision_encoder_trains_on_device_batches_and_keeps_the_setting(tmp_
     legacy = ClipVisionEncoder.from_saved("satellite", tmp_path / "m" / "satellite", old, 16, {})
     assert legacy.transform.augment_on == "loader" and "augment_on" not in legacy.settings()
     random.seed(0)
-    assert legacy.load(tile(0), train=True).shape == (3, SIZE, SIZE)
+    assert legacy.load(tile(0), train=True)["pixels"].shape == (3, SIZE, SIZE)
 
 
 def test_unknown_augment_on_is_a_clear_error():
@@ -297,3 +297,27 @@ def test_non_square_tiles_are_cropped_anywhere_as_in_the_loader():
         got = apply_overhead_augment(s["pixels"][None], s["aug"][None], SIZE, ZERO, ONE)[0]
         assert (got - pil).abs().mean() < 0.02, seed
     assert edges >= 3  # some crops reach into the strips a centre square would drop
+
+
+@pytest.mark.parametrize("augment", ["overhead", "none"])
+def test_loader_mode_training_items_travel_as_uint8_and_normalise_to_the_same_floats(augment):
+    """Training items leave the loader as uint8 (a quarter of float32's bytes to pin and copy)
+    and the encoder normalises them where it runs: bit for bit the float tensors the loader
+    used to make, with the same random draws."""
+    from geobind.encoders.device_augment import model_input
+
+    t = ImageTransform(SIZE, SATELLITE_MEAN, SATELLITE_STD, augment)
+    items, ref = [], []
+    for i in range(4):
+        img = tile(i)
+        random.seed(i)
+        items.append(t(img, train=True))
+        random.seed(i)
+        pil = overhead_augment(random_resized_crop(img, SIZE)) if augment == "overhead" else resize_center_crop(img, SIZE)
+        ref.append(_to_tensor(pil, SATELLITE_MEAN, SATELLITE_STD))
+    batch = collate_images(items)
+    assert set(batch) == {"pixels"} and batch["pixels"].dtype == torch.uint8
+    assert batch["pixels"].shape == (4, 3, SIZE, SIZE)
+    assert torch.equal(model_input(batch, t, torch.device("cpu")), torch.stack(ref))
+    # Evaluation items are still normalised float tensors.
+    assert t(tile(0), train=False).dtype == torch.float32

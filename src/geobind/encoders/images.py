@@ -29,6 +29,12 @@ def _to_tensor(img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]
     return (t - m) / s
 
 
+def _to_uint8(img: Image.Image) -> torch.Tensor:
+    """A ``[3, H, W]`` uint8 view of an RGB image's ``[H, W, 3]`` pixels (no transpose copied on
+    the CPU: :func:`collate_images` stacks them as stored)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """CLIP's evaluation transform: shortest side to ``size`` (bicubic), then a centre crop."""
     w, h = img.size
@@ -97,7 +103,9 @@ AUGMENT_ON = ("loader", "device")
 
 
 class ImageTransform:
-    """Item -> normalised ``[3, size, size]`` float tensor; optional training augmentation.
+    """Item -> model input: a normalised ``[3, size, size]`` float tensor for evaluation; for
+    training, ``{"pixels": uint8 [3, size, size]}`` that the encoder normalises where the model
+    runs, with the same arithmetic (a quarter of float32's bytes to pin and copy to a GPU).
 
     ``augment_on`` says where the ``overhead`` training augmentation runs. ``"loader"``: in
     :meth:`__call__`, with PIL, one tile at a time. ``"device"``: :meth:`__call__` only decodes,
@@ -139,13 +147,14 @@ class ImageTransform:
         if train and self.on_device:
             return self._device_sample(img)
         if not train and self.eval_on_device:
-            img = resize_center_crop(img, self.load_size)
-            return {"pixels": torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)}
-        if train and self.augment == "overhead":
-            img = overhead_augment(random_resized_crop(img, self.size))
-        else:
-            img = resize_center_crop(img, self.size)
-        return _to_tensor(img, self.mean, self.std)
+            return {"pixels": _to_uint8(resize_center_crop(img, self.load_size))}
+        if train:
+            if self.augment == "overhead":
+                img = overhead_augment(random_resized_crop(img, self.size))
+            else:
+                img = resize_center_crop(img, self.size)
+            return {"pixels": _to_uint8(img)}
+        return _to_tensor(resize_center_crop(img, self.size), self.mean, self.std)
 
     def _device_sample(self, img: Image.Image) -> dict[str, torch.Tensor]:
         n = self.load_size
@@ -171,10 +180,8 @@ class ImageTransform:
             [left / w, top / h, (left + cw) / w, (top + ch) / h, float(flip), float(k), brightness, contrast],
             dtype=torch.float32,
         )
-        # A [3, n, n] view of the [n, n, 3] pixels: the transpose (a third of this method's cost)
-        # is left to the device; collate_images stacks the tiles as they are stored.
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-        return {"pixels": pixels, "aug": aug}
+        # The transpose (a third of this method's cost) is left to the device.
+        return {"pixels": _to_uint8(img), "aug": aug}
 
     def settings(self) -> dict[str, Any]:
         out = {"image_size": self.size, "mean": list(self.mean), "std": list(self.std), "augment": self.augment}
