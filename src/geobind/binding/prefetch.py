@@ -2,8 +2,8 @@
 
 A batch copied with ``.to(device, non_blocking=True)`` on the compute stream is ordered after
 the previous step's kernels and before the next step's: the host does not wait, but the GPU
-does nothing else while the bytes cross (a batch of 1024 uint8 tiles at 256 px is 201 MB; of
-normalised float32 tiles at 224 px, 617 MB). :class:`DevicePrefetcher` issues each copy on a
+does nothing else while the bytes cross (a batch of 1024 uint8 tiles is 201 MB at 256 px; a
+batch of 128 ten-second 48 kHz clips, 246 MB). :class:`DevicePrefetcher` issues each copy on a
 side stream as soon as the loader hands the batch over, one step ahead, and makes the compute
 stream wait for that copy only when the batch is used.
 """
