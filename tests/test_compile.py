@@ -24,11 +24,14 @@ def _graph_breaks(module, *args):
     return explained.graph_count, [str(r.reason).splitlines()[0] for r in explained.break_reasons]
 
 
-def test_satellite_encoder_traces_as_one_graph():
+@pytest.mark.parametrize("batch", ["training uint8", "normalised float"])
+def test_satellite_encoder_traces_as_one_graph(batch):
     cfg = CLIPVisionConfig(**TINY_VISION)
     encoder = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
-                                ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD)).train()
-    graphs, breaks = _graph_breaks(encoder, torch.randn(4, 3, 32, 32))
+                                ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD, "overhead")).train()
+    x = ({"pixels": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)} if batch == "training uint8"
+         else torch.randn(4, 3, 32, 32))
+    graphs, breaks = _graph_breaks(encoder, x)
     assert (graphs, breaks) == (1, [])
 
 
@@ -109,7 +112,7 @@ def test_compiled_encoders_are_not_rebuilt_after_the_first_step(kind):
             batch = {"pixels": torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8),
                      "aug": torch.tensor([[0.1, 0.05, 0.9, 0.95, 1.0, 1.0, 1.1, 0.9]] * 4)}
         else:
-            batch = torch.randn(4, 3, 32, 32)
+            batch = {"pixels": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)}  # as the loader gives
     encoder.train()
     torch._dynamo.reset()
     encoder.compile(backend="eager")
