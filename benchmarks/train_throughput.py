@@ -312,7 +312,8 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         if compile_:
             enc.compile()  # what the trainer does for optim.compile: true
         runner = _geobind_runner(stage, "s1", "satellite", "ground", "clip_vision", device, ac)
-        tiles = torch.randn(b, 3, img, img, device=device)
+        # As the trainer's loader hands them over: uint8 tiles, normalised inside the step.
+        tiles = {"pixels": torch.randint(0, 256, (b, 3, img, img), dtype=torch.uint8, device=device)}
         # The cache stores float16 unit vectors; the step widens its batch on the device.
         cached = torch.nn.functional.normalize(torch.randn(b, cfg.projection_dim, device=device), dim=-1).half()
         stage.train()
