@@ -4,8 +4,8 @@ Plain (what Sat2Cap / GeoCLAP do): every step runs the frozen teacher on the pai
 (CLIP image tower on ground photos for stage 1; the stage-1 satellite ViT on tiles for stage 2),
 then the trainable student forward + backward, PyTorch's default AdamW (Sat2Cap's settings).
 GeoBind: the real training step (``geobind.binding.step.StepRunner`` over a ``BindingStage``,
-``build_optimizer``'s fused AdamW on CUDA) fed with cached float16 frozen-anchor embeddings, bf16
-autocast on CUDA, eager and ``torch.compile``d (``Module.compile``, as ``optim.compile: true``),
+``build_optimizer``'s fused AdamW on CUDA) fed with cached float16 frozen-anchor embeddings and
+uint8 tiles (normalised in the step, as the trainer's loader hands them over), bf16 autocast on CUDA, eager and ``torch.compile``d (``Module.compile``, as ``optim.compile: true``),
 at the plain batch and at larger ones (the cache frees the teacher's memory); stage 2 computes mel
 features on the device. Each variant builds fresh models; an out-of-memory (or any other failure
 of one variant) is recorded, not fatal. A variant suffixed ``:hf`` (e.g. ``eager:2:hf``) is the
