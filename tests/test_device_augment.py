@@ -18,7 +18,6 @@ from geobind.encoders.images import (
     SATELLITE_MEAN,
     SATELLITE_STD,
     ImageTransform,
-    _to_tensor,
     collate_images,
     overhead_augment,
     random_resized_crop,
@@ -35,6 +34,14 @@ def tile(seed: int, px: int = L) -> Image.Image:
     coarse = rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
     img = np.asarray(Image.fromarray(coarse).resize((px, px), Image.BICUBIC), dtype=np.float32)
     return Image.fromarray(np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8))
+
+
+def _to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
+    """The reference normalisation, on the CPU with numpy: ``(pixels / 255 - mean) / std``."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    t = torch.from_numpy(arr).permute(2, 0, 1)
+    return (t - torch.tensor(mean, dtype=torch.float32)[:, None, None]) / torch.tensor(
+        std, dtype=torch.float32)[:, None, None]
 
 
 def as_uint8(img: Image.Image) -> torch.Tensor:
@@ -153,7 +160,7 @@ def test_same_seed_same_parameters_and_uint8_pixels_at_the_load_size():
     random.seed(0)
     assert t(tile(0, 64), train=True)["pixels"].shape == (3, L, L)
     loader = ImageTransform(SIZE, SATELLITE_MEAN, SATELLITE_STD, "overhead")
-    assert torch.equal(t(tile(0), train=False), loader(tile(0), train=False))
+    assert torch.equal(t(tile(0), train=False)["pixels"], loader(tile(0), train=False)["pixels"])
     assert ImageTransform(224, SATELLITE_MEAN, SATELLITE_STD, "overhead", "device").load_size == 256
 
 
@@ -238,7 +245,7 @@ def test_device_evaluation_preprocessing_matches_the_pil_path():
                for x in items)
     got = resize_normalize(collate_images(items)["pixels"], SIZE, SATELLITE_MEAN, SATELLITE_STD)
     t.eval_on_device = False
-    want = torch.stack([t(img) for img in imgs])
+    want = torch.stack([_to_tensor(resize_center_crop(img, SIZE), SATELLITE_MEAN, SATELLITE_STD) for img in imgs])
     std = torch.tensor(SATELLITE_STD)[:, None, None]
     diff = ((got - want) * std).abs()  # in [0, 1] pixel units
     assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
@@ -300,10 +307,10 @@ def test_non_square_tiles_are_cropped_anywhere_as_in_the_loader():
 
 
 @pytest.mark.parametrize("augment", ["overhead", "none"])
-def test_loader_mode_training_items_travel_as_uint8_and_normalise_to_the_same_floats(augment):
-    """Training items leave the loader as uint8 (a quarter of float32's bytes to pin and copy)
-    and the encoder normalises them where it runs: bit for bit the float tensors the loader
-    used to make, with the same random draws."""
+def test_loader_items_travel_as_uint8_and_normalise_to_the_same_floats(augment):
+    """Training and evaluation items leave the loader as uint8 (a quarter of float32's bytes to
+    pin and copy) and the encoder normalises them where it runs: bit for bit the float tensors
+    the loader used to make, with the same random draws."""
     from geobind.encoders.device_augment import model_input
 
     t = ImageTransform(SIZE, SATELLITE_MEAN, SATELLITE_STD, augment)
@@ -319,5 +326,7 @@ def test_loader_mode_training_items_travel_as_uint8_and_normalise_to_the_same_fl
     assert set(batch) == {"pixels"} and batch["pixels"].dtype == torch.uint8
     assert batch["pixels"].shape == (4, 3, SIZE, SIZE)
     assert torch.equal(model_input(batch, t, torch.device("cpu")), torch.stack(ref))
-    # Evaluation items are still normalised float tensors.
-    assert t(tile(0), train=False).dtype == torch.float32
+    # Evaluation items too: uint8 at the model's size, normalised to the reference floats.
+    ev = collate_images([t(tile(i), train=False) for i in range(3)])
+    want = torch.stack([_to_tensor(resize_center_crop(tile(i), SIZE), SATELLITE_MEAN, SATELLITE_STD) for i in range(3)])
+    assert ev["pixels"].dtype == torch.uint8 and torch.equal(model_input(ev, t, torch.device("cpu")), want)

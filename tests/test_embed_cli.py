@@ -387,6 +387,9 @@ def test_pad_batch_repeats_the_last_row():
     assert padded["pixels"].tolist() == [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]]
     assert padded["ids"].tolist() == [1, 2, 3, 3, 3]
     assert embed_mod.pad_batch(x, 3) is x
+    tiles = torch.zeros(2, 3, 4, 4, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    assert embed_mod.pad_batch(tiles, 3).stride() == torch.zeros(3, 3, 4, 4).contiguous(
+        memory_format=torch.channels_last).stride()
     with pytest.raises(TypeError, match="cannot pad"):
         embed_mod.pad_batch([1, 2], 4)
 

@@ -175,8 +175,9 @@ def add_space_parsers(sub) -> None:
         "--preprocess-on",
         default="loader",
         choices=["loader", "device"],
-        help="image resizing and normalisation: in the loader workers (default, PIL) or on the "
-        "model's device (frees the workers on a GPU; vectors differ by resampling rounding)",
+        help="image resizing: in the loader workers (default, PIL) or on the model's device "
+        "(frees the workers on a GPU; vectors differ by resampling rounding). Tiles are "
+        "normalised on the model's device either way",
     )
     e.add_argument(
         "--no-thumbnails", action="store_true", help="do not store thumbnails of image items"

@@ -21,14 +21,6 @@ SATELLITE_MEAN = (0.3670, 0.3827, 0.3338)
 SATELLITE_STD = (0.2209, 0.1975, 0.1988)
 
 
-def _to_tensor(img: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (t - m) / s
-
-
 def _to_uint8(img: Image.Image) -> torch.Tensor:
     """A ``[3, H, W]`` uint8 view of an RGB image's ``[H, W, 3]`` pixels (no transpose copied on
     the CPU: :func:`collate_images` stacks them as stored)."""
@@ -103,9 +95,11 @@ AUGMENT_ON = ("loader", "device")
 
 
 class ImageTransform:
-    """Item -> model input: a normalised ``[3, size, size]`` float tensor for evaluation; for
-    training, ``{"pixels": uint8 [3, size, size]}`` that the encoder normalises where the model
-    runs, with the same arithmetic (a quarter of float32's bytes to pin and copy to a GPU).
+    """Item -> ``{"pixels": uint8 [3, size, size]}``, resized (evaluation) or augmented (training)
+    with PIL; the encoder normalises the batch where the model runs
+    (:func:`~geobind.encoders.device_augment.model_input`). Handing over uint8 rather than
+    normalised float32 moves a quarter of the bytes through loader workers, pinning and the copy
+    to a GPU; the floats are the same.
 
     ``augment_on`` says where the ``overhead`` training augmentation runs. ``"loader"``: in
     :meth:`__call__`, with PIL, one tile at a time. ``"device"``: :meth:`__call__` only decodes,
@@ -148,13 +142,11 @@ class ImageTransform:
             return self._device_sample(img)
         if not train and self.eval_on_device:
             return {"pixels": _to_uint8(resize_center_crop(img, self.load_size))}
-        if train:
-            if self.augment == "overhead":
-                img = overhead_augment(random_resized_crop(img, self.size))
-            else:
-                img = resize_center_crop(img, self.size)
-            return {"pixels": _to_uint8(img)}
-        return _to_tensor(resize_center_crop(img, self.size), self.mean, self.std)
+        if train and self.augment == "overhead":
+            img = overhead_augment(random_resized_crop(img, self.size))
+        else:
+            img = resize_center_crop(img, self.size)
+        return {"pixels": _to_uint8(img)}
 
     def _device_sample(self, img: Image.Image) -> dict[str, torch.Tensor]:
         n = self.load_size

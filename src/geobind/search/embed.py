@@ -258,7 +258,11 @@ def pad_batch(batch: Any, size: int) -> Any:
     extra = size - batch.shape[0]
     if extra <= 0:
         return batch
-    return torch.cat([batch, batch[-1:].expand(extra, *batch.shape[1:])])
+    padded = torch.cat([batch, batch[-1:].expand(extra, *batch.shape[1:])])
+    if batch.dim() == 4 and not batch.is_contiguous() and batch.is_contiguous(memory_format=torch.channels_last):
+        # Keep the image batch's memory layout: a compiled encoder guards on strides too.
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    return padded
 
 
 def _embed_rows(
@@ -354,10 +358,10 @@ def embed_dataset(
     Resumes from ``out``'s parts folder when one from the same model, data and settings exists.
     ``compile`` runs the encoder through ``torch.compile`` for this call (same vectors up to
     float rounding; the first batch includes the compilation, and short batches are padded to
-    ``batch_size`` so the encoder compiles once). ``preprocess_on="device"``
-    (image encoders) hands uint8 tiles from the loader and resizes and normalises them where the
-    model runs, which unloads the loader workers on a GPU; the vectors then differ from the
-    default PIL path by resampling rounding only.
+    ``batch_size`` so the encoder compiles once). Image tiles always leave the loader as uint8
+    and are normalised where the model runs; ``preprocess_on="device"`` (image encoders) also
+    moves their resizing there, which unloads the loader workers on a GPU; the vectors then
+    differ from the default PIL resize by resampling rounding only.
     ``rank``/``world_size`` default to the ``torch.distributed`` group (one process otherwise).
     Returns a summary: ``path``, ``rows`` written, ``skipped`` counts per reason.
     """
