@@ -253,6 +253,19 @@ def _time_plain(forward, opt, scale, symmetric: bool, batch: int, steps: int, wa
     return {"sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
 
 
+def _time_geobind_step(stage: BindingStage, step, batch: int, steps: int, warmup: int, device,
+                       profile: bool) -> dict:
+    """Time GeoBind's ``step()`` on ``stage`` in training mode: samples/s, warm-up (compilation)
+    seconds, peak memory, host syncs and, if ``profile``, where the time goes."""
+    stage.train()
+    sec = _timeit(step, steps, warmup, device)
+    r = {"batch": batch, "sps": batch / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
+         "peak_gib": _peak_gib(device), **host_syncs(step, device)}
+    if profile:
+        r.update(profile_step(step, device))
+    return r
+
+
 def _geobind_runner(stage: BindingStage, name: str, train: str, bind_to: str, enc_type: str, device, ac):
     scfg = StageConfig(name, train, bind_to, {"type": enc_type}, DataConfig("x"), OptimConfig())
     # The trainer's defaults: gradient clipping on (1.0), like `geobind train`.
@@ -316,12 +329,8 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         tiles = {"pixels": torch.randint(0, 256, (b, 3, img, img), dtype=torch.uint8, device=device)}
         # The cache stores float16 unit vectors; the step widens its batch on the device.
         cached = torch.nn.functional.normalize(torch.randn(b, cfg.projection_dim, device=device), dim=-1).half()
-        stage.train()
-        sec = _timeit(lambda: runner(tiles, anchor_emb=cached), steps, warmup, device)
-        r = {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
-             "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(tiles, anchor_emb=cached), device)}
-        if profile == "all" or (profile == "compiled" and compile_):
-            r.update(profile_step(lambda: runner(tiles, anchor_emb=cached), device))
+        r = _time_geobind_step(stage, lambda: runner(tiles, anchor_emb=cached), b, steps, warmup, device,
+                               profile == "all" or (profile == "compiled" and compile_))
 
         stage.eval()
 
@@ -401,13 +410,8 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         runner = _geobind_runner(stage, "s2", "audio", "satellite", "clap_audio", device, ac)
         waves = torch.randn(b, settings.clip_samples, device=device) * 0.1
         cached = torch.nn.functional.normalize(torch.randn(b, cfg.projection_dim, device=device), dim=-1).half()
-        stage.train()
-        sec = _timeit(lambda: runner(waves, anchor_emb=cached), steps, warmup, device)
-        r = {"batch": b, "sps": b / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
-             "peak_gib": _peak_gib(device), **host_syncs(lambda: runner(waves, anchor_emb=cached), device)}
-        if profile == "all" or (profile == "compiled" and compile_):
-            r.update(profile_step(lambda: runner(waves, anchor_emb=cached), device))
-        return r
+        return _time_geobind_step(stage, lambda: runner(waves, anchor_emb=cached), b, steps, warmup, device,
+                                  profile == "all" or (profile == "compiled" and compile_))
 
     for c, k, hf in variants:
         out["geobind"][variant_name(c, batch * k, hf)] = _guarded(
