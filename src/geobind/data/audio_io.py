@@ -83,9 +83,13 @@ def _decode(source: str | io.BytesIO, name: str, sample_rate: int) -> np.ndarray
         data, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
         raise BadSampleError(name, "undecodable", f"cannot decode audio: {e}") from None
-    # Mean over channels (what CLAP's and most loaders' downmix does).
-    wave = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    return _finish(wave, rate, sample_rate, name)
+    return _finish(_downmix(data), rate, sample_rate, name)
+
+
+def _downmix(data: np.ndarray) -> np.ndarray:
+    """``[frames, channels]`` -> mono: the mean over channels (what CLAP's and most loaders'
+    downmix does)."""
+    return data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
 
 
 def _file_source(item: Any, name: str | None) -> tuple[str | io.BytesIO, str] | None:
@@ -138,8 +142,7 @@ def load_audio_window(
                 data = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
         raise BadSampleError(label, "undecodable", f"cannot decode audio: {e}") from None
-    wave = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    return _finish(wave, sample_rate, sample_rate, label)
+    return _finish(_downmix(data), sample_rate, sample_rate, label)
 
 
 def load_audio(item: Any, sample_rate: int, *, name: str | None = None) -> np.ndarray:

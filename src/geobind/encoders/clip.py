@@ -82,6 +82,13 @@ def build_clip(config: dict[str, Any]) -> CLIPModel:
     return CLIPModel(cfg)
 
 
+def _image_embeds(vision_model, projection, batch, transform: ImageTransform, device: torch.device) -> torch.Tensor:
+    """Unit image vectors of a CLIP vision tower and its projection, for a loader batch
+    (normalised on ``device``; the pooled class token from the lean forward)."""
+    pixels = model_input(batch, transform, device)
+    return l2_normalize(projection(pooled_class_token(vision_model, pixels)))
+
+
 class _ClipShared:
     """Mixin: the ground and text encoders share one CLIPModel saved once under ``clip/``."""
 
@@ -115,16 +122,14 @@ class ClipImageEncoder(_ClipShared, Encoder):
         size = image_size or clip.config.vision_config.image_size
         self.transform = ImageTransform(size, CLIP_MEAN, CLIP_STD)
 
-    def load(self, item: Any, *, train: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    def load(self, item: Any, *, train: bool = False) -> dict[str, torch.Tensor]:
         return self.transform(item, train=False)
 
     def collate(self, samples: list[Any]) -> torch.Tensor | dict[str, torch.Tensor]:
         return collate_images(samples)
 
     def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-        pixels = model_input(batch, self.transform, self.device)
-        pooled = pooled_class_token(self.clip.vision_model, pixels)
-        return l2_normalize(self.clip.visual_projection(pooled))
+        return _image_embeds(self.clip.vision_model, self.clip.visual_projection, batch, self.transform, self.device)
 
     def settings(self) -> dict[str, Any]:
         return self.transform.settings()
@@ -213,25 +218,24 @@ class ClipVisionEncoder(Encoder):
     """A trainable ``CLIPVisionModelWithProjection`` for overhead tiles (Sat2Cap's recipe),
     with its own normalisation statistics and overhead augmentation.
 
-    With ``augment_on: device`` the loader hands over uint8 tiles and their drawn augmentation
-    parameters (a dict batch), and :meth:`forward` augments the batch on the model's device;
-    evaluation batches are normalised float tensors in either mode."""
+    The loader hands over uint8 tiles (a dict batch) that :meth:`forward` normalises on the
+    model's device; with ``augment_on: device`` training batches also carry the drawn
+    augmentation parameters, and :meth:`forward` augments them there."""
 
     def __init__(self, modality: str, model: CLIPVisionModelWithProjection, transform: ImageTransform):
         super().__init__(modality, model.config.projection_dim)
         self.model = model
         self.transform = transform
 
-    def load(self, item: Any, *, train: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    def load(self, item: Any, *, train: bool = False) -> dict[str, torch.Tensor]:
         return self.transform(item, train=train)
 
     def collate(self, samples: list[Any]) -> torch.Tensor | dict[str, torch.Tensor]:
         return collate_images(samples)
 
     def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
-        pixels = model_input(batch, self.transform, self.device)
-        pooled = pooled_class_token(self.model.vision_model, pixels)
-        return l2_normalize(self.model.visual_projection(pooled))
+        return _image_embeds(self.model.vision_model, self.model.visual_projection, batch, self.transform,
+                             self.device)
 
     def settings(self) -> dict[str, Any]:
         return self.transform.settings()

@@ -136,7 +136,7 @@ class ImageTransform:
     # setting of the model: the vectors match the PIL path to float and resampling rounding).
     eval_on_device: bool = False
 
-    def __call__(self, item: Any, train: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    def __call__(self, item: Any, train: bool = False) -> dict[str, torch.Tensor]:
         img = load_image(item)
         if train and self.on_device:
             return self._device_sample(img)
@@ -185,9 +185,9 @@ class ImageTransform:
 
 
 def collate_images(samples: list[torch.Tensor | dict[str, torch.Tensor]]) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Stack :class:`ImageTransform` outputs: tensors, or the dicts of the device mode key by key.
-    Device-mode pixels become a ``[B, 3, H, W]`` uint8 batch in channels-last memory (one copy of
-    the bytes as decoded, no transpose on the CPU)."""
+    """Stack :class:`ImageTransform` outputs (dicts) key by key, or ready float tensors. The uint8
+    pixels become a ``[B, 3, H, W]`` batch in channels-last memory (one copy of the bytes as
+    decoded, no transpose on the CPU)."""
     if isinstance(samples[0], dict):
         pixels = torch.stack([s["pixels"].permute(1, 2, 0) for s in samples]).permute(0, 3, 1, 2)
         if "aug" not in samples[0]:
