@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import soundfile as sf
+import torch
 from PIL import Image
 
 CLASSES = ["forest", "desert", "ocean", "city"]
@@ -125,3 +127,26 @@ def tiny_config(data: dict[str, Path], out: Path, steps: int = 4, audio: bool = 
         "stages": stages,
         "eval": {"data": str(data["test"]), "batch_size": 16},
     }
+
+
+def row_in_first_epoch(table_len: int, batch_size: int, seed: int) -> int:
+    """A row the first epoch of a run trains on (the permutation leaves a remainder out): the
+    second half of its first batch, which rank 1 of 2 loads."""
+    from geobind.binding.trainer import _EpochBatches
+
+    sampler = _EpochBatches(torch.ones(table_len, dtype=torch.bool), batch_size, seed, 0, 0, 0, 1)
+    return sampler.perm[batch_size // 2 + 1]
+
+
+def one_epoch_with_a_broken_tile(tiny_data: dict[str, Path], tmp_path: Path) -> dict:
+    """Stage 1 for one epoch of 36 rows (4 batches of 8) over a copy of the data in which one
+    tile that the epoch uses cannot be decoded."""
+    data = tmp_path / "data"
+    if not data.exists():
+        shutil.copytree(tiny_data["root"], data)
+        row = row_in_first_epoch(36, 8, seed=0)
+        (data / "sat" / f"{row:04d}.png").write_bytes(b"\x89PNG truncated")
+    d = tiny_config({**tiny_data, "stage1": data / "stage1.csv"}, tmp_path / "run", audio=False)
+    d["stages"][0]["optim"].update(max_steps=0, epochs=1, num_workers=0, grad_clip=0.0)
+    d["eval"] = None
+    return d

@@ -140,3 +140,29 @@ def test_validation_does_not_compile_the_encoder_again(tiny_data, tmp_path):
     header = rows[0].split(",")
     assert any(h.startswith("val_") for h in header)
     assert sum(1 for r in rows[1:] if r.split(",")[header.index("loss")]) == 3
+
+
+@pytest.mark.slow
+def test_compiled_run_with_a_skipped_sample_builds_one_graph_and_matches_eager(tiny_data, tmp_path):
+    """A batch left short by an undecodable tile is padded back to its full size for the
+    compiled encoder (no second graph) and the padding is dropped before the loss: the
+    compiled run follows the eager one, which trains on the short batch as it is."""
+    from fixtures import one_epoch_with_a_broken_tile
+
+    d = one_epoch_with_a_broken_tile(tiny_data, tmp_path)
+    eager = train(parse_config({**d, "output_dir": str(tmp_path / "eager")}), progress=False, log=None)
+    d["stages"][0]["optim"]["compile"] = True
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = train(parse_config({**d, "output_dir": str(tmp_path / "compiled")}), progress=False, log=None)
+
+    def run(model_dir):
+        stage = model_dir.parent / "stages" / "01-satellite"
+        rows = (stage / "metrics.csv").read_text().splitlines()
+        col = rows[0].split(",").index("loss")
+        return [float(r.split(",")[col]) for r in rows[1:]], json.loads((stage / "done.json").read_text())
+
+    (le, de), (lc, dc) = run(eager), run(compiled)
+    assert (de["samples"], de["bad_samples"]) == (dc["samples"], dc["bad_samples"]) == (31, {"undecodable": 1})
+    assert len(le) == 4
+    torch.testing.assert_close(lc, le, rtol=1e-3, atol=1e-4)

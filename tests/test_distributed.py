@@ -166,6 +166,7 @@ def _blocks_worker(r: int, port: int) -> None:
         assert gbdist.comm_device() == torch.device("cpu")  # gloo
         assert gbdist.all_gather_object({"rank": r}) == [{"rank": s} for s in range(WORLD)]
         assert gbdist.all_reduce_min_int(10 - r) == 10 - (WORLD - 1)
+        assert gbdist.all_gather_ints([r, 10 * r]) == [[s, 10 * s] for s in range(WORLD)]
         _check_blocks(r)
     finally:
         gbdist.cleanup()
@@ -185,4 +186,5 @@ def test_block_helpers_single_process(monkeypatch):
     assert gbdist.all_gather_blocks(x, [0, 4]) is x
     assert gbdist.all_gather_object("a") == ["a"]
     assert gbdist.all_reduce_min_int(7) == 7
+    assert gbdist.all_gather_ints([3, 4]) == [[3, 4]]
     assert gbdist.comm_device() == torch.device("cpu")

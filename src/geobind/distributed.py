@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "broadcast_object",
     "all_gather_object",
     "all_reduce_min_int",
+    "all_gather_ints",
     "loader_workers",
     "comm_device",
     "all_gather_blocks",
@@ -236,6 +238,18 @@ def all_reduce_min_int(value: int) -> int:
     return int(t.item())
 
 
+def all_gather_ints(values: Sequence[int]) -> list[list[int]]:
+    """Every rank's few ints (the same count on every rank), in rank order, on every rank; on
+    the host where it can (:func:`_small_int_group`)."""
+    if not is_distributed():
+        return [[int(v) for v in values]]
+    group, device = _small_int_group()
+    t = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t, group=group)
+    return [o.tolist() for o in out]
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Return rank ``src``'s ``obj`` on every rank (any picklable object)."""
     if not is_distributed():
@@ -262,7 +276,7 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_small_int_group()[0])  # host side where it can
     return out
 
 

@@ -58,11 +58,19 @@ class BindingStage(nn.Module):
         anchor_emb: torch.Tensor | None = None,
         anchor_inputs: Any = None,
         keys: torch.Tensor | None = None,
+        n_valid: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """``inputs``: a collated batch of the trained modality. The anchor side is given as
         cached embeddings (``anchor_emb``) or raw inputs (``anchor_inputs``). ``keys`` (sample
-        indices) let the queue exclude a sample's own past anchor embedding."""
+        indices) let the queue exclude a sample's own past anchor embedding.
+
+        ``n_valid``: only the first ``n_valid`` rows of ``inputs`` are samples; the rest pad the
+        batch to a fixed size (so a compiled encoder keeps one graph when bad samples were
+        skipped) and are dropped right after the encoder: they reach neither the loss nor the
+        queue, and get no gradient. The anchor side holds the ``n_valid`` samples only."""
         emb = self.encoder(inputs)
+        if n_valid is not None:
+            emb = emb[:n_valid]
         if anchor_emb is None:
             anchor_emb = self.embed_anchor(anchor_inputs)
         anchor_emb = anchor_emb.to(emb.device, torch.float32)

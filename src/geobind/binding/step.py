@@ -33,9 +33,10 @@ class StepRunner:
         self.module = module if module is not None else stage
         self.params = [p for _, p in stage.trainable_parameters()]
 
-    def __call__(self, inputs: Any, anchor_emb=None, anchor_inputs=None, keys=None):
+    def __call__(self, inputs: Any, anchor_emb=None, anchor_inputs=None, keys=None, n_valid: int | None = None):
         with self.autocast():
-            out = self.module(inputs, anchor_emb=anchor_emb, anchor_inputs=anchor_inputs, keys=keys)
+            out = self.module(inputs, anchor_emb=anchor_emb, anchor_inputs=anchor_inputs, keys=keys,
+                              n_valid=n_valid)
             loss = total_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

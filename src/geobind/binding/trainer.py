@@ -44,6 +44,7 @@ from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
 from geobind.encoders.base import eagerly, uncompile
 from geobind.metrics import retrieval_metrics
 from geobind.model import GeoBind
+from geobind.search.embed import pad_batch
 
 CHECKPOINT = "checkpoint.pt"
 DONE = "done.json"
@@ -414,6 +415,7 @@ class Trainer:
         world = self.dist.world_size
         if o.batch_size % world:
             raise ValueError(f"stage {scfg.name}: batch_size {o.batch_size} is not divisible by {world} ranks")
+        per_rank = o.batch_size // world
         n_valid = int(valid.sum())
         steps_per_epoch = n_valid // o.batch_size
         if steps_per_epoch == 0:
@@ -427,6 +429,7 @@ class Trainer:
         autocast, scaler = _precision(scfg, dev)
 
         step, epoch, step_in_epoch = 0, 0, 0
+        samples = 0  # samples trained on, over all ranks
         segments = None  # shards: this epoch's (world, workers, first step) layouts
         ckpt_path = stage_dir / CHECKPOINT
         fp = _stage_fingerprint(scfg)
@@ -445,6 +448,7 @@ class Trainer:
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             step, epoch, step_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
+            samples = ck.get("samples", 0)
             segments = ck.get("segments")
             bad.update(ck.get("bad", {}))
             _set_rng_state(ck["rng"])
@@ -471,7 +475,7 @@ class Trainer:
             _atomic_save(
                 {"stage": trainable, "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
-                 "step_in_epoch": step_in_epoch, "segments": segments, "world_size": world,
+                 "step_in_epoch": step_in_epoch, "samples": samples, "segments": segments, "world_size": world,
                  "rng": _rng_state(), "bad": dict(bad), "fingerprint": fp},
                 ckpt_path,
             )
@@ -503,22 +507,25 @@ class Trainer:
                 for idx, inputs, anchor_inputs, bad_items in loader:
                     t0 = time.perf_counter()
                     window["data"] += t0 - t_data
-                    for e in bad_items:
+                    n = len(idx)
+                    n_step, fewest, errors = self._agree_on_batch(n, bad_items)
+                    for e in errors:
                         if scfg.data.strict:
                             raise e
                         bad[e.reason] += 1
                         self._say(f"skipping bad sample {e}")
-                    n = len(idx)
-                    if self.dist.distributed:
-                        # Ranks must agree on the batch shape; trim to the smallest after skips.
-                        n = gbdist.all_reduce_min_int(n)
-                    if n < 1:
+                    # Ranks may train on different numbers of samples after skips (the loss
+                    # gathers uneven batches), but a rank left with none has nothing to run:
+                    # then every rank skips the step together.
+                    if fewest < 1:
                         step_in_epoch += 1
                         t_data = time.perf_counter()
                         continue
-                    idx = idx[:n]
-                    inputs = _take(inputs, n)
-                    anchor_inputs = _take(anchor_inputs, n)
+                    n_pad = None
+                    if o.compile and n < per_rank:
+                        # A compiled encoder keeps its one graph: the batch is padded back to
+                        # its full size and the stage drops the padding after the encoder.
+                        inputs, n_pad = pad_batch(inputs, per_rank), n
                     keys = idx.to(dev, non_blocking=True)
                     a_emb = None
                     if anchor_emb is not None:
@@ -527,7 +534,9 @@ class Trainer:
                         if not on_device:
                             # Pinned, so the copy is queued without making the host wait.
                             a_emb = a_emb.pin_memory().to(dev, non_blocking=True)
-                    loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys)
+                    loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys,
+                                       n_valid=n_pad)
+                    samples += n_step
                     step += 1
                     step_in_epoch += 1
                     # The loss stays on the device between log rows: reading it every step
@@ -539,7 +548,7 @@ class Trainer:
                         last_loss = float(last_loss_t)
                     t1 = time.perf_counter()
                     window["step"] += t1 - t0
-                    window["n"] += n * world
+                    window["n"] += n_step
                     if pbar is not None:
                         pbar.update(1)
                     if log_row:
@@ -599,7 +608,7 @@ class Trainer:
         # The stage's result: the space with the new modality added.
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,
-                     "steps": step, "epochs_seen": epoch, "final_loss": last_loss, "bad_samples": dict(bad),
+                     "steps": step, "samples": samples, "epochs_seen": epoch, "final_loss": last_loss, "bad_samples": dict(bad),
                      "seconds": round(seconds, 2), "val": vm}
         model.meta.setdefault("stages", []).append(stage_rec)
         model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale().detach())
@@ -610,6 +619,19 @@ class Trainer:
                       + (f", skipped {dict(bad)}" if bad else ""))
         gbdist.barrier()
         writer.close()
+
+    def _agree_on_batch(self, n: int, bad_items: list[BadSampleError]) -> tuple[int, int, list[BadSampleError]]:
+        """``(samples over all ranks, fewest on one rank, every rank's skipped samples)`` for
+        this step, the same on every rank: skips are counted once for the whole run and
+        checkpointed alike by every rank. One small host-side exchange per step (two when a
+        rank skipped something)."""
+        if not self.dist.distributed:
+            return n, n, list(bad_items)
+        counts = gbdist.all_gather_ints([n, len(bad_items)])
+        errors = list(bad_items)
+        if any(c[1] for c in counts):
+            errors = [e for errs in gbdist.all_gather_object(list(bad_items)) for e in errs]
+        return sum(c[0] for c in counts), min(c[0] for c in counts), errors
 
     def _anchor_cache(self, anchor, table, scfg, workers: int):
         # Collective: every rank embeds its share of the rows and all end with the full float16
@@ -641,14 +663,6 @@ def _move_train_batch(item, to_device):
     """A training loader item with its model inputs moved (the indices stay on the host)."""
     idx, inputs, anchor_inputs, bad = item
     return idx, map_tensors(inputs, to_device), map_tensors(anchor_inputs, to_device), bad
-
-
-def _take(batch, n):
-    if batch is None:
-        return None
-    if isinstance(batch, dict):
-        return {k: v[:n] for k, v in batch.items()}
-    return batch[:n]
 
 
 class _MetricsWriter:
