@@ -9,6 +9,7 @@ readers can skip and count it.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,42 @@ import numpy as np
 
 from geobind.data.errors import BadSampleError
 
-__all__ = ["load_audio", "load_audio_window", "resample"]
+__all__ = ["load_audio", "load_audio_window", "resample", "resampled_length"]
 
 # Containers libsndfile seeks in to the exact sample (lossless or PCM): a window read from them
 # equals the same window of the whole decoded file.
 _EXACT_SEEK = frozenset({"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF"})
+# MP3 seeks to the sample too (mpg123, gapless), with output within float rounding of decoding
+# from the start; its length is exact when the file has a LAME/Xing header, estimated otherwise.
+_WINDOWED = _EXACT_SEEK | {"MP3"}
+
+
+# Pieces are resampled on the whole recording's grid only where the two rates' grids meet every
+# at most this many source samples (every common rate: 44.1 kHz meets 48 kHz every 147). For
+# near-coprime pairs (44,101 Hz, say) soxr's phase differs by ~1e-5 between piece and whole.
+_MAX_GRID = 1000
+
+
+def resampled_length(frames: int, orig_rate: int, target_rate: int) -> int:
+    """Samples :func:`resample` makes of ``frames`` samples: ``frames * target / orig`` rounded
+    half up (soxr's one-shot length)."""
+    return (2 * frames * int(target_rate) + int(orig_rate)) // (2 * int(orig_rate))
+
+
+def _window_span(start: int, n: int, frames: int, rate: int, target: int) -> tuple[int, int, int]:
+    """``(first, stop, offset)``: the source samples ``[first, stop)`` to decode and resample so
+    that output samples ``[offset, offset + n)`` are the whole recording's resampled samples
+    ``[start, start + n)``. ``first`` lies where the two sample grids meet (a multiple of
+    ``rate / gcd``), so the piece's output grid is the whole one's shifted by a whole number of
+    samples; the margin keeps the resampling filter's edge effects out of the window (the
+    piece reaches the recording's own ends where the window is near them, as whole decoding
+    does)."""
+    g = math.gcd(rate, target)
+    p, q = rate // g, target // g
+    margin = max(2048, rate // 10)
+    first = max(0, start * rate // target - margin) // p * p
+    stop = min(frames, -(-(start + n) * rate // target) + margin)
+    return first, stop, start - first // p * q
 
 
 def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
@@ -115,13 +147,23 @@ def _file_source(item: Any, name: str | None) -> tuple[str | io.BytesIO, str] | 
 def load_audio_window(
     item: Any, sample_rate: int, n: int, *, start: Callable[[int], int], name: str | None = None
 ) -> np.ndarray | None:
-    """Decode only ``n`` samples of a file (or bytes) that is already at ``sample_rate`` Hz, in a
-    container that seeks exactly (WAV, FLAC, AIFF, ...): a mono float32 waveform equal to the
-    same window of :func:`load_audio`'s, or the whole waveform when it has ``n`` samples or
-    fewer. ``start(frames)`` gives the window's first sample (called only when ``frames > n``).
-    Returns ``None`` when the item is not such a file (other rates, lossy formats, in-memory
-    waveforms): decode it whole then. A long recording costs the decoding of one clip, not of
-    all of it."""
+    """Decode only the part of a file (or bytes) that ``n`` samples at ``sample_rate`` Hz need:
+    the window of :func:`load_audio`'s waveform that starts at ``start(length)`` (``length``: the
+    whole waveform's samples at ``sample_rate``; called only when it exceeds ``n``), or the whole
+    waveform when it has ``n`` samples or fewer.
+
+    * Already at ``sample_rate``, in a container that seeks exactly (WAV, FLAC, AIFF, ...): the
+      same samples, bit for bit.
+    * At another rate: the covering piece (plus a filter margin) is resampled on the same sample
+      grid; equal to the whole resampled waveform's window to within float rounding (~1e-7).
+    * MP3: its decoder restarts a few frames before the seek point, which is also within float
+      rounding of decoding from the start. The window is drawn over the length libsndfile
+      reports: exact with a LAME/Xing header (what most encoders write), estimated without.
+
+    Returns ``None`` when the item is not such a file (Ogg, in-memory waveforms, rates whose
+    sample grids meet only every thousand samples or more, a file shorter than its header
+    says): decode it whole then. A long recording costs the decoding of one
+    clip, not of all of it."""
     src = _file_source(item, name)
     if src is None:
         return None
@@ -130,19 +172,26 @@ def load_audio_window(
 
     try:
         with sf.SoundFile(source) as f:
-            if f.format not in _EXACT_SEEK or f.samplerate != int(sample_rate) or not f.seekable() or f.frames <= 0:
+            rate, frames = int(f.samplerate), int(f.frames)
+            if f.format not in _WINDOWED or not f.seekable() or frames <= 0 or rate <= 0:
                 return None
-            frames = int(f.frames)
-            if frames > n:
-                f.seek(start(frames))
-                data = f.read(n, dtype="float32", always_2d=True)
-                if data.shape[0] != n:  # a header that promises more than the file holds
-                    return None
-            else:
+            exact = rate == int(sample_rate)
+            if not exact and rate // math.gcd(rate, int(sample_rate)) > _MAX_GRID:
+                return None
+            length = frames if exact else resampled_length(frames, rate, sample_rate)
+            if length <= n:
                 data = f.read(dtype="float32", always_2d=True)
+                return _finish(_downmix(data), rate, sample_rate, label)
+            s = start(length)
+            first, stop, offset = (s, s + n, 0) if exact else _window_span(s, n, frames, rate, int(sample_rate))
+            f.seek(first)
+            data = f.read(stop - first, dtype="float32", always_2d=True)
+            if data.shape[0] != stop - first:  # a header that promises more than the file holds
+                return None
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
         raise BadSampleError(label, "undecodable", f"cannot decode audio: {e}") from None
-    return _finish(_downmix(data), sample_rate, sample_rate, label)
+    wave = _finish(_downmix(data), rate, sample_rate, label)[offset : offset + n]
+    return wave if wave.shape[0] == n else None
 
 
 def load_audio(item: Any, sample_rate: int, *, name: str | None = None) -> np.ndarray:
