@@ -310,3 +310,30 @@ def test_two_ranks_skip_a_bad_sample_once_and_train_on_every_other_sample(tiny_d
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=2e-4, msg=k)
     diff = torch.cat([(w2[k] - w1[k]).abs().flatten() for k in w1])
     assert diff.mean() < 1e-7
+
+
+def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    """A step that does not fit in memory stops the run with a message naming the stage, the
+    batch and what to change; the checkpoint written before it is left in place."""
+    from geobind.binding.step import StepRunner
+
+    real = StepRunner.__call__
+    calls = []
+
+    def third_step_too_big(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StepRunner, "__call__", third_step_too_big)
+    cfg = tmp_path / "run.yaml"
+    d = tiny_config(tiny_data, tmp_path / "run", steps=4, audio=False)
+    cfg.write_text(yaml.safe_dump(d))
+    assert main(["train", str(cfg), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "run" / "stages" / "01-satellite" / "checkpoint.pt"
+    assert "stage satellite: out of cpu memory in step 3 with 8 samples per rank (optim.batch_size 8 over 1 rank)" in err
+    assert "lower optim.batch_size (e.g. to 4)" in err and "optim.compile: true" in err
+    assert f"The checkpoint {ckpt} is kept" in err
+    assert torch.load(ckpt, weights_only=False)["step"] == 2

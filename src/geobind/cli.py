@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from geobind.binding.trainer import TrainingInterrupted
+    from geobind.binding.trainer import TrainingInterrupted, TrainingOutOfMemory
     from geobind.config import ConfigError
 
     try:
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
+    except TrainingOutOfMemory as e:
+        print(f"\ngeobind {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"geobind {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -60,6 +60,33 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """A training step did not fit in the device's memory; the message says what to change."""
+
+
+def _out_of_memory_message(stage: str, step: int, per_rank: int, batch_size: int, world: int,
+                           device: torch.device, precision: str, compiled: bool, checkpoint: Path) -> str:
+    where = f"{device.type.upper() if device.type == 'cuda' else device.type} memory"
+    msg = (f"stage {stage}: out of {where} in step {step} with {per_rank} samples per rank "
+           f"(optim.batch_size {batch_size} over {world} rank{'s' if world > 1 else ''})")
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        peak = torch.cuda.max_memory_allocated(device)
+        msg += f"; peak {peak / 2**30:.1f} of {total / 2**30:.1f} GiB allocated"
+    hints = [f"lower optim.batch_size (e.g. to {max(world, batch_size // 2 // world * world)})"]
+    if precision == "fp32" and device.type == "cuda":
+        hints.append("set optim.precision: bf16 (or auto)")
+    if not compiled:
+        hints.append("set optim.compile: true (fused kernels keep fewer activations)")
+    if world == 1 and device.type == "cuda" and torch.cuda.device_count() > 1:
+        hints.append(f"spread the batch over the {torch.cuda.device_count()} GPUs with torchrun")
+    msg += ". To fit: " + "; ".join(hints) + "."
+    if checkpoint.is_file():
+        msg += (f" The checkpoint {checkpoint} is kept, but it resumes only this config: with another batch "
+                "size, train into a new output_dir.")
+    return msg
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -534,8 +561,13 @@ class Trainer:
                         if not on_device:
                             # Pinned, so the copy is queued without making the host wait.
                             a_emb = a_emb.pin_memory().to(dev, non_blocking=True)
-                    loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys,
-                                       n_valid=n_pad)
+                    try:
+                        loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys,
+                                           n_valid=n_pad)
+                    except torch.OutOfMemoryError as e:
+                        raise TrainingOutOfMemory(_out_of_memory_message(
+                            scfg.name, step + 1, per_rank, o.batch_size, world, dev, o.precision, o.compile,
+                            ckpt_path)) from e
                     samples += n_step
                     step += 1
                     step_in_epoch += 1
