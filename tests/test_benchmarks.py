@@ -46,6 +46,24 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     assert "ms per step" in text
 
 
+def test_every_variant_is_written_as_soon_as_it_is_measured(monkeypatch):
+    """A part stopped at its time limit keeps the variants it measured: the JSON is rewritten
+    after the plain step and after each variant, with ratios already filled in."""
+    import copy
+
+    tt = _load("train_throughput")
+    writes = []
+    monkeypatch.setattr(tt, "_write", lambda path, results: writes.append(copy.deepcopy(results)))
+    tt.main(["--size", "tiny", "--steps", "1", "--warmup", "1", "--stage2", "--variants", "eager:1", "eager:2",
+             "--out", "unused.json"])
+    s1 = [sorted(w["stage1"].get("tiny", {}).get("geobind", {})) for w in writes]
+    s2 = [sorted(w["stage2"].get("tiny", {}).get("geobind", {})) for w in writes]
+    assert s1 == [[], ["eager-b8"]] + [["eager-b16", "eager-b8"]] * 4
+    assert s2 == [[]] * 3 + [[], ["eager-b4"], ["eager-b4", "eager-b8"]]
+    assert writes[1]["stage1"]["tiny"]["geobind"]["eager-b8"]["ratio"] > 0
+    assert writes[1]["stage1"]["tiny"]["best_variant"] == "eager-b8"
+
+
 def test_cuda_profile_counts_gpu_kernels_only():
     """The CUDA branch of the profile (kernel events, not the CPU operators that launch them),
     on stand-in events: 3 steps of 30 ms wall."""
