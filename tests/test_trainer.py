@@ -337,3 +337,31 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(tiny_data, t
     assert "lower optim.batch_size (e.g. to 4)" in err and "optim.compile: true" in err
     assert f"The checkpoint {ckpt} is kept" in err
     assert torch.load(ckpt, weights_only=False)["step"] == 2
+
+
+def test_a_starved_model_gets_one_hint_on_feeding_it_faster(tiny_data, tmp_path, monkeypatch):
+    """When loader workers cannot keep up (here: tiles that take 40 ms each to load), the run
+    log says so once, with what to change; loading in the main process on a CPU says nothing
+    (there the model and the loader share the cores by design)."""
+    import time
+
+    from geobind.encoders.images import ImageTransform
+
+    real = ImageTransform.__call__
+
+    def slow(self, item, train=False):
+        time.sleep(0.04)
+        return real(self, item, train=train)
+
+    monkeypatch.setattr(ImageTransform, "__call__", slow)
+    logs = {}
+    for workers in (1, 0):
+        d = tiny_config(tiny_data, tmp_path / f"w{workers}", steps=4, audio=False)
+        d["stages"][0]["optim"]["num_workers"] = workers
+        d["eval"] = None
+        train(parse_config(d), progress=False, log=None)
+        logs[workers] = (tmp_path / f"w{workers}" / "train.log").read_text()
+    hint = "of the time waiting for the loader, so the input, not the model, sets the pace"
+    assert logs[1].count(hint) == 1
+    assert "augment_on: device" in logs[1] and "geobind data pack` (`--image-size 256`" in logs[1]
+    assert hint not in logs[0]

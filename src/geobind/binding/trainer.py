@@ -87,6 +87,30 @@ def _out_of_memory_message(stage: str, step: int, per_rank: int, batch_size: int
     return msg
 
 
+# A window of steps that spends more than this share of its time waiting for the loader gets a
+# one-time hint (the first window is left out: it holds the workers' start-up and compilation).
+DATA_WAIT_HINT = 0.10
+
+
+def _data_wait_hint(stage: str, wait: float, first: int, last: int, workers: int, encoder, packed: bool) -> str:
+    """What to say when the loader sets the pace of a stage (steps ``first``-``last``)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    hints = []
+    if workers < cpus - 1:
+        hints.append(f"raise optim.num_workers (now {workers} per rank; {cpus} cores here)")
+    transform = getattr(encoder, "transform", None)
+    if transform is not None and getattr(transform, "augment", None) == "overhead" and not transform.on_device:
+        hints.append("set augment_on: device in the encoder (the loader then only decodes tiles)")
+    if not packed:
+        how = ("`--image-size 256` pre-resizes the tiles" if transform is not None
+               else "`--audio-rate 48000` pre-resamples the recordings")
+        hints.append(f"pack the data into shards once with `geobind data pack` ({how})")
+    advice = ("; ".join(hints) + ".") if hints else "the loader already has every core: fewer ranks per machine, or a faster CPU."
+    steps = f"step {last}" if first == last else f"steps {first}-{last}"
+    return (f"stage {stage}: {steps} spent {wait:.0%} of the time waiting for the loader, so the input, not "
+            f"the model, sets the pace. To feed it faster: {advice}")
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 
@@ -520,6 +544,7 @@ class Trainer:
         bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
         stage.train()
         last_loss, last_loss_t = float("nan"), None
+        hinted = False  # the data-wait hint is given once per stage
         try:
             while step < total:
                 loader, segments = train_loader(
@@ -530,7 +555,8 @@ class Trainer:
                 if dev.type == "cuda":  # copy batch k + 1 to the GPU while step k computes
                     loader = DevicePrefetcher(loader, dev, _move_train_batch)
                 t_data = time.perf_counter()
-                window = {"data": 0.0, "step": 0.0, "n": 0}
+                window = {"data": 0.0, "step": 0.0, "n": 0, "steps": 0}
+                windows_seen = 0
                 for idx, inputs, anchor_inputs, bad_items in loader:
                     t0 = time.perf_counter()
                     window["data"] += t0 - t_data
@@ -581,19 +607,27 @@ class Trainer:
                     t1 = time.perf_counter()
                     window["step"] += t1 - t0
                     window["n"] += n_step
+                    window["steps"] += 1
                     if pbar is not None:
                         pbar.update(1)
                     if log_row:
                         el = window["data"] + window["step"]
+                        wait = window["data"] / max(el, 1e-9)
+                        if (windows_seen > 0 and not hinted and wait > DATA_WAIT_HINT
+                                and (workers > 0 or dev.type == "cuda")):
+                            hinted = True
+                            self._say(_data_wait_hint(scfg.name, wait, step - window["steps"] + 1, step, workers,
+                                                      encoder, isinstance(table, ShardSet)))
+                        windows_seen += 1
                         if pbar is not None:
                             pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{window['n'] / max(1e-9, el):.1f}")
                         writer.row({"step": step, "epoch": epoch + 1, "loss": round(last_loss, 6),
                                     "lr": sched.get_last_lr()[0], "logit_scale": float(out["logit_scale"]),
                                     "samples_per_s": round(window["n"] / max(el, 1e-9), 2),
-                                    "data_wait": round(window["data"] / max(el, 1e-9), 4),
+                                    "data_wait": round(wait, 4),
                                     "bad_samples": sum(bad.values()),
                                     **{f"bad_{k}": v for k, v in sorted(bad.items())}})
-                        window = {"data": 0.0, "step": 0.0, "n": 0}
+                        window = {"data": 0.0, "step": 0.0, "n": 0, "steps": 0}
                     if o.val_every and step % o.val_every == 0 and val is not None:
                         self._validate(stage, val, scfg, writer, step, epoch)
                     if (o.ckpt_every and step % o.ckpt_every == 0) or step == total:
