@@ -10,7 +10,7 @@ Part 1, input pipeline: samples/s delivered by the trainer's own loader
   from shards pre-resized by ``geobind data pack`` (``--image-size 256``);
 * recordings of ``--audio-seconds`` s, 44.1 kHz stereo -> CLAP's input (48 kHz mono, random 10 s
   crop), from a manifest of MP3s, of FLACs, and from shards pre-resampled to 48 kHz FLAC
-  (``pack --audio-rate 48000``);
+  (``pack --audio-rate 48000``) and 16-bit WAV (``--audio-format wav``);
 
 each with 0 (the main process, one torch thread: one core's rate) and ``--workers`` loader
 workers. Rates include worker start-up and the shuffle buffer fill (100 samples), as an epoch
@@ -446,11 +446,14 @@ def main(argv=None) -> dict:
             ("shards_orig", paths["images"], {"image_size": 0}),
             ("shards_256", paths["images"], {"image_size": 256}),
             ("shards_audio48k", paths["audio_mp3"], {"audio_rate": 48000}),
+            ("shards_audio48k_wav", paths["audio_mp3"], {"audio_rate": 48000, "audio_format": "wav"}),
         ]:
             t = time.perf_counter()
             pack(src, work / name, shard_size=64, progress=False, log=None, workers=a.workers, **kw)
             packs[name] = work / name
             res.setdefault("pack_s", {})[name] = round(time.perf_counter() - t, 2)
+            size = sum(f.stat().st_size for f in (work / name).glob("*.tar"))
+            res.setdefault("pack_mb", {})[name] = round(size / 2**20, 1)
         sat = _SatLoad(224)
         aud = _AudioLoad()
         feeds = [
@@ -465,6 +468,7 @@ def main(argv=None) -> dict:
                 read_dataset(packs["shards_audio48k"]),
                 aud,
             ),
+            ("audio", "shards, WAV 16-bit 48k mono", read_dataset(packs["shards_audio48k_wav"]), aud),
         ]
         res["pipeline"] = []
         # One torch thread in the main process too (loader workers use one each), so that

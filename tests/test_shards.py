@@ -169,6 +169,33 @@ def test_pack_audio_rate_stores_mono_flac_at_that_rate(tmp_path):
         assert json.loads(s["json"])["caption"].startswith("This is a sound of")
 
 
+def test_pack_audio_format_wav_stores_16_bit_pcm_that_loads_like_flac(tmp_path, capsys):
+    """``--audio-format wav`` stores the same resampled waveform as 16-bit PCM: training reads
+    its clips without decoding, and they equal the FLAC pack's to within 16-bit rounding."""
+    from geobind.data.audio_io import load_audio
+
+    csv = make_soundingearth(tmp_path / "se", n=4)
+    packs = {}
+    for fmt in ("flac", "wav"):
+        out = tmp_path / f"se-{fmt}"
+        argv = ["data", "pack", str(csv), str(out), "--layout", "soundingearth", "--audio-rate", "8000",
+                "--no-progress"]
+        assert main(argv + (["--audio-format", "wav"] if fmt == "wav" else [])) == 0
+        packs[fmt] = _members(read_dataset(out))
+    assert packs["flac"].keys() == packs["wav"].keys()
+    for row in packs["flac"]:
+        flac, wav = packs["flac"][row], packs["wav"][row]
+        assert "audio.wav" in wav and "audio.flac" not in wav
+        info = sf.info(io.BytesIO(wav["audio.wav"]))
+        assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 8000, 1)
+        a, b = load_audio(flac["audio.flac"], 8000), load_audio(wav["audio.wav"], 8000)
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=0, atol=1 / 32768 + 1e-7)
+    assert main(["data", "pack", str(csv), str(tmp_path / "x"), "--layout", "soundingearth",
+                 "--audio-format", "wav", "--no-progress"]) == 2
+    assert "give --audio-rate too" in capsys.readouterr().err
+
+
 def test_embeddings_and_report_from_shards_equal_the_manifest(tiny_data, tmp_path):
     # PNG sources packed without resizing keep their bytes, so the decoded inputs are identical.
     out = tmp_path / "test-shards"

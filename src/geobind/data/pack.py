@@ -10,7 +10,9 @@ into the same folder is refused. When every shard is done the index (``shards.js
 Images are decoded (so broken files are caught here, not in training) and pre-resized so their
 shorter side is at most ``image_size`` (never upscaled), then stored as JPEG (quality 95) or
 PNG. Audio is copied as is, or, with ``audio_rate``, decoded, downmixed to mono, resampled with
-soxr and stored as 24-bit FLAC at that rate (the encoder's rate, so training never resamples).
+soxr and stored at that rate (the encoder's rate, so training never resamples) as 24-bit FLAC,
+or with ``audio_format="wav"`` as 16-bit PCM WAV: no decoding at all when training (a clip's
+window is read as is), for shards about twice the size of FLAC's.
 Text goes to ``text.txt``; ``id``, ``lat``, ``lon`` and the metadata columns go to ``json``.
 Rows with bad coordinates are left out; an unusable file leaves out that member only (the other
 modalities of the row still serve other stages). Both are counted per reason.
@@ -79,7 +81,9 @@ def _settings(
     image_size: int,
     image_format: str,
     audio_rate: int | None,
+    audio_format: str = "flac",
 ) -> dict[str, Any]:
+    extra = {} if audio_format == "flac" else {"audio_format": audio_format}  # packs made before keep resuming
     return {
         "source": source,
         "source_identity": table.identity,
@@ -90,6 +94,7 @@ def _settings(
         "image_size": image_size,
         "image_format": image_format,
         "audio_rate": audio_rate,
+        **extra,
     }
 
 
@@ -134,7 +139,7 @@ def _image_bytes(item: Any, size: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _audio_member(item: Any, rate: int | None, name: str) -> tuple[str, bytes]:
+def _audio_member(item: Any, rate: int | None, name: str, fmt: str = "flac") -> tuple[str, bytes]:
     import soundfile as sf
 
     from geobind.data.audio_io import load_audio
@@ -142,8 +147,11 @@ def _audio_member(item: Any, rate: int | None, name: str) -> tuple[str, bytes]:
     if rate:
         wave = load_audio(item, rate, name=name)
         buf = io.BytesIO()
-        sf.write(buf, np.clip(wave, -1.0, 1.0), rate, format="FLAC", subtype="PCM_24")
-        return "flac", buf.getvalue()
+        if fmt == "wav":
+            sf.write(buf, np.clip(wave, -1.0, 1.0), rate, format="WAV", subtype="PCM_16")
+        else:
+            sf.write(buf, np.clip(wave, -1.0, 1.0), rate, format="FLAC", subtype="PCM_24")
+        return fmt, buf.getvalue()
     if not isinstance(item, (str, Path)):
         raise BadSampleError(name, "bad-shape", "in-memory audio needs --audio-rate to be packed")
     p = Path(item)
@@ -190,7 +198,8 @@ def _sample(table: Table, i: int, s: dict[str, Any], bad: Counter, examples: lis
                 )
             elif kind == "audio":
                 ext, data = _audio_member(
-                    item, s["audio_rate"], str(item) if isinstance(item, (str, Path)) else sid
+                    item, s["audio_rate"], str(item) if isinstance(item, (str, Path)) else sid,
+                    s.get("audio_format", "flac"),
                 )
                 out[f"{m}.{ext}"] = data
             elif kind == "text":
@@ -282,6 +291,7 @@ def pack(
     image_size: int = 256,
     image_format: str = "jpg",
     audio_rate: int | None = None,
+    audio_format: str = "flac",
     workers: int = 1,
     progress: bool = True,
     log=print,
@@ -295,6 +305,11 @@ def pack(
         raise ValueError("--shard-size must be at least 1")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"--image-format must be jpg or png, got {image_format!r}")
+    if audio_format not in ("flac", "wav"):
+        raise ValueError(f"--audio-format must be flac or wav, got {audio_format!r}")
+    if audio_format != "flac" and not audio_rate:
+        raise ValueError("--audio-format applies to re-encoded audio: give --audio-rate too "
+                         "(without it audio files are copied as they are)")
     layout_options = dict(layout_options or {})
     table = read_dataset(source, layout, **layout_options)
     if not isinstance(table, Table):
@@ -311,6 +326,7 @@ def pack(
         image_size,
         image_format,
         audio_rate,
+        audio_format,
     )
     state = out / PACK_FILE
     if out.exists() and any(out.iterdir()):
