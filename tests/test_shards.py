@@ -416,7 +416,8 @@ def test_data_throughput_benchmark_quick_run(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     r = mod.main(["--quick", "--workers", "1", "--out", str(tmp_path / "r.json")])
-    assert len(r["pipeline"]) == 12 and all(p["samples_per_s"] > 0 for p in r["pipeline"])
+    assert len(r["pipeline"]) == 14 and all(p["samples_per_s"] > 0 for p in r["pipeline"])
+    assert set(r["pack_mb"]) == {"shards_orig", "shards_256", "shards_audio48k", "shards_audio48k_wav"}
     assert set(r["train"]) == {"memory", "manifest", "shards_256", "shards_256_device_aug"}
     assert all(0 <= t["data_wait"] <= 1 and t["samples_per_s"] > 0 for t in r["train"].values())
     assert (
