@@ -541,6 +541,8 @@ class Trainer:
 
             pbar = tqdm(total=total, initial=step, desc=f"stage {scfg.name}", unit="step", dynamic_ncols=True)
         t_start = time.perf_counter()
+        # This session's loop time (loader waits and steps, not validation or checkpoints).
+        loop = {"data": 0.0, "step": 0.0, "samples_before": samples}
         bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
         stage.train()
         last_loss, last_loss_t = float("nan"), None
@@ -560,6 +562,7 @@ class Trainer:
                 for idx, inputs, anchor_inputs, bad_items in loader:
                     t0 = time.perf_counter()
                     window["data"] += t0 - t_data
+                    loop["data"] += t0 - t_data
                     n = len(idx)
                     n_step, fewest, errors = self._agree_on_batch(n, bad_items)
                     for e in errors:
@@ -606,6 +609,7 @@ class Trainer:
                         last_loss = float(last_loss_t)
                     t1 = time.perf_counter()
                     window["step"] += t1 - t0
+                    loop["step"] += t1 - t0
                     window["n"] += n_step
                     window["steps"] += 1
                     if pbar is not None:
@@ -675,13 +679,15 @@ class Trainer:
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,
                      "steps": step, "samples": samples, "epochs_seen": epoch, "final_loss": last_loss, "bad_samples": dict(bad),
-                     "seconds": round(seconds, 2), "val": vm}
+                     "seconds": round(seconds, 2), **_throughput(loop, samples), "val": vm}
         model.meta.setdefault("stages", []).append(stage_rec)
         model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale().detach())
         if self.main:
             model.save_pretrained(stage_dir / "model")
             (stage_dir / DONE).write_text(json.dumps(stage_rec, indent=2))
-            self._say(f"stage {scfg.name}: {step} steps in {seconds:.1f}s, final loss {last_loss:.4f}"
+            rate = (f", {stage_rec['samples_per_s']:,.1f} samples/s (data wait {stage_rec['data_wait']:.1%})"
+                    if stage_rec.get("samples_per_s") else "")
+            self._say(f"stage {scfg.name}: {step} steps in {seconds:.1f}s{rate}, final loss {last_loss:.4f}"
                       + (f", skipped {dict(bad)}" if bad else ""))
         gbdist.barrier()
         writer.close()
@@ -723,6 +729,15 @@ class Trainer:
                   + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
         self._last_val = ((scfg.name, step), m)
         return m
+
+
+def _throughput(loop: dict, samples: int) -> dict:
+    """``samples_per_s`` and ``data_wait`` of this session's training loop (empty without steps)."""
+    busy = loop["data"] + loop["step"]
+    if busy <= 0 or samples <= loop["samples_before"]:
+        return {}
+    return {"samples_per_s": round((samples - loop["samples_before"]) / busy, 2),
+            "data_wait": round(loop["data"] / busy, 4)}
 
 
 def _move_train_batch(item, to_device):
