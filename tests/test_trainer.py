@@ -367,3 +367,25 @@ def test_a_starved_model_gets_one_hint_on_feeding_it_faster(tiny_data, tmp_path,
     assert logs[1].count(hint) == 1
     assert "augment_on: device" in logs[1] and "geobind data pack` (`--image-size 256`" in logs[1]
     assert hint not in logs[0]
+
+
+def test_profile_records_the_chosen_steps_of_each_stage(tiny_data, tmp_path, capsys):
+    """``--profile 1:2`` records steps 2-3 of each stage: a Chrome trace and a table of the
+    costliest operators per stage; a malformed window is refused with the form to use."""
+    cfg = tmp_path / "run.yaml"
+    d = tiny_config(tiny_data, tmp_path / "run", steps=4)
+    d["eval"] = None
+    cfg.write_text(yaml.safe_dump(d))
+    assert main(["train", str(cfg), "--no-progress", "--profile", "1:2"]) == 0
+    out = capsys.readouterr().out
+    for stage, name in (("01-satellite", "satellite"), ("02-audio", "audio")):
+        folder = tmp_path / "run" / "stages" / stage / "profile"
+        trace = json.loads((folder / "trace.json").read_text())
+        assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+        table = (folder / "profile.txt").read_text()
+        assert table.startswith(f"stage {name}: steps 2-3 of this session on cpu:") and "aten::" in table
+        assert not list(folder.glob("*.tmp"))
+    assert out.count("profiled steps 2-3") == 2
+    with pytest.raises(SystemExit):
+        main(["train", str(cfg), "--profile", "5"])
+    assert "use AFTER:STEPS, e.g. 50:5" in capsys.readouterr().err

@@ -16,6 +16,7 @@ examples:
   torchrun --nproc_per_node 4 -m geobind train run.yaml # all GPUs of one machine
   geobind train run.yaml --set stages.satellite.optim.compile=true    # GPU: a compiled step
   geobind train run.yaml --set stages.satellite.encoder.augment_on=device  # GPU: augment there
+  geobind train run.yaml --profile 50:5   # steps 51-55 of each stage under torch.profiler
 """
 
 EPILOG_EVAL = """\
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (dotted path; stages by index or name); repeatable")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoints")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--profile", type=_profile_window, default=None, metavar="AFTER:STEPS",
+                   help="record STEPS steps of each stage, after its first AFTER (which hold start-up and "
+                        "compilation), with torch.profiler: a trace for Perfetto or chrome://tracing and a "
+                        "table of the costliest operators in <stage>/profile/")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="retrieval metrics between every pair of modalities",
@@ -87,12 +92,24 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _profile_window(text: str) -> tuple[int, int]:
+    after, sep, steps = text.partition(":")
+    try:
+        window = (int(after), int(steps))
+    except ValueError:
+        window = None
+    if not sep or window is None or window[0] < 0 or window[1] < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use AFTER:STEPS, e.g. 50:5 (skip 50 steps, then record 5)")
+    return window
+
+
 def cmd_train(args) -> int:
     from geobind.binding.trainer import train
     from geobind.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    final = train(cfg, resume=args.resume, progress=not args.no_progress)
+    final = train(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile)
     if cfg.eval is not None:
         from geobind.data.manifest import read_dataset
         from geobind.evaluate import evaluate, format_pairs, trained_pairs

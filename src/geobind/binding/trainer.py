@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from geobind import distributed as gbdist
 from geobind.binding.cache import cached_embeddings, embed_table
 from geobind.binding.prefetch import DevicePrefetcher, map_tensors
+from geobind.binding.profiling import StepProfiler
 from geobind.binding.stage import BindingStage
 from geobind.binding.step import StepRunner
 from geobind.config import RunConfig, StageConfig, plain
@@ -356,8 +357,9 @@ class Trainer:
     """Runs every stage of a :class:`RunConfig`. See :func:`train`."""
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, progress: bool = True,
-                 stop_at_step: int | None = None, log=print):
+                 stop_at_step: int | None = None, log=print, profile: tuple[int, int] | None = None):
         self.cfg, self.resume, self.progress, self.stop_at_step = cfg, resume, progress, stop_at_step
+        self.profile = profile
         self.log = log
         self.out = Path(cfg.output_dir)
         self.dist = gbdist.init_distributed()
@@ -547,6 +549,11 @@ class Trainer:
         stage.train()
         last_loss, last_loss_t = float("nan"), None
         hinted = False  # the data-wait hint is given once per stage
+        profiler = None
+        if self.profile is not None:
+            profiler = StepProfiler(stage_dir / "profile", *self.profile, dev, say=self._say,
+                                    rank=self.dist.rank if self.dist.distributed else None,
+                                    label=f"stage {scfg.name}: ")
         try:
             while step < total:
                 loader, segments = train_loader(
@@ -590,6 +597,8 @@ class Trainer:
                         if not on_device:
                             # Pinned, so the copy is queued without making the host wait.
                             a_emb = a_emb.pin_memory().to(dev, non_blocking=True)
+                    if profiler is not None:
+                        profiler.before_step()
                     try:
                         loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys,
                                            n_valid=n_pad)
@@ -599,6 +608,8 @@ class Trainer:
                             ckpt_path)) from e
                     samples += n_step
                     step += 1
+                    if profiler is not None:
+                        profiler.after_step()
                     step_in_epoch += 1
                     # The loss stays on the device between log rows: reading it every step
                     # would make the host wait for the device each step. Reading it on a log
@@ -656,6 +667,8 @@ class Trainer:
                     self._validate(stage, val, scfg, writer, step, epoch - 1)
                 save_ckpt()
         except KeyboardInterrupt:
+            if profiler is not None:
+                profiler.finish()
             save_ckpt()
             if pbar is not None:
                 pbar.close()
@@ -663,6 +676,8 @@ class Trainer:
             raise TrainingInterrupted(ckpt_path) from None
         if pbar is not None:
             pbar.close()
+        if profiler is not None:
+            profiler.finish()
         if last_loss_t is not None:
             last_loss = float(last_loss_t)
         seconds = time.perf_counter() - t_start
@@ -806,11 +821,14 @@ class _MetricsWriter:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, stop_at_step: int | None = None,
-          log=print) -> Path:
+          log=print, profile: tuple[int, int] | None = None) -> Path:
     """Run every stage of ``cfg``; return the final model directory.
 
     ``resume`` continues an interrupted run from its checkpoints. ``stop_at_step`` stops the
     first unfinished stage after that many steps with a checkpoint, as Ctrl-C would (used to
-    test exact resumption).
+    test exact resumption). ``profile=(after, steps)`` records ``steps`` steps of each stage,
+    after its first ``after`` in this session, with :mod:`torch.profiler` (see
+    :class:`StepProfiler`).
     """
-    return Trainer(cfg, resume=resume, progress=progress, stop_at_step=stop_at_step, log=log).run()
+    return Trainer(cfg, resume=resume, progress=progress, stop_at_step=stop_at_step, log=log,
+                   profile=profile).run()
