@@ -402,12 +402,14 @@ class ClapAudioEncoder(Encoder):
 def load_clip(item: Any, audio: AudioSettings, *, train: bool = False) -> torch.Tensor:
     """:meth:`ClapAudioEncoder.load` without the encoder (cheap to send to loader workers).
 
-    Files already at the sample rate in a container that seeks exactly (e.g. shards packed with
-    ``--audio-rate``) have only the clip's window decoded, with the same random draw and the
-    same samples as decoding the whole recording and cropping it."""
+    WAV, FLAC, AIFF and MP3 files (and shard members) have only the clip's window decoded (and
+    resampled, at other rates), with the same random draw as decoding the whole recording and
+    cropping it: the same samples for lossless files at the sample rate (e.g. shards packed with
+    ``--audio-rate``), within float rounding otherwise (see
+    :func:`~geobind.data.audio_io.load_audio_window`)."""
     n = audio.clip_samples
     window = load_audio_window(item, audio.sample_rate, n,
-                               start=lambda frames: crop_start(frames, n, random=train))
+                               start=lambda length: crop_start(length, n, random=train))
     wave = torch.from_numpy(window if window is not None else load_audio(item, audio.sample_rate))
     clip = fit_clip(wave, n, train=train)
     if clip.untyped_storage().nbytes() != clip.numel() * clip.element_size():
