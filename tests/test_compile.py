@@ -166,3 +166,18 @@ def test_compiled_run_with_a_skipped_sample_builds_one_graph_and_matches_eager(t
     assert (de["samples"], de["bad_samples"]) == (dc["samples"], dc["bad_samples"]) == (31, {"undecodable": 1})
     assert len(le) == 4
     torch.testing.assert_close(lc, le, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["satellite", "audio"])
+def test_encoders_with_grad_checkpointing_still_trace_as_one_graph(kind):
+    torch.manual_seed(0)
+    if kind == "audio":
+        encoder = ClapAudioEncoder.create("audio", tiny_clap_audio_spec(32), 32, {})
+        batch = torch.randn(4, encoder.audio.clip_samples) * 0.1
+    else:
+        encoder = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION)),
+                                    ImageTransform(32, SATELLITE_MEAN, SATELLITE_STD, "overhead"))
+        batch = {"pixels": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)}
+    encoder.train().set_grad_checkpointing(True)
+    graphs, breaks = _graph_breaks(encoder, batch)
+    assert (graphs, breaks) == (1, [])

@@ -32,6 +32,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max gradient norm (0: off)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the trainable encoder (pays on GPUs over long runs)
+    grad_checkpointing: bool = False  # recompute activations in the backward: ~1/3 more compute, larger batches fit
     num_workers: int | str = "auto"  # loader worker processes per rank; auto: 0 on CPU, up to 8 per GPU
     log_every: int = 10  # steps between metric rows in metrics.csv
     val_every: int = 0  # steps between validation runs (0: at the end of each epoch)
@@ -271,6 +272,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.optim.num_workers: use auto or a number >= 0, got {o.num_workers!r}")
         if not isinstance(o.compile, bool):
             raise ConfigError(f"{where}.optim.compile: use true or false, got {o.compile!r}")
+        if not isinstance(o.grad_checkpointing, bool):
+            raise ConfigError(f"{where}.optim.grad_checkpointing: use true or false, got {o.grad_checkpointing!r}")
         if s.loss.temperature <= 0:
             raise ConfigError(f"{where}.loss.temperature must be positive")
         space.add(s.train)

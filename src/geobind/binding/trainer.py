@@ -66,7 +66,8 @@ class TrainingOutOfMemory(RuntimeError):
 
 
 def _out_of_memory_message(stage: str, step: int, per_rank: int, batch_size: int, world: int,
-                           device: torch.device, precision: str, compiled: bool, checkpoint: Path) -> str:
+                           device: torch.device, precision: str, compiled: bool, recomputes: bool,
+                           checkpoint: Path) -> str:
     where = f"{device.type.upper() if device.type == 'cuda' else device.type} memory"
     msg = (f"stage {stage}: out of {where} in step {step} with {per_rank} samples per rank "
            f"(optim.batch_size {batch_size} over {world} rank{'s' if world > 1 else ''})")
@@ -77,6 +78,8 @@ def _out_of_memory_message(stage: str, step: int, per_rank: int, batch_size: int
     hints = [f"lower optim.batch_size (e.g. to {max(world, batch_size // 2 // world * world)})"]
     if precision == "fp32" and device.type == "cuda":
         hints.append("set optim.precision: bf16 (or auto)")
+    if not recomputes:
+        hints.append("set optim.grad_checkpointing: true (activations recomputed in the backward pass)")
     if not compiled:
         hints.append("set optim.compile: true (fused kernels keep fewer activations)")
     if world == 1 and device.type == "cuda" and torch.cuda.device_count() > 1:
@@ -507,6 +510,8 @@ class Trainer:
             _set_rng_state(ck["rng"])
             self._say(f"stage {scfg.name}: resumed at step {step} (epoch {epoch + 1}, batch {step_in_epoch})")
 
+        if o.grad_checkpointing:
+            encoder.set_grad_checkpointing(True)
         if o.compile:
             # In place: parameter names (checkpoints, saved models) are unchanged. The first
             # steps include the compilation; a batch of another size compiles once more.
@@ -605,7 +610,7 @@ class Trainer:
                     except torch.OutOfMemoryError as e:
                         raise TrainingOutOfMemory(_out_of_memory_message(
                             scfg.name, step + 1, per_rank, o.batch_size, world, dev, o.precision, o.compile,
-                            ckpt_path)) from e
+                            o.grad_checkpointing, ckpt_path)) from e
                     samples += n_step
                     step += 1
                     if profiler is not None:
@@ -690,6 +695,8 @@ class Trainer:
         # The last step already wrote the checkpoint (step == total), so none is written here.
         if o.compile:
             uncompile(encoder)  # later stages and evaluation run it eagerly
+        if o.grad_checkpointing:
+            encoder.set_grad_checkpointing(False)
         # The stage's result: the space with the new modality added.
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,

@@ -35,9 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
-from transformers.models.clap.modeling_clap import ClapAudioPatchEmbed, ClapAudioSelfAttention
+from transformers.models.clap.modeling_clap import (
+    ClapAudioLayer,
+    ClapAudioPatchEmbed,
+    ClapAudioSelfAttention,
+)
 
 from geobind.data.audio_io import load_audio, load_audio_window
 from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
@@ -223,6 +228,18 @@ def set_window_attention(backbone: nn.Module, implementation: str) -> None:
             module.__class__ = classes[implementation]
 
 
+class _CheckpointedSwinLayer(ClapAudioLayer):
+    """An HTS-AT (Swin) block that keeps only its input when gradients are recorded and
+    recomputes itself in the backward pass (same parameters; transformers' CLAP has no
+    gradient checkpointing of its own)."""
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(ClapAudioLayer.forward, self, *args, use_reentrant=False,
+                                                     **kwargs)
+        return ClapAudioLayer.forward(self, *args, **kwargs)
+
+
 @register_encoder("clap_audio")
 class ClapAudioEncoder(Encoder):
     """CLAP audio tower + torch mel front end (+ linear head) -> unit ``[B, dim]`` vectors.
@@ -258,6 +275,13 @@ class ClapAudioEncoder(Encoder):
             patch_embed.mel_conv2d.requires_grad_(False)
             _use_global_patch_embed(audio_encoder)
         set_window_attention(backbone, "sdpa")
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each HTS-AT block in the backward pass (only its input is kept)."""
+        cls = _CheckpointedSwinLayer if enabled else ClapAudioLayer
+        for module in self.backbone.modules():
+            if isinstance(module, ClapAudioLayer):
+                module.__class__ = cls
 
     def compile(self, *args, **kwargs) -> None:
         """:meth:`torch.nn.Module.compile`, in place, after making the mel front end's constants

@@ -86,6 +86,13 @@ class Encoder(nn.Module):
         """A collated batch -> ``[B, dim]`` float32 unit vectors."""
         raise NotImplementedError
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them (``optim.
+        grad_checkpointing``): more compute per step, much less activation memory. Encoders
+        that support it override this."""
+        if enabled:
+            raise ValueError(f"encoder {type(self).__name__} does not support optim.grad_checkpointing")
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():

@@ -82,11 +82,12 @@ def build_clip(config: dict[str, Any]) -> CLIPModel:
     return CLIPModel(cfg)
 
 
-def _image_embeds(vision_model, projection, batch, transform: ImageTransform, device: torch.device) -> torch.Tensor:
+def _image_embeds(vision_model, projection, batch, transform: ImageTransform, device: torch.device,
+                  checkpoint: bool = False) -> torch.Tensor:
     """Unit image vectors of a CLIP vision tower and its projection, for a loader batch
     (normalised on ``device``; the pooled class token from the lean forward)."""
     pixels = model_input(batch, transform, device)
-    return l2_normalize(projection(pooled_class_token(vision_model, pixels)))
+    return l2_normalize(projection(pooled_class_token(vision_model, pixels, checkpoint=checkpoint)))
 
 
 class _ClipShared:
@@ -226,6 +227,11 @@ class ClipVisionEncoder(Encoder):
         super().__init__(modality, model.config.projection_dim)
         self.model = model
         self.transform = transform
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer layer in the backward pass (only its input is kept)."""
+        self.grad_checkpointing = bool(enabled)
 
     def load(self, item: Any, *, train: bool = False) -> dict[str, torch.Tensor]:
         return self.transform(item, train=train)
@@ -235,7 +241,7 @@ class ClipVisionEncoder(Encoder):
 
     def forward(self, batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         return _image_embeds(self.model.vision_model, self.model.visual_projection, batch, self.transform,
-                             self.device)
+                             self.device, checkpoint=self.grad_checkpointing)
 
     def settings(self) -> dict[str, Any]:
         return self.transform.settings()

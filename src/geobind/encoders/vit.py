@@ -12,6 +12,7 @@ and it computes what ``vision_model(pixel_values=x).pooler_output`` computes (te
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
@@ -43,14 +44,23 @@ def _layer(layer: nn.Module, hidden: torch.Tensor, class_only: bool) -> torch.Te
     return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
-def pooled_class_token(vision_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def pooled_class_token(vision_model: nn.Module, pixel_values: torch.Tensor, *,
+                       checkpoint: bool = False) -> torch.Tensor:
     """``vision_model(pixel_values=...).pooler_output`` of a CLIP vision transformer (the
     post-layer-norm class token, shape ``(B, hidden)``), with the last layer computed for the
     class token only. ``vision_model`` is ``CLIPModel.vision_model`` or
-    ``CLIPVisionModelWithProjection.vision_model``."""
+    ``CLIPVisionModelWithProjection.vision_model``.
+
+    ``checkpoint``: when gradients are being recorded, keep only each layer's input and
+    recompute the layer in the backward pass (activation checkpointing)."""
     hidden = vision_model.embeddings(pixel_values)
     hidden = vision_model.pre_layrnorm(hidden)
     layers = vision_model.encoder.layers
+    recompute = checkpoint and torch.is_grad_enabled()
     for i, layer in enumerate(layers):
-        hidden = _layer(layer, hidden, class_only=i == len(layers) - 1)
+        class_only = i == len(layers) - 1
+        if recompute:
+            hidden = torch.utils.checkpoint.checkpoint(_layer, layer, hidden, class_only, use_reentrant=False)
+        else:
+            hidden = _layer(layer, hidden, class_only=class_only)
     return vision_model.post_layernorm(hidden[:, 0])
