@@ -55,10 +55,11 @@ def test_audio_encoder_traces_as_one_graph():
     assert (graphs, breaks) == (1, [])
 
 
-def test_compile_must_be_a_bool(tiny_data, tmp_path):
+@pytest.mark.parametrize("key", ["compile", "grad_checkpointing"])
+def test_optim_switches_must_be_bools(tiny_data, tmp_path, key):
     d = tiny_config(tiny_data, tmp_path / "run", audio=False)
-    d["stages"][0]["optim"]["compile"] = "yes"
-    with pytest.raises(ConfigError, match="optim.compile"):
+    d["stages"][0]["optim"][key] = "yes"
+    with pytest.raises(ConfigError, match=f"optim.{key}: use true or false"):
         parse_config(d)
 
 
