@@ -461,3 +461,20 @@ def test_resampled_windows_match_the_whole_resampled_recording(tmp_path, rate):
         got = load_audio_window(str(path), target, n, start=lambda length, s=s, seen=seen: seen.append(length) or s)
         assert seen == [len(whole)]
         np.testing.assert_allclose(got, whole[s : s + n], rtol=0, atol=2e-6, err_msg=f"start {s}")
+
+
+@pytest.mark.parametrize("seconds", [0.5, 3.0])
+@pytest.mark.parametrize("rate", [SR, 22_050])
+def test_windowed_reads_keep_the_reason_a_recording_is_bad(tmp_path, seconds, rate):
+    """A recording with NaN samples in its clip is skipped as non-finite, whether it is read
+    whole (shorter than a clip) or by window, at the encoder's rate or another."""
+    from geobind.data.errors import BadSampleError
+    from geobind.encoders.audio import load_clip
+
+    wave = np.zeros(int(seconds * rate), dtype=np.float32)
+    wave[: rate // 4] = np.nan
+    path = tmp_path / "nan.wav"
+    sf.write(path, wave, rate, subtype="FLOAT")
+    with pytest.raises(BadSampleError) as info:
+        load_clip(str(path), make_encoder().audio, train=False)
+    assert info.value.reason == "non-finite"

@@ -179,18 +179,23 @@ def load_audio_window(
             if not exact and rate // math.gcd(rate, int(sample_rate)) > _MAX_GRID:
                 return None
             length = frames if exact else resampled_length(frames, rate, sample_rate)
-            if length <= n:
+            whole = length <= n
+            if whole:
                 data = f.read(dtype="float32", always_2d=True)
-                return _finish(_downmix(data), rate, sample_rate, label)
-            s = start(length)
-            first, stop, offset = (s, s + n, 0) if exact else _window_span(s, n, frames, rate, int(sample_rate))
-            f.seek(first)
-            data = f.read(stop - first, dtype="float32", always_2d=True)
-            if data.shape[0] != stop - first:  # a header that promises more than the file holds
-                return None
+            else:
+                s = start(length)
+                first, stop, offset = (s, s + n, 0) if exact else _window_span(s, n, frames, rate, int(sample_rate))
+                f.seek(first)
+                data = f.read(stop - first, dtype="float32", always_2d=True)
+                if data.shape[0] != stop - first:  # a header that promises more than the file holds
+                    return None
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
         raise BadSampleError(label, "undecodable", f"cannot decode audio: {e}") from None
-    wave = _finish(_downmix(data), rate, sample_rate, label)[offset : offset + n]
+    # Outside the try: its checks raise their own reasons (silent, non-finite), not "undecodable".
+    wave = _finish(_downmix(data), rate, sample_rate, label)
+    if whole:
+        return wave
+    wave = wave[offset : offset + n]
     return wave if wave.shape[0] == n else None
 
 
