@@ -386,6 +386,12 @@ def test_profile_records_the_chosen_steps_of_each_stage(tiny_data, tmp_path, cap
         assert table.startswith(f"stage {name}: steps 2-3 of this session on cpu:") and "aten::" in table
         assert not list(folder.glob("*.tmp"))
     assert out.count("profiled steps 2-3") == 2
+    d["output_dir"] = str(tmp_path / "late")
+    cfg.write_text(yaml.safe_dump(d))
+    assert main(["train", str(cfg), "--no-progress", "--profile", "10:2"]) == 0
+    out = capsys.readouterr().out
+    assert "stage satellite: nothing profiled: the window starts after step 10 of this session, and the stage ran 4" in out
+    assert not (tmp_path / "late" / "stages" / "01-satellite" / "profile").exists()
     with pytest.raises(SystemExit):
         main(["train", str(cfg), "--profile", "5"])
     assert "use AFTER:STEPS, e.g. 50:5" in capsys.readouterr().err

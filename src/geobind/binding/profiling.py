@@ -70,6 +70,8 @@ class StepProfiler:
             return
         self.done = True
         if self._prof is None:
+            self.say(f"{self.label}nothing profiled: the window starts after step {self.after} of this "
+                     f"session, and the stage ran {self.seen}")
             return
         self._sync()
         wall = time.perf_counter() - self._t0
