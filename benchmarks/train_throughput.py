@@ -11,7 +11,8 @@ features on the device. Each variant builds fresh models; an out-of-memory (or a
 of one variant) is recorded, not fatal. A variant suffixed ``:hf`` (e.g. ``eager:2:hf``) is the
 same step with transformers' own forward code where GeoBind has a leaner one (the satellite ViT
 computes every token in its last layer; the audio tower's window attention runs in eager form),
-so the gain of those two is measured on its own. ``--profile`` (default on CUDA: the compiled
+so the gain of those two is measured on its own; ``:ckpt`` turns on gradient checkpointing
+(``optim.grad_checkpointing``), e.g. ``compile:8:ckpt`` for its cost at a batch that needs it. ``--profile`` (default on CUDA: the compiled
 variants) runs 3 more steps under ``torch.profiler`` and records where the time goes: GPU kernel
 time by category (matmul, attention, compiled fusions, optimiser, copies, ...), the busy fraction
 (kernel time over wall time; well below 1 means the GPU waits for the host) and the top kernels.
@@ -32,6 +33,7 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import ClapAudioConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -279,14 +281,20 @@ class _HfVisionEncoder(ClipVisionEncoder):
         pixels = model_input(batch, self.transform, self.device)
         return l2_normalize(self.model(pixel_values=pixels).image_embeds)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        if enabled:  # transformers' own checkpointing of its encoder layers
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
 
-def variant_name(compile_: bool, batch: int, hf: bool) -> str:
-    """``eager-b512``, ``compile-b1024``, ``eager-b1024-hf``."""
-    return f"{'compile' if compile_ else 'eager'}-b{batch}{'-hf' if hf else ''}"
+
+def variant_name(compile_: bool, batch: int, hf: bool, ckpt: bool = False) -> str:
+    """``eager-b512``, ``compile-b1024``, ``eager-b1024-hf``, ``compile-b4096-ckpt``."""
+    return f"{'compile' if compile_ else 'eager'}-b{batch}{'-hf' if hf else ''}{'-ckpt' if ckpt else ''}"
 
 
 def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[tuple[bool, int, bool]], profile: str = "none", report=None) -> dict:
+           variants: list[Variant], profile: str = "none", report=None) -> dict:
     """Plain step, GeoBind's step for each (compile, batch scale) and inference tiles/s.
     ``report(partial)`` is called after the plain step and after every variant."""
     report = report or (lambda r: None)
@@ -318,10 +326,11 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
     out["plain"] = plain_variant()
     report(out)
 
-    def geobind_variant(compile_: bool, b: int, hf: bool):
+    def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool):
         _fresh_peak(device)
         enc = (_HfVisionEncoder if hf else ClipVisionEncoder)(
             "satellite", CLIPVisionModelWithProjection(cfg), ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
+        enc.set_grad_checkpointing(ckpt)
         anchor = ClipVisionEncoder("ground", CLIPVisionModelWithProjection(cfg),
                                    ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
         stage = BindingStage(enc, anchor, symmetric=False).to(device)
@@ -345,9 +354,9 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         isec = _timeit(infer, steps, warmup, device)
         return r, {"batch": b, "tiles_per_s": b / isec}
 
-    for c, k, hf in variants:
-        key = variant_name(c, batch * k, hf)
-        res = _guarded(lambda c=c, k=k, hf=hf: geobind_variant(c, batch * k, hf))
+    for c, k, hf, ckpt in variants:
+        key = variant_name(c, batch * k, hf, ckpt)
+        res = _guarded(lambda c=c, k=k, hf=hf, ckpt=ckpt: geobind_variant(c, batch * k, hf, ckpt))
         if "error" in res:
             out["geobind"][key] = out["infer"][key] = res
         else:
@@ -357,7 +366,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
 
 def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[tuple[bool, int, bool]], profile: str = "none", report=None) -> dict:
+           variants: list[Variant], profile: str = "none", report=None) -> dict:
     """Plain audio step (loader-side features, frozen satellite ViT every step) vs GeoBind's;
     ``report`` as for :func:`stage1`."""
     report = report or (lambda r: None)
@@ -404,11 +413,12 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
     out["plain"] = plain_variant()
     report(out)
 
-    def geobind_variant(compile_: bool, b: int, hf: bool):
+    def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool):
         _fresh_peak(device)
         enc = encoder()
         if hf:
             set_window_attention(enc.backbone, "eager")
+        enc.set_grad_checkpointing(ckpt)
         anchor = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
                                    ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
         stage = BindingStage(enc, anchor, symmetric=True).to(device)
@@ -420,9 +430,9 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         return _time_geobind_step(stage, lambda: runner(waves, anchor_emb=cached), b, steps, warmup, device,
                                   profile == "all" or (profile == "compiled" and compile_))
 
-    for c, k, hf in variants:
-        out["geobind"][variant_name(c, batch * k, hf)] = _guarded(
-            lambda c=c, k=k, hf=hf: geobind_variant(c, batch * k, hf))
+    for c, k, hf, ckpt in variants:
+        out["geobind"][variant_name(c, batch * k, hf, ckpt)] = _guarded(
+            lambda c=c, k=k, hf=hf, ckpt=ckpt: geobind_variant(c, batch * k, hf, ckpt))
         report(out)
     return out
 
@@ -451,18 +461,28 @@ def _summarise(r: dict, peak: float | None, train_flops: float | None = None) ->
             r["infer_over_train"] = max(ok) / best["sps"]
 
 
-def parse_variants(specs: list[str]) -> list[tuple[bool, int, bool]]:
-    """``["eager:1", "compile:2", "eager:2:hf"]`` -> ``[(False, 1, False), (True, 2, False),
-    (False, 2, True)]``: (compiled, multiple of the plain batch, transformers' forward code)."""
+class Variant(NamedTuple):
+    """One GeoBind step variant of ``--variants``."""
+
+    compiled: bool  # torch.compile the trainable encoder
+    scale: int  # batch = scale x the plain step's batch
+    hf: bool = False  # transformers' forward code instead of GeoBind's lean one
+    ckpt: bool = False  # optim.grad_checkpointing: layers recomputed in the backward pass
+
+
+def parse_variants(specs: list[str]) -> list[Variant]:
+    """``["eager:1", "compile:2", "eager:2:hf", "compile:8:ckpt"]`` -> variants: eager or compiled,
+    a multiple of the plain batch, and optional flags ``hf`` (transformers' forward code) and
+    ``ckpt`` (gradient checkpointing)."""
     out = []
     for spec in specs:
         parts = spec.split(":")
-        mode, scale, rest = parts[0], (parts[1] if len(parts) > 1 else ""), parts[2:]
+        mode, scale, flags = parts[0], (parts[1] if len(parts) > 1 else ""), parts[2:]
         if (mode not in ("eager", "compile") or not scale.isdigit() or int(scale) < 1
-                or rest not in ([], ["hf"])):
+                or not set(flags) <= {"hf", "ckpt"} or len(set(flags)) != len(flags)):
             raise SystemExit(f"--variants {spec!r}: use eager:N or compile:N (N a positive integer), "
-                             "optionally with :hf")
-        out.append((mode == "compile", int(scale), rest == ["hf"]))
+                             "optionally with :hf and/or :ckpt")
+        out.append(Variant(mode == "compile", int(scale), "hf" in flags, "ckpt" in flags))
     return out
 
 
@@ -482,7 +502,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--variants", nargs="+", default=None, metavar="MODE:SCALE",
                     help="GeoBind step variants: eager|compile : multiple of the plain batch [:hf for "
-                         "transformers' forward code] (default on CUDA: compile:2 eager:2 eager:2:hf "
+                         "transformers' forward code] [:ckpt for gradient checkpointing, e.g. compile:8:ckpt] "
+                         "(default on CUDA: compile:2 eager:2 eager:2:hf "
                          "eager:1, the full step first; on CPU: eager:1)")
     ap.add_argument("--stage2", action="store_true", help="also run the audio stage (once, at the first size)")
     ap.add_argument("--stage2-only", action="store_true",

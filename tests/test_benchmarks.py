@@ -26,17 +26,18 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     tt = _load("train_throughput")
     out = tmp_path / "r.json"
     r = tt.main(["--size", "tiny", "--steps", "2", "--warmup", "1", "--stage2", "--variants", "eager:1", "eager:2",
-                 "eager:1:hf", "--profile", "all", "--out", str(out)])
+                 "eager:1:hf", "eager:1:ckpt", "eager:1:hf:ckpt", "--profile", "all", "--out", str(out)])
     s1 = r["stage1"]["tiny"]
     assert s1["plain"]["sps"] > 0
-    assert set(s1["geobind"]) == {"eager-b8", "eager-b16", "eager-b8-hf"} and set(s1["infer"]) == set(s1["geobind"])
+    assert set(s1["geobind"]) == {"eager-b8", "eager-b16", "eager-b8-hf", "eager-b8-ckpt", "eager-b8-hf-ckpt"}
+    assert set(s1["infer"]) == set(s1["geobind"])
     for v in s1["geobind"].values():
         assert v["sps"] > 0 and v["ratio"] == v["sps"] / s1["plain"]["sps"]
     assert s1["best"]["sps"] == max(v["sps"] for v in s1["geobind"].values())
     assert s1["infer_over_train"] > 0
     s2 = r["stage2"]["tiny"]
     assert s2["plain"]["sps"] > 0 and all(v["sps"] > 0 for v in s2["geobind"].values())
-    assert set(s2["geobind"]) == {"eager-b4", "eager-b8", "eager-b4-hf"}
+    assert set(s2["geobind"]) == {"eager-b4", "eager-b8", "eager-b4-hf", "eager-b4-ckpt", "eager-b4-hf-ckpt"}
     assert json.loads(out.read_text())["device"] == "cpu"
     text = tt.table(r)
     assert "eager-b16" in text and "2 audio->sat" in text
@@ -106,9 +107,12 @@ def test_variants_are_parsed_and_checked():
     import pytest
 
     tt = _load("train_throughput")
-    assert tt.parse_variants(["eager:1", "compile:2", "eager:2:hf"]) == [(False, 1, False), (True, 2, False),
-                                                                          (False, 2, True)]
-    for bad in ("fast:2", "eager:0", "eager:2:fast", "compile"):
+    got = tt.parse_variants(["eager:1", "compile:2", "eager:2:hf", "compile:8:ckpt", "eager:1:ckpt:hf"])
+    assert got == [(False, 1, False, False), (True, 2, False, False), (False, 2, True, False),
+                   (True, 8, False, True), (False, 1, True, True)]
+    assert [tt.variant_name(v.compiled, 4 * v.scale, v.hf, v.ckpt) for v in got] == [
+        "eager-b4", "compile-b8", "eager-b8-hf", "compile-b32-ckpt", "eager-b4-hf-ckpt"]
+    for bad in ("fast:2", "eager:0", "eager:2:fast", "compile", "eager:1:ckpt:ckpt"):
         with pytest.raises(SystemExit, match="eager:N or compile:N"):
             tt.parse_variants([bad])
 
