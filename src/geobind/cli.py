@@ -17,6 +17,7 @@ examples:
   geobind train run.yaml --set stages.satellite.optim.compile=true    # GPU: a compiled step
   geobind train run.yaml --set stages.satellite.encoder.augment_on=device  # GPU: augment there
   geobind train run.yaml --profile 50:5   # steps 51-55 of each stage under torch.profiler
+  geobind train run.yaml --set stages.satellite.optim.grad_checkpointing=true  # bigger batches fit
 """
 
 EPILOG_EVAL = """\

@@ -12,7 +12,7 @@ shorter side is at most ``image_size`` (never upscaled), then stored as JPEG (qu
 PNG. Audio is copied as is, or, with ``audio_rate``, decoded, downmixed to mono, resampled with
 soxr and stored at that rate (the encoder's rate, so training never resamples) as 24-bit FLAC,
 or with ``audio_format="wav"`` as 16-bit PCM WAV: no decoding at all when training (a clip's
-window is read as is), for shards about twice the size of FLAC's.
+window is read as is), at 2 bytes per sample (FLAC's size depends on the audio).
 Text goes to ``text.txt``; ``id``, ``lat``, ``lon`` and the metadata columns go to ``json``.
 Rows with bad coordinates are left out; an unusable file leaves out that member only (the other
 modalities of the row still serve other stages). Both are counted per reason.
