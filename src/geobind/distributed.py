@@ -154,11 +154,7 @@ def _small_int_group():
 
 def _gather_sizes(x: torch.Tensor) -> list[int]:
     """Every rank's ``x.shape[0]`` (see :func:`_small_int_group`)."""
-    group, device = _small_int_group()
-    n = torch.tensor([x.shape[0]], dtype=torch.long, device=device)
-    out = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, n, group=group)
-    return [int(t.item()) for t in out]
+    return [n for (n,) in all_gather_ints([x.shape[0]])]
 
 
 def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -259,6 +255,11 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def loader_workers(setting: int | str, device: torch.device) -> int:
     """``optim.num_workers`` as a number: ``auto`` is 0 on a CPU (the model needs the cores) and,
     on a GPU, this rank's share of the machine's cores less one for the rank itself, at most 8."""
@@ -266,8 +267,7 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
         return int(setting)
     if device.type != "cuda":
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_rank = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, per_rank - 1))
 
 

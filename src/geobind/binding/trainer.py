@@ -98,7 +98,7 @@ DATA_WAIT_HINT = 0.10
 
 def _data_wait_hint(stage: str, wait: float, first: int, last: int, workers: int, encoder, packed: bool) -> str:
     """What to say when the loader sets the pace of a stage (steps ``first``-``last``)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = gbdist.usable_cpus()
     hints = []
     if workers < cpus - 1:
         hints.append(f"raise optim.num_workers (now {workers} per rank; {cpus} cores here)")
@@ -514,7 +514,7 @@ class Trainer:
             encoder.set_grad_checkpointing(True)
         if o.compile:
             # In place: parameter names (checkpoints, saved models) are unchanged. The first
-            # steps include the compilation; a batch of another size compiles once more.
+            # steps include the compilation; short batches are padded to keep its one graph.
             encoder.compile()
             self._say(f"stage {scfg.name}: compiling the {scfg.train} encoder (optim.compile); the first "
                       "step takes longer")

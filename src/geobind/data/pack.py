@@ -139,6 +139,10 @@ def _image_bytes(item: Any, size: int, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+# --audio-format -> (soundfile format, subtype) of resampled audio.
+AUDIO_FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "PCM_16")}
+
+
 def _audio_member(item: Any, rate: int | None, name: str, fmt: str = "flac") -> tuple[str, bytes]:
     import soundfile as sf
 
@@ -147,10 +151,8 @@ def _audio_member(item: Any, rate: int | None, name: str, fmt: str = "flac") -> 
     if rate:
         wave = load_audio(item, rate, name=name)
         buf = io.BytesIO()
-        if fmt == "wav":
-            sf.write(buf, np.clip(wave, -1.0, 1.0), rate, format="WAV", subtype="PCM_16")
-        else:
-            sf.write(buf, np.clip(wave, -1.0, 1.0), rate, format="FLAC", subtype="PCM_24")
+        container, subtype = AUDIO_FORMATS[fmt]
+        sf.write(buf, np.clip(wave, -1.0, 1.0), rate, format=container, subtype=subtype)
         return fmt, buf.getvalue()
     if not isinstance(item, (str, Path)):
         raise BadSampleError(name, "bad-shape", "in-memory audio needs --audio-rate to be packed")
@@ -305,8 +307,8 @@ def pack(
         raise ValueError("--shard-size must be at least 1")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"--image-format must be jpg or png, got {image_format!r}")
-    if audio_format not in ("flac", "wav"):
-        raise ValueError(f"--audio-format must be flac or wav, got {audio_format!r}")
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"--audio-format must be {' or '.join(AUDIO_FORMATS)}, got {audio_format!r}")
     if audio_format != "flac" and not audio_rate:
         raise ValueError("--audio-format applies to re-encoded audio: give --audio-rate too "
                          "(without it audio files are copied as they are)")
