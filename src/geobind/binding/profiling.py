@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from geobind.search.common import atomic_path
 
 __all__ = ["StepProfiler"]
 
@@ -76,23 +77,18 @@ class StepProfiler:
         self._sync()
         wall = time.perf_counter() - self._t0
         self._prof.stop()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         suffix = f".rank{self.rank}" if self.rank is not None else ""
         trace = self.out_dir / f"trace{suffix}.json"
-        tmp = trace.with_name(trace.name + ".tmp")
-        self._prof.export_chrome_trace(str(tmp))
-        os.replace(tmp, trace)
+        with atomic_path(trace, force=True) as tmp:
+            self._prof.export_chrome_trace(str(tmp))
         cuda = self.device.type == "cuda"
         table = self._prof.key_averages().table(
             sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
-        first = self.after + 1
-        text = (f"{self.label}steps {first}-{first + self.recorded - 1} of this session on {self.device}: "
-                f"{1000 * wall / max(1, self.recorded):.1f} ms per step (wall, profiler on)\n"
-                f"operators by their own {'GPU' if cuda else 'CPU'} time:\n{table}\n")
+        steps = f"steps {self.after + 1}-{self.after + self.recorded}"
+        per_step = f"{1000 * wall / max(1, self.recorded):.1f} ms per step"
         report = self.out_dir / f"profile{suffix}.txt"
-        tmp = report.with_name(report.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, report)
-        self.say(f"{self.label}profiled steps {first}-{first + self.recorded - 1}: "
-                 f"{1000 * wall / max(1, self.recorded):.1f} ms per step; {report} and {trace.name} "
+        with atomic_path(report, force=True) as tmp:
+            tmp.write_text(f"{self.label}{steps} of this session on {self.device}: {per_step} (wall, profiler on)\n"
+                           f"operators by their own {'GPU' if cuda else 'CPU'} time:\n{table}\n")
+        self.say(f"{self.label}profiled {steps}: {per_step}; {report} and {trace.name} "
                  "(open it in https://ui.perfetto.dev)")
