@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geobind.binding.prefetch import map_tensors
 from geobind.binding.step import StepRunner
 from geobind.binding.trainer import _CollateTrain, build_optimizer, train_items, train_loader
 from geobind.data.manifest import read_dataset
@@ -307,7 +308,8 @@ def train_rates(
     table = read_dataset(paths["images"])
     shards = read_dataset(shards_dir)
     pin = dev.type == "cuda"
-    mem = next(iter(loader_batches(table, enc, batch, workers=0)))
+    # Already on the device: this feed times the step alone, no loading and no copy.
+    mem = map_tensors(next(iter(loader_batches(table, enc, batch, workers=0))), lambda t: t.to(dev))
     loader_t, device_t = enc.transform, ImageTransform(px, SATELLITE_MEAN, SATELLITE_STD, "overhead", augment_on="device")
     feeds = {
         "memory": (lambda: _repeat(mem), "one pre-made batch", loader_t),
@@ -431,6 +433,11 @@ def main(argv=None) -> dict:
     if a.quick:
         a.images, a.image_px, a.audio, a.audio_seconds, a.batch = 24, 64, 4, 2.0, 8
         a.model, a.train_batch, a.train_steps, a.rounds, a.aug_batch = "tiny", 8, 1, 1, 8
+    if not a.skip_train and (a.train_steps + 1) * a.train_batch > a.images:
+        # Each feed is one epoch of the trainer's loader: a warm-up batch, then the timed ones.
+        p.error(f"--train-steps {a.train_steps} at --train-batch {a.train_batch} needs "
+                f"{(a.train_steps + 1) * a.train_batch} images (one warm-up batch first); "
+                f"--images is {a.images}: raise --images or lower --train-steps")
     os.environ.setdefault("GEOBIND_CACHE", tempfile.mkdtemp(prefix="geobind-bench-cache-"))
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="geobind-bench-"))
     res = {
@@ -525,8 +532,8 @@ def main(argv=None) -> dict:
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+        if a.out:  # also after a failure: what was measured before it is kept
+            Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     return res
 
 

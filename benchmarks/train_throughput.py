@@ -24,6 +24,8 @@ training FLOPs / peak FLOP/s (``--peak-tflops``, default 800 for an H100's measu
 
     python benchmarks/train_throughput.py --size b32 b16 --stage2 --out results.json   # on a GPU
     python benchmarks/train_throughput.py --size tiny --steps 2 --stage2               # CPU smoke run
+    python benchmarks/train_throughput.py --size b32 --batch 16 --audio-batch 2 --stage2 \
+        --steps 4 --warmup 2 --variants eager:1 eager:1:hf                             # CPU, real sizes
 """
 
 from __future__ import annotations
@@ -100,6 +102,35 @@ def _autocast(device, precision):
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def counted_flops(fn) -> float:
+    """FLOPs of ``fn()`` as ``torch.utils.flop_counter`` counts them: matrix products and
+    convolutions, forward and backward (not the FFT, softmax or elementwise work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def audio_train_flops(encoder, clip_samples: int, device) -> float:
+    """Counted FLOPs of one clip's training forward + backward through an audio encoder (mel
+    front end + HTS-AT), its window attention switched to transformers' eager form for the count
+    so that the attention products are counted on every device (the FLOPs are the same)."""
+    set_window_attention(encoder.backbone, "eager")
+    try:
+        encoder.train()
+        wave = torch.randn(1, clip_samples, device=device) * 0.1
+        return counted_flops(lambda: encoder(wave).sum().backward())
+    finally:
+        set_window_attention(encoder.backbone, "sdpa")
+
+
+def cache_ceiling(train_flops: float, teacher_fwd_flops: float) -> float:
+    """The most the anchor cache alone can give if time followed FLOPs: the plain step's FLOPs
+    (student training + teacher forward) over GeoBind's (student training)."""
+    return (train_flops + teacher_fwd_flops) / train_flops
 
 
 def vision_config(size: str) -> tuple[CLIPVisionConfig, int]:
@@ -181,6 +212,8 @@ def profile_step(step, device, steps: int = 3) -> dict:
             _sync(device)
             wall = (time.perf_counter() - t) / steps
         totals = time_by_name(prof, cuda)
+        if not totals:  # e.g. no CUPTI: an empty trace is no reading, not an idle GPU
+            raise RuntimeError("the profiler recorded no " + ("GPU kernels" if cuda else "operators"))
     except Exception as e:  # noqa: BLE001 - a diagnostic only
         return {"profile_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     return {"profile": summarise_profile(totals, wall, steps, cuda)}
@@ -223,20 +256,20 @@ def summarise_profile(totals: dict[str, float], wall: float, steps: int, cuda: b
 def _guarded(fn) -> dict:
     """Run one variant; an out-of-memory or any other failure (a compiler error, say) is
     recorded instead of ending the run, so the other variants are still measured."""
+    import traceback
+
     try:
         return fn()
     except torch.OutOfMemoryError as e:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return {"error": "out of memory", "detail": str(e).splitlines()[0]}
+        failed = {"error": "out of memory", "detail": str(e).splitlines()[0]}
     except Exception as e:  # noqa: BLE001 - reported in the JSON and the table
-        import traceback
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         lines = (str(e).strip() or type(e).__name__).splitlines()
-        return {"error": type(e).__name__, "detail": lines[0][:300],
-                "where": traceback.format_exc().strip().splitlines()[-3:]}
+        failed = {"error": type(e).__name__, "detail": lines[0][:300],
+                  "where": traceback.format_exc().strip().splitlines()[-3:]}
+    # Outside the handlers: the exception's frames, and the variant's tensors, are gone by now.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return failed
 
 
 def _time_plain(forward, opt, scale, symmetric: bool, batch: int, steps: int, warmup: int, device) -> dict:
@@ -302,6 +335,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
     ac = _autocast(device, precision)
     flops = vit_forward_flops(cfg)
     out = {"batch": batch, "fwd_gflop_per_sample": flops / 1e9, "train_flop_per_sample": 3 * flops,
+           "teacher_fwd_flop_per_sample": flops, "cache_ceiling": cache_ceiling(3 * flops, flops),
            "geobind": {}, "infer": {}}
 
     def plain_variant():
@@ -323,7 +357,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
         return _time_plain(plain, opt, scale, False, batch, steps, warmup, device)
 
-    out["plain"] = plain_variant()
+    out["plain"] = _guarded(plain_variant)
     report(out)
 
     def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool):
@@ -386,7 +420,10 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
     def encoder():
         return ClapAudioEncoder("audio", cfg.projection_dim, ClapAudioModelWithProjection(acfg), settings).to(device)
 
-    out = {"batch": batch, "geobind": {}}
+    teacher = vit_forward_flops(cfg)
+    train_flops = audio_train_flops(encoder(), settings.clip_samples, device)
+    out = {"batch": batch, "train_flop_per_sample": train_flops, "teacher_fwd_flop_per_sample": teacher,
+           "cache_ceiling": cache_ceiling(train_flops, teacher), "geobind": {}}
 
     def plain_variant():
         _fresh_peak(device)
@@ -410,7 +447,7 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
         return _time_plain(plain, opt, scale, True, batch, steps, warmup, device)
 
-    out["plain"] = plain_variant()
+    out["plain"] = _guarded(plain_variant)
     report(out)
 
     def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool):
@@ -439,17 +476,17 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
 def _summarise(r: dict, peak: float | None, train_flops: float | None = None) -> None:
     """Add each variant's ratio to the plain step (and MFU), and the best variant."""
-    base = r["plain"]["sps"]
+    base = r["plain"].get("sps")  # None if the plain step failed (out of memory, say)
     best, best_name = None, None
     for name, v in r["geobind"].items():
         if "sps" not in v:
             continue
-        v["ratio"] = v["sps"] / base
+        v["ratio"] = v["sps"] / base if base else None
         if peak and train_flops:
             v["mfu"] = v["sps"] * train_flops / (peak * 1e12)
         if best is None or v["sps"] > best["sps"]:
             best, best_name = v, name
-    if peak and train_flops:
+    if peak and train_flops and base:
         r["plain"]["mfu"] = base * train_flops / (peak * 1e12)
     r["best"], r["best_variant"] = best, best_name
     profiled = [(v["sps"], n) for n, v in r["geobind"].items() if "sps" in v and "profile" in v]
@@ -499,6 +536,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="the plain stage-1 step's batch (default: 512 at b32, 256 at b16, 8 at tiny); "
+                         "variants scale it")
+    ap.add_argument("--audio-batch", type=int, default=None,
+                    help="the plain stage-2 step's batch (default: 128, 4 at tiny); variants scale it")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--variants", nargs="+", default=None, metavar="MODE:SCALE",
                     help="GeoBind step variants: eager|compile : multiple of the plain batch [:hf for "
@@ -514,6 +556,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default 800 on CUDA)")
     ap.add_argument("--out", help="write every figure to this JSON file")
     a = ap.parse_args(argv)
+    for flag, value in (("--batch", a.batch), ("--audio-batch", a.audio_batch)):
+        if value is not None and value < 2:
+            ap.error(f"{flag} must be at least 2 (the contrastive loss needs negatives), got {value}")
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     precision = a.precision or ("bf16" if cuda else "fp32")
@@ -530,17 +575,17 @@ def main(argv=None) -> dict:
     def reporter(stage: str, size: str):
         def report(r: dict) -> None:
             # After every variant, so a run stopped at its time limit keeps what it measured.
-            _summarise(r, peak if stage == "stage1" else None, r.get("train_flop_per_sample"))
+            _summarise(r, peak, r.get("train_flop_per_sample"))
             results[stage][size] = r
             _write(a.out, results)
         return report
 
     for size in ([] if a.stage2_only else a.size):
-        stage1(size, device, SIZES[size][2], a.steps, a.warmup, precision, variants, profile,
+        stage1(size, device, a.batch or SIZES[size][2], a.steps, a.warmup, precision, variants, profile,
                report=reporter("stage1", size))
     if a.stage2 or a.stage2_only:
         size = a.size[0]
-        stage2(size, device, SIZES[size][3], a.steps, a.warmup, precision, variants, profile,
+        stage2(size, device, a.audio_batch or SIZES[size][3], a.steps, a.warmup, precision, variants, profile,
                report=reporter("stage2", size))
     print(table(results))
     return results
@@ -557,14 +602,15 @@ def table(results: dict) -> str:
     for stage, label in (("stage1", "1 sat->ground"), ("stage2", "2 audio->sat")):
         for size, r in results[stage].items():
             p = r["plain"]
-            rows.append((label, size, "plain", r["batch"], fmt(p["sps"], "{:.1f}"), "1.00x",
+            rows.append((label, size, "plain", r["batch"], fmt(p.get("sps"), "{:.1f}") if "error" not in p
+                         else p["error"], "1.00x",
                          fmt(p.get("mfu"), "{:.1%}"), "-", fmt(p.get("peak_gib"), "{:.1f}"), "-"))
             for name, v in r["geobind"].items():
                 if "sps" not in v:
                     rows.append((label, size, name, "-", v.get("error", "?"), "-", "-", "-", "-", "-"))
                     continue
                 inf = r.get("infer", {}).get(name, {}).get("tiles_per_s")
-                rows.append((label, size, name, v["batch"], fmt(v["sps"], "{:.1f}"), fmt(v["ratio"], "{:.2f}x"),
+                rows.append((label, size, name, v["batch"], fmt(v["sps"], "{:.1f}"), fmt(v.get("ratio"), "{:.2f}x"),
                              fmt(v.get("mfu"), "{:.1%}"), fmt(inf, "{:.1f}"), fmt(v.get("peak_gib"), "{:.1f}"),
                              v.get("host_syncs", "-")))
     head = (f"device: {results['device']}  precision: {results['precision']}  "

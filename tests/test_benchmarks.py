@@ -1,6 +1,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 from transformers import CLIPVisionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,62 @@ def test_vit_flops_formula_matches_the_stated_figures():
     assert 8.5e9 < b32 < 9.1e9 and 34e9 < b16 < 36e9
 
 
+@pytest.mark.parametrize("over", [dict(patch_size=32, image_size=224, projection_dim=512),
+                                  dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, patch_size=8, image_size=32, projection_dim=16)])
+def test_vit_flops_formula_equals_torchs_flop_counter(over):
+    """The stated formula against torch.utils.flop_counter on transformers' model (eager
+    attention, so the attention products are counted too)."""
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+
+    tt = _load("train_throughput")
+    cfg = CLIPVisionConfig(**over, attn_implementation="eager")
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    with torch.no_grad():
+        counted = tt.counted_flops(lambda: model(pixel_values=torch.randn(1, 3, cfg.image_size, cfg.image_size)))
+    assert counted == pytest.approx(tt.vit_forward_flops(cfg), rel=1e-6)
+
+
+def test_audio_flops_are_counted_and_the_window_attention_is_put_back():
+    from transformers import ClapAudioConfig, ClapAudioModelWithProjection
+    from transformers.models.clap.modeling_clap import ClapAudioSelfAttention
+
+    from geobind.encoders.audio import (
+        AudioSettings,
+        ClapAudioEncoder,
+        _SdpaWindowAttention,
+        tiny_clap_audio_config,
+    )
+
+    tt = _load("train_throughput")
+    settings = AudioSettings(sample_rate=16000, clip_seconds=1.0, n_fft=512, hop_length=160, n_mels=16,
+                             f_max=8000.0)
+    enc = ClapAudioEncoder("audio", 32, ClapAudioModelWithProjection(ClapAudioConfig(**tiny_clap_audio_config(32))),
+                           settings)
+    flops = tt.audio_train_flops(enc, settings.clip_samples, enc.device)
+    assert flops > 0
+    attn = [m for m in enc.backbone.modules() if isinstance(m, ClapAudioSelfAttention)]
+    assert attn and all(type(m) is _SdpaWindowAttention for m in attn)
+    assert tt.cache_ceiling(3.0, 1.0) == pytest.approx(4 / 3)
+
+
+def test_a_failed_plain_step_is_recorded_and_the_variants_still_run(monkeypatch):
+    import torch
+
+    tt = _load("train_throughput")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(tt, "_time_plain", out_of_memory)
+    r = tt.main(["--size", "tiny", "--steps", "1", "--warmup", "0", "--variants", "eager:1"])
+    s1 = r["stage1"]["tiny"]
+    assert s1["plain"]["error"] == "out of memory"
+    assert s1["geobind"]["eager-b8"]["sps"] > 0 and s1["geobind"]["eager-b8"]["ratio"] is None
+    assert "out of memory" in tt.table(r)
+
+
 def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     import json
 
@@ -35,8 +92,12 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
         assert v["sps"] > 0 and v["ratio"] == v["sps"] / s1["plain"]["sps"]
     assert s1["best"]["sps"] == max(v["sps"] for v in s1["geobind"].values())
     assert s1["infer_over_train"] > 0
+    assert s1["cache_ceiling"] == pytest.approx(4 / 3)
     s2 = r["stage2"]["tiny"]
     assert s2["plain"]["sps"] > 0 and all(v["sps"] > 0 for v in s2["geobind"].values())
+    # Counted audio FLOPs give stage 2 an MFU (CPU: no peak given, so none) and its cache ceiling.
+    assert s2["cache_ceiling"] == pytest.approx(
+        (s2["train_flop_per_sample"] + s2["teacher_fwd_flop_per_sample"]) / s2["train_flop_per_sample"])
     assert set(s2["geobind"]) == {"eager-b4", "eager-b8", "eager-b4-hf", "eager-b4-ckpt", "eager-b4-hf-ckpt"}
     assert json.loads(out.read_text())["device"] == "cpu"
     text = tt.table(r)
@@ -45,6 +106,17 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     assert prof["busy_ms"] > 0 and prof["wall_ms"] > 0 and prof["top_ms"]
     assert abs(sum(prof["categories_ms"].values()) - prof["busy_ms"]) < 0.01 * prof["busy_ms"] + 0.01
     assert "ms per step" in text
+
+
+def test_batch_overrides_set_the_plain_batches_and_reject_a_batch_without_negatives(capsys):
+    tt = _load("train_throughput")
+    r = tt.main(["--size", "tiny", "--batch", "6", "--audio-batch", "3", "--steps", "1", "--warmup", "0",
+                 "--stage2", "--variants", "eager:2"])
+    assert r["stage1"]["tiny"]["batch"] == 6 and set(r["stage1"]["tiny"]["geobind"]) == {"eager-b12"}
+    assert r["stage2"]["tiny"]["batch"] == 3 and set(r["stage2"]["tiny"]["geobind"]) == {"eager-b6"}
+    with pytest.raises(SystemExit):
+        tt.main(["--size", "tiny", "--batch", "1"])
+    assert "--batch must be at least 2" in capsys.readouterr().err
 
 
 def test_every_variant_is_written_as_soon_as_it_is_measured(monkeypatch):

@@ -172,3 +172,22 @@ def test_half_inputs_computed_in_float32():
     half = contrastive_loss(x.bfloat16(), y.bfloat16(), torch.tensor(1 / 0.07))
     assert full.dtype == torch.float32 and half.dtype == torch.float32
     assert half.item() == pytest.approx(full.item(), rel=0.05, abs=1e-3)
+
+
+def test_logits_stay_float32_under_a_training_steps_autocast():
+    """The step runs the loss inside bf16 autocast; its products must not drop to bf16 (at scale
+    100 that moves the loss by about 1e-2, against ~1e-7 in float32)."""
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(64, 32, generator=g), dim=1).requires_grad_()
+    y = F.normalize(x.detach() + 0.3 * torch.randn(64, 32, generator=g), dim=1)
+    queue = F.normalize(torch.randn(100, 32, generator=g), dim=1).half()
+    mask = torch.zeros(64, 100, dtype=torch.bool)
+    mask[0, 0] = True
+    full = contrastive_loss(x, y, 100.0, symmetric=True, queue=queue, queue_mask=mask)
+    (gx,) = torch.autograd.grad(full, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the backward outside, as in the step
+        auto = contrastive_loss(x, y, torch.tensor(100.0), symmetric=True, queue=queue, queue_mask=mask)
+    (ga,) = torch.autograd.grad(auto, x)
+    assert auto.dtype == torch.float32
+    assert auto.item() == pytest.approx(full.item(), rel=1e-6, abs=1e-6)
+    assert torch.allclose(ga, gx, rtol=1e-5, atol=1e-7)

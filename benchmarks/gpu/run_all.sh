@@ -24,16 +24,21 @@ WORK="${WORK:-$(mktemp -d -t geobind-gpu-XXXXXX)}"
 mkdir -p "$OUT" "$WORK"
 PY="${PYTHON:-python3}"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/geobind-site .whl/*.whl; then
-        export PYTHONPATH="/tmp/geobind-site${PYTHONPATH:+:$PYTHONPATH}"
-    else
-        echo "could not install the wheels in .whl/ for this Python; going on with what is installed"
-    fi
+    # Only what this Python lacks (a carried wheel must not shadow an installed package), one
+    # wheel at a time (a wheel for another Python skips itself, not the others), into a
+    # folder of this run's own.
+    SITE="$WORK/site"
+    for wheel in .whl/*.whl; do
+        dist=$(basename "$wheel" | cut -d- -f1)
+        "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null && continue
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$wheel" \
+            2>/dev/null && echo "installed $dist from .whl/" || echo "skipped $(basename "$wheel") (not for this Python)"
+    done
+    [ -d "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEPS=20; WARMUP=5; B32=b32; B16=b16; DATA_SIZE=(--images 1536 --image-px 512 --audio 8 --batch 128 --train-batch 128)
-SMOKE_SIZE=(--size b32 --places 2048 --steps 30 --compile)
+SMOKE_SIZE=(--size b32 --places 9000 --steps 30 --compile)  # 30 steps within one epoch
 if [ -n "${QUICK:-}" ]; then STEPS=5; WARMUP=2; fi
 if [ -n "${SMOKE:-}" ]; then
     STEPS=2; WARMUP=1; B32=tiny; B16=tiny; DATA_SIZE=(--quick); SMOKE_SIZE=(--size tiny --places 48 --steps 4)
@@ -41,8 +46,8 @@ fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no GPU"; } \
     | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
-    | tee -a "$OUT/gpu.txt"
+"$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
 PARTS="${PARTS:-checks train-b32 train-audio trainer train-b16 data}"
 part() {  # part NAME SECONDS COMMAND...
@@ -50,9 +55,9 @@ part() {  # part NAME SECONDS COMMAND...
     case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
     local t0=$SECONDS
     echo "== $name (limit ${limit}s)" | tee -a "$OUT/parts.log"
-    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
-    local rc=$?
-    cat "$WORK/$name.log" >> "$OUT/parts.log"
+    # Logged into $OUT as it runs: a call stopped from outside still brings the log back.
+    timeout "$limit" "$@" 2>&1 | tee "$WORK/$name.log" >> "$OUT/parts.log"
+    local rc=${PIPESTATUS[0]}
     tail -n 25 "$WORK/$name.log"
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/parts.log"
 }
@@ -72,5 +77,5 @@ part train-b16 150 "$PY" benchmarks/train_throughput.py --size "$B16" --steps "$
 # Input pipeline with the machine's cores, and stage-1 training fed from files: data wait.
 WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
 part data 150 "$PY" benchmarks/data_throughput.py "${DATA_SIZE[@]}" --workers "$WORKERS" \
-    --train-steps 12 --rounds 1 --aug-batch 512 --work "$WORK/data" --out "$OUT/data.json"
+    --train-steps 10 --rounds 1 --aug-batch 512 --work "$WORK/data" --out "$OUT/data.json"
 "$PY" benchmarks/gpu/summary.py "$OUT"

@@ -8,35 +8,40 @@ from pathlib import Path
 
 
 def rows(folder: Path) -> list[tuple]:
-    out = [("part", "size", "plain/s", "best GeoBind", "samples/s", "vs plain", "MFU", "infer/s", "infer/train")]
+    out = [("part", "size", "plain/s", "best GeoBind", "samples/s", "vs plain", "MFU", "infer/s", "infer/train",
+            "cache max")]
     runs = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("train-*.json"))]
     for stage in ("stage1", "stage2"):
         for path, r in runs:
             for size, s in r.get(stage, {}).items():
                 best = s.get("best") or {}
                 name = s.get("best_variant") or "-"
+                plain = s["plain"]
                 out.append((
-                    f"{stage} {path.stem}", size, f"{s['plain']['sps']:.0f}", name,
+                    f"{stage} {path.stem}", size, f"{plain['sps']:.0f}" if "sps" in plain else plain.get("error", "-"),
+                    name,
                     f"{best['sps']:.0f}" if best else "-",
-                    f"{best['ratio']:.2f}x" if best else "-",
+                    f"{best['ratio']:.2f}x" if best.get("ratio") else "-",
                     f"{best['mfu']:.1%}" if "mfu" in best else "-",
                     f"{s['best_infer_tiles_per_s']:.0f}" if "best_infer_tiles_per_s" in s else "-",
                     f"{s['infer_over_train']:.2f}x" if "infer_over_train" in s else "-",
+                    # What caching the anchor alone could give if time followed FLOPs.
+                    f"{s['cache_ceiling']:.2f}x" if "cache_ceiling" in s else "-",
                 ))
     trainer = folder / "trainer.json"
     if trainer.is_file():
         t = json.loads(trainer.read_text())
-        out.append(("trainer stage", "size", "samples/s", "data wait", "final loss", "", "", "", ""))
+        out.append(("trainer stage", "size", "samples/s", "data wait", "final loss", "", "", "", "", ""))
         for name, r in t.get("stages", {}).items():
             out.append((name[:14], t.get("size", "-"), f"{r['samples_per_s']:.0f}", f"{r['data_wait']:.1%}",
-                        f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", "", "", "", ""))
+                        f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", "", "", "", "", ""))
     data = folder / "data.json"
     if data.is_file():
         d = json.loads(data.read_text())
-        out.append(("data feed", "workers", "samples/s", "data wait", "step s", "", "", "", ""))
+        out.append(("data feed", "workers", "samples/s", "data wait", "step s", "", "", "", "", ""))
         for name, r in d.get("train", {}).items():
             out.append((name.replace("shards_256_device_aug", "shards+gpu aug")[:14], d["settings"].get("workers", "-"), f"{r['samples_per_s']:.0f}",
-                        f"{r['data_wait']:.1%}", f"{r['step_s']:.3f}", "", "", "", ""))
+                        f"{r['data_wait']:.1%}", f"{r['step_s']:.3f}", "", "", "", "", ""))
     return out
 
 

@@ -21,6 +21,7 @@ global batch N = sum_r B_r):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -73,7 +74,7 @@ def contrastive_loss(
             distributed.
 
     Returns:
-        Scalar loss, computed in float32 (float64 if an input is float64). Distributed: its value is the global-batch loss on
+        Scalar loss, computed in float32 (float64 if an input is float64), also under autocast. Distributed: its value is the global-batch loss on
         every rank, and DDP-averaged gradients equal the single-process global-batch gradients.
     """
     if x.ndim != 2 or x.shape != y.shape:
@@ -96,27 +97,37 @@ def contrastive_loss(
         x_all, y_all = xf, yf
     labels = torch.arange(offset, offset + b, device=x.device)
 
-    logits_xy = scale * (xf @ y_all.T)
-    if queue is not None:
-        logits_q = scale * (xf @ queue.to(device=x.device, dtype=dtype).T)
-        if queue_mask is not None:
-            if queue_mask.shape != logits_q.shape:
-                raise ValueError(
-                    f"queue_mask must be [B, Q] = {tuple(logits_q.shape)}; "
-                    f"got {tuple(queue_mask.shape)}"
-                )
-            logits_q = logits_q.masked_fill(queue_mask.to(x.device, torch.bool), float("-inf"))
-        logits_xy = torch.cat([logits_xy, logits_q], dim=1)
-    # Sums normalised by the global batch size, so per-rank losses add up to the global loss.
-    loss = F.cross_entropy(logits_xy, labels, reduction="sum") / n_total
-    if symmetric:
-        logits_yx = scale * (yf @ x_all.T)
-        loss = 0.5 * (loss + F.cross_entropy(logits_yx, labels, reduction="sum") / n_total)
+    # A training step runs under bf16 autocast, which would compute these products in bf16
+    # (logits off by up to 0.5 at scale 100) whatever the inputs' dtype: turn it off here.
+    with _autocast_off(x.device):
+        logits_xy = scale * (xf @ y_all.T)
+        if queue is not None:
+            logits_q = scale * (xf @ queue.to(device=x.device, dtype=dtype).T)
+            if queue_mask is not None:
+                if queue_mask.shape != logits_q.shape:
+                    raise ValueError(
+                        f"queue_mask must be [B, Q] = {tuple(logits_q.shape)}; "
+                        f"got {tuple(queue_mask.shape)}"
+                    )
+                logits_q = logits_q.masked_fill(queue_mask.to(x.device, torch.bool), float("-inf"))
+            logits_xy = torch.cat([logits_xy, logits_q], dim=1)
+        # Sums normalised by the global batch size, so per-rank losses add up to the global loss.
+        loss = F.cross_entropy(logits_xy, labels, reduction="sum") / n_total
+        if symmetric:
+            logits_yx = scale * (yf @ x_all.T)
+            loss = 0.5 * (loss + F.cross_entropy(logits_yx, labels, reduction="sum") / n_total)
 
     if not distributed:
         return loss
     scaled = loss * world
     return scaled - scaled.detach() + gbdist.all_reduce_sum(loss)
+
+
+def _autocast_off(device: torch.device):
+    """A context with autocast disabled for ``device``'s type (CUDA and CPU have autocast)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LogitScale(nn.Module):
