@@ -7,8 +7,9 @@
 #   QUICK=1 bash benchmarks/gpu/run_all.sh                     # fewer steps
 #   SMOKE=1 bash benchmarks/gpu/run_all.sh                     # tiny models, runs on a CPU too
 #
-# Parts, most important first, and their time limits (about 15 minutes in all: where calls stop
-# at 10 minutes, split them with PARTS): checks (the fast paths against their references on the
+# Parts, most important first, and their time limits (18 minutes in all; where a call stops at
+# 10 minutes, split them with PARTS, e.g. "checks train-b32 train-audio" (9 minutes at most)
+# first, then "trainer train-b16" and "data"): checks (the fast paths against their references on the
 # GPU's own kernels: gpu/checks.py, 120 s), train-b32 (stage 1 step at ViT-B/32, 200 s),
 # train-audio (stage 2 step, 220 s), trainer (a short real `geobind train` on generated data:
 # shards, device augmentation, compile, both stages; samples/s and data wait, 240 s), train-b16
