@@ -39,6 +39,10 @@ def test_relative_paths_are_relative_to_the_config_file(tiny_data, tmp_path):
         (lambda d: d["stages"][0]["optim"].update(max_steps="ten"), "expected int"),
         (lambda d: d.pop("anchor"), "exactly one of `anchor`"),
         (lambda d: d["stages"].append(copy.deepcopy(d["stages"][0])), "duplicate stage name"),
+        (lambda d: d["stages"][0]["optim"].update(epochs=-1), "optim.epochs: at least 1"),
+        (lambda d: d["stages"][0]["optim"].update(log_every=0), "optim.log_every: at least 1"),
+        (lambda d: d["stages"][0]["optim"].update(max_steps=-5), "optim.max_steps: 0 or more"),
+        (lambda d: d["stages"][0]["optim"].update(lr=0), "optim.lr: must be positive"),
     ],
 )
 def test_bad_configs_fail_before_training(tiny_data, tmp_path, mutate, message):
@@ -90,3 +94,33 @@ def test_help_loads_neither_torch_nor_pandas():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_unreadable_yaml_and_impossible_overrides_name_the_problem(tiny_data, tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("output_dir: run\nstages:\n  - name: s\n   bind_to: ground\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="a YAML mapping"):
+        load_config(listed)
+    d = tiny_config(tiny_data, tmp_path / "run")
+    with pytest.raises(ConfigError, match="output_dir is a str, not a section"):
+        apply_overrides(d, ["output_dir.x=1"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        apply_overrides(d, ["seed=[1"])
+
+
+def test_devices_are_checked_with_a_message_that_says_what_to_use():
+    import torch
+
+    from geobind.distributed import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        parse_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is usable here"):
+            parse_device("cuda")

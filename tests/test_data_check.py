@@ -69,6 +69,12 @@ def test_check_cli_prints_counts_and_fails_under_strict(bad, tmp_path, capsys):
     assert main(["data", "check", str(bad[0]), "--strict", "--json", str(tmp_path / "r.json")]) == 1
     assert "11 bad samples (--strict)" in capsys.readouterr().err
     assert json.loads((tmp_path / "r.json").read_text())["reasons"] == BAD_MANIFEST_REASONS
+    # An existing report is kept unless --force: refused before any checking.
+    assert main(["data", "check", str(bad[0]), "--json", str(tmp_path / "r.json")]) == 2
+    assert "r.json exists; pass --force to overwrite it" in capsys.readouterr().err
+    (tmp_path / "r.json").write_text("mine")
+    assert main(["data", "check", str(bad[0]), "--json", str(tmp_path / "r.json"), "--force"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["reasons"] == BAD_MANIFEST_REASONS
     assert main(["data", "check", str(bad[0]), "--modalities", "text", "--strict"]) == 1
     good = tmp_path / "good.csv"
     rows = list(csv.DictReader(open(bad[0])))[12:]

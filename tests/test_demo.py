@@ -35,3 +35,24 @@ def test_demo_runs_end_to_end_on_a_reduced_world(tmp_path, capsys):
     assert main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "report.json").is_file()
+
+
+def test_force_replaces_only_a_demo_folder(tmp_path):
+    import pytest
+
+    from geobind.demo import prepare_out
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="not an earlier demo's; not deleting them"):
+        prepare_out(mine, force=True)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        prepare_out(tmp_path / "file", force=True)
+    demo = tmp_path / "demo"
+    prepare_out(demo, force=False)
+    (demo / "partial.csv").write_text("an interrupted run")
+    prepare_out(demo, force=True)
+    assert sorted(p.name for p in demo.iterdir()) == [".geobind-demo"]

@@ -8,3 +8,24 @@ def test_integer_and_bad_coordinates(tmp_path):
     assert t.bad_rows == {1: "bad-coordinates", 2: "bad-coordinates", 3: "bad-coordinates"}
     assert (t.lat[0], t.lon[0]) == (1.0, 2.0)
     assert t.item("text", 4) == "v"
+
+
+def test_unreadable_manifests_name_the_file_and_the_fix(tmp_path):
+    import pytest
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.csv is empty: a manifest needs a header row"):
+        read_dataset(empty)
+    named = tmp_path / "named.csv"
+    named.write_text("id,latitude,longitude,audio\na,1,2,x.wav\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) lat, lon \(rename latitude -> lat, longitude -> lon\)"):
+        read_dataset(named)
+    t = read_dataset(_write(tmp_path / "ok.csv", "id,lat,lon,text\na,1,2,x\n"))
+    with pytest.raises(ValueError, match="Add an 'audio' column"):
+        t.require("audio")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -1,6 +1,8 @@
 """Zero-shot maps: GeoTIFF georeferencing and values against a direct computation, point maps,
 softmax scores, bad rasters, no-overwrite, and the map command."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -278,6 +280,24 @@ def test_map_cli(model, tiny_data, tmp_path, capsys):
     assert "--tile-size" in capsys.readouterr().err
     assert main(base + ["--text", "forest", "--out", str(tmp_path / "b.tif")]) == 2
     assert "exactly one of --raster" in capsys.readouterr().err
+    # A .png name is the PNG; the GeoTIFF and the CSV go beside it.
+    raster = ["--text", "forest", "--raster", str(tmp_path / "r.tif"), "--tile-size", "32"]
+    assert main(base + raster + ["--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "c.tif").is_file()
+    assert (tmp_path / "c.csv").is_file()
+    capsys.readouterr()
+    assert main(base + raster + ["--out", str(tmp_path / "d.tif"), "--png", str(tmp_path / "d.tif")]) == 2
+    assert "three different files" in capsys.readouterr().err and not (tmp_path / "d.tif").exists()
+
+
+def test_default_outputs_never_give_one_file_two_roles():
+    from geobind.search.maps import default_outputs
+
+    for name in ("map", "map.tif", "map.tiff", "map.png", "map.csv", "x/map.PNG"):
+        outs = default_outputs(name)
+        assert len(set(outs.values())) == 3, name
+    assert default_outputs("m.png") == {"tif": Path("m.tif"), "png": Path("m.png"), "csv": Path("m.csv")}
+    assert default_outputs("m.tif")["png"] == Path("m.png") and default_outputs("m")["tif"] == Path("m.tif")
 
 
 def test_raster_is_read_window_by_window(model, tmp_path, monkeypatch):

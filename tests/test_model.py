@@ -63,6 +63,37 @@ def test_save_and_load_round_trip_gives_identical_embeddings(tiny_data, tmp_path
     assert loaded.encoder("ground").clip is loaded.encoder("text").clip
 
 
+def test_saving_replaces_a_model_but_never_deletes_what_it_did_not_write(tiny_data, tmp_path, monkeypatch):
+    model = build_space(tiny_data)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"not part of a GeoBind model \(notes.txt\)"):
+        model.save_pretrained(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # A model folder is replaced whole; a folder named like the swap's is left alone.
+    target, beside = tmp_path / "m", tmp_path / "m.old"
+    beside.mkdir()
+    (beside / "keep.txt").write_text("kept")
+    model.save_pretrained(target)
+    first = (target / "geobind.json").read_text()
+    model.meta["note"] = "second"
+    model.save_pretrained(target)
+    assert (target / "geobind.json").read_text() != first and (beside / "keep.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.old", "mine"]  # no swap left behind
+    # Files beside a model are not the model's: refused too.
+    (target / "README.txt").write_text("about this model")
+    with pytest.raises(FileExistsError, match="README.txt"):
+        model.save_pretrained(target)
+    assert (target / "README.txt").is_file() and (target / "geobind.json").is_file()
+    # The current folder is a folder like any other.
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    model.save_pretrained(".")
+    assert GeoBind.from_pretrained(here).modalities == model.modalities
+
+
 def test_clear_errors(tiny_data, tmp_path):
     model = build_space(tiny_data)
     with pytest.raises(ValueError, match="unknown modality 'lidar'"):

@@ -232,6 +232,8 @@ def test_resolve_device_always_names_the_cuda_index(monkeypatch):
     from geobind.binding.trainer import resolve_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda", torch.device("cpu")) == torch.device("cuda", 0)
     assert resolve_device("cuda:1", torch.device("cpu")) == torch.device("cuda", 1)
     assert resolve_device("cpu", torch.device("cuda", 0)) == torch.device("cpu")
@@ -395,3 +397,13 @@ def test_profile_records_the_chosen_steps_of_each_stage(tiny_data, tmp_path, cap
     with pytest.raises(SystemExit):
         main(["train", str(cfg), "--profile", "5"])
     assert "use AFTER:STEPS, e.g. 50:5" in capsys.readouterr().err
+
+
+def test_a_model_folder_of_other_files_is_refused_before_training(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"model holds files that are not a GeoBind model \(notes.txt\)"):
+        train(parse_config(tiny_config(tiny_data, out, steps=1)), progress=False, log=None)
+    assert sorted(p.name for p in out.rglob("*")) == ["model", "notes.txt"]  # nothing written
+    assert main(["train", str(tmp_path), "--no-progress"]) == 2  # a folder, not a config file

@@ -10,7 +10,7 @@ from pathlib import Path
 
 EPILOG_TRAIN = """\
 examples:
-  geobind train configs/geobind.yaml
+  geobind train src/geobind/configs/paper.yaml     # the paper's two stages (set its data paths)
   geobind train run.yaml --set stages.satellite.optim.lr=1e-4 --set seed=1
   geobind train run.yaml --resume                       # continue after Ctrl-C or a crash
   torchrun --nproc_per_node 4 -m geobind train run.yaml # all GPUs of one machine
@@ -57,12 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="retrieval metrics between every pair of modalities",
+                       description="Retrieval metrics (R@1, R@5, R@10, median and mean rank) between every "
+                                   "pair of the model's modalities that the dataset holds.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_EVAL)
     e.add_argument("--model", required=True, help="GeoBind model directory")
     e.add_argument("--data", required=True, help="dataset (manifest CSV/Parquet)")
     e.add_argument("--layout", default="manifest", help="dataset layout (default: manifest)")
     e.add_argument("--out", help="write the report JSON here")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass (default: 64)")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.set_defaults(func=cmd_eval)
@@ -85,12 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str):
-    import torch
+def positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return value
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+
+def _device(name: str):
+    from geobind.distributed import parse_device
+
+    return parse_device(name)
 
 
 def _profile_window(text: str) -> tuple[int, int]:
@@ -170,8 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngeobind {args.command}: error: {e}", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        print(f"geobind {args.command}: error: {e}", file=sys.stderr)
+        print(f"geobind {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
+
+
+def cli_message(e: BaseException) -> str:
+    """An error's text for the command line (options named as flags, not Python arguments)."""
+    from geobind.search.common import OutputExistsError
+
+    return e.cli_message() if isinstance(e, OutputExistsError) else str(e)
 
 
 if __name__ == "__main__":

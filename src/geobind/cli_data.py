@@ -178,6 +178,7 @@ def add_data_parser(subparsers) -> None:
         help="how many problems to list (default: 10)",
     )
     c.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    c.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     _layout_args(c)
     c.set_defaults(func=cmd_check)
 
@@ -271,7 +272,9 @@ def cmd_split(args) -> int:
 
 def cmd_check(args) -> int:
     from geobind.data.check import check_dataset, write_report
+    from geobind.search.common import check_writable
 
+    check_writable(args.json, force=args.force)  # before the check, which can take a while
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
     report = check_dataset(
         args.path,
@@ -284,7 +287,7 @@ def cmd_check(args) -> int:
     )
     print(report.format())
     if args.json:
-        write_report(report, Path(args.json))
+        write_report(report, Path(args.json), force=args.force)
     if args.strict and report.bad:
         print(f"geobind data check: {report.bad} bad samples (--strict)", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from geobind.cli import positive_int
+
 EPILOG_EMBED = """\
 examples:
   geobind embed --model demo/model --data demo/world/test.csv --modality satellite --out sat.parquet
@@ -160,7 +162,7 @@ def add_space_parsers(sub) -> None:
     e.add_argument(
         "--float16", action="store_true", help="store embeddings as float16 (half the size)"
     )
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass (default: 64)")
     e.add_argument(
         "--workers",
         type=_workers_arg,
@@ -298,11 +300,12 @@ def add_space_parsers(sub) -> None:
     m.add_argument(
         "--out",
         required=True,
-        help="output GeoTIFF (map.tif); map.png and map.csv are written beside it",
+        help="output GeoTIFF (map.tif); map.png and map.csv are written beside it (a name ending in "
+        ".png or .csv names that file, and the GeoTIFF goes beside it)",
     )
     m.add_argument("--png", help="PNG path (default: OUT with .png)")
     m.add_argument("--csv", help="CSV path (default: OUT with .csv)")
-    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--batch-size", type=positive_int, default=32, help="tiles per forward pass (default: 32)")
     m.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     m.add_argument("--force", action="store_true", help="overwrite existing outputs")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -322,11 +325,9 @@ def _workers_arg(value: str) -> int | str:
 
 
 def _device(name: str):
-    import torch
+    from geobind.distributed import parse_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return parse_device(name)
 
 
 @_friendly
@@ -453,7 +454,7 @@ def cmd_search(args) -> int:
         )
         return 0
     print(
-        f"query: {label}   (score: cosine similarity; {index.kind} search over {len(index)} "
+        f"query: {label}   (score: cosine similarity; {'exact' if args.exact else index.kind} search over {len(index)} "
         f"{index.modality} embeddings)"
     )
     print(f"{'rank':>4}  {'score':>7}  {'id':<20} {'lat':>9} {'lon':>10}  caption")
@@ -481,6 +482,9 @@ def cmd_map(args) -> int:
     )
     from geobind.search.common import check_writable
 
+    if len({outs["tif"].resolve(), png.resolve(), csv.resolve()}) < 3:
+        raise ValueError(f"the GeoTIFF, PNG and CSV outputs must be three different files; got "
+                         f"{outs['tif']}, {png} and {csv} (see --out, --png, --csv)")
     check_writable(outs["tif"], png, csv, force=args.force)
     bands = [int(b) for b in args.bands.split(",")] if args.bands else None
     embeddings = args.embeddings

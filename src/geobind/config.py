@@ -258,6 +258,16 @@ def validate(cfg: RunConfig) -> None:
         o = s.optim
         if o.batch_size < 2:
             raise ConfigError(f"{where}.optim.batch_size: contrastive training needs at least 2")
+        if o.epochs < 1:
+            raise ConfigError(f"{where}.optim.epochs: at least 1 (use optim.max_steps to stop earlier), got {o.epochs}")
+        for name in ("max_steps", "warmup_steps", "val_every"):
+            if getattr(o, name) < 0:
+                raise ConfigError(f"{where}.optim.{name}: 0 or more, got {getattr(o, name)}")
+        for name in ("log_every", "ckpt_every"):
+            if getattr(o, name) < 1:
+                raise ConfigError(f"{where}.optim.{name}: at least 1 step, got {getattr(o, name)}")
+        if o.lr <= 0:
+            raise ConfigError(f"{where}.optim.lr: must be positive, got {o.lr}")
         if not isinstance(s.data.layout_options, dict):
             raise ConfigError(f"{where}.data.layout_options: expected a mapping of option: value")
         if s.data.shuffle_buffer < 0:
@@ -294,7 +304,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in ov:
             raise ConfigError(f"--set {ov!r}: expected key=value")
         key, raw = ov.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {ov!r}: the value is not valid YAML ({e.__class__.__name__}); "
+                              "quote it") from None
         parts = key.strip().split(".")
         node: Any = data
         for j, part in enumerate(parts[:-1]):
@@ -302,8 +316,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         last = parts[-1]
         if isinstance(node, list):
             node[_index(node, last, key)] = value
-        else:
+        elif isinstance(node, dict):
             node[last] = value
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])} is a {type(node).__name__}, not a "
+                              "section with keys")
     return data
 
 
@@ -334,9 +351,18 @@ def _child(node, part, where, create):
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load, override and validate a YAML run config. Relative paths are relative to its folder."""
     path = Path(path)
+    if path.is_dir():
+        hint = " (it holds config.yaml)" if (path / "config.yaml").is_file() else ""
+        raise FileNotFoundError(f"{path} is a folder{hint}; give the run's YAML config file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a YAML mapping (output_dir, anchor, stages, ...), "
+                          f"got a {type(data).__name__}")
     if overrides:
         data = apply_overrides(data, overrides)
     return parse_config(data, path.parent)

@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_min_int",
     "all_gather_ints",
     "loader_workers",
+    "parse_device",
     "comm_device",
     "all_gather_blocks",
     "cleanup",
@@ -253,6 +254,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def parse_device(name: str) -> torch.device:
+    """``auto`` (CUDA when usable, else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` as a device this
+    machine has; a ``ValueError`` that says what to use instead otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "" if torch.version.cuda else " (this torch is a CPU-only build)"
+            raise ValueError(f"device {name!r}: no CUDA GPU is usable here{build}; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def usable_cpus() -> int:

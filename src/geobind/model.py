@@ -19,6 +19,18 @@ FORMAT_VERSION = 1
 MODEL_FILE = "geobind.json"
 
 
+def _not_model_files(directory: Path) -> list[str]:
+    """Names in ``directory`` that its ``geobind.json`` does not account for (all of them when
+    there is no readable ``geobind.json``): what replacing the folder would delete."""
+    names = {p.name for p in directory.iterdir()}
+    try:
+        meta = json.loads((directory / MODEL_FILE).read_text())
+        own = {MODEL_FILE} | {str(m["path"]).split("/")[0] for m in meta["modalities"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return sorted(names)
+    return sorted(names - own)
+
+
 class GeoBind(nn.Module):
     """One embedding space: an encoder per modality, all returning unit vectors of size ``dim``.
 
@@ -122,10 +134,25 @@ class GeoBind(nn.Module):
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> Path:
         """Write the model directory: ``geobind.json`` plus one ``transformers`` directory per
-        encoder backbone (safetensors). Written to a temporary directory and moved into place."""
-        directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise FileExistsError(f"{directory} exists and is not empty")
+        encoder backbone (safetensors). Written to a temporary directory and moved into place.
+
+        An existing GeoBind model directory is replaced (``overwrite=True``, the default); a
+        folder holding anything else (other files, or files beside a model) is refused, so
+        saving never deletes what it did not write."""
+        directory = Path(directory).expanduser().resolve()
+        if directory.exists():
+            if not directory.is_dir():
+                raise FileExistsError(f"{directory} exists and is not a folder; save the model to a folder")
+            if any(directory.iterdir()):
+                if not overwrite:
+                    raise FileExistsError(f"{directory} exists and is not empty")
+                foreign = _not_model_files(directory)
+                if foreign:
+                    shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+                    raise FileExistsError(
+                        f"{directory} holds files that are not part of a GeoBind model ({shown}); "
+                        "save to a new or empty folder, or move those files first (nothing was written)"
+                    )
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
@@ -138,10 +165,11 @@ class GeoBind(nn.Module):
                         saved.add(key)
             write_json(tmp / MODEL_FILE, self.config_dict())
             if directory.exists():
-                old = directory.with_name(directory.name + ".old")
-                if old.exists():
-                    shutil.rmtree(old)
-                directory.replace(old)
+                # A name of its own for the old model while the new one moves in: a folder
+                # the user keeps beside it (``model.old``, say) is never touched.
+                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+                old.rmdir()
+                directory.rename(old)
                 tmp.replace(directory)
                 shutil.rmtree(old)
             else:

@@ -160,14 +160,18 @@ def _embed_rows(
                         pin_memory=encoder.device.type == "cuda")
     was = encoder.training
     encoder.eval()
-    it = loader
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(loader, desc=f"embed {modality}", unit="batch", leave=False,
-                  total=math.ceil((stop - start) / batch_size) if num_workers <= 1 else None)
+        # Updated by hand: given the loader, tqdm.auto's bar would call iter() on it at once,
+        # a second pass start (worker processes, and a base seed from the torch generator).
+        bar = tqdm(desc=f"embed {modality}", unit="batch", leave=False,
+                   total=math.ceil((stop - start) / batch_size) if num_workers <= 1 else None)
     try:
-        for idx, batch, bad in it:
+        for idx, batch, bad in loader:
+            if bar is not None:
+                bar.update(1)
             for _, e in bad:
                 if strict:
                     raise e
@@ -178,6 +182,8 @@ def _embed_rows(
                 valid[idx] = True
     finally:
         encoder.train(was)
+        if bar is not None:
+            bar.close()
     return counts
 
 

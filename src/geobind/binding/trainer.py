@@ -44,7 +44,7 @@ from geobind.data.shards import EpochStream, ShardSet, next_segments, plan_epoch
 from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
 from geobind.encoders.base import eagerly, uncompile
 from geobind.metrics import retrieval_metrics
-from geobind.model import GeoBind
+from geobind.model import GeoBind, _not_model_files
 from geobind.search.embed import pad_batch
 
 CHECKPOINT = "checkpoint.pt"
@@ -324,6 +324,29 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+@contextlib.contextmanager
+def _rng_untouched(device: torch.device):
+    """Run a block that must not change training (embedding the anchor cache, validation):
+    every global RNG it draws from is restored afterwards.
+
+    Such a pass draws a varying number of numbers from the global torch generator (each
+    ``iter()`` of a ``DataLoader`` takes one base seed): none on an anchor-cache hit, one per
+    pass on a miss, and only on rank 0 for validation. Training draws its dropout masks and
+    loader seeds from the same generator, so without this a cache hit or a validation would
+    change the trained weights."""
+    cuda = device.type == "cuda"
+    py, np_state, t = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    c = torch.cuda.get_rng_state(device) if cuda else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(t)
+        if cuda:
+            torch.cuda.set_rng_state(c, device)
+
+
 def _stage_fingerprint(cfg: StageConfig) -> str:
     d = dataclasses.asdict(cfg)
     # Loader workers change neither the batches nor the result, so a run may resume with others.
@@ -338,7 +361,7 @@ def _stage_fingerprint(cfg: StageConfig) -> str:
 def resolve_device(name: str, dist_device: torch.device) -> torch.device:
     """The config's ``device`` (``auto``: the rank's device), with a CUDA index always given, so
     that it compares equal to the device of the tensors placed on it."""
-    device = dist_device if name == "auto" else torch.device(name)
+    device = dist_device if name == "auto" else gbdist.parse_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -385,6 +408,14 @@ class Trainer:
             if self.out.exists() and any(self.out.glob("stages/*/" + CHECKPOINT)) and not self.resume:
                 raise FileExistsError(
                     f"{self.out} already holds a run; pass --resume to continue it, or choose another output_dir"
+                )
+            final = self.out / "model"
+            foreign = _not_model_files(final) if final.is_dir() and any(final.iterdir()) else []
+            if foreign or (final.exists() and not final.is_dir()):
+                # Checked now, not when the model is saved at the end of the run.
+                raise FileExistsError(
+                    f"{final} holds files that are not a GeoBind model ({', '.join(foreign[:5]) or final.name}); "
+                    "the run saves its model there: move them, or choose another output_dir"
                 )
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -729,18 +760,21 @@ class Trainer:
 
     def _anchor_cache(self, anchor, table, scfg, workers: int):
         # Collective: every rank embeds its share of the rows and all end with the full float16
-        # table (rank 0 writes the file); on a hit every rank maps the existing file.
-        return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
-                                 num_workers=workers,
-                                 progress=self.progress and self.main,
-                                 strict=scfg.data.strict)
+        # table (rank 0 writes the file); on a hit every rank maps the existing file. The
+        # stage's training is the same whether the cache hits and whether a bar is shown.
+        with _rng_untouched(self.device):
+            return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
+                                     num_workers=workers,
+                                     progress=self.progress and self.main,
+                                     strict=scfg.data.strict)
 
     @torch.no_grad()
     def _validate(self, stage: BindingStage, val, scfg: StageConfig, writer, step: int, epoch: int):
         if not self.main:
             return None
         vt, v_anchor, v_valid = val
-        with eagerly(stage.encoder):
+        # Rank 0 only: drawing from the training RNG here would also set it apart from the others.
+        with eagerly(stage.encoder), _rng_untouched(self.device):
             emb, valid, _ = embed_table(stage.encoder, vt, scfg.train, batch_size=256)
         keep = valid & v_valid
         m = retrieval_metrics(emb[keep], v_anchor[keep])

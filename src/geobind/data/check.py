@@ -209,14 +209,17 @@ def check_dataset(
         ds = _Rows(data, mods)
         layout_name = layout
     loader = DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_unbatched)
-    it = loader
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(loader, total=len(data), desc="check", unit="sample", leave=False)
+        # Updated by hand: given the loader, tqdm.auto's bar would start a second pass over it.
+        bar = tqdm(total=len(data), desc="check", unit="sample", leave=False)
     report = CheckReport(str(getattr(data, "source", path)), layout_name, mods, 0, 0)
     found: list[tuple[int, tuple[str, str, str]]] = []
-    for row, problems in it:
+    for row, problems in loader:
+        if bar is not None:
+            bar.update(1)
         if isinstance(problems, BadSampleError):
             problems = [_problem(problems)]
         report.samples += 1
@@ -225,6 +228,8 @@ def check_dataset(
         for p in problems:
             report.reasons[p[1]] += 1
             found.append((int(row), p))
+    if bar is not None:
+        bar.close()
     # Workers finish out of order; report the first problems in dataset order.
     report.examples = [p for _, p in sorted(found, key=lambda x: x[0])[:max_examples]]
     if isinstance(data, ShardSet):
@@ -232,6 +237,9 @@ def check_dataset(
     return report
 
 
-def write_report(report: CheckReport, path: str | Path) -> None:
-    """Write the report as JSON."""
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+def write_report(report: CheckReport, path: str | Path, *, force: bool = False) -> None:
+    """Write the report as JSON (atomically; an existing file only with ``force``)."""
+    from geobind.search.common import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -61,7 +61,7 @@ class Table:
                 continue
             raise ValueError(
                 f"{self.source}: no {m!r} column (columns: {', '.join(self.columns)}). "
-                f"Add a {m!r} column with a path or value per row."
+                f"Add {'an' if m[:1] in 'aeiou' else 'a'} {m!r} column with a path or value per row."
             )
 
     def item(self, modality: str, i: int) -> Any:
@@ -181,16 +181,27 @@ def read_manifest(path: Path, **options: Any) -> Table:
             "GeoTIFF tiles use layout geotiff, for WebDataset shards layout shards)"
         )
     suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        df = pd.read_parquet(path)
-    elif suffix in (".csv", ".tsv", ".txt"):
-        df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={"id": str}, keep_default_na=False,
-                         na_values={"lat": [""], "lon": [""]})
-    else:
-        raise ValueError(f"{path}: a manifest must be .csv, .tsv or .parquet")
+    try:
+        if suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        elif suffix in (".csv", ".tsv", ".txt"):
+            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={"id": str},
+                             keep_default_na=False, na_values={"lat": [""], "lon": [""]})
+        else:
+            raise ValueError(f"{path}: a manifest must be .csv, .tsv or .parquet")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: a manifest needs a header row (id, lat, lon and one column "
+                         "per modality) and a row per place") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as {suffix[1:].upper()} ({e})") from None
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; a manifest needs id, lat, lon")
+        hint = ""
+        aliases = {"lat": ("latitude", "Latitude", "LAT"), "lon": ("longitude", "Longitude", "lng", "long", "LON")}
+        renames = [f"{a} -> {c}" for c in missing for a in aliases.get(c, ()) if a in df.columns]
+        if renames:
+            hint = f" (rename {', '.join(renames)})"
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}{hint}; a manifest needs id, lat, lon")
     if df["id"].duplicated().any():
         dup = df["id"][df["id"].duplicated()].iloc[0]
         raise ValueError(f"{path}: duplicate id {dup!r}; ids must be unique")

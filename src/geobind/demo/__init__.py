@@ -125,7 +125,7 @@ def write_configs(out: Path, p: Preset, seed: int) -> tuple[Path, Path]:
         ],
     }
     header = (
-        "# GeoBind demo: the paper's two stages on the embedded synthetic Earth.\n"
+        f"{DEMO_MARK}: the paper's two stages on the embedded synthetic Earth.\n"
         "# The anchor is a small CLIP pretrained by the demo (OpenAI's CLIP cannot be loaded offline).\n"
         "# To bind to the real CLIP instead (online, once), use this anchor line:\n"
         "#   anchor: {type: clip, pretrained: openai/clip-vit-base-patch32}\n"
@@ -138,13 +138,28 @@ def write_configs(out: Path, p: Preset, seed: int) -> tuple[Path, Path]:
     return run_p, base_p
 
 
+DEMO_MARK = "# GeoBind demo"
+DEMO_FOLDER_MARK = ".geobind-demo"
+
+
 def prepare_out(out: Path, force: bool) -> None:
-    """Refuse a non-empty output folder unless ``force`` (then it is replaced)."""
+    """Refuse a non-empty output folder unless ``force`` (then it is replaced); even with
+    ``force`` only an earlier demo's folder is deleted, never a folder of other files."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; --out names a folder for the demo's outputs")
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it, or choose --out")
+        config = out / "config.yaml"
+        ours = (out / DEMO_FOLDER_MARK).is_file() or (
+            config.is_file() and config.read_text(errors="replace").startswith(DEMO_MARK))
+        if not ours:
+            raise FileExistsError(f"{out} holds files that are not an earlier demo's; not deleting them: "
+                                  "choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Marks the folder as the demo's from the start, so --force can replace an interrupted run.
+    (out / DEMO_FOLDER_MARK).write_text("outputs of `geobind demo`\n")
 
 
 def run_demo(

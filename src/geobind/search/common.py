@@ -16,6 +16,18 @@ APPROX_THRESHOLD = 1_000_000
 FAISS_HINT = "pip install 'geobind[faiss]'"
 
 
+class OutputExistsError(FileExistsError):
+    """An output that already exists, refused without ``force``. The command line words it with
+    its ``--force`` flag (:meth:`cli_message`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        super().__init__(f"{path} exists; pass force=True to overwrite it")
+
+    def cli_message(self) -> str:
+        return f"{self.path} exists; pass --force to overwrite it"
+
+
 def check_writable(*paths: str | Path | None, force: bool = False) -> None:
     """Refuse to start when an output already exists and ``force`` is off.
 
@@ -23,7 +35,7 @@ def check_writable(*paths: str | Path | None, force: bool = False) -> None:
     end (the final rename checks again)."""
     for p in paths:
         if p is not None and Path(p).exists() and not force:
-            raise FileExistsError(f"{p} exists; pass --force (force=True) to overwrite it")
+            raise OutputExistsError(p)
 
 
 @contextlib.contextmanager

@@ -81,7 +81,8 @@ def read_embeddings(path: str | Path) -> Embeddings:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a non-Parquet file
-        raise ValueError(f"{path} is not a Parquet file: {e}") from None
+        raise ValueError(f"{path} is not a Parquet file ({e}); embeddings files are written by "
+                         "`geobind embed`") from None
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None or "embedding" not in table.column_names:
         raise ValueError(

@@ -612,9 +612,17 @@ def map_points_many(
 
 
 def default_outputs(out: str | Path) -> dict[str, Path]:
-    """``map.tif`` -> ``{"tif": map.tif, "png": map.png, "csv": map.csv}``."""
+    """``map.tif`` -> ``{"tif": map.tif, "png": map.png, "csv": map.csv}``. A name ending in
+    ``.png`` or ``.csv`` names that output, the others beside it (``map.png`` -> ``map.tif``,
+    ``map.png``, ``map.csv``)."""
     out = Path(out)
-    stem = out.with_suffix("") if out.suffix.lower() in (".tif", ".tiff") else out
+    suffix = out.suffix.lower()
+    if suffix in (".png", ".csv"):
+        stem = out.with_suffix("")
+        paths = {"tif": stem.with_suffix(".tif"), "png": stem.with_suffix(".png"), "csv": stem.with_suffix(".csv")}
+        paths[suffix[1:]] = out
+        return paths
+    stem = out.with_suffix("") if suffix in (".tif", ".tiff") else out
     return {
         "tif": out if out.suffix else out.with_suffix(".tif"),
         "png": stem.with_suffix(".png"),
