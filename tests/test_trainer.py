@@ -130,6 +130,8 @@ def test_a_third_modality_needs_only_config_and_a_registered_encoder(tiny_data, 
 
     report = evaluate(model, read_dataset(tiny_data["test"]))
     assert "toy_place->text" in report["pairs"]
+    # The pairs trained together; toy_place<->text is emergent (never trained together).
+    assert report["trained_pairs"] == ["ground<->satellite", "ground<->text", "satellite<->toy_place"]
 
 
 def test_bad_training_samples_are_skipped_and_counted(tiny_data, tmp_path):
@@ -407,3 +409,14 @@ def test_a_model_folder_of_other_files_is_refused_before_training(tiny_data, tmp
         train(parse_config(tiny_config(tiny_data, out, steps=1)), progress=False, log=None)
     assert sorted(p.name for p in out.rglob("*")) == ["model", "notes.txt"]  # nothing written
     assert main(["train", str(tmp_path), "--no-progress"]) == 2  # a folder, not a config file
+
+
+def test_every_missing_dataset_is_named_before_the_anchor_loads(tiny_data, tmp_path):
+    d = tiny_config(tiny_data, tmp_path / "run", steps=1)
+    d["stages"][0]["data"]["train"] = str(tmp_path / "nowhere" / "stage1.csv")
+    d["stages"][1]["data"]["val"] = str(tmp_path / "nowhere" / "val.csv")
+    d["stages"][1]["data"]["train"] = str(tmp_path / "shards" / "{000..003}.tar")  # a pattern: its reader's call
+    with pytest.raises(FileNotFoundError, match=r"stages.satellite.data.train: .*stage1.csv; "
+                                                r"stages.audio.data.val: .*val.csv$"):
+        train(parse_config(d), progress=False, log=None)
+    assert not (tmp_path / "run").exists()

@@ -39,7 +39,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument(
         "--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)"
     )
-    s.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    s.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -55,7 +55,9 @@ def cmd_serve(args) -> int:
 
     if args.max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
-    model = GeoBind.from_pretrained(args.model, device=args.device)
+    from geobind.distributed import parse_device
+
+    model = GeoBind.from_pretrained(args.model, device=parse_device(args.device))
     index = Index.load(args.index)
     app = create_app(model, index, max_upload_mb=args.max_upload_mb)
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -264,7 +264,7 @@ def add_space_parsers(sub) -> None:
         "--exact", action="store_true", help="exact search even when the index is approximate"
     )
     s.add_argument("--json", action="store_true", help="print results as JSON")
-    s.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    s.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
     s.set_defaults(func=cmd_search)
 
     m = sub.add_parser(

@@ -347,6 +347,17 @@ def _rng_untouched(device: torch.device):
             torch.cuda.set_rng_state(c, device)
 
 
+def _missing_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
+    """``where: path`` of every dataset path the run still needs (stages not in ``done``) that
+    names no file or folder (shard patterns and URLs are left to their readers)."""
+    paths = [(f"stages.{s.name}.data.{k}", getattr(s.data, k)) for s in cfg.stages if s.name not in done
+             for k in ("train", "val")]
+    if cfg.eval is not None:
+        paths.append(("eval.data", cfg.eval.data))
+    return [f"{where}: {p}" for where, p in paths
+            if p and not any(c in str(p) for c in "{*?[") and "://" not in str(p) and not Path(p).exists()]
+
+
 def _stage_fingerprint(cfg: StageConfig) -> str:
     d = dataclasses.asdict(cfg)
     # Loader workers change neither the batches nor the result, so a run may resume with others.
@@ -417,6 +428,11 @@ class Trainer:
                     f"{final} holds files that are not a GeoBind model ({', '.join(foreign[:5]) or final.name}); "
                     "the run saves its model there: move them, or choose another output_dir"
                 )
+            done = {s.name for i, s in enumerate(cfg.stages)
+                    if self.resume and (self.out / "stages" / f"{i + 1:02d}-{s.name}" / DONE).is_file()}
+            missing = _missing_data(cfg, done)
+            if missing:  # all of them at once, before the anchor loads
+                raise FileNotFoundError("data not found: " + "; ".join(missing))
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
