@@ -420,3 +420,21 @@ def test_every_missing_dataset_is_named_before_the_anchor_loads(tiny_data, tmp_p
                                                 r"stages.audio.data.val: .*val.csv$"):
         train(parse_config(d), progress=False, log=None)
     assert not (tmp_path / "run").exists()
+
+
+def test_per_sample_seeding_leaves_the_gpu_generators_alone(monkeypatch):
+    """Loading in the main process (num_workers 0) seeds the host RNGs per sample; reseeding
+    CUDA's too would tie a GPU's dropout masks to the last sample loaded."""
+    import random
+
+    from geobind.binding.trainer import _seeded
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(s))
+    before = torch.random.get_rng_state()
+    with _seeded(7):
+        first = (random.random(), torch.rand(1).item())
+    with _seeded(7):
+        assert (random.random(), torch.rand(1).item()) == first
+    assert calls == [] and torch.equal(torch.random.get_rng_state(), before)

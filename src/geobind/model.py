@@ -67,8 +67,13 @@ class GeoBind(nn.Module):
 
     def encoder(self, modality: str) -> Encoder:
         """The encoder serving ``modality``; a clear error if the space lacks it."""
-        get_modality(modality)
         if modality not in self.encoders:
+            try:
+                get_modality(modality)
+            except ValueError:
+                raise ValueError(
+                    f"unknown modality {modality!r}; this model embeds {', '.join(self.modalities)}"
+                ) from None
             raise ValueError(
                 f"this model has no {modality!r} encoder; it embeds {', '.join(self.modalities)}"
             )

@@ -125,18 +125,15 @@ def _item_seed(seed: int, epoch: int, index: int) -> int:
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    """Run a block with all global RNGs seeded, restoring them afterwards, so per-sample
-    augmentation depends only on (seed, epoch, index): exact resume, any worker count."""
-    py, np_state, t = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    try:
+    """Run a block with the host's global RNGs seeded, restoring them afterwards, so per-sample
+    augmentation depends only on (seed, epoch, index): exact resume, any worker count. CUDA's
+    generators are left alone (``torch.manual_seed`` would reseed them too), so loading in the
+    main process (``num_workers: 0``) does not touch a GPU's dropout masks."""
+    with _rng_untouched():
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
         yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(t)
 
 
 class _TrainItems(Dataset):
@@ -325,7 +322,7 @@ def _set_rng_state(st: dict) -> None:
 
 
 @contextlib.contextmanager
-def _rng_untouched(device: torch.device):
+def _rng_untouched(device: torch.device | None = None):
     """Run a block that must not change training (embedding the anchor cache, validation):
     every global RNG it draws from is restored afterwards.
 
@@ -333,8 +330,8 @@ def _rng_untouched(device: torch.device):
     ``iter()`` of a ``DataLoader`` takes one base seed): none on an anchor-cache hit, one per
     pass on a miss, and only on rank 0 for validation. Training draws its dropout masks and
     loader seeds from the same generator, so without this a cache hit or a validation would
-    change the trained weights."""
-    cuda = device.type == "cuda"
+    change the trained weights. ``device``: also restore that CUDA device's generator."""
+    cuda = device is not None and device.type == "cuda"
     py, np_state, t = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     c = torch.cuda.get_rng_state(device) if cuda else None
     try:
