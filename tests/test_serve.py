@@ -132,6 +132,23 @@ def test_map_overlay_covers_the_places(served):
         assert m["min"] <= m["max"] and m["score"] == "cosine"
 
 
+def test_coverage_overlay_shows_where_the_places_are(served):
+    client, index = served["client"], served["index"]
+    r = client.get("/api/coverage")
+    assert r.status_code == 200, r.text
+    c = r.json()
+    img = Image.open(io.BytesIO(base64.b64decode(c["overlay"].split(",", 1)[1])))
+    alpha = np.asarray(img)[..., 3]
+    cell = c["resolution_deg"]
+    (south, west), (north, east) = c["bounds"]
+    assert (north, west) == (90.0, -180.0) and img.size == (round((east - west) / cell), round((north - south) / cell))
+    # One opaque pixel per cell holding a place, and each place's own cell among them.
+    rows = np.floor((90.0 - index.lat) / cell).astype(int)
+    cols = np.floor((index.lon + 180.0) / cell).astype(int)
+    assert c["cells"] == int((alpha > 0).sum()) == len(set(zip(rows, cols)))
+    assert (alpha[rows, cols] > 0).all() and c["places"] == len(index)
+
+
 def test_thumbnails_by_id_only(served):
     client, index = served["client"], served["index"]
     item = index.ids[0]

@@ -94,11 +94,15 @@ def test_text_query_shows_markers_overlay_and_popups(server, browser):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server["url"] + "/")
     page.wait_for_function("document.getElementById('info').textContent.includes('places')")
+    # Before any query: grey cells where the indexed places are.
+    page.wait_for_selector("img.leaflet-image-layer", timeout=20_000)
+    assert f"the {len(server['index'])} indexed places" in page.inner_text("#status")
     page.fill("#text", "a photo of a forest")
     page.fill("#k", "5")
     page.click("#submit")
     page.wait_for_selector("img.leaflet-image-layer", timeout=20_000)
     page.wait_for_function("document.querySelectorAll('.leaflet-marker-icon').length === 5")
+    assert page.locator("img.leaflet-image-layer").count() == 1  # the heat map replaced the coverage
     overlay_src = page.get_attribute("img.leaflet-image-layer", "src")
     assert overlay_src.startswith("data:image/png;base64,")
     assert page.locator("#results li").count() == 5

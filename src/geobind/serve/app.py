@@ -131,6 +131,7 @@ class Explorer:
         self.has_thumbnails = index.has_thumbnails
         self.identity = {m: model.identity(m) for m in model.modalities}
         self.resolution = map_resolution(index.lat, index.lon)
+        self._coverage: dict[str, Any] | None = None
 
     # -- queries ---------------------------------------------------------------------------
     def decode_upload(self, data: bytes, filename: str, hint: str) -> tuple[str, Any]:
@@ -246,6 +247,30 @@ class Explorer:
             "colormap": "viridis",
             "query": label,
         }
+
+    def coverage(self) -> dict[str, Any]:
+        """Where the indexed places are: the heat map's grid, cells holding at least one place in
+        grey (shown before the first query). Made once."""
+        if self._coverage is None:
+            from PIL import Image
+
+            from geobind.maps_world import world_raster
+
+            values, (cell, _, west, _, _, north) = world_raster(
+                self.index.lat, self.index.lon, np.ones(len(self.index)), self.resolution)
+            rgba = np.zeros((*values.shape, 4), dtype=np.uint8)
+            rgba[np.isfinite(values)] = (96, 110, 122, 170)
+            buf = io.BytesIO()
+            Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+            south, east = north - cell * values.shape[0], west + cell * values.shape[1]
+            self._coverage = {
+                "overlay": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
+                "bounds": [[south, west], [north, east]],
+                "resolution_deg": self.resolution,
+                "places": len(self.index),
+                "cells": int(np.isfinite(values).sum()),
+            }
+        return self._coverage
 
     def health(self) -> dict[str, Any]:
         return {
@@ -405,6 +430,10 @@ def create_app(
         if not data:
             raise HTTPException(404, f"place {item_id!r} has no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/coverage", summary="Overlay of where the indexed places are (grey cells)")
+    def api_coverage() -> dict[str, Any]:
+        return ex.coverage()
 
     @app.get("/api/health", summary="Model identity and index size")
     def api_health() -> dict[str, Any]:

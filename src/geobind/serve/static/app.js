@@ -18,6 +18,13 @@
 
   const results = L.layerGroup().addTo(map);
   let overlay = null;
+  let coverage = null; // grey cells where the indexed places are, until the first heat map
+
+  fetch("/api/coverage").then((r) => r.json()).then((c) => {
+    if (overlay) return; // a heat map came first
+    coverage = L.imageOverlay(c.overlay, c.bounds, { opacity: 0.8, interactive: false }).addTo(map);
+    status(`grey: the ${c.places} indexed places (${c.cells} cells of ${c.resolution_deg}°); ask a query`);
+  }).catch(() => {});
   let recording = null; // a File made from the microphone, used instead of the file input
   let markers = [];
 
@@ -46,6 +53,7 @@
     if (overlay) { map.removeLayer(overlay); overlay = null; }
     const m = data.map;
     if (m) {
+      if (coverage) { map.removeLayer(coverage); coverage = null; }
       overlay = L.imageOverlay(m.overlay, m.bounds, { opacity: 0.85, interactive: false }).addTo(map);
       $("vmin").textContent = m.min.toFixed(4);
       $("vmax").textContent = m.max.toFixed(4);
