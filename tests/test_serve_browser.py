@@ -97,6 +97,23 @@ def test_text_query_shows_markers_overlay_and_popups(server, browser):
     # Before any query: grey cells where the indexed places are.
     page.wait_for_selector("img.leaflet-image-layer", timeout=20_000)
     assert f"the {len(server['index'])} indexed places" in page.inner_text("#status")
+    # The overlays are latitude/longitude grids: each latitude is drawn where the map puts it
+    # (with Web Mercator, 60 degrees north would land some 60 px off at this size).
+    import json
+    import urllib.request
+
+    (south, _), (north, _) = json.load(urllib.request.urlopen(server["url"] + "/api/coverage"))["bounds"]
+    for lat in (60.0, 20.0, -40.0):
+        drawn, placed = page.evaluate(
+            """([lat, south, north]) => {
+                const img = document.querySelector('img.leaflet-image-layer').getBoundingClientRect();
+                const box = document.getElementById('map').getBoundingClientRect();
+                return [img.top + (north - lat) / (north - south) * img.height,
+                        box.top + window.geobindMap.latLngToContainerPoint([lat, 0]).y];
+            }""",
+            [lat, south, north],
+        )
+        assert abs(drawn - placed) < 1.0, (lat, drawn, placed)
     page.fill("#text", "a photo of a forest")
     page.fill("#k", "5")
     page.click("#submit")

@@ -3,8 +3,12 @@
 (function () {
   "use strict";
   const $ = (id) => document.getElementById(id);
-  const map = L.map("map", { minZoom: 1, maxZoom: 12, zoomSnap: 0.5, worldCopyJump: false })
-    .setView([15, 0], 2);
+  // Plate carrée (EPSG:4326): the overlays are latitude/longitude grids, so rows of equal
+  // latitude steps must be drawn at equal heights (Leaflet's default Web Mercator would put a
+  // cell at 60 degrees north where 77 degrees is). No tiles are used, so nothing else depends on it.
+  const map = L.map("map", { crs: L.CRS.EPSG4326, minZoom: 0, maxZoom: 12, zoomSnap: 0.5, worldCopyJump: false })
+    .fitBounds([[-60, -180], [85, 180]]);
+  window.geobindMap = map; // for scripts driving the page
   map.attributionControl.setPrefix("Leaflet");
 
   // A plain background: a graticule every 30 degrees (no tile server is needed or used).
@@ -23,7 +27,7 @@
   fetch("/api/coverage").then((r) => r.json()).then((c) => {
     if (overlay) return; // a heat map came first
     coverage = L.imageOverlay(c.overlay, c.bounds, { opacity: 0.8, interactive: false }).addTo(map);
-    status(`grey: the ${c.places} indexed places (${c.cells} cells of ${c.resolution_deg}°); ask a query`);
+    status(`grey: the ${c.places} indexed places (${c.cells} cells of ${c.resolution_deg.toFixed(2)}°); ask a query`);
   }).catch(() => {});
   let recording = null; // a File made from the microphone, used instead of the file input
   let markers = [];
