@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from geobind.cli import positive_int
+from geobind.cli import positive_float, positive_int
 
 EPILOG_EMBED = """\
 examples:
@@ -277,14 +277,14 @@ def add_space_parsers(sub) -> None:
     _add_query_args(m)
     src = m.add_argument_group("what to map (one)")
     src.add_argument("--raster", help="georeferenced raster (GeoTIFF) to cut into tiles")
-    src.add_argument("--tile-size", type=int, help="tile size in raster pixels (with --raster)")
-    src.add_argument("--stride", type=int, help="tile step in pixels (default: the tile size)")
+    src.add_argument("--tile-size", type=positive_int, help="tile size in raster pixels (with --raster)")
+    src.add_argument("--stride", type=positive_int, help="tile step in pixels (default: the tile size)")
     src.add_argument(
         "--bands", help="raster bands to use as RGB, 1-based (default 1,2,3, or 1 as grey)"
     )
     src.add_argument("--embeddings", help="`geobind embed` Parquet or an index folder (point map)")
     src.add_argument(
-        "--resolution", type=float, help="point map grid step in degrees (default: from the points)"
+        "--resolution", type=positive_float, help="point map grid step in degrees (default: from the points)"
     )
     m.add_argument(
         "--prompts",
