@@ -124,3 +124,13 @@ def test_devices_are_checked_with_a_message_that_says_what_to_use():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU is usable here"):
             parse_device("cuda")
+
+
+def test_an_existing_output_error_pickles_with_its_path(tmp_path):
+    import pickle
+
+    from geobind.search.common import OutputExistsError
+
+    e = pickle.loads(pickle.dumps(OutputExistsError(tmp_path / "x.json")))
+    assert e.path == tmp_path / "x.json" and str(e).count("exists") == 1
+    assert e.cli_message() == f"{tmp_path / 'x.json'} exists; pass --force to overwrite it"

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,12 +88,20 @@ def test_saving_replaces_a_model_but_never_deletes_what_it_did_not_write(tiny_da
     with pytest.raises(FileExistsError, match="README.txt"):
         model.save_pretrained(target)
     assert (target / "README.txt").is_file() and (target / "geobind.json").is_file()
-    # The current folder is a folder like any other.
+    # The current folder is a folder like any other, and stays the current folder (twice: empty,
+    # then holding the model), as does OS clutter in it.
     here = tmp_path / "here"
     here.mkdir()
+    (here / ".DS_Store").write_bytes(b"\0")
     monkeypatch.chdir(here)
     model.save_pretrained(".")
-    assert GeoBind.from_pretrained(here).modalities == model.modalities
+    model.save_pretrained(".")
+    assert Path.cwd() == here and (here / ".DS_Store").is_file()
+    assert GeoBind.from_pretrained(".").modalities == model.modalities
+    # A new folder gets the usual permissions, not a private temporary folder's.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~umask
 
 
 def test_clear_errors(tiny_data, tmp_path):

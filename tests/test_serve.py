@@ -133,20 +133,25 @@ def test_map_overlay_covers_the_places(served):
 
 
 def test_coverage_overlay_shows_where_the_places_are(served):
+    from geobind.search.maps import points_grid
+
     client, index = served["client"], served["index"]
     r = client.get("/api/coverage")
     assert r.status_code == 200, r.text
     c = r.json()
-    img = Image.open(io.BytesIO(base64.b64decode(c["overlay"].split(",", 1)[1])))
-    alpha = np.asarray(img)[..., 3]
-    cell = c["resolution_deg"]
-    (south, west), (north, east) = c["bounds"]
-    assert (north, west) == (90.0, -180.0) and img.size == (round((east - west) / cell), round((north - south) / cell))
-    # One opaque pixel per cell holding a place, and each place's own cell among them.
-    rows = np.floor((90.0 - index.lat) / cell).astype(int)
-    cols = np.floor((index.lon + 180.0) / cell).astype(int)
-    assert c["cells"] == int((alpha > 0).sum()) == len(set(zip(rows, cols)))
-    assert (alpha[rows, cols] > 0).all() and c["places"] == len(index)
+
+    def png(overlay):
+        return Image.open(io.BytesIO(base64.b64decode(overlay.split(",", 1)[1])))
+
+    img, alpha = png(c["overlay"]), np.asarray(png(c["overlay"]))[..., 3]
+    # The heat map's grid: same bounds, same cells.
+    heat = client.post("/api/map", data={"text": "a photo of a desert"}).json()
+    assert c["bounds"] == heat["bounds"] and img.size == png(heat["overlay"]).size
+    cell, rows, cols, _ = points_grid(np.asarray(index.lat, np.float64), np.asarray(index.lon, np.float64),
+                                      c["resolution_deg"])
+    assert alpha.shape == (rows, cols)
+    assert c["cells"] == int((alpha > 0).sum()) == len(set(cell.tolist()))
+    assert (alpha.reshape(-1)[cell] > 0).all() and c["places"] == len(index)
 
 
 def test_thumbnails_by_id_only(served):

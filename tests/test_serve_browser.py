@@ -132,6 +132,10 @@ def test_text_query_shows_markers_overlay_and_popups(server, browser):
     assert "cosine similarity" in page.inner_text("#legend")
     # Nothing was fetched from anywhere but this server (no CDN, no tiles).
     assert all(u.startswith(server["url"]) or u.startswith("data:") for u in requests), requests
+    # Clear: back to the grey cells where the places are.
+    page.click("#clear")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('grey:')")
+    assert page.locator("img.leaflet-image-layer").count() == 1 and page.locator(".leaflet-marker-icon").count() == 0
     assert not errors, errors
     page.close()
 

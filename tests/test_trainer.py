@@ -74,6 +74,29 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_data, tmp_path):
     assert ma["stages"][0]["steps"] == 6
 
 
+def test_a_resumed_dropout_stage_matches_the_uninterrupted_one(tiny_data, tmp_path):
+    """The audio tower has dropout: its masks come from the global RNG, which the resumed run's
+    fresh loader pass must not move (each DataLoader has a generator of its own)."""
+
+    def cfg(out):
+        d = tiny_config(tiny_data, out, steps=2)
+        d["stages"][1]["optim"].update(epochs=2, max_steps=0, batch_size=16, ckpt_every=100)
+        d["eval"] = None
+        return parse_config(d)
+
+    full = train(cfg(tmp_path / "a"), progress=False, log=None)
+    stop = len(read_dataset(tiny_data["stage2"])) // 16 + 1  # one batch into stage 2's second epoch
+    assert stop > 2  # stage 1 (2 steps) finishes first
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tmp_path / "b"), progress=False, log=None, stop_at_step=stop)
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False, log=None)
+    wa = load_file(str(full / "audio" / "model.safetensors"))
+    wb = load_file(str(resumed / "audio" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 # A toy third modality: registered here, with no edits to the trainer.
 register_modality(ModalitySpec("toy_place", "latlon", (), "lat/lon of the place"), exist_ok=True)
 
@@ -438,3 +461,18 @@ def test_per_sample_seeding_leaves_the_gpu_generators_alone(monkeypatch):
     with _seeded(7):
         assert (random.random(), torch.rand(1).item()) == first
     assert calls == [] and torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_shard_lists_pipes_and_other_layouts_are_left_to_their_readers(tiny_data, tmp_path):
+    from geobind.binding.trainer import _missing_data
+
+    d = tiny_config(tiny_data, tmp_path / "run", steps=1)
+    d["eval"] = None
+    for spec in (f"pipe:cat {tmp_path}/a.tar", f"{tmp_path}/a.tar::{tmp_path}/b.tar", "s3://bucket/{0..3}.tar"):
+        d["stages"][0]["data"].update(train=spec, layout="shards")
+        assert _missing_data(parse_config(d)) == [], spec
+    d["stages"][0]["data"].update(train=str(tmp_path / "gone.tar"), layout="shards")
+    assert _missing_data(parse_config(d)) == [f"stages.satellite.data.train: {tmp_path / 'gone.tar'}"]
+    # optim.ckpt_every 0 (checkpoints at epoch ends only) is still a valid setting.
+    d["stages"][0]["optim"]["ckpt_every"] = 0
+    assert parse_config(d).stages[0].optim.ckpt_every == 0

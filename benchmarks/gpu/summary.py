@@ -26,7 +26,7 @@ def rows(folder: Path) -> list[tuple]:
                     f"{s['best_infer_tiles_per_s']:.0f}" if "best_infer_tiles_per_s" in s else "-",
                     f"{s['infer_over_train']:.2f}x" if "infer_over_train" in s else "-",
                     # What caching the anchor alone could give if time followed FLOPs.
-                    f"{s['cache_ceiling']:.2f}x" if "cache_ceiling" in s else "-",
+                    f"{s['cache_ceiling']:.2f}x" if s.get("cache_ceiling") else "-",
                 ))
     trainer = folder / "trainer.json"
     if trainer.is_file():

@@ -36,7 +36,7 @@ class OptimConfig:
     num_workers: int | str = "auto"  # loader worker processes per rank; auto: 0 on CPU, up to 8 per GPU
     log_every: int = 10  # steps between metric rows in metrics.csv
     val_every: int = 0  # steps between validation runs (0: at the end of each epoch)
-    ckpt_every: int = 200  # steps between checkpoints (always one at each epoch end)
+    ckpt_every: int = 200  # steps between checkpoints (0: only at epoch ends; always one at each epoch end)
 
 
 @dataclass(frozen=True)
@@ -260,12 +260,11 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.optim.batch_size: contrastive training needs at least 2")
         if o.epochs < 1:
             raise ConfigError(f"{where}.optim.epochs: at least 1 (use optim.max_steps to stop earlier), got {o.epochs}")
-        for name in ("max_steps", "warmup_steps", "val_every"):
+        for name in ("max_steps", "warmup_steps", "val_every", "ckpt_every"):
             if getattr(o, name) < 0:
                 raise ConfigError(f"{where}.optim.{name}: 0 or more, got {getattr(o, name)}")
-        for name in ("log_every", "ckpt_every"):
-            if getattr(o, name) < 1:
-                raise ConfigError(f"{where}.optim.{name}: at least 1 step, got {getattr(o, name)}")
+        if o.log_every < 1:
+            raise ConfigError(f"{where}.optim.log_every: at least 1 step, got {o.log_every}")
         if o.lr <= 0:
             raise ConfigError(f"{where}.optim.lr: must be positive, got {o.lr}")
         if not isinstance(s.data.layout_options, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -19,10 +20,29 @@ FORMAT_VERSION = 1
 MODEL_FILE = "geobind.json"
 
 
+# Files operating systems leave in folders (Finder, Explorer): never the user's work.
+_OS_CLUTTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+def _not_clutter(directory: Path) -> list[Path]:
+    """The entries of ``directory``, operating systems' clutter left out."""
+    return [p for p in directory.iterdir() if p.name not in _OS_CLUTTER and not p.name.startswith("._")]
+
+
+def _holds_cwd(directory: Path) -> bool:
+    """Whether the working folder is ``directory`` or inside it."""
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    return cwd == directory or directory in cwd.parents
+
+
 def _not_model_files(directory: Path) -> list[str]:
     """Names in ``directory`` that its ``geobind.json`` does not account for (all of them when
-    there is no readable ``geobind.json``): what replacing the folder would delete."""
-    names = {p.name for p in directory.iterdir()}
+    there is no readable ``geobind.json``): what replacing the folder would delete. Operating
+    systems' own clutter (``.DS_Store``, ``._*``, ``Thumbs.db``) does not count."""
+    names = {p.name for p in _not_clutter(directory)}
     try:
         meta = json.loads((directory / MODEL_FILE).read_text())
         own = {MODEL_FILE} | {str(m["path"]).split("/")[0] for m in meta["modalities"].values()}
@@ -160,6 +180,9 @@ class GeoBind(nn.Module):
                     )
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # a folder like any other the user makes, not mkdtemp's 0700
         try:
             saved: set[str] = set()
             with quiet_transformers():
@@ -169,7 +192,15 @@ class GeoBind(nn.Module):
                         enc.save(tmp / key)
                         saved.add(key)
             write_json(tmp / MODEL_FILE, self.config_dict())
-            if directory.exists():
+            if directory.exists() and (_holds_cwd(directory) or not _not_clutter(directory)):
+                # An empty folder, or the process's own working folder (which must not be renamed
+                # away): the model's entries move into it, and the folder itself stays.
+                for entry in _not_clutter(directory):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                for entry in tmp.iterdir():
+                    entry.rename(directory / entry.name)
+                tmp.rmdir()
+            elif directory.exists():
                 # A name of its own for the old model while the new one moves in: a folder
                 # the user keeps beside it (``model.old``, say) is never touched.
                 old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))

@@ -157,7 +157,7 @@ def _embed_rows(
     else:
         data = _ItemDataset(table, modality, encoder, start=start, stop=stop)
     loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_items(encoder),
-                        pin_memory=encoder.device.type == "cuda")
+                        pin_memory=encoder.device.type == "cuda", generator=torch.Generator())  # not the global RNG
     was = encoder.training
     encoder.eval()
     bar = None

@@ -228,12 +228,20 @@ def train_loader(data: Table | ShardSet, items, *, valid: torch.Tensor, batch_si
         items.epoch = epoch
         stream = EpochStream(data, plan, rank, items)
         loader = DataLoader(stream, batch_size=plan.per_rank_batch, num_workers=num_workers, collate_fn=collate_fn,
-                            pin_memory=pin_memory)
+                            pin_memory=pin_memory, generator=loader_generator(seed, epoch))
         return loader, segments
     sampler = _EpochBatches(valid, batch_size, seed, epoch, step_in_epoch, rank, world)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                        pin_memory=pin_memory, persistent_workers=False)
+                        pin_memory=pin_memory, persistent_workers=False, generator=loader_generator(seed, epoch))
     return loader, None
+
+
+def loader_generator(seed: int = 0, epoch: int = 0) -> torch.Generator:
+    """A DataLoader's own generator. Each ``iter()`` of a loader draws its workers' base seed from
+    its generator, by default the global one that training's dropout draws from: a resumed run
+    (which starts a fresh pass mid-epoch) or an extra pass (an anchor cache, a validation) would
+    otherwise shift every later dropout mask. Samples are seeded per item, not by workers."""
+    return torch.Generator().manual_seed(_item_seed(seed, epoch, 0))
 
 
 class _CollateTrain:
@@ -344,15 +352,24 @@ def _rng_untouched(device: torch.device | None = None):
             torch.cuda.set_rng_state(c, device)
 
 
+# Layouts whose dataset is a local file or folder (a registered layout may take other names).
+_PATH_LAYOUTS = ("manifest", "shards", "sat2cap", "soundingearth", "geotiff")
+
+
 def _missing_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
     """``where: path`` of every dataset path the run still needs (stages not in ``done``) that
-    names no file or folder (shard patterns and URLs are left to their readers)."""
-    paths = [(f"stages.{s.name}.data.{k}", getattr(s.data, k)) for s in cfg.stages if s.name not in done
-             for k in ("train", "val")]
+    names no file or folder. Shard patterns, lists (``a.tar::b.tar``), ``pipe:`` commands, URLs
+    and other layouts' names are left to their readers."""
+    paths = [(f"stages.{s.name}.data.{k}", getattr(s.data, k), s.data.layout) for s in cfg.stages
+             if s.name not in done for k in ("train", "val")]
     if cfg.eval is not None:
-        paths.append(("eval.data", cfg.eval.data))
-    return [f"{where}: {p}" for where, p in paths
-            if p and not any(c in str(p) for c in "{*?[") and "://" not in str(p) and not Path(p).exists()]
+        paths.append(("eval.data", cfg.eval.data, cfg.eval.layout))
+
+    def plain_path(p: str) -> bool:
+        return not (any(c in p for c in "{*?[") or "://" in p or "::" in p or p.startswith("pipe:"))
+
+    return [f"{where}: {p}" for where, p, layout in paths
+            if p and layout in _PATH_LAYOUTS and plain_path(str(p)) and not Path(p).exists()]
 
 
 def _stage_fingerprint(cfg: StageConfig) -> str:
@@ -412,24 +429,13 @@ class Trainer:
 
     def run(self) -> Path:
         cfg = self.cfg
+        # Rank 0 checks, every rank raises: a refusal must not leave the others in a barrier.
+        refusal = self._preflight() if self.main else None
+        refusal = gbdist.broadcast_object(refusal)
+        if refusal is not None:
+            kind, message = refusal
+            raise {"exists": FileExistsError, "missing": FileNotFoundError}[kind](message)
         if self.main:
-            if self.out.exists() and any(self.out.glob("stages/*/" + CHECKPOINT)) and not self.resume:
-                raise FileExistsError(
-                    f"{self.out} already holds a run; pass --resume to continue it, or choose another output_dir"
-                )
-            final = self.out / "model"
-            foreign = _not_model_files(final) if final.is_dir() and any(final.iterdir()) else []
-            if foreign or (final.exists() and not final.is_dir()):
-                # Checked now, not when the model is saved at the end of the run.
-                raise FileExistsError(
-                    f"{final} holds files that are not a GeoBind model ({', '.join(foreign[:5]) or final.name}); "
-                    "the run saves its model there: move them, or choose another output_dir"
-                )
-            done = {s.name for i, s in enumerate(cfg.stages)
-                    if self.resume and (self.out / "stages" / f"{i + 1:02d}-{s.name}" / DONE).is_file()}
-            missing = _missing_data(cfg, done)
-            if missing:  # all of them at once, before the anchor loads
-                raise FileNotFoundError("data not found: " + "; ".join(missing))
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
@@ -451,6 +457,27 @@ class Trainer:
             self._say(f"model saved to {final}")
         gbdist.barrier()
         return final
+
+    def _preflight(self) -> tuple[str, str] | None:
+        """Why the run cannot start, checked before anything is loaded or written:
+        ``("exists" | "missing", message)``, or ``None``."""
+        cfg = self.cfg
+        if self.out.exists() and any(self.out.glob("stages/*/" + CHECKPOINT)) and not self.resume:
+            return "exists", (f"{self.out} already holds a run; pass --resume to continue it, or choose "
+                              "another output_dir")
+        final = self.out / "model"
+        if final.exists() and not final.is_dir():
+            return "exists", f"{final} is a file; the run saves its model folder there: move it, or choose another output_dir"
+        foreign = _not_model_files(final) if final.is_dir() and any(final.iterdir()) else []
+        if foreign:  # checked now, not when the model is saved at the end of the run
+            return "exists", (f"{final} holds files that are not a GeoBind model ({', '.join(foreign[:5])}); "
+                              "the run saves its model there: move them, or choose another output_dir")
+        done = {s.name for i, s in enumerate(cfg.stages)
+                if self.resume and (self.out / "stages" / f"{i + 1:02d}-{s.name}" / DONE).is_file()}
+        missing = _missing_data(cfg, done)
+        if missing:  # all of them at once, before the anchor loads
+            return "missing", "data not found: " + "; ".join(missing)
+        return None
 
     def _initial_space(self) -> GeoBind:
         """Build the initial space once (seeded) and keep a copy when it has random weights, so

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geobind.data.errors import BadSampleError
@@ -208,7 +209,8 @@ def check_dataset(
     else:
         ds = _Rows(data, mods)
         layout_name = layout
-    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_unbatched)
+    loader = DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_unbatched,
+                        generator=torch.Generator())  # not the global RNG
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -241,5 +243,7 @@ def write_report(report: CheckReport, path: str | Path, *, force: bool = False) 
     """Write the report as JSON (atomically; an existing file only with ``force``)."""
     from geobind.search.common import atomic_path
 
+    if Path(path).is_dir():  # --force replaces a report, never a folder
+        raise IsADirectoryError(f"{path} is a folder; --json names the report file to write")
     with atomic_path(path, force=force) as tmp:
         Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -151,8 +151,10 @@ def prepare_out(out: Path, force: bool) -> None:
         if not force:
             raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it, or choose --out")
         config = out / "config.yaml"
+        # The mark, or (a demo of an earlier version) its config, baseline and world together.
         ours = (out / DEMO_FOLDER_MARK).is_file() or (
-            config.is_file() and config.read_text(errors="replace").startswith(DEMO_MARK))
+            config.is_file() and config.read_text(errors="replace").startswith(DEMO_MARK)
+            and (out / "baseline.yaml").is_file() and (out / "world").is_dir())
         if not ours:
             raise FileExistsError(f"{out} holds files that are not an earlier demo's; not deleting them: "
                                   "choose another --out")

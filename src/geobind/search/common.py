@@ -27,6 +27,9 @@ class OutputExistsError(FileExistsError):
     def cli_message(self) -> str:
         return f"{self.path} exists; pass --force to overwrite it"
 
+    def __reduce__(self):  # pickles (e.g. from a worker process) with its path, not its message
+        return (type(self), (self.path,))
+
 
 def check_writable(*paths: str | Path | None, force: bool = False) -> None:
     """Refuse to start when an output already exists and ``force`` is off.

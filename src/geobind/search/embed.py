@@ -297,8 +297,9 @@ def _embed_rows(
         dataset = RowStream(data, _ShardRows(data, prep), rows=np.arange(start, stop))
     else:
         dataset = _ItemDataset(data, modality, prep, start=start, stop=stop)
+    # Its own generator: embedding never draws from the global RNG (training's dropout uses it).
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Collate(encoder),
-                        pin_memory=encoder.device.type == "cuda")
+                        pin_memory=encoder.device.type == "cuda", generator=torch.Generator())
     counts: Counter = Counter()
     rows: list[int] = []
     out: list[np.ndarray] = []

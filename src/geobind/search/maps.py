@@ -585,17 +585,8 @@ def map_points_many(
         m = score_matrix(vectors, q)
         all_scores = [m[:, i] for i in range(nq)]
         kind = "cosine"
-    res = float(resolution or auto_resolution(lat, lon))
-    if res <= 0:
-        raise ValueError("resolution must be positive")
-    west, north = lon.min() - res / 2, lat.max() + res / 2
-    cols = max(1, int(np.ceil((lon.max() + res / 2 - west) / res - 1e-9)))
-    rows = max(1, int(np.ceil((north - (lat.min() - res / 2)) / res - 1e-9)))
-    c = np.clip(np.floor((lon - west) / res).astype(np.int64), 0, cols - 1)
-    r = np.clip(np.floor((north - lat) / res).astype(np.int64), 0, rows - 1)
-    cell = r * cols + c
+    cell, rows, cols, transform = points_grid(lat, lon, float(resolution or auto_resolution(lat, lon)))
     count = np.bincount(cell, minlength=rows * cols)
-    transform = _affine(res, 0.0, west, 0.0, -res, north)
     id_col = np.asarray(ids, dtype=object)
     out = []
     for label, sc in zip(labels, all_scores):
@@ -609,6 +600,20 @@ def map_points_many(
             )
         )
     return out
+
+
+def points_grid(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[np.ndarray, int, int, Any]:
+    """The grid of a point map: ``res``-degree cells over the points' bounding box, a point at
+    each cell's centre on a regular grid. Returns ``(cell index of each point, rows, cols,
+    affine transform)``."""
+    if not res > 0:
+        raise ValueError("resolution must be positive")
+    west, north = lon.min() - res / 2, lat.max() + res / 2
+    cols = max(1, int(np.ceil((lon.max() + res / 2 - west) / res - 1e-9)))
+    rows = max(1, int(np.ceil((north - (lat.min() - res / 2)) / res - 1e-9)))
+    c = np.clip(np.floor((lon - west) / res).astype(np.int64), 0, cols - 1)
+    r = np.clip(np.floor((north - lat) / res).astype(np.int64), 0, rows - 1)
+    return r * cols + c, rows, cols, _affine(res, 0.0, west, 0.0, -res, north)
 
 
 def default_outputs(out: str | Path) -> dict[str, Path]:

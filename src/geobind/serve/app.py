@@ -249,26 +249,29 @@ class Explorer:
         }
 
     def coverage(self) -> dict[str, Any]:
-        """Where the indexed places are: the heat map's grid, cells holding at least one place in
-        grey (shown before the first query). Made once."""
+        """Where the indexed places are: the heat map's grid (same cells, same bounds), cells
+        holding at least one place in grey (shown before the first query). Made once."""
         if self._coverage is None:
             from PIL import Image
 
-            from geobind.maps_world import world_raster
+            from geobind.search.maps import MapResult, points_grid
 
-            values, (cell, _, west, _, _, north) = world_raster(
-                self.index.lat, self.index.lon, np.ones(len(self.index)), self.resolution)
-            rgba = np.zeros((*values.shape, 4), dtype=np.uint8)
-            rgba[np.isfinite(values)] = (96, 110, 122, 170)
+            lat, lon = np.asarray(self.index.lat, np.float64), np.asarray(self.index.lon, np.float64)
+            cell, rows, cols, transform = points_grid(lat, lon, self.resolution)
+            filled = np.bincount(cell, minlength=rows * cols).reshape(rows, cols) > 0
+            rgba = np.zeros((rows, cols, 4), dtype=np.uint8)
+            rgba[filled] = (96, 110, 122, 170)
             buf = io.BytesIO()
             Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
-            south, east = north - cell * values.shape[0], west + cell * values.shape[1]
+            grid = MapResult(np.where(filled, 1.0, np.nan).astype(np.float32), transform, "EPSG:4326", "", "",
+                             None, "points")
+            west, south, east, north = grid.bounds_latlon()
             self._coverage = {
                 "overlay": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"),
                 "bounds": [[south, west], [north, east]],
                 "resolution_deg": self.resolution,
                 "places": len(self.index),
-                "cells": int(np.isfinite(values).sum()),
+                "cells": int(filled.sum()),
             }
         return self._coverage
 

@@ -24,11 +24,17 @@
   let overlay = null;
   let coverage = null; // grey cells where the indexed places are, until the first heat map
 
-  fetch("/api/coverage").then((r) => r.json()).then((c) => {
-    if (overlay) return; // a heat map came first
+  let coverageData = null;
+  let asked = false; // a query was sent: the coverage no longer speaks in the status line
+  const showCoverage = () => {
+    if (!coverageData || coverage || overlay) return;
+    const c = coverageData;
     coverage = L.imageOverlay(c.overlay, c.bounds, { opacity: 0.8, interactive: false }).addTo(map);
-    status(`grey: the ${c.places} indexed places (${c.cells} cells of ${c.resolution_deg.toFixed(2)}°); ask a query`);
-  }).catch(() => {});
+    if (!asked) {
+      status(`grey: the ${c.places} indexed places (${c.cells} cells of ${c.resolution_deg.toFixed(2)}°); ask a query`);
+    }
+  };
+  fetch("/api/coverage").then((r) => r.json()).then((c) => { coverageData = c; showCoverage(); }).catch(() => {});
   let recording = null; // a File made from the microphone, used instead of the file input
   let markers = [];
 
@@ -96,6 +102,7 @@
     form.append("modality", recording ? "audio" : $("modality").value);
     form.append("k", $("k").value || "10");
     form.append("map", "true");
+    asked = true;
     status("searching…");
     $("submit").disabled = true;
     try {
@@ -115,6 +122,8 @@
     $("query").reset(); recording = null; $("recinfo").textContent = "";
     results.clearLayers(); if (overlay) { map.removeLayer(overlay); overlay = null; }
     $("results").innerHTML = ""; status("");
+    asked = false;
+    showCoverage(); // back to where the places are
   });
 
   // Microphone: MediaRecorder gives webm/ogg (not every server-side decoder reads webm), so
