@@ -128,6 +128,13 @@ def test_faiss_missing_names_the_extra(tmp_path, monkeypatch):
     assert "geobind[faiss]" in said[0]
 
 
+def test_ivfpq_refuses_too_few_embeddings_to_train_on():
+    pytest.importorskip("faiss")
+    emb = synthetic_embeddings(clustered_unit_vectors(140, 16))
+    with pytest.raises(ValueError, match="ivfpq needs at least 624 embeddings to train its codebooks, got 140"):
+        Index.build(emb, "ivfpq")
+
+
 def test_auto_kind_uses_approximate_above_threshold(monkeypatch):
     pytest.importorskip("faiss")
     emb = synthetic_embeddings(clustered_unit_vectors(2000, 16))

@@ -613,6 +613,10 @@ def _build_ivfpq(
     seed: int,
 ):
     n, dim = x.shape
+    if n < 39 * 16:
+        # The smallest codebooks (4 bits) want 39 x 16 training points (FAISS's rule).
+        raise ValueError(f"ivfpq needs at least {39 * 16} embeddings to train its codebooks, got {n}; "
+                         "use kind exact (fast at this size, and what auto picks)")
     nlist = nlist or _default_nlist(n)
     pq_m = pq_m or _default_pq_m(dim)
     if dim % pq_m:
