@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from geobind.cli import positive_float, positive_int
+from geobind.cli import _device, positive_float, positive_int
 
 EPILOG_EMBED = """\
 examples:
@@ -322,12 +322,6 @@ def _workers_arg(value: str) -> int | str:
     if n < 0:
         raise argparse.ArgumentTypeError(f"{value!r}: use auto or a number >= 0")
     return n
-
-
-def _device(name: str):
-    from geobind.distributed import parse_device
-
-    return parse_device(name)
 
 
 @_friendly

@@ -49,7 +49,7 @@ def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bo
         )
     emb = embed_all(model, table, batch_size=batch_size, progress=progress, modalities=mods)
     return {"data": table.source, "rows": len(table), "pairs": pair_report(emb),
-            "trained_pairs": sorted("<->".join(sorted(p)) for p in trained_pairs(model))}
+            "trained_pairs": trained_pair_names(model)}
 
 
 def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = None) -> str:
@@ -76,3 +76,8 @@ def trained_pairs(model: GeoBind) -> set[frozenset]:
     if anchor:
         pairs.add(frozenset(anchor.values()))
     return pairs
+
+
+def trained_pair_names(model: GeoBind) -> list[str]:
+    """:func:`trained_pairs` as sorted ``"a<->b"`` names, as reports store them."""
+    return sorted("<->".join(sorted(p)) for p in trained_pairs(model))

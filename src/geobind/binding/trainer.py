@@ -129,11 +129,16 @@ def _seeded(seed: int):
     augmentation depends only on (seed, epoch, index): exact resume, any worker count. CUDA's
     generators are left alone (``torch.manual_seed`` would reseed them too), so loading in the
     main process (``num_workers: 0``) does not touch a GPU's dropout masks."""
-    with _rng_untouched():
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.default_generator.manual_seed(seed)
+    py, np_state, t = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
         yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(t)
 
 
 class _TrainItems(Dataset):
@@ -329,29 +334,6 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-@contextlib.contextmanager
-def _rng_untouched(device: torch.device | None = None):
-    """Run a block that must not change training (embedding the anchor cache, validation):
-    every global RNG it draws from is restored afterwards.
-
-    Such a pass draws a varying number of numbers from the global torch generator (each
-    ``iter()`` of a ``DataLoader`` takes one base seed): none on an anchor-cache hit, one per
-    pass on a miss, and only on rank 0 for validation. Training draws its dropout masks and
-    loader seeds from the same generator, so without this a cache hit or a validation would
-    change the trained weights. ``device``: also restore that CUDA device's generator."""
-    cuda = device is not None and device.type == "cuda"
-    py, np_state, t = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    c = torch.cuda.get_rng_state(device) if cuda else None
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(t)
-        if cuda:
-            torch.cuda.set_rng_state(c, device)
-
-
 # Layouts whose dataset is a local file or folder (a registered layout may take other names).
 _PATH_LAYOUTS = ("manifest", "shards", "sat2cap", "soundingearth", "geotiff")
 
@@ -468,7 +450,7 @@ class Trainer:
         final = self.out / "model"
         if final.exists() and not final.is_dir():
             return "exists", f"{final} is a file; the run saves its model folder there: move it, or choose another output_dir"
-        foreign = _not_model_files(final) if final.is_dir() and any(final.iterdir()) else []
+        foreign = _not_model_files(final) if final.is_dir() else []
         if foreign:  # checked now, not when the model is saved at the end of the run
             return "exists", (f"{final} holds files that are not a GeoBind model ({', '.join(foreign[:5])}); "
                               "the run saves its model there: move them, or choose another output_dir")
@@ -800,21 +782,20 @@ class Trainer:
 
     def _anchor_cache(self, anchor, table, scfg, workers: int):
         # Collective: every rank embeds its share of the rows and all end with the full float16
-        # table (rank 0 writes the file); on a hit every rank maps the existing file. The
-        # stage's training is the same whether the cache hits and whether a bar is shown.
-        with _rng_untouched(self.device):
-            return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
-                                     num_workers=workers,
-                                     progress=self.progress and self.main,
-                                     strict=scfg.data.strict)
+        # table (rank 0 writes the file); on a hit every rank maps the existing file. Its loader
+        # has a generator of its own, so a hit and a miss leave training's RNG alike.
+        return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
+                                 num_workers=workers,
+                                 progress=self.progress and self.main,
+                                 strict=scfg.data.strict)
 
     @torch.no_grad()
     def _validate(self, stage: BindingStage, val, scfg: StageConfig, writer, step: int, epoch: int):
         if not self.main:
             return None
         vt, v_anchor, v_valid = val
-        # Rank 0 only: drawing from the training RNG here would also set it apart from the others.
-        with eagerly(stage.encoder), _rng_untouched(self.device):
+        # Rank 0 only; its loader has a generator of its own, so training's RNG is not drawn on.
+        with eagerly(stage.encoder):
             emb, valid, _ = embed_table(stage.encoder, vt, scfg.train, batch_size=256)
         keep = valid & v_valid
         m = retrieval_metrics(emb[keep], v_anchor[keep])

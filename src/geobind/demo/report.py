@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from geobind.data.manifest import read_dataset
-from geobind.evaluate import embed_all, format_pairs, pair_report, trained_pairs
+from geobind.evaluate import embed_all, format_pairs, pair_report, trained_pair_names
 from geobind.metrics import zero_shot_accuracy
 from geobind.model import GeoBind
 
@@ -134,7 +134,7 @@ def evaluate_demo(out: Path, model_dir: Path, base_dir: Path, world: dict, *,
         "data": str(test.source),
         "rows": len(test),
         "pairs": pairs,
-        "trained_pairs": sorted("<->".join(sorted(p)) for p in trained_pairs(model)),
+        "trained_pairs": trained_pair_names(model),
         "zero_shot": zs,
         "emergent_vs_direct": emergent,
         "maps": maps,
