@@ -76,10 +76,12 @@ def test_check_cli_prints_counts_and_fails_under_strict(bad, tmp_path, capsys):
     assert main(["data", "check", str(bad[0]), "--json", str(tmp_path / "r.json"), "--force"]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["reasons"] == BAD_MANIFEST_REASONS
     # --force replaces a report, never a folder.
+    capsys.readouterr()
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "keep.txt").write_text("mine")
     assert main(["data", "check", str(bad[0]), "--json", str(tmp_path / "reports"), "--force"]) == 2
-    assert "is a folder" in capsys.readouterr().err and (tmp_path / "reports" / "keep.txt").is_file()
+    captured = capsys.readouterr()  # refused before checking: no report printed
+    assert "is a folder" in captured.err and not captured.out and (tmp_path / "reports" / "keep.txt").is_file()
     assert main(["data", "check", str(bad[0]), "--modalities", "text", "--strict"]) == 1
     good = tmp_path / "good.csv"
     rows = list(csv.DictReader(open(bad[0])))[12:]

@@ -274,7 +274,10 @@ def cmd_check(args) -> int:
     from geobind.data.check import check_dataset, write_report
     from geobind.search.common import check_writable
 
-    check_writable(args.json, force=args.force)  # before the check, which can take a while
+    # Before the check, which can take a while.
+    if args.json and Path(args.json).is_dir():
+        raise IsADirectoryError(f"{args.json} is a folder; --json names the report file to write")
+    check_writable(args.json, force=args.force)
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
     report = check_dataset(
         args.path,
