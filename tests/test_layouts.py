@@ -57,7 +57,7 @@ def test_sat2cap_shards_use_keys_as_ids_and_metadata_coordinates(sat2cap, monkey
         wrong.require("satellite")
 
 
-def test_soundingearth_table_follows_the_published_layout(soundingearth):
+def test_soundingearth_table_follows_the_published_layout(soundingearth, monkeypatch):
     t = read_dataset(soundingearth, "soundingearth")
     assert isinstance(t, Table) and len(t) == 32 and t.bad_rows == {}
     root = soundingearth.parent
@@ -74,6 +74,14 @@ def test_soundingearth_table_follows_the_published_layout(soundingearth):
     assert t2.identity != t.identity
     with pytest.raises(ValueError, match="names column 'nope'"):
         read_dataset(soundingearth, "soundingearth", image="x/{nope}.jpg")
+    # A relative CSV path (as users type it) names the same files; a relative root is relative
+    # to the CSV's folder.
+    monkeypatch.chdir(root.parent)
+    rel = read_dataset(f"{root.name}/{soundingearth.name}", "soundingearth")
+    assert [str(root.parent / p) for p in rel.columns["satellite"]] == t.columns["satellite"]
+    assert all((root.parent / p).is_file() for p in rel.columns["audio"])
+    sub = read_dataset(f"{root.name}/{soundingearth.name}", "soundingearth", root="images/..")
+    assert (root.parent / sub.columns["satellite"][0]).resolve() == root / "images/googleEarth/100.jpg"
 
 
 def test_audio_of_every_format_is_decoded_mono_resampled_and_fitted(soundingearth):

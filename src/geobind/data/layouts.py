@@ -151,9 +151,11 @@ def read_soundingearth(
         audio = (
             "raw_audio/{long_key}/{mp3name}" if "long_key" in df.columns else "raw_audio/{mp3name}"
         )
-    base = Path(root).expanduser() if root else csv.parent
-    if not base.is_absolute():
-        base = csv.parent / base
+    base = csv.parent
+    if root:  # a relative root is relative to the CSV's folder
+        base = Path(root).expanduser()
+        if not base.is_absolute():
+            base = csv.parent / base
     sats, auds, texts = [], [], []
     for rec in df.astype(str).to_dict("records"):
         sats.append(str(base / _fill(image, rec, str(csv))))
