@@ -53,8 +53,12 @@ def test_sat2cap_shards_use_keys_as_ids_and_metadata_coordinates(sat2cap, monkey
     # Read with GeoBind's own keys the members are not found, and the error says which it expected.
     monkeypatch.undo()
     wrong = read_dataset(sat2cap, "shards")
-    with pytest.raises(ValueError, match="satellite.jpg"):
+    with pytest.raises(ValueError, match=r"satellite.jpg.*hold satellite, ground under layout 'sat2cap'"):
         wrong.require("satellite")
+    with pytest.raises(ValueError, match="read them with --layout sat2cap"):
+        check_dataset(sat2cap)
+    with pytest.raises(ValueError, match="has no option 'workers'; its options are index_workers"):
+        read_dataset(sat2cap, "sat2cap", workers=2)
 
 
 def test_soundingearth_table_follows_the_published_layout(soundingearth, monkeypatch):
@@ -154,6 +158,19 @@ def test_published_layout_configs_train_end_to_end(
     assert [s["steps"] for s in stages] == [3, 3]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "36 samples in 4 shards (sat2cap)" in log
+    # eval reads any layout with its options; a misspelt option is refused before training.
+    out = tmp_path / "captions.json"
+    assert main(["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(soundingearth),
+                 "--layout", "soundingearth", "--layout-option", "text=caption", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pairs"]["audio->text"]["n"] == 32
+    cfg["stages"][1]["data"]["layout_options"] = {"imgae": "x/{key}.jpg"}
+    cfg["output_dir"] = str(tmp_path / "typo")
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["train", str(path), "--no-progress"]) == 2
+    assert ("stages[1] (audio).data.layout_options: layout 'soundingearth' has no option 'imgae'; its "
+            "options are image, audio, text, root") in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_geotiff_centres_are_transformed_to_wgs84(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,7 +120,7 @@ def test_cli_split_writes_manifests_that_train_reads(tiny_data, tmp_path, capsys
     assert json.loads((out / "stage1.split.json").read_text())["method"] == "random"
 
 
-def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path):
+def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path, monkeypatch):
     csv = make_soundingearth(tmp_path / "se", n=24)
     assert main(["data", "split", str(csv), "--layout", "soundingearth", "--cell-deg", "30"]) == 0
     parts = [
@@ -130,3 +131,16 @@ def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path):
     assert all(
         p.columns["audio"][0].endswith((".mp3", ".flac", ".wav", ".ogg")) for p in parts if len(p)
     )
+    # Written elsewhere (given by a relative path), the parts are read back with the root the
+    # split names: an absolute one.
+    out = tmp_path / "parts"
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "split", "se/" + csv.name, "--layout", "soundingearth", "--cell-deg", "30",
+                 "--out", "parts"]) == 0
+    note = json.loads((out / f"{csv.stem}.split.json").read_text())["note"]
+    root = note.split("--layout-option root=")[1].split(" ")[0]
+    assert Path(root).is_absolute() and Path(root) == csv.parent.resolve()
+    part = read_dataset(out / f"{csv.stem}.test.csv", "soundingearth", root=root)
+    assert all(Path(p).is_file() for p in part.columns["satellite"])
+    with pytest.raises(SystemExit):  # split reads only what it can write back
+        main(["data", "split", str(csv), "--layout", "geotiff"])

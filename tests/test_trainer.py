@@ -74,6 +74,41 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_data, tmp_path):
     assert ma["stages"][0]["steps"] == 6
 
 
+def test_resume_keeps_skip_counts_and_refuses_changed_settings(tiny_data, tmp_path):
+    """Skips of the anchor pass are counted once, also after a resume; a resume that changes
+    what the run has already trained on (of a finished stage or one with a checkpoint) is refused
+    and names the setting, while loader workers may change."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["root"], data)
+    ground = read_dataset(data / "stage1.csv").columns["ground"]
+    open(ground[0], "r+b").truncate(20)  # the anchor pass skips this photo once per run
+
+    def cfg(out, steps=0, **optim):
+        d = tiny_config({**tiny_data, "stage1": data / "stage1.csv"}, out, audio=False)
+        d["stages"][0]["optim"].update(epochs=2, max_steps=steps, batch_size=12, ckpt_every=100, **optim)
+        d["eval"] = None
+        return parse_config(d)
+
+    full = train(cfg(tmp_path / "a"), progress=False, log=None)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tmp_path / "b"), progress=False, log=None, stop_at_step=3)
+    with pytest.raises(ValueError, match=r"stages\.satellite\.optim\.lr \(0\.001 -> 0\.002\)"):
+        train(cfg(tmp_path / "b", lr=2e-3), resume=True, progress=False, log=None)
+    resumed = train(cfg(tmp_path / "b", num_workers=1), resume=True, progress=False, log=None)
+    sa = json.loads((full / "geobind.json").read_text())["stages"][0]
+    sb = json.loads((resumed / "geobind.json").read_text())["stages"][0]
+    assert sa["bad_samples"] == sb["bad_samples"] and sum(sa["bad_samples"].values()) == 1
+    assert sa["epochs_seen"] == sb["epochs_seen"] == 2
+    assert json.loads((tmp_path / "b" / "stages" / "01-satellite" / "done.json").read_text())["bad_samples"] == \
+        sa["bad_samples"]
+    # The stage is finished: more steps or another seed are refused too, and the run's
+    # config.yaml still holds the settings it was trained with.
+    with pytest.raises(ValueError, match=r"stages\.satellite\.optim\.max_steps \(0 -> 5\); seed|seed .*max_steps"):
+        d = cfg(tmp_path / "b", steps=5)
+        train(parse_config({**d.to_dict(), "seed": 3}), resume=True, progress=False, log=None)
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["seed"] == 0
+
+
 def test_a_resumed_dropout_stage_matches_the_uninterrupted_one(tiny_data, tmp_path):
     """The audio tower has dropout: its masks come from the global RNG, which the resumed run's
     fresh loader pass must not move (each DataLoader has a generator of its own)."""
@@ -194,6 +229,25 @@ def test_cli_two_stage_train_and_eval(tiny_data, tmp_path, capsys):
     assert main(["train", str(cfg), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing"), "--data", str(tiny_data["test"])]) == 2
+    # Unusable rows are left out, counted and said; with no pair left to rank, eval fails.
+    import pandas as pd
+
+    test = pd.read_csv(tiny_data["test"])
+    for m in ("satellite", "ground"):
+        test[m] = str(tiny_data["root"]) + "/" + test[m]
+    test.loc[0, "satellite"] = "sat/none.png"
+    test[["id", "lat", "lon", "satellite", "ground"]].to_csv(tmp_path / "one-bad.csv", index=False)
+    assert main(["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "one-bad.csv"),
+                 "--out", str(tmp_path / "one-bad.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped unusable rows: satellite 1 (missing 1)" in printed and "emergent" not in printed
+    bad_report = json.loads((tmp_path / "one-bad.json").read_text())
+    assert bad_report["skipped"] == {"satellite": {"missing": 1}}
+    assert bad_report["pairs"]["satellite->ground"]["n"] == 11  # a trained pair: no emergent note
+    test["satellite"] = "sat/none.png"
+    test[["id", "lat", "lon", "satellite", "ground"]].to_csv(tmp_path / "all-bad.csv", index=False)
+    assert main(["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "all-bad.csv")]) == 2
+    assert "nothing to rank (unusable rows: satellite 12 (missing 12))" in capsys.readouterr().err
 
 
 def test_metrics_csv_appends_and_grows_columns(tmp_path):

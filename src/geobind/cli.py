@@ -23,6 +23,9 @@ examples:
 EPILOG_EVAL = """\
 examples:
   geobind eval --model runs/geobind/model --data test.csv --out report.json
+  geobind eval --model runs/geobind/model --data shards/test/ --out report.json
+  geobind eval --model runs/geobind/model --data splits/metadata.test.csv --layout soundingearth \\
+      --layout-option root=/data/SoundingEarth --out report.json   # a split written elsewhere
 """
 
 
@@ -56,13 +59,16 @@ def _parser() -> argparse.ArgumentParser:
                         "table of the costliest operators in <stage>/profile/")
     t.set_defaults(func=cmd_train)
 
+    from geobind.cli_data import add_layout_arguments
+
     e = sub.add_parser("eval", help="retrieval metrics between every pair of modalities",
                        description="Retrieval metrics (R@1, R@5, R@10, median and mean rank) between every "
                                    "pair of the model's modalities that the dataset holds.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_EVAL)
     e.add_argument("--model", required=True, help="GeoBind model directory")
-    e.add_argument("--data", required=True, help="dataset (manifest CSV/Parquet)")
-    e.add_argument("--layout", default="manifest", help="dataset layout (default: manifest)")
+    e.add_argument("--data", required=True,
+                   help="dataset: manifest CSV/Parquet, shard folder/pattern, or a --layout's root or CSV")
+    add_layout_arguments(e)
     e.add_argument("--out", help="write the report JSON here")
     e.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass (default: 64)")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -135,14 +141,17 @@ def cmd_train(args) -> int:
     final = train(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile)
     if cfg.eval is not None:
         from geobind.data.manifest import read_dataset
-        from geobind.evaluate import evaluate, format_pairs, trained_pairs
+        from geobind.evaluate import evaluate, format_pairs, format_skipped, trained_pairs
         from geobind.model import GeoBind
 
         model = GeoBind.from_pretrained(final, device=_device(cfg.device))
-        report = evaluate(model, read_dataset(cfg.eval.data, cfg.eval.layout), batch_size=cfg.eval.batch_size)
+        data = read_dataset(cfg.eval.data, cfg.eval.layout, **cfg.eval.layout_options)
+        report = evaluate(model, data, batch_size=cfg.eval.batch_size)
         out = Path(cfg.output_dir) / "report.json"
         write_report(report, out, force=True)
         print(format_pairs(report["pairs"], trained_pairs(model)))
+        if format_skipped(report):
+            print(format_skipped(report))
         print(f"report written to {out}")
     return 0
 
@@ -158,15 +167,19 @@ def write_report(report: dict, path: Path, force: bool) -> None:
 
 
 def cmd_eval(args) -> int:
+    from geobind.cli_data import parse_layout_options
     from geobind.data.manifest import read_dataset
-    from geobind.evaluate import evaluate, format_pairs, trained_pairs
+    from geobind.evaluate import evaluate, format_pairs, format_skipped, trained_pairs
     from geobind.model import GeoBind
 
     if args.out and Path(args.out).exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
-    report = evaluate(model, read_dataset(args.data, args.layout), batch_size=args.batch_size, progress=True)
+    data = read_dataset(args.data, args.layout, **parse_layout_options(args.layout_options))
+    report = evaluate(model, data, batch_size=args.batch_size, progress=True)
     print(format_pairs(report["pairs"], trained_pairs(model)))
+    if format_skipped(report):
+        print(format_skipped(report))
     if args.out:
         write_report(report, Path(args.out), force=args.force)
         print(f"report written to {args.out}")

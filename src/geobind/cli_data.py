@@ -111,7 +111,7 @@ def add_data_parser(subparsers) -> None:
     p.add_argument(
         "--workers", type=int, default=1, metavar="N", help="processes writing shards in parallel"
     )
-    _layout_args(p)
+    add_layout_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 
@@ -152,7 +152,7 @@ def add_data_parser(subparsers) -> None:
     )
     s.add_argument("--out", help="folder for the split files (default: beside the manifest)")
     s.add_argument("--force", action="store_true", help="overwrite existing split files")
-    _layout_args(s)
+    add_layout_arguments(s, choices=["manifest", "soundingearth"])
     s.set_defaults(func=cmd_split)
 
     c = sub.add_parser(
@@ -179,12 +179,18 @@ def add_data_parser(subparsers) -> None:
     )
     c.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     c.add_argument("--force", action="store_true", help="overwrite an existing --json file")
-    _layout_args(c)
+    add_layout_arguments(c)
     c.set_defaults(func=cmd_check)
 
 
-def _layout_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layout", default="manifest", help=LAYOUT_HELP)
+def add_layout_arguments(p: argparse.ArgumentParser, choices: list[str] | None = None) -> None:
+    """``--layout`` (one of ``choices`` where a command reads only some) and the repeatable
+    ``--layout-option`` of every command that reads a dataset."""
+    if choices:
+        p.add_argument("--layout", default=choices[0], choices=choices,
+                       help=f"dataset layout: {' or '.join(choices)} (default: {choices[0]})")
+    else:
+        p.add_argument("--layout", default="manifest", help=LAYOUT_HELP)
     p.add_argument(
         "--layout-option",
         dest="layout_options",
@@ -195,7 +201,8 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _options(items: list[str]) -> dict:
+def parse_layout_options(items: list[str]) -> dict:
+    """``--layout-option KEY=VALUE`` items as a dict (values parsed as YAML)."""
     import yaml
 
     out = {}
@@ -214,7 +221,7 @@ def cmd_pack(args) -> int:
         args.manifest,
         args.out,
         layout=args.layout,
-        layout_options=_options(args.layout_options),
+        layout_options=parse_layout_options(args.layout_options),
         shard_size=args.shard_size,
         image_size=args.image_size,
         image_format=args.image_format,
@@ -241,7 +248,7 @@ def cmd_split(args) -> int:
         args.manifest,
         args.out,
         layout=args.layout,
-        layout_options=_options(args.layout_options),
+        layout_options=parse_layout_options(args.layout_options),
         method="random" if args.random else "spatial",
         cell_deg=args.cell_deg,
         val=args.val,
@@ -282,7 +289,7 @@ def cmd_check(args) -> int:
     report = check_dataset(
         args.path,
         args.layout,
-        layout_options=_options(args.layout_options),
+        layout_options=parse_layout_options(args.layout_options),
         modalities=mods,
         num_workers=args.workers,
         max_examples=args.examples,

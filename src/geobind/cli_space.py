@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from geobind.cli import _device, positive_float, positive_int
+from geobind.cli_data import add_layout_arguments, parse_layout_options
 
 EPILOG_EMBED = """\
 examples:
@@ -152,9 +153,10 @@ def add_space_parsers(sub) -> None:
     )
     e.add_argument("--model", required=True, help="GeoBind model directory")
     e.add_argument(
-        "--data", required=True, help="dataset (manifest CSV/Parquet, or another --layout)"
+        "--data", required=True,
+        help="dataset: manifest CSV/Parquet, shard folder/pattern, or a --layout's root or CSV",
     )
-    e.add_argument("--layout", default="manifest", help="dataset layout (default: manifest)")
+    add_layout_arguments(e)
     e.add_argument(
         "--modality", required=True, help="column to embed (satellite, ground, text, audio, ...)"
     )
@@ -341,6 +343,7 @@ def cmd_embed(args) -> int:
             args.modality,
             args.out,
             layout=args.layout,
+            layout_options=parse_layout_options(args.layout_options),
             batch_size=args.batch_size,
             float16=args.float16,
             chunk_rows=args.chunk_rows,

@@ -74,6 +74,7 @@ class EvalConfig:
     data: str  # evaluation dataset (all modalities present are paired up)
     batch_size: int = 64  # embedding batch size
     layout: str = "manifest"  # how to read it
+    layout_options: dict[str, Any] = field(default_factory=dict)  # the layout's options, as in a stage's data
 
 
 @dataclass(frozen=True)
@@ -267,14 +268,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}.optim.log_every: at least 1 step, got {o.log_every}")
         if o.lr <= 0:
             raise ConfigError(f"{where}.optim.lr: must be positive, got {o.lr}")
-        if not isinstance(s.data.layout_options, dict):
-            raise ConfigError(f"{where}.data.layout_options: expected a mapping of option: value")
         if s.data.shuffle_buffer < 0:
             raise ConfigError(f"{where}.data.shuffle_buffer: must be 0 (no shuffle buffer) or more")
-        from geobind.data.manifest import layouts
-
-        if s.data.layout not in layouts():
-            raise ConfigError(f"{where}.data.layout: unknown layout {s.data.layout!r}; use one of {', '.join(layouts())}")
+        _check_layout(s.data.layout, s.data.layout_options, f"{where}.data")
         if o.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.optim.precision: use auto, fp32, bf16 or fp16")
         if o.num_workers != "auto" and not (isinstance(o.num_workers, int) and o.num_workers >= 0):
@@ -286,6 +282,23 @@ def validate(cfg: RunConfig) -> None:
         if s.loss.temperature <= 0:
             raise ConfigError(f"{where}.loss.temperature must be positive")
         space.add(s.train)
+    if cfg.eval is not None:
+        _check_layout(cfg.eval.layout, cfg.eval.layout_options, "config.eval")
+        if cfg.eval.batch_size < 1:
+            raise ConfigError(f"config.eval.batch_size: at least 1, got {cfg.eval.batch_size}")
+
+
+def _check_layout(layout: str, options: Any, where: str) -> None:
+    from geobind.data.manifest import check_layout_options, layouts
+
+    if layout not in layouts():
+        raise ConfigError(f"{where}.layout: unknown layout {layout!r}; use one of {', '.join(layouts())}")
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.layout_options: expected a mapping of option: value")
+    try:
+        check_layout_options(layout, options)
+    except ValueError as e:
+        raise ConfigError(f"{where}.layout_options: {e}") from None
 
 
 def _check_modality(name: str, where: str) -> None:

@@ -14,14 +14,19 @@ from geobind.model import GeoBind
 
 
 def embed_all(
-    model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False, modalities=None
+    model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False, modalities=None,
+    skipped: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{modality: (embeddings [N, D], valid [N])}`` for every modality both have."""
+    """``{modality: (embeddings [N, D], valid [N])}`` for every modality both have. Rows that
+    cannot be used are left out (``valid`` False); ``skipped``, if given, receives their count
+    per modality and reason."""
     mods = modalities or [m for m in model.modalities if table.has(m)]
     out = {}
     for m in mods:
-        emb, valid, _ = embed_table(model.encoder(m), table, m, batch_size=batch_size, progress=progress)
+        emb, valid, bad = embed_table(model.encoder(m), table, m, batch_size=batch_size, progress=progress)
         out[m] = (emb, valid)
+        if skipped is not None and bad:
+            skipped[m] = dict(sorted(bad.items()))
     return out
 
 
@@ -40,31 +45,53 @@ def pair_report(embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], ks=(1,
 
 def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
     """The report of DESIGN.md: ``{"pairs": {"a->b": {"R@1", "R@5", "R@10", "median_rank", "n"}}}``,
-    plus ``trained_pairs`` (the pairs trained together, as ``"a<->b"``; the others are emergent)."""
+    plus ``trained_pairs`` (the pairs trained together, as ``"a<->b"``; the others are emergent)
+    and ``skipped`` (rows left out as unusable, per modality and reason). Raises ``ValueError``
+    when no pair has two usable rows to rank."""
     mods = [m for m in model.modalities if table.has(m)]
     if len(mods) < 2:  # before any embedding
         raise ValueError(
             f"{table.source}: needs at least two modalities the model knows; the data has "
             f"{', '.join(table.columns) or 'none'}, the model {', '.join(model.modalities)}"
         )
-    emb = embed_all(model, table, batch_size=batch_size, progress=progress, modalities=mods)
-    return {"data": table.source, "rows": len(table), "pairs": pair_report(emb),
+    skipped: dict[str, dict[str, int]] = {}
+    emb = embed_all(model, table, batch_size=batch_size, progress=progress, modalities=mods, skipped=skipped)
+    pairs = pair_report(emb)
+    if not pairs:
+        raise ValueError(
+            f"{table.source}: no two modalities have 2 or more usable rows in common, so there is nothing "
+            f"to rank (unusable rows: {_format_skipped(skipped) or 'none'}); `geobind data check` lists them"
+        )
+    return {"data": table.source, "rows": len(table), "pairs": pairs, "skipped": skipped,
             "trained_pairs": trained_pair_names(model)}
+
+
+def _format_skipped(skipped: dict[str, dict[str, int]]) -> str:
+    return "; ".join(f"{m} {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in r.items())})"
+                     for m, r in skipped.items())
+
+
+def format_skipped(report: dict[str, Any]) -> str:
+    """One line on the rows an evaluation left out, or ``""`` when it used every row."""
+    skipped = report.get("skipped") or {}
+    return f"skipped unusable rows: {_format_skipped(skipped)}" if skipped else ""
 
 
 def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = None) -> str:
     """A plain-text table of pair metrics (``*`` marks pairs never trained together)."""
     head = f"{'pair':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median':>8}{'n':>7}"
     lines = [head, "-" * len(head)]
+    emergent = False
     for name, m in pairs.items():
         mark = ""
         if trained is not None:
             a, b = name.split("->")
             mark = "" if frozenset((a, b)) in trained else " *"
+            emergent = emergent or bool(mark)
         lines.append(
             f"{name + mark:<24}{m['R@1']:>8.3f}{m['R@5']:>8.3f}{m['R@10']:>8.3f}{m['median_rank']:>8.1f}{m['n']:>7d}"
         )
-    if trained is not None:
+    if emergent:
         lines.append("* emergent: these two modalities were never trained together")
     return "\n".join(lines)
 

@@ -354,6 +354,41 @@ def _missing_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
             if p and layout in _PATH_LAYOUTS and plain_path(str(p)) and not Path(p).exists()]
 
 
+# What a resumed run may not change once it has trained on it (other run settings, such as the
+# device, evaluation or loader workers, change no trained weight).
+_RUN_KEYS = ("anchor", "init_model", "anchor_modalities", "seed")
+
+
+def _changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
+    """``key (old -> new)`` for every value of ``old`` that ``new`` holds differently; keys that
+    only one side has (settings added or removed between versions) are left out."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in old if k in new for c in _changed_keys(old[k], new[k], f"{prefix}.{k}")]
+    return [] if old == new else [f"{prefix.lstrip('.')} ({old!r} -> {new!r})"]
+
+
+def _resume_changes(cfg: RunConfig, out: Path) -> list[str]:
+    """The settings a resumed run changes for what the run has already trained: the run's
+    initial space and seed, and every stage that has a checkpoint or has finished."""
+    def as_saved(d: dict) -> dict:  # the form the run's YAML files hold
+        return yaml.safe_load(yaml.safe_dump(plain(d), sort_keys=False)) or {}
+
+    changed = []
+    saved_run = out / "config.yaml"
+    if saved_run.is_file():
+        old, new = yaml.safe_load(saved_run.read_text()) or {}, as_saved(cfg.to_dict())
+        changed += _changed_keys({k: old[k] for k in _RUN_KEYS if k in old}, new, "")
+    for i, s in enumerate(cfg.stages):
+        d = out / "stages" / f"{i + 1:02d}-{s.name}"
+        if not ((d / DONE).is_file() or (d / CHECKPOINT).is_file()) or not (d / "config.yaml").is_file():
+            continue
+        old, new = yaml.safe_load((d / "config.yaml").read_text()) or {}, as_saved(dataclasses.asdict(s))
+        for o in (old, new):
+            o.get("optim", {}).pop("num_workers", None)
+        changed += _changed_keys(old, new, f"stages.{s.name}")
+    return changed
+
+
 def _stage_fingerprint(cfg: StageConfig) -> str:
     d = dataclasses.asdict(cfg)
     # Loader workers change neither the batches nor the result, so a run may resume with others.
@@ -416,7 +451,7 @@ class Trainer:
         refusal = gbdist.broadcast_object(refusal)
         if refusal is not None:
             kind, message = refusal
-            raise {"exists": FileExistsError, "missing": FileNotFoundError}[kind](message)
+            raise {"exists": FileExistsError, "missing": FileNotFoundError, "changed": ValueError}[kind](message)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -454,6 +489,11 @@ class Trainer:
         if foreign:  # checked now, not when the model is saved at the end of the run
             return "exists", (f"{final} holds files that are not a GeoBind model ({', '.join(foreign[:5])}); "
                               "the run saves its model there: move them, or choose another output_dir")
+        changed = _resume_changes(cfg, self.out) if self.resume else []
+        if changed:
+            return "changed", (f"--resume: {self.out} was trained with other settings than the config now "
+                               f"gives: {'; '.join(changed)}. Resume with the settings it was started "
+                               "with, or choose another output_dir to train with the new ones")
         done = {s.name for i, s in enumerate(cfg.stages)
                 if self.resume and (self.out / "stages" / f"{i + 1:02d}-{s.name}" / DONE).is_file()}
         missing = _missing_data(cfg, done)
@@ -528,6 +568,18 @@ class Trainer:
         n_valid = int(valid.sum())
         steps_per_epoch = n_valid // o.batch_size
         if steps_per_epoch == 0:
+            skipped = len(table) - n_valid
+            if n_valid == 0 or skipped > n_valid:
+                reasons = dict(bad) or {r: sum(1 for v in table.bad_rows.values() if v == r)
+                                        for r in set(table.bad_rows.values())}
+                raise ValueError(
+                    f"stage {scfg.name}: {skipped} of {len(table)} samples in {table.source} are unusable "
+                    f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items())) or 'see train.log'}), "
+                    f"leaving {n_valid}, fewer than one batch ({o.batch_size}). "
+                    f"`geobind data check {scfg.data.train} --layout {scfg.data.layout}"
+                    + "".join(f" --layout-option {k}={v}" for k, v in scfg.data.layout_options.items())
+                    + "` lists the problems"
+                )
             raise ValueError(
                 f"stage {scfg.name}: {n_valid} usable pairs in {table.source} is fewer than one batch "
                 f"({o.batch_size}); lower optim.batch_size"
@@ -559,6 +611,8 @@ class Trainer:
             step, epoch, step_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
             samples = ck.get("samples", 0)
             segments = ck.get("segments")
+            # The checkpoint's counts already hold the anchor pass's skips counted above.
+            bad.clear()
             bad.update(ck.get("bad", {}))
             _set_rng_state(ck["rng"])
             self._say(f"stage {scfg.name}: resumed at step {step} (epoch {epoch + 1}, batch {step_in_epoch})")
@@ -753,7 +807,7 @@ class Trainer:
         # The stage's result: the space with the new modality added.
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,
-                     "steps": step, "samples": samples, "epochs_seen": epoch, "final_loss": last_loss, "bad_samples": dict(bad),
+                     "steps": step, "samples": samples, "epochs_seen": epoch + 1, "final_loss": last_loss, "bad_samples": dict(bad),
                      "seconds": round(seconds, 2), **_throughput(loop, samples), "val": vm}
         model.meta.setdefault("stages", []).append(stage_rec)
         model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale().detach())

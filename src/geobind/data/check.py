@@ -202,6 +202,10 @@ def check_dataset(
     mods = (
         list(modalities) if modalities else [m for m in data.columns if member_kind(m) != "latlon"]
     )
+    if not mods:
+        hint = data.layout_hint() if isinstance(data, ShardSet) else ""
+        raise ValueError(f"{getattr(data, 'source', path)}: no modality to check (found "
+                         f"{', '.join(getattr(data, 'suffixes', None) or data.columns) or 'nothing'}).{hint}")
     data.require(*mods)
     if isinstance(data, ShardSet):
         ds = RowStream(data, _ShardRows(data, mods))

@@ -65,25 +65,16 @@ SAT2CAP_SCHEMA = ShardSchema(
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
 
 
-def _shard_options(options: dict[str, Any], layout: str) -> dict[str, Any]:
-    unknown = set(options) - {"index_workers"}
-    if unknown:
-        raise ValueError(
-            f"layout {layout}: unknown option(s) {', '.join(sorted(unknown))}; it takes index_workers"
-        )
-    return {"workers": options.get("index_workers")}
-
-
 @register_layout("shards", streaming=True)
-def read_shards(spec: str, **options: Any) -> ShardSet:
+def read_shards(spec: str, *, index_workers: int | None = None) -> ShardSet:
     """GeoBind's own WebDataset shards (a folder, ``.tar``, brace pattern or URLs)."""
-    return open_shards(spec, geobind_schema(), **_shard_options(options, "shards"))
+    return open_shards(spec, geobind_schema(), workers=index_workers)
 
 
 @register_layout("sat2cap", streaming=True)
-def read_sat2cap(spec: str, **options: Any) -> ShardSet:
+def read_sat2cap(spec: str, *, index_workers: int | None = None) -> ShardSet:
     """Sat2Cap's WebDataset shards (``overhead.jpg``, ``groundlevel.jpg``, ``metadata.json``)."""
-    return open_shards(spec, SAT2CAP_SCHEMA, **_shard_options(options, "sat2cap"))
+    return open_shards(spec, SAT2CAP_SCHEMA, workers=index_workers)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ reader (training, embedding, evaluation) goes through :func:`read_dataset`, whic
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,6 +109,27 @@ def layouts() -> list[str]:
     return sorted(_LAYOUTS)
 
 
+def layout_options(layout: str) -> list[str] | None:
+    """The option names a layout's reader takes (``layout_options`` in a config,
+    ``--layout-option`` on the command line); ``None`` when it takes any."""
+    _builtin_layouts()
+    if layout not in _LAYOUTS:
+        raise ValueError(f"unknown dataset layout {layout!r}; known layouts: {', '.join(sorted(_LAYOUTS))}")
+    params = list(inspect.signature(_LAYOUTS[layout]).parameters.values())[1:]  # after the path
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def check_layout_options(layout: str, options: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` naming every option ``layout`` does not take, and the ones it does."""
+    known = layout_options(layout)
+    unknown = sorted(set(options) - set(known)) if known is not None else []
+    if unknown:
+        takes = f"its options are {', '.join(known)}" if known else "it takes none"
+        raise ValueError(f"layout {layout!r} has no option {', '.join(map(repr, unknown))}; {takes}")
+
+
 def _builtin_layouts() -> None:
     # Imported here, not at module top: the layout modules import this one.
     import geobind.data.layouts  # noqa: F401
@@ -137,6 +159,7 @@ def read_dataset(path: str | Path, layout: str = "manifest", **options: Any) -> 
     raw = str(path)
     if layout == "manifest" and _looks_like_shards(raw):
         layout = "shards"
+    check_layout_options(layout, options)
     if layout in _STREAMING:
         data = _LAYOUTS[layout](raw, **options)
     else:
@@ -169,12 +192,8 @@ def _hash_file(path: Path) -> str:
 
 
 @register_layout("manifest")
-def read_manifest(path: Path, **options: Any) -> Table:
+def read_manifest(path: Path) -> Table:
     """CSV or Parquet manifest; paths relative to the manifest's folder."""
-    if options:
-        raise ValueError(
-            f"{path}: the manifest layout takes no layout options (got {', '.join(sorted(options))})"
-        )
     if path.is_dir():
         raise ValueError(
             f"{path} is a folder; a manifest is a .csv or .parquet file (for a folder of "
@@ -199,7 +218,9 @@ def read_manifest(path: Path, **options: Any) -> Table:
         hint = ""
         aliases = {"lat": ("latitude", "Latitude", "LAT"), "lon": ("longitude", "Longitude", "lng", "long", "LON")}
         renames = [f"{a} -> {c}" for c in missing for a in aliases.get(c, ()) if a in df.columns]
-        if renames:
+        if {"key", "mp3name", "latitude", "longitude"} <= set(df.columns):
+            hint = " (this is a SoundingEarth CSV: read it with --layout soundingearth, layout: soundingearth in a config)"
+        elif renames:
             hint = f" (rename {', '.join(renames)})"
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}{hint}; a manifest needs id, lat, lon")
     if df["id"].duplicated().any():

@@ -306,6 +306,7 @@ class ShardSet:
         self.identity = identity
         self.shard_errors = dict(shard_errors or {})
         present = set(suffixes)
+        self.suffixes = sorted(present)  # member suffixes found in these shards
         self.columns: dict[str, tuple[str, ...]] = {
             m: tuple(s for s in sfx if s in present)
             for m, sfx in schema.members.items()
@@ -372,8 +373,22 @@ class ShardSet:
                 raise ValueError(
                     f"{self.source}: no {m!r} members in these shards (found modalities: "
                     f"{', '.join(self.columns) or 'none'}). Layout {self.schema.name!r} reads {m} "
-                    f"from {wanted}."
+                    f"from {wanted}.{self.layout_hint()}"
                 )
+
+    def layout_hint(self) -> str:
+        """A sentence naming the other layout whose member names these shards use (``""`` if
+        none does): Sat2Cap's shards read as GeoBind's, say."""
+        from geobind.data.layouts import SAT2CAP_SCHEMA
+
+        for name, schema in (("shards", geobind_schema()), ("sat2cap", SAT2CAP_SCHEMA)):
+            if schema.name == self.schema.name:
+                continue
+            mods = [m for m, sfx in schema.members.items() if any(s in self.suffixes for s in sfx)]
+            if len(mods) > len(self.columns):
+                return (f" These shards hold {', '.join(mods)} under layout {name!r}'s member names: read "
+                        f"them with --layout {name} (layout: {name} in a config).")
+        return ""
 
     def key(self, row: int) -> str:
         return self._keys[int(row)].as_py()

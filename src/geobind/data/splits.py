@@ -182,10 +182,11 @@ def write_split(
     format in ``out`` (default: beside the source). Manifest paths are rewritten relative to
     ``out``. Returns a summary (also written as ``split.json``)."""
     if layout not in ("manifest", "soundingearth"):
-        raise ValueError(
-            f"split writes manifests or SoundingEarth CSVs, not layout {layout!r}; for shards, split the "
-            "manifest first and pack each part (geobind data split, then geobind data pack)"
-        )
+        how = ("list the tiles in a manifest (id, lat, lon, satellite: the .tif path) and split that"
+               if layout == "geotiff" else
+               "split the manifest the shards were packed from, then pack each part (geobind data split, "
+               "then geobind data pack)")
+        raise ValueError(f"split writes manifests or SoundingEarth CSVs, not layout {layout!r}: {how}")
     data = read_dataset(source, layout, **(layout_options or {}))
     if not isinstance(data, Table):
         raise ValueError(f"{source}: split the manifest before packing it into shards")
@@ -247,10 +248,12 @@ def write_split(
         "cells": n_cells if method == "spatial" else None,
         "files": written,
     }
-    if layout == "soundingearth" and out.resolve() != src.parent.resolve():
+    root = (layout_options or {}).get("root")
+    base = (src.parent / Path(root).expanduser() if root else src.parent).resolve()
+    if layout == "soundingearth" and out.resolve() != base:
         summary["note"] = (
-            f"the image/audio templates stay relative to {src.parent}; read the parts with "
-            f"layout_options root: {src.parent}"
+            f"the image/audio templates stay relative to {base}; read the parts with "
+            f"layout_options root: {base} (--layout-option root={base} on the command line)"
         )
     (out / f"{stem}.split.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -337,6 +337,7 @@ def embed_dataset(
     out: str | Path,
     *,
     layout: str = "manifest",
+    layout_options: dict[str, Any] | None = None,
     batch_size: int = 64,
     float16: bool = False,
     thumbnails: bool | None = None,
@@ -354,7 +355,8 @@ def embed_dataset(
 ) -> dict[str, Any]:
     """Embed ``modality`` of every row of a dataset into ``out`` (Parquet); see the module doc.
 
-    ``data`` is a path read with :func:`geobind.data.manifest.read_dataset` in ``layout``, or
+    ``data`` is a path read with :func:`geobind.data.manifest.read_dataset` in ``layout`` (with
+    ``layout_options``), or
     an already-read table / shard set. ``thumbnails`` (default: on for image modalities) stores
     a ``thumbnail_size`` px JPEG per row, which indexes keep and ``geobind serve`` shows.
     Resumes from ``out``'s parts folder when one from the same model, data and settings exists.
@@ -385,7 +387,7 @@ def embed_dataset(
         raise ValueError(
             f"preprocess_on='device' needs an image encoder; {modality!r} uses {encoder.type_name}"
         )
-    table = read_dataset(data, layout) if isinstance(data, (str, Path)) else data
+    table = read_dataset(data, layout, **(layout_options or {})) if isinstance(data, (str, Path)) else data
     if len(table) == 0:
         raise ValueError(f"dataset {getattr(table, 'source', data)} has no rows")
     table.require(modality)
