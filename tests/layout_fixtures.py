@@ -180,7 +180,7 @@ BAD_MANIFEST_REASONS = {
     "undecodable": 3,  # a truncated PNG, a text file named .png, a truncated WAV header
     "silent-zero-length": 1,  # a WAV with no frames
     "bad-coordinates": 2,  # latitude 95, longitude "abc"
-    "missing-text": 1,  # an empty caption cell
+    "empty-text": 1,  # an empty caption cell
 }
 
 
@@ -228,6 +228,7 @@ BAD_SHARD_REASONS = {
     "bad-metadata": 1,  # json that is not JSON
     "bad-coordinates": 1,  # latitude out of range
     "bad-shard": 1,  # the last sample of a truncated shard
+    "duplicate-id": 1,  # a second sample with the id of the first
 }
 
 
@@ -262,6 +263,8 @@ def make_bad_shards(root: Path, seed: int = 5) -> Path:
                     sample["json"] = b"{not json"
                 if i == 4:
                     sample["json"] = json.dumps({**meta, "lat": 123.0}).encode()
+                if i == 7:
+                    sample["json"] = json.dumps({**meta, "id": "s00"}).encode()
                 w.write(sample)
         if s == 1:
             # Cut the shard inside the data of the last sample's first member: it ends early and

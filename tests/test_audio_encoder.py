@@ -102,6 +102,13 @@ def test_load_files(tmp_path):
     clip = encoder.load(tmp_path / "stereo.wav")
     assert clip.shape == (SR,)
     torch.testing.assert_close(clip[:8_000], clip[8_000:])  # tiled twice, no zero tail
+    # In memory, soundfile's [frames, channels] and torch's [channels, frames] give the file's
+    # mono; a 2-D array with two long axes is refused, not averaged into garbage.
+    data, rate = sf.read(tmp_path / "stereo.wav", dtype="float32")
+    np.testing.assert_allclose(load_audio((data, rate), SR), mono, atol=1e-6)
+    np.testing.assert_allclose(load_audio((torch.from_numpy(data.T.copy()), rate), SR), mono, atol=1e-6)
+    with pytest.raises(BadSampleError, match=r"at most 64 channels; got shape \(100, 200\)"):
+        load_audio((np.zeros((100, 200), np.float32), SR), SR)
 
 
 def test_load_crops_long_audio():

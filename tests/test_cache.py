@@ -236,7 +236,7 @@ def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, mon
     cases = {"table": (both, "ground", 4, 512), "shards": (shard_dir, "satellite", 3, 256 * 2**20)}
     expected_bad = {"table": {"empty": 1, "undecodable": 1, "missing": 2},
                     "shards": {"missing-satellite": 1, "undecodable": 1, "bad-metadata": 1,
-                               "bad-coordinates": 1, "bad-shard": 1}}
+                               "bad-coordinates": 1, "bad-shard": 1, "duplicate-id": 1}}
 
     # Single-process references, one thread like the workers.
     model = build_space(tiny_data)

@@ -49,14 +49,14 @@ def test_check_counts_every_reason_of_a_manifest_exactly(bad, workers):
         ("008.wav", "silent-zero-length"),
         ("bad.csv#b009", "bad-coordinates"),
         ("bad.csv#b010", "bad-coordinates"),
-        ("bad.csv#b011", "missing-text"),
+        ("bad.csv#b011", "empty-text"),
     }
 
 
 def test_check_counts_every_reason_of_shards_exactly(bad):
     report = check_dataset(bad[1], num_workers=2)
     assert dict(report.reasons) == BAD_SHARD_REASONS
-    assert (report.samples, report.usable) == (12, 7)
+    assert (report.samples, report.usable) == (12, 6)
     assert list(report.shard_errors) == [str(bad[1] / "part-1.tar")]
     assert "part-0.tar#s02.satellite.png" in " ".join(f for f, _, _ in report.examples)
 
@@ -116,7 +116,7 @@ def test_training_skips_and_counts_what_check_reports(bad, tiny_data, tmp_path):
     assert (
         done["bad_samples"]
         == dict(expected)
-        == {"missing": 1, "empty": 1, "undecodable": 2, "bad-coordinates": 2, "missing-text": 1}
+        == {"missing": 1, "empty": 1, "undecodable": 2, "bad-coordinates": 2, "empty-text": 1}
     )
     log = (tmp_path / "run" / "train.log").read_text()
     assert "skipping bad sample" in log and "sat/006.png: undecodable" in log
@@ -130,7 +130,9 @@ def test_training_skips_and_counts_what_check_reports(bad, tiny_data, tmp_path):
 
 
 def test_training_from_bad_shards_skips_and_counts(bad, tiny_data, tmp_path):
-    d = _stage(tiny_data, bad[1], tmp_path / "run", "ground", 3, shuffle_buffer=4)
+    # 8 rows usable on the ground side (metadata, coordinates, ids and the cut shard rule out
+    # 4): batches of 2 see every one, the garbage tile and the missing one included.
+    d = _stage(tiny_data, bad[1], tmp_path / "run", "ground", 2, shuffle_buffer=4)
     train(parse_config(d), progress=False, log=None)
     done = json.loads((tmp_path / "run" / "stages" / "01-satellite" / "done.json").read_text())
     assert done["bad_samples"] == BAD_SHARD_REASONS
@@ -154,3 +156,28 @@ def test_no_allocator_thread_that_could_hang_forked_loader_workers():
     env = {k: v for k, v in os.environ.items() if k != "JE_ARROW_MALLOC_CONF"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert "jemalloc_bg_thd" not in out.stdout, out.stdout
+
+
+def test_problems_say_what_was_wrong_and_pack_drops_what_check_reports(bad, tmp_path, capsys):
+    from geobind.data.pack import pack
+
+    report = check_dataset(bad[0], max_examples=20)
+    details = {r: d for _, r, d in report.examples}
+    assert "lat 95.0" in details["bad-coordinates"] or "lon nan" in details["bad-coordinates"]
+    assert "not an image format PIL can read" in [d for _, r, d in report.examples if r == "undecodable"]
+    # pack leaves out the same bad files as check (a recording with no frames included).
+    res = pack(bad[0], tmp_path / "shards", shard_size=50, progress=False, log=None)
+    assert res.bad["silent-zero-length"] == 1 and res.bad["bad-coordinates"] == 2
+    with pytest.raises(ValueError, match="looks like a file name"):
+        pack(bad[0], tmp_path / "train.tar", progress=False, log=None)
+    # With nothing usable, check fails without --strict too.
+    only_bad = tmp_path / "only-bad.csv"
+    rows = list(csv.DictReader(open(bad[0])))[1:3]
+    with open(only_bad, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "sat").symlink_to(bad[0].parent / "sat")
+    (tmp_path / "audio").symlink_to(bad[0].parent / "audio")
+    assert main(["data", "check", str(only_bad)]) == 1
+    assert "no sample is usable" in capsys.readouterr().err

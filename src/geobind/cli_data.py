@@ -166,7 +166,8 @@ def add_data_parser(subparsers) -> None:
     c.add_argument(
         "--modalities", help="comma-separated modalities to check (default: all present)"
     )
-    c.add_argument("--strict", action="store_true", help="exit with status 1 if any sample is bad")
+    c.add_argument("--strict", action="store_true",
+                   help="exit with status 1 if any sample is bad (without it: only if none is usable)")
     c.add_argument(
         "--workers", type=int, default=0, metavar="N", help="decoding worker processes (default: 0)"
     )
@@ -233,7 +234,8 @@ def cmd_pack(args) -> int:
     print(f"{res.samples} samples in {res.shards} shards in {res.out}")
     if res.bad:
         print(
-            "left out: " + ", ".join(f"{k} {v}" for k, v in sorted(res.bad.items())),
+            "left out (a bad file drops that member only, bad coordinates the whole row): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(res.bad.items())),
             file=sys.stderr,
         )
         for e in res.examples[:10]:
@@ -281,10 +283,7 @@ def cmd_check(args) -> int:
     from geobind.data.check import check_dataset, write_report
     from geobind.search.common import check_writable
 
-    # Before the check, which can take a while.
-    if args.json and Path(args.json).is_dir():
-        raise IsADirectoryError(f"{args.json} is a folder; --json names the report file to write")
-    check_writable(args.json, force=args.force)
+    check_writable(args.json, force=args.force)  # before the check, which can take a while
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
     report = check_dataset(
         args.path,
@@ -300,5 +299,8 @@ def cmd_check(args) -> int:
         write_report(report, Path(args.json), force=args.force)
     if args.strict and report.bad:
         print(f"geobind data check: {report.bad} bad samples (--strict)", file=sys.stderr)
+        return 1
+    if report.samples and not report.usable:
+        print("geobind data check: no sample is usable", file=sys.stderr)
         return 1
     return 0

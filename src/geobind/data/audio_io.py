@@ -26,6 +26,8 @@ _EXACT_SEEK = frozenset({"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF"})
 # MP3 seeks to the sample too (mpg123, gapless), with output within float rounding of decoding
 # from the start; its length is exact when the file has a LAME/Xing header, estimated otherwise.
 _WINDOWED = _EXACT_SEEK | {"MP3"}
+# More channels than this in a 2-D waveform array: not a recording (ambisonics stays below it).
+MAX_CHANNELS = 64
 
 
 # Pieces are resampled on the whole recording's grid only where the two rates' grids meet every
@@ -99,11 +101,21 @@ def _from_array(wave: Any, rate: int, sample_rate: int, name: str) -> np.ndarray
     wave = _to_float(original)
     if wave.ndim == 1 and np.shares_memory(wave, original):
         wave = wave.copy()  # the caller keeps (and may reuse or have frozen) its array
+    elif wave.ndim == 2 and wave.size == 0:
+        wave = np.zeros(0, np.float32)  # no frames: reported as zero-length below
     elif wave.ndim == 2:
-        wave = wave.mean(axis=0, dtype=np.float32)  # [channels, T]
+        # [channels, T] (torch's layout) or [T, channels] (soundfile's): channels are the short
+        # axis. Two long axes are not a waveform, and guessing would embed garbage silently.
+        channels_axis = 0 if wave.shape[0] <= wave.shape[1] else 1
+        if wave.shape[channels_axis] > MAX_CHANNELS:
+            raise BadSampleError(
+                name, "bad-shape", f"a 2-D waveform is [channels, T] or [T, channels] with at most "
+                f"{MAX_CHANNELS} channels; got shape {wave.shape}"
+            )
+        wave = wave.mean(axis=channels_axis, dtype=np.float32)
     elif wave.ndim != 1:
         raise BadSampleError(
-            name, "bad-shape", f"expected a [T] or [channels, T] waveform, got shape {wave.shape}"
+            name, "bad-shape", f"expected a [T], [channels, T] or [T, channels] waveform, got shape {wave.shape}"
         )
     return _finish(wave, rate, sample_rate, name)
 

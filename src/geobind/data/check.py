@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from geobind.data.errors import BadSampleError
-from geobind.data.manifest import Table, read_dataset
+from geobind.data.manifest import Table, read_dataset, row_detail
 from geobind.data.pack import member_kind
 from geobind.data.shards import RowStream, ShardSet
 
@@ -67,7 +67,7 @@ class CheckReport:
             f"bad:    {self.bad}",
         ]
         if self.reasons:
-            lines.append("problems by reason:")
+            lines.append("problems by reason (a sample can have several):")
             width = max(len(r) for r in self.reasons)
             lines += [
                 f"  {r:<{width}}  {n}"
@@ -143,7 +143,8 @@ class _Rows(Dataset):
             return i, [
                 _problem(
                     BadSampleError(
-                        f"{self.table.source}#{self.table.ids[i]}", self.table.bad_rows[i]
+                        f"{self.table.source}#{self.table.ids[i]}", self.table.bad_rows[i],
+                        row_detail(self.table, i),
                     )
                 )
             ]
@@ -167,6 +168,7 @@ class _ShardRows:
                     BadSampleError(
                         f"{sample.get('__url__')}#{sample.get('__key__')}",
                         self.shards.bad_rows[row],
+                        row_detail(self.shards, row),
                     )
                 )
             ]
@@ -247,7 +249,5 @@ def write_report(report: CheckReport, path: str | Path, *, force: bool = False) 
     """Write the report as JSON (atomically; an existing file only with ``force``)."""
     from geobind.search.common import atomic_path
 
-    if Path(path).is_dir():  # --force replaces a report, never a folder
-        raise IsADirectoryError(f"{path} is a folder; --json names the report file to write")
     with atomic_path(path, force=force) as tmp:
         Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -30,9 +30,11 @@ Choose one with ``layout:`` in a stage's ``data`` (options in ``layout_options:`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ import pandas as pd
 
 from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, bad_coordinates, register_layout
+from geobind.data.media import stretch_bands
 from geobind.data.shards import ShardSchema, ShardSet, geobind_schema, open_shards
 from geobind.modality import AUDIO, GROUND, SATELLITE, TEXT
 
@@ -195,6 +198,17 @@ def _rasterio():
     return rasterio
 
 
+@contextlib.contextmanager
+def _no_georeference_warning():
+    """Silence rasterio's warning for tiles without a CRS: the layout counts them itself
+    (``no-georeference``), and a tile's pixels need none."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
 def read_raster_rgb(
     path: str, bands: tuple[int, ...] | None = None, scale: Any = "auto"
 ) -> np.ndarray:
@@ -208,7 +222,7 @@ def read_raster_rgb(
         raise BadSampleError(path, "empty", "file is empty")
     rasterio = _rasterio()
     try:
-        with rasterio.open(path) as src:
+        with _no_georeference_warning(), rasterio.open(path) as src:
             use = list(bands) if bands else ([1, 2, 3] if src.count >= 3 else [1])
             if max(use) > src.count:
                 raise BadSampleError(
@@ -226,11 +240,7 @@ def read_raster_rgb(
         x = data.astype(np.float32)
         valid = np.isfinite(x) if nodata is None else (np.isfinite(x) & (x != nodata))
         if scale == "auto":
-            out = np.zeros_like(x, dtype=np.uint8)
-            for b in range(x.shape[0]):
-                v = x[b][valid[b]]
-                lo, hi = np.percentile(v, [2, 98]) if v.size else (0.0, 1.0)
-                out[b] = np.clip((x[b] - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+            out = stretch_bands(x, valid)
         else:
             out = np.clip(np.nan_to_num(x) / float(scale) * 255, 0, 255).astype(np.uint8)
     if out.shape[0] == 1:
@@ -272,7 +282,7 @@ def read_geotiff(path: Path, *, bands: list[int] | None = None, scale: Any = "au
         st = f.stat()
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         try:
-            with rasterio.open(f) as src:
+            with _no_georeference_warning(), rasterio.open(f) as src:
                 a, o, problem = _centre_wgs84(src)
         except Exception:  # unreadable header: the tile itself is reported when loaded
             a, o, problem = float("nan"), float("nan"), "undecodable"

@@ -51,6 +51,10 @@ class Table:
     def modalities(self) -> list[str]:
         return list(self.columns)
 
+    def place(self, i: int) -> tuple[str, Any, Any]:
+        """Row ``i``'s ``(id, lat, lon)``."""
+        return self.ids[i], self.lat[i], self.lon[i]
+
     def has(self, modality: str) -> bool:
         """True if rows carry ``modality`` (a column, or lat/lon for location-like ones)."""
         return modality in self.columns or get_modality(modality).source == "latlon"
@@ -68,11 +72,13 @@ class Table:
     def item(self, modality: str, i: int) -> Any:
         """Row ``i``'s raw item for ``modality``; raises :class:`BadSampleError` if unusable."""
         if i in self.bad_rows:
-            raise BadSampleError(f"{self.source}#{self.ids[i]}", self.bad_rows[i])
+            raise BadSampleError(f"{self.source}#{self.ids[i]}", self.bad_rows[i], row_detail(self, i))
         if get_modality(modality).source == "latlon":
             return (self.lat[i], self.lon[i])
         value = self.columns[modality][i]
         if value is None:
+            if get_modality(modality).source == "text":
+                raise BadSampleError(f"{self.source}#{self.ids[i]}", "empty-text", "caption is empty")
             raise BadSampleError(f"{self.source}#{self.ids[i]}", f"missing-{modality}", "empty cell")
         loader = self.loaders.get(modality)
         return loader(value) if loader is not None else value
@@ -170,6 +176,17 @@ def read_dataset(path: str | Path, layout: str = "manifest", **options: Any) -> 
     if len(data) == 0:
         raise ValueError(f"dataset {raw} has no rows")
     return data
+
+
+def row_detail(table: Any, i: int) -> str:
+    """What made row ``i`` of a table or shard set bad, for its error message."""
+    reason = table.bad_rows.get(i)
+    sid, lat, lon = table.place(i)
+    if reason == "bad-coordinates":
+        return f"lat {lat!r}, lon {lon!r}: need -90..90 and -180..180"
+    if reason == "duplicate-id":
+        return f"an earlier sample has the id {sid!r}"
+    return ""
 
 
 def bad_coordinates(lat: list[Any], lon: list[Any]) -> dict[int, str]:

@@ -15,23 +15,25 @@ from geobind.data.errors import BadSampleError
 def load_image(item: Any) -> Image.Image:
     """Return ``item`` as an RGB PIL image.
 
-    ``item`` is a path, raw encoded bytes, a PIL image or an ``HxWx3`` uint8 array. A missing,
-    empty, truncated or undecodable file raises :class:`BadSampleError` naming it.
+    ``item`` is a path, raw encoded bytes, a PIL image or an ``HxWx3`` array. A missing,
+    empty, truncated or undecodable file raises :class:`BadSampleError` naming it. Images and
+    arrays of more than 8 bits per sample are brought to 8 bits as :func:`array_to_rgb` says.
 
     A ``.tif``/``.tiff`` path is read with rasterio when it is installed (``geobind[geo]``): the
     first three bands, 8-bit data as is, 16-bit or float data stretched per tile between its 2nd
     and 98th percentile (the ``geotiff`` layout's defaults; that layout also takes band and
-    scale options). Without rasterio, PIL reads 8-bit TIFFs; a 16-bit or float one raises an
-    error saying to install it, rather than being clipped to white.
+    scale options). Without rasterio, PIL reads TIFFs (its grey 16-bit and float ones as above).
     """
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return _to_rgb(item, "<image>")
     if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[-1] not in (3, 4):
-            raise BadSampleError("<array>", "bad-shape", f"expected HxWx3 array, got {item.shape}")
-        return Image.fromarray(np.ascontiguousarray(item[..., :3]).astype(np.uint8))
+        return array_to_rgb(item, "<array>")
     if isinstance(item, (bytes, bytearray)):
         return _decode(io.BytesIO(item), "<bytes>")
+    if not isinstance(item, (str, Path)) and not hasattr(item, "__fspath__"):
+        hint = " (for a CxHxW tensor: t.permute(1, 2, 0).numpy())" if hasattr(item, "detach") else ""
+        raise BadSampleError(f"<{type(item).__name__}>", "bad-type",
+                             "an image is a path, encoded bytes, a PIL image or an HxWx3 numpy array" + hint)
     path = Path(item)
     if not path.is_file():
         raise BadSampleError(str(path), "missing", "file does not exist")
@@ -58,16 +60,60 @@ def _decode(buf: io.BytesIO, name: str) -> Image.Image:
         img = Image.open(buf)
         # load() forces the full decode so truncated files fail here, not later in a worker.
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise BadSampleError(name, "undecodable", "not an image format PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadSampleError(name, "undecodable", f"cannot decode image ({e})") from None
-    if img.mode not in _EIGHT_BIT_MODES:
-        # convert("RGB") would clip 16-bit or float samples to white.
-        raise BadSampleError(
-            name, "undecodable",
-            f"{img.mode} image (more than 8 bits per sample): install rasterio "
-            "(pip install 'geobind[geo]') to read it, or use the geotiff layout",
-        )
-    return img.convert("RGB")
+    return _to_rgb(img, name)
 
 
 _EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    if img.mode in _EIGHT_BIT_MODES:
+        return img.convert("RGB")
+    # 16-bit, 32-bit or float samples: convert("RGB") would clip them to white.
+    return array_to_rgb(np.asarray(img), name)
+
+
+def array_to_rgb(arr: np.ndarray, name: str = "<array>") -> Image.Image:
+    """An ``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4`` array (alpha dropped) as an RGB image.
+
+    uint8 is taken as is, booleans as black and white, floats within ``[0, 1]`` scaled by 255,
+    and any other data (16-bit or float reflectances, say) stretched per band between its 2nd
+    and 98th percentile, as the ``geotiff`` layout does."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or 0 in arr.shape:
+        raise BadSampleError(name, "bad-shape", f"expected an HxW, HxWx3 or HxWx4 image array, got shape {arr.shape}")
+    arr = arr[..., :3] if arr.shape[-1] >= 3 else np.repeat(arr, 3, axis=-1)
+    if arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.uint8) * 255
+    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise BadSampleError(name, "bad-type", f"cannot read an array of {arr.dtype} as an image")
+    else:
+        x = arr.astype(np.float32)
+        valid = np.isfinite(x)
+        if not valid.any():
+            raise BadSampleError(name, "undecodable", "the image has no finite values")
+        if np.issubdtype(arr.dtype, np.floating) and x[valid].min() >= 0 and x[valid].max() <= 1:
+            out = np.round(np.nan_to_num(x) * 255).astype(np.uint8)
+        else:
+            out = stretch_bands(x.transpose(2, 0, 1), valid.transpose(2, 0, 1)).transpose(1, 2, 0)
+    return Image.fromarray(np.ascontiguousarray(out))
+
+
+def stretch_bands(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``[bands, H, W]`` data as uint8, each band stretched between the 2nd and 98th
+    percentile of its ``valid`` values (black to white); the others (no data) are black."""
+    out = np.zeros(x.shape, dtype=np.uint8)
+    for b in range(x.shape[0]):
+        v = x[b][valid[b]]
+        lo, hi = np.percentile(v, [2, 98]) if v.size else (0.0, 1.0)
+        band = np.where(valid[b], x[b], lo)
+        out[b] = np.clip((band - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    return out

@@ -163,13 +163,15 @@ def _audio_member(item: Any, rate: int | None, name: str, fmt: str = "flac") -> 
         raise BadSampleError(name, "empty", "file is empty (0 bytes)")
     ext = p.suffix.lower().lstrip(".")
     try:
-        sf.info(str(p))  # header check only; `geobind data check` decodes every sample
+        info = sf.info(str(p))  # header check only; `geobind data check` decodes every sample
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError
         raise BadSampleError(name, "undecodable", f"cannot decode audio: {e}") from None
+    if info.frames == 0:
+        raise BadSampleError(name, "silent-zero-length", "the recording holds no samples")
     if ext not in ("flac", "wav", "mp3", "ogg"):
-        wave = load_audio(str(p), sf.info(str(p)).samplerate, name=name)
+        wave = load_audio(str(p), info.samplerate, name=name)
         buf = io.BytesIO()
-        sf.write(buf, wave, sf.info(str(p)).samplerate, format="FLAC", subtype="PCM_24")
+        sf.write(buf, wave, info.samplerate, format="FLAC", subtype="PCM_24")
         return "flac", buf.getvalue()
     return ext, p.read_bytes()
 
@@ -319,6 +321,9 @@ def pack(
             f"{source} is already WebDataset shards; pack reads a manifest or a table layout"
         )
     out = Path(out)
+    if out.suffix.lower() in (".tar", ".tgz", ".gz") and not out.is_dir():
+        raise ValueError(f"{out} looks like a file name; the output is a folder that will hold the shards "
+                         f"(e.g. {out.with_suffix('')}/): name a folder")
     s = _settings(
         table,
         str(Path(source).resolve()),

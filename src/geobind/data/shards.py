@@ -331,6 +331,10 @@ class ShardSet:
             coords_ok = (np.abs(self._lat) <= 90) & (np.abs(self._lon) <= 180)
         bad: dict[int, str] = {int(i): "bad-coordinates" for i in np.flatnonzero(~coords_ok)}
         bad.update({int(i): str(problems[i]) for i in np.flatnonzero(problems != "")})
+        # An id seen before names another place: the later samples are skipped, as a manifest
+        # would refuse them (a shard set is too large to refuse whole for one repeat).
+        dup = index["id"].astype(str).duplicated().to_numpy()
+        bad.update({int(i): "duplicate-id" for i in np.flatnonzero(dup) if int(i) not in bad})
         self.bad_rows = bad  # row -> reason (metadata problems win over coordinates)
         if len(self.counts) != len(self.urls) or int(self.offsets[-1]) != len(index):
             raise ValueError(
@@ -359,6 +363,10 @@ class ShardSet:
     @property
     def modalities(self) -> list[str]:
         return list(self.columns)
+
+    def place(self, row: int) -> tuple[str, float, float]:
+        """Row ``row``'s ``(id, lat, lon)`` (without building the whole id list)."""
+        return self._ids[int(row)].as_py(), float(self._lat[row]), float(self._lon[row])
 
     def has(self, modality: str) -> bool:
         return modality in self.columns or get_modality(modality).source == "latlon"
@@ -408,9 +416,12 @@ class ShardSet:
         text, (lat, lon) for location modalities); a missing or unreadable member raises
         :class:`BadSampleError` naming the shard member."""
         if row in self.bad_rows:
+            from geobind.data.manifest import row_detail
+
             raise BadSampleError(
                 f"{sample.get('__url__', self.source)}#{sample.get('__key__', '?')}",
                 self.bad_rows[row],
+                row_detail(self, row),
             )
         spec = get_modality(modality)
         if spec.source == "latlon":

@@ -1,0 +1,54 @@
+"""Images in memory and on disk of any bit depth become the RGB images the encoders take."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geobind.data.errors import BadSampleError
+from geobind.data.media import array_to_rgb, load_image, stretch_bands
+
+
+def _rgb(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+def test_deep_images_are_brought_to_8_bits_not_clipped():
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(200, 4000, (24, 24)).astype(np.uint16)  # 12-bit data in 16 bits
+    want = np.repeat(stretch_bands(grey16[None].astype(np.float32), np.ones((1, 24, 24), bool))[0][..., None], 3, -1)
+    for item in (grey16, Image.fromarray(grey16), Image.fromarray(grey16.astype(np.int32)),
+                 Image.fromarray(grey16.astype(np.float32))):
+        got = _rgb(load_image(item))
+        np.testing.assert_array_equal(got, want)
+        assert 40 < got.mean() < 215  # neither white nor black
+    # Floats in [0, 1] are scaled by 255, as image libraries store them.
+    unit = rng.random((8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_rgb(load_image(unit)), np.round(unit * 255))
+    np.testing.assert_array_equal(_rgb(load_image(Image.fromarray(unit[..., 0]))), np.round(unit[..., :1] * 255).repeat(3, -1))
+    # uint8 as is (alpha dropped), booleans black and white.
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(_rgb(load_image(rgba)), rgba[..., :3])
+    np.testing.assert_array_equal(_rgb(array_to_rgb(np.eye(4, dtype=bool)))[..., 0], np.eye(4) * 255)
+    # No data (NaN) is black; the rest is stretched over the valid values.
+    holes = rng.random((8, 8, 3)).astype(np.float32) * 5000
+    holes[0, 0] = np.nan
+    assert (_rgb(load_image(holes))[0, 0] == 0).all()
+
+
+def test_a_16_bit_png_file_reads_like_the_array(tmp_path):
+    rng = np.random.default_rng(1)
+    grey16 = rng.integers(0, 60000, (16, 16)).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    np.testing.assert_array_equal(_rgb(load_image(str(tmp_path / "g16.png"))), _rgb(array_to_rgb(grey16)))
+
+
+def test_unreadable_items_say_what_an_image_is():
+    with pytest.raises(BadSampleError, match=r"HxWx3 numpy array \(for a CxHxW tensor: t.permute"):
+        load_image(torch.zeros(3, 8, 8))
+    with pytest.raises(BadSampleError, match="got shape"):
+        load_image(np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(BadSampleError, match="no finite values"):
+        load_image(np.full((4, 4, 3), np.nan, np.float32))
