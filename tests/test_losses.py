@@ -56,6 +56,11 @@ def test_two_by_two_closed_form():
     assert contrastive_loss(eye, eye, s).item() == pytest.approx(math.log1p(math.exp(-s)))
 
 
+def test_an_empty_batch_is_refused():
+    with pytest.raises(ValueError, match="at least one pair"):
+        contrastive_loss(torch.zeros(0, 4), torch.zeros(0, 4), 10.0)
+
+
 def test_queue_columns_and_mask():
     q = _unit([[0.2, 0.9, -0.3], [1.0, 1.0, 1.0], [-0.7, 0.1, 0.4], [0.0, 0.0, 1.0]])
     xt, yt, qt = (torch.tensor(v, dtype=torch.float64) for v in (X3, Y3, q))

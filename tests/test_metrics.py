@@ -80,9 +80,15 @@ def test_rank_exactly_k_off_by_one(k):
         assert m[f"R@{k - 1}"] == 0.0
 
 
-def test_ties_are_optimistic():
+def test_ties_are_pessimistic_so_collapse_and_nan_rank_last():
     g = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    assert retrieval_ranks(g, g).tolist() == [1, 1, 1]
+    assert retrieval_ranks(g, g).tolist() == [2, 2, 1]  # a duplicate ranks ahead of the match
+    collapsed = torch.ones(50, 8) / 8**0.5
+    m = retrieval_metrics(collapsed, collapsed)
+    assert m["R@10"] == 0.0 and m["median_rank"] == 50
+    q = torch.eye(4)
+    q[1, 0] = float("nan")
+    assert retrieval_ranks(q, torch.eye(4)).tolist() == [1, 4, 1, 1]
 
 
 def test_zero_shot_accuracy_matches_reference():

@@ -47,6 +47,13 @@ def test_embed_gives_unit_float32_rows_for_every_modality(tiny_data):
     wave = np.sin(np.linspace(0, 2000, 8000)).astype(np.float32)
     assert model.embed("audio", [(wave, 8000)]).shape == (1, 32)
     assert model.embed("text", "a photo of a forest").shape == (1, 32)
+    # One item given alone is one item; a tuple of two images is two images, not a waveform pair.
+    one = model.embed("satellite", img)
+    assert one.shape == (1, 32) and torch.allclose(one, model.embed("satellite", [img]))
+    assert torch.allclose(model.embed("satellite", np.asarray(img.convert("RGB"))), one, atol=1e-6)
+    two = model.embed("satellite", (img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    assert two.shape == (2, 32) and torch.allclose(two[0], one[0])
+    assert torch.allclose(model.embed("audio", (wave, 8000)), model.embed("audio", [(wave, 8000)]))
 
 
 def test_save_and_load_round_trip_gives_identical_embeddings(tiny_data, tmp_path):
@@ -104,12 +111,17 @@ def test_saving_replaces_a_model_but_never_deletes_what_it_did_not_write(tiny_da
     assert (target.stat().st_mode & 0o777) == 0o777 & ~umask
 
 
-def test_clear_errors(tiny_data, tmp_path):
+def test_clear_errors(tiny_data, tmp_path, monkeypatch):
     model = build_space(tiny_data)
     with pytest.raises(ValueError, match="unknown modality 'lidar'"):
         model.embed("lidar", ["x"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GeoBind.from_pretrained(tmp_path / "nope")
+    # A mistyped folder beside an existing one is a missing folder, never a hub lookup.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match="model directory runs/modle does not exist"):
+        GeoBind.from_pretrained("runs/modle")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="geobind.json is missing"):
         GeoBind.from_pretrained(tmp_path / "empty")

@@ -56,7 +56,7 @@ def contrastive_loss(
 
     One-directional (``symmetric=False``, the paper's form)::
 
-        L = 1/k * sum_i -log( exp(s x_i.y_i) / sum_j exp(s x_i.y_j) )
+        L = 1/B * sum_i -log( exp(s x_i.y_i) / sum_j exp(s x_i.y_j) )
 
     Symmetric: the mean of that x->y loss and the same loss with x and y swapped.
 
@@ -86,6 +86,8 @@ def contrastive_loss(
     scale = torch.as_tensor(logit_scale, device=x.device).to(dtype)
 
     distributed = gather and gbdist.is_distributed()
+    if b == 0 and not distributed:  # a mean over no pairs is NaN, which would train silently on nothing
+        raise ValueError("contrastive_loss needs at least one pair; got an empty batch")
     if distributed:
         world = gbdist.world_size()
         sizes = gbdist._gather_sizes(x)

@@ -3,9 +3,12 @@
 Similarity is the dot product (cosine for the unit vectors every encoder returns). Ranks are
 1-based: rank 1 is the best. R@k counts ranks 1..k (GeoCLAP's code counted 1..k-1).
 
-Tie rule: rank = 1 + number of gallery items scoring *strictly* higher than the true match, so a
-distractor scoring exactly the same as the match does not push it down (optimistic ties). With
-float embeddings exact ties essentially only arise from duplicate gallery items.
+Tie rule: rank = number of gallery items scoring *at least as high* as the true match, the match
+included, so a distractor scoring exactly the same ranks ahead of it (pessimistic ties). A
+collapsed model, whose embeddings are all alike, thus ranks every match last rather than first,
+and a query or match with a NaN score ranks last. With float embeddings exact ties otherwise
+arise only from duplicate gallery items (identical tiles or captions), which then count against
+the score rather than for it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def retrieval_ranks(
         chunk_size: queries scored per step; memory is O(chunk_size x M).
 
     Returns:
-        LongTensor ``[N]`` on the queries' device, 1 = best, ties broken optimistically
+        LongTensor ``[N]`` on the queries' device, 1 = best, ties broken pessimistically
         (see the module docstring).
     """
     q = _as_float32(queries)
@@ -66,7 +69,8 @@ def retrieval_ranks(
         # The true score is read from the same matrix product it is compared against, so the
         # match is never beaten by a rounding difference with itself.
         true = sim[rows, rows + start]
-        ranks[start:stop] = 1 + (sim > true[:, None]).sum(dim=1)
+        ahead = (sim >= true[:, None]).sum(dim=1)  # the match itself included
+        ranks[start:stop] = torch.where(torch.isnan(true), g.shape[0], ahead)
     return ranks
 
 

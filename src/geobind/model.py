@@ -10,23 +10,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from geobind.encoders.base import Encoder, get_encoder_class, quiet_transformers, write_json
+from geobind.encoders.base import (
+    Encoder,
+    get_encoder_class,
+    names_local_path,
+    quiet_transformers,
+    write_json,
+)
 from geobind.modality import get_modality
+from geobind.search.common import not_clutter
 
 FORMAT_VERSION = 1
 MODEL_FILE = "geobind.json"
-
-
-# Files operating systems leave in folders (Finder, Explorer): never the user's work.
-_OS_CLUTTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
-
-
-def _not_clutter(directory: Path) -> list[Path]:
-    """The entries of ``directory``, operating systems' clutter left out."""
-    return [p for p in directory.iterdir() if p.name not in _OS_CLUTTER and not p.name.startswith("._")]
 
 
 def _holds_cwd(directory: Path) -> bool:
@@ -42,13 +41,24 @@ def _not_model_files(directory: Path) -> list[str]:
     """Names in ``directory`` that its ``geobind.json`` does not account for (all of them when
     there is no readable ``geobind.json``): what replacing the folder would delete. Operating
     systems' own clutter (``.DS_Store``, ``._*``, ``Thumbs.db``) does not count."""
-    names = {p.name for p in _not_clutter(directory)}
+    names = {p.name for p in not_clutter(directory)}
     try:
         meta = json.loads((directory / MODEL_FILE).read_text())
         own = {MODEL_FILE} | {str(m["path"]).split("/")[0] for m in meta["modalities"].values()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return sorted(names)
     return sorted(names - own)
+
+
+def _single_item(items: Any) -> bool:
+    """Whether ``embed``'s ``items`` is one item rather than a sequence of them: a path or
+    string, an image or array, or one ``(waveform, sample_rate)`` pair (a number second)."""
+    from PIL import Image
+
+    if isinstance(items, (str, Path, bytes, Image.Image, np.ndarray)) or hasattr(items, "detach"):
+        return True
+    return (isinstance(items, tuple) and len(items) == 2 and not isinstance(items[1], bool)
+            and isinstance(items[1], (int, float, np.integer, np.floating)))
 
 
 class GeoBind(nn.Module):
@@ -112,13 +122,12 @@ class GeoBind(nn.Module):
     ) -> torch.Tensor:
         """Embed ``items`` of one modality: an ``[N, dim]`` float32 tensor of unit rows (CPU).
 
-        Items are file paths, PIL images, ``(waveform, sample_rate)`` pairs or strings, as the
-        modality takes. A single string or path is treated as one item.
+        Items are file paths, PIL images, ``HxWx3`` arrays, ``(waveform, sample_rate)`` pairs
+        or strings, as the modality takes; a waveform is ``[T]``, ``[channels, T]`` or
+        ``[T, channels]``. One item given alone (not in a list) counts as one item.
         """
         enc = self.encoder(modality)
-        if isinstance(items, (str, Path)) or (isinstance(items, tuple) and len(items) == 2 and not isinstance(items[0], (str, Path))):
-            items = [items]
-        items = list(items)
+        items = [items] if _single_item(items) else list(items)
         was_training = enc.training
         enc.eval()
         out = []
@@ -192,10 +201,10 @@ class GeoBind(nn.Module):
                         enc.save(tmp / key)
                         saved.add(key)
             write_json(tmp / MODEL_FILE, self.config_dict())
-            if directory.exists() and (_holds_cwd(directory) or not _not_clutter(directory)):
+            if directory.exists() and (_holds_cwd(directory) or not not_clutter(directory)):
                 # An empty folder, or the process's own working folder (which must not be renamed
                 # away): the model's entries move into it, and the folder itself stays.
-                for entry in _not_clutter(directory):
+                for entry in not_clutter(directory):
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 for entry in tmp.iterdir():
                     entry.rename(directory / entry.name)
@@ -221,11 +230,18 @@ class GeoBind(nn.Module):
         A local directory never touches the network."""
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+            if names_local_path(name_or_path) or str(name_or_path).count("/") != 1:
                 raise FileNotFoundError(f"model directory {name_or_path} does not exist")
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(str(name_or_path)))
+            try:
+                path = Path(snapshot_download(str(name_or_path)))
+            except Exception as e:  # offline, unknown repository, no access: all say the same
+                raise OSError(
+                    f"{name_or_path} is not a local directory, and as a Hugging Face Hub id it could not "
+                    f"be downloaded ({type(e).__name__}: {e}). Check the path, or download it where "
+                    "there is a network"
+                ) from e
         cfg_path = path / MODEL_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(

@@ -174,6 +174,15 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
+def names_local_path(name: str | Path) -> bool:
+    """Whether a name that exists nowhere here must still mean a local path, not a Hugging Face
+    Hub id (so it is reported missing instead of looked up online): it starts with ``.``,
+    ``/`` or ``~``, holds more than one ``/``, or its first part is a folder here (a mistyped
+    ``runs/modle`` beside ``runs/``)."""
+    s = str(name)
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or ("/" in s and Path(s.split("/")[0]).is_dir())
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)

@@ -17,7 +17,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
+from geobind.encoders.base import (
+    Encoder,
+    l2_normalize,
+    names_local_path,
+    quiet_transformers,
+    register_encoder,
+)
 from geobind.encoders.device_augment import model_input
 from geobind.encoders.images import (
     AUGMENT_ON,
@@ -43,7 +49,7 @@ def resolve_pretrained(name: str | Path) -> tuple[str, bool]:
         if not p.is_dir():
             raise FileNotFoundError(f"{p} is a file; pass the model directory that holds config.json")
         return str(p), True
-    if str(name).startswith((".", "/", "~")) or str(name).count("/") > 1:
+    if names_local_path(name):
         raise FileNotFoundError(f"model directory {name} does not exist")
     return str(name), False
 

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 # ``kind="auto"`` builds an approximate (ivfpq) index at and above this many items when FAISS
@@ -14,6 +14,14 @@ from pathlib import Path
 APPROX_THRESHOLD = 1_000_000
 
 FAISS_HINT = "pip install 'geobind[faiss]'"
+
+# Files operating systems leave in folders (Finder, Explorer; ``._*`` too): never the user's work.
+OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def not_clutter(directory: Path) -> list[Path]:
+    """The entries of ``directory``, operating systems' clutter left out."""
+    return [p for p in Path(directory).iterdir() if p.name not in OS_CLUTTER and not p.name.startswith("._")]
 
 
 class OutputExistsError(FileExistsError):
@@ -31,26 +39,44 @@ class OutputExistsError(FileExistsError):
         return (type(self), (self.path,))
 
 
-def check_writable(*paths: str | Path | None, force: bool = False) -> None:
+def check_writable(*paths: str | Path | None, force: bool = False, own: Collection[str] | None = None) -> None:
     """Refuse to start when an output already exists and ``force`` is off.
 
     Called before any expensive work, so a run never computes for minutes only to refuse at the
-    end (the final rename checks again)."""
+    end (the final rename checks again). The outputs are files, or with ``own`` (the names such
+    a folder holds) folders: even with ``force`` a file never replaces a folder, and a folder
+    replaces only a folder that holds nothing but ``own`` names (and operating systems' clutter),
+    so a user's folder is never deleted."""
     for p in paths:
-        if p is not None and Path(p).exists() and not force:
+        if p is None or not Path(p).exists():
+            continue
+        p = Path(p)
+        if own is None and p.is_dir():
+            raise IsADirectoryError(f"{p} is a folder; name the file to write (a new name, or an existing file with --force)")
+        if own is not None and not p.is_dir():
+            raise FileExistsError(f"{p} is a file; the output is a folder: name a new folder, or move the file")
+        if own is not None:
+            foreign = sorted(q.name for q in not_clutter(p) if q.name not in own)
+            if foreign:
+                raise FileExistsError(
+                    f"{p} holds files it did not write ({', '.join(foreign[:5])}"
+                    f"{', ...' if len(foreign) > 5 else ''}); it is never replaced: name a new folder, "
+                    "or move them"
+                )
+        if not force:
             raise OutputExistsError(p)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, force: bool = False, own: Collection[str] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
 
     A crash or an exception leaves ``path`` as it was (absent or the old file) and removes the
-    temporary. Works for files and directories; an existing target is replaced only with
-    ``force``.
+    temporary. Works for files and, with ``own`` (the names the folder holds), folders; an
+    existing target is replaced only with ``force``, and only as :func:`check_writable` allows.
     """
     path = Path(path)
-    check_writable(path, force=force)
+    check_writable(path, force=force, own=own)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -58,7 +84,7 @@ def atomic_path(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     tmp.unlink()  # the caller creates a file or a directory here
     try:
         yield tmp
-        check_writable(path, force=force)
+        check_writable(path, force=force, own=own)
         _replace(tmp, path)
     except BaseException:
         if tmp.is_dir():
