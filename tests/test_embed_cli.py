@@ -409,3 +409,16 @@ def test_compiled_embedding_compiles_once_with_a_short_last_batch(model, tiny_da
     eager, compiled = read_embeddings(tmp_path / "eager.parquet"), read_embeddings(tmp_path / "compiled.parquet")
     assert eager.ids == compiled.ids and len(eager.ids) == rows
     np.testing.assert_allclose(compiled.vectors, eager.vectors, atol=1e-5)
+
+
+def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(model_dir, tiny_data, tmp_path, capsys, monkeypatch):
+    import geobind.search.embed as embed_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_mod, "embed_dataset", interrupted)
+    assert main(["embed", "--model", str(model_dir), "--data", str(tiny_data["test"]), "--modality", "text",
+                 "--out", str(tmp_path / "e.parquet")]) == 130
+    err = capsys.readouterr().err
+    assert "geobind embed: interrupted; run the same command again to resume" in err and "Traceback" not in err

@@ -207,6 +207,27 @@ def test_point_map_grid_of_places_and_softmax():
     np.testing.assert_allclose(sm.table["score"], expect, atol=1e-5)
 
 
+def test_point_map_refuses_a_grid_too_fine_for_memory(monkeypatch):
+    import re
+
+    from geobind.search import maps
+
+    monkeypatch.setattr(maps, "MAX_GRID_CELLS", 10_000)  # a 100 x 100 grid: tiny and fast
+    rng = np.random.default_rng(0)
+    lat, lon = rng.uniform(-60, 60, 50), rng.uniform(-170, 170, 50)
+    lat[:2], lon[:2] = (-60, 60), (-170, 170)  # the extent: 120 x 340 degrees
+    v = rng.normal(size=(50, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = [str(i) for i in range(50)]
+    with pytest.raises(ValueError, match="coarser --resolution") as e:
+        map_points(v, lat, lon, ids, v[0], resolution=1e-4)
+    msg = str(e.value)
+    assert re.search(r"is a 1,2\d\d,\d\d\d x 3,4\d\d,\d\d\d grid", msg) and "TiB of memory" in msg
+    assert "smaller region" in msg
+    fits = float(re.search(r"coarser --resolution \(([0-9.e+-]+) or more", msg).group(1))
+    assert map_points(v, lat, lon, ids, v[0], resolution=fits).values.size <= 10_000
+
+
 def test_map_outputs_never_overwritten_without_force(model, tmp_path):
     write_raster(tmp_path / "r.tif")
     (tmp_path / "m.png").write_text("keep me")

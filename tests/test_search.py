@@ -347,3 +347,107 @@ def _has_faiss() -> bool:
     except ImportError:
         return False
     return True
+
+
+# -- scores, short results, tuning and the command line's edges -----------------------------
+@pytest.mark.parametrize("kind", ["exact", "hnsw", "ivfpq"])
+def test_scores_of_a_float16_index_stay_within_minus_one_and_one(kind):
+    if kind != "exact":
+        pytest.importorskip("faiss")
+    vec = clustered_unit_vectors(700, 16).astype(np.float16)  # rounded: norms up to ~1.0002
+    wide = vec.astype(np.float32)
+    row = int(np.argmax(np.linalg.norm(wide, axis=1)))
+    q = wide[row] / np.linalg.norm(wide[row])
+    assert q @ wide[row] > 1.0  # the raw cosine of this row overshoots
+    index = Index.build(synthetic_embeddings(vec), kind)
+    s, i = index.search(q, k=5)
+    assert i[0, 0] == row and s[0, 0] == 1.0 and (s <= 1.0).all() and (s >= -1.0).all()
+    assert index.hits(q, k=5)[0].score == 1.0
+    s, _ = index.search(q, k=800)  # rows past the item count stay -inf, not clamped to -1
+    assert np.isneginf(s[0, 700:]).all()
+
+
+def test_search_cli_notes_when_ivfpq_returns_fewer_than_k(space, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    model = space["model"]
+    # Places embedded "by this model" (its identity), enough to train ivfpq; 1 of 16 lists scanned.
+    emb = synthetic_embeddings(
+        clustered_unit_vectors(700, model.dim), identity=model.identity("satellite")
+    )
+    build_index(emb, tmp_path / "pq.index", "ivfpq", nlist=16, nprobe=1, log=None)
+    base = ["search", "--model", str(space["model_dir"]), "--index", str(tmp_path / "pq.index")]
+    assert main(base + ["--text", "forest", "--k", "700"]) == 0
+    out = capsys.readouterr().out
+    assert "note: " in out and "not 700" in out and "1 of its 16 lists" in out and "--exact" in out
+    assert main(base + ["--text", "forest", "--k", "700", "--json"]) == 0
+    got = capsys.readouterr()
+    assert len(json.loads(got.out)["results"]) < 700 and "--exact" in got.err
+    assert main(base + ["--text", "forest", "--k", "700", "--exact"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_search_cli_refuses_empty_text(space, capsys, text):
+    base = ["search", "--model", str(space["model_dir"]), "--index", str(space["index"])]
+    assert main(base + ["--text", text]) == 2
+    assert "--text is empty: give words to search for" in capsys.readouterr().err
+
+
+def test_closed_pipe_ends_the_command_quietly(space):
+    """`geobind ... --json | head -1`: the reader goes away; no error message, no traceback."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "geobind", "index", "info", str(space["index"]), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the command writes anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert err == b""
+
+
+def test_check_keeps_a_search_setting_given_and_tunes_one_not_given(tmp_path, capsys):
+    pytest.importorskip("faiss")
+    from geobind.search import write_embeddings
+
+    write_embeddings(synthetic_embeddings(clustered_unit_vectors(1000, 16)), tmp_path / "e.parquet")
+    build = ["index", "build", str(tmp_path / "e.parquet"), "--kind", "hnsw", "--check"]
+    assert main(build + ["--out", str(tmp_path / "a.index"), "--ef-search", "256"]) == 0
+    out = capsys.readouterr().out
+    header = Index.load(tmp_path / "a.index").header
+    assert header["search"]["ef_search"] == 256 and header["check"]["ef_search"] == 256
+    assert "ef_search=256 as given" in out
+    summary = out.strip().splitlines()[-1]
+    assert sum(w in summary for w in ("x faster than", "x slower than", "as fast as")) == 1
+    assert main(build + ["--out", str(tmp_path / "b.index")]) == 0
+    out = capsys.readouterr().out
+    tuned = Index.load(tmp_path / "b.index").header["search"]["ef_search"]
+    assert tuned < 128 and f"ef_search set to {tuned} (was 128)" in out and "--ef-search" in out
+
+
+def test_ivfpq_check_scans_up_to_every_list_and_suggests_rerank():
+    pytest.importorskip("faiss")
+    emb = synthetic_embeddings(clustered_unit_vectors(800, 16))
+    # nlist 20 is no power of two; coarse 2-byte codes and no re-ranking keep recall low.
+    index = Index.build(emb, "ivfpq", nlist=20, pq_m=2, rerank=1)
+    said = []
+    result = index.check(target_recall=0.99, log=said.append)
+    assert result["recall@10"] < 0.99
+    assert index.header["search"]["nprobe"] == 20 and "nprobe=20:" in " ".join(said)
+    assert any("raise --rerank (now 1)" in s for s in said)
+
+
+def test_speed_is_worded_as_faster_or_slower():
+    assert index_mod.speed_phrase(2.0) == "2.0x faster than exact search"
+    assert index_mod.speed_phrase(0.25) == "4.0x slower than exact search"
+    assert index_mod.speed_phrase(0.97) == "as fast as exact search"
+
+
+def test_nlist_help_states_the_default_the_code_uses(capsys):
+    assert index_mod._default_nlist(790) == 790 // 39  # 4 sqrt(N) ~ 112 is capped at N/39
+    assert index_mod._default_nlist(1_000_000) == 4096
+    with pytest.raises(SystemExit):
+        main(["index", "build", "--help"])
+    assert "at most N/39" in " ".join(capsys.readouterr().out.split())

@@ -302,19 +302,19 @@ def test_serve_cli_binds_localhost_and_prints_the_url(served, monkeypatch, capsy
     import uvicorn
 
     calls = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.update(app=app, **kw))
-    argv = [
-        "serve",
-        "--model",
-        str(served["model_dir"]),
-        "--index",
-        str(served["index_dir"]),
-        "--port",
-        "8123",
-    ]
-    assert main(argv) == 0
-    assert calls["host"] == "127.0.0.1" and calls["port"] == 8123
-    assert "http://127.0.0.1:8123/" in capsys.readouterr().out
+
+    def run(server, sockets=None):
+        (sock,) = sockets
+        calls.update(app=server.config.app, host=server.config.host, port=sock.getsockname()[1])
+        calls["name"] = sock.getsockname()[0]
+        calls["printed"] = capsys.readouterr().out  # the URL is out before the server runs
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    argv = ["serve", "--model", str(served["model_dir"]), "--index", str(served["index_dir"])]
+    assert main(argv + ["--port", "0"]) == 0
+    # Bound first: --port 0 prints the port the system gave, the one the server listens on.
+    assert calls["host"] == "127.0.0.1" and calls["name"] == "127.0.0.1" and calls["port"] > 0
+    assert f"http://127.0.0.1:{calls['port']}/" in calls["printed"]
     assert TestClient(calls["app"]).get("/api/health").json()["index"]["count"] == len(
         served["index"]
     )
@@ -323,6 +323,21 @@ def test_serve_cli_binds_localhost_and_prints_the_url(served, monkeypatch, capsy
         main(["serve", "--model", str(served["model_dir"]), "--index", "/nonexistent.index"]) == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_cli_names_a_port_in_use(served, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model", str(served["model_dir"]), "--index", str(served["index_dir"])]
+        assert main(argv + ["--port", str(port)]) == 2
+    got = capsys.readouterr()
+    assert "GeoBind explorer" not in got.out  # no URL for a server that never ran
+    assert f"port {port} on 127.0.0.1 is already in use" in got.err and "--port 0" in got.err
+    assert len(got.err.strip().splitlines()) == 1
 
 
 def test_serve_help_has_examples(capsys):

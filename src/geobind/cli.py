@@ -157,13 +157,10 @@ def cmd_train(args) -> int:
 
 
 def write_report(report: dict, path: Path, force: bool) -> None:
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    from geobind.search.common import atomic_path
+
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def cmd_eval(args) -> int:
@@ -171,9 +168,9 @@ def cmd_eval(args) -> int:
     from geobind.data.manifest import read_dataset
     from geobind.evaluate import evaluate, format_pairs, format_skipped, trained_pairs
     from geobind.model import GeoBind
+    from geobind.search.common import check_writable
 
-    if args.out and Path(args.out).exists() and not args.force:
-        raise FileExistsError(f"{args.out} exists; pass --force to overwrite it")
+    check_writable(args.out, force=args.force)  # before the evaluation, which can take a while
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
     data = read_dataset(args.data, args.layout, **parse_layout_options(args.layout_options))
     report = evaluate(model, data, batch_size=args.batch_size, progress=True)
@@ -197,9 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     from geobind.config import ConfigError
 
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`geobind search --json | head -1`): stop quietly. Later writes
+        # (the interpreter's final flush included) go to devnull instead of failing again.
+        import os
+
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass  # stdout is not a file descriptor (captured or replaced)
+        return 1
     except TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; say what a rerun keeps
+        resumes = getattr(args.func, "__name__", "") in ("cmd_embed", "cmd_pack")
+        print(f"\ngeobind {args.command}: interrupted"
+              + ("; run the same command again to resume where it stopped" if resumes else ""),
+              file=sys.stderr)
         return 130
     except TrainingOutOfMemory as e:
         print(f"\ngeobind {args.command}: error: {e}", file=sys.stderr)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import socket
 
 EPILOG_SERVE = """\
 The page (open the printed URL) takes a text query, an audio or image upload, or a microphone
@@ -35,7 +38,9 @@ def add_serve_parser(sub) -> None:
         default="127.0.0.1",
         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for all)",
     )
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument(
+        "--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)"
+    )
     s.add_argument(
         "--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)"
     )
@@ -57,15 +62,50 @@ def cmd_serve(args) -> int:
         raise ValueError("--max-upload-mb must be positive")
     from geobind.distributed import parse_device
 
-    model = GeoBind.from_pretrained(args.model, device=parse_device(args.device))
-    index = Index.load(args.index)
-    app = create_app(model, index, max_upload_mb=args.max_upload_mb)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
-    print(f"{len(index)} places ({index.modality} embeddings) from {args.index}")
-    print(
-        f"GeoBind explorer: http://{shown}:{args.port}/   (API docs: /docs; Ctrl-C stops)",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Bound before the model loads: a taken port fails at once, and --port 0 gets its real port.
+    sock = bind_socket(args.host, args.port)
+    try:
+        model = GeoBind.from_pretrained(args.model, device=parse_device(args.device))
+        index = Index.load(args.index)
+        app = create_app(model, index, max_upload_mb=args.max_upload_mb)
+        sock.listen(2048)  # from here on connections wait in the queue until the server serves them
+        port = sock.getsockname()[1]
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
+        print(f"{len(index)} places ({index.modality} embeddings) from {args.index}")
+        print(
+            f"GeoBind explorer: http://{shown}:{port}/   (API docs: /docs; Ctrl-C stops)",
+            flush=True,
+        )
+        config = uvicorn.Config(app, host=args.host, port=port, log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port`` 0: a free port the system picks), or an
+    ``OSError`` that names the port and the option to change."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a port number: use 1 to 65535 (or 0 for any free port)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":
+        # As uvicorn does: a restart may reuse the port of connections still closing.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"port {port} on {host} is already in use (another server?): choose another with "
+                f"--port, e.g. --port {port + 1 if port < 65535 else 8000}, or --port 0 for any free port"
+            ) from None
+        if e.errno == errno.EACCES:
+            raise OSError(
+                f"no permission to use port {port} on {host}: choose --port 1024 or above"
+            ) from None
+        raise OSError(f"cannot listen on {host} port {port} ({e.strerror or e}): check --host and --port") from None
+    return sock

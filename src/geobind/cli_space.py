@@ -39,9 +39,11 @@ kinds:
   hnsw    FAISS HNSW graph (fast, memory ~ the float vectors again)
   ivfpq   FAISS inverted lists + product quantisation, candidates re-scored exactly (compact)
 Approximate kinds need FAISS: pip install 'geobind[faiss]'. Scores are always exact cosine
-similarities; approximate kinds may miss some of the true top k. --check measures recall@10
-against exact search (queries: midpoints of random pairs of indexed places) and raises
-nprobe / ef_search until --target-recall is reached.
+similarities; approximate kinds may miss some of the true top k (and ivfpq may return fewer
+than k: it scans only --nprobe of its lists). --check measures recall@10 against exact search
+(queries: midpoints of random pairs of indexed places) and, unless --nprobe / --ef-search is
+given, sets it to the smallest value that reaches --target-recall (nprobe up to all the lists);
+a value given is measured and kept.
 
 examples:
   geobind index build sat.parquet --out tiles.index
@@ -133,6 +135,8 @@ def _query_kwargs(args) -> dict:
         "image": list(args.image),
         "satellite": list(args.satellite),
     }
+    if any(not t.strip() for t in kw["text"]):
+        raise ValueError("--text is empty: give words to search for")
     for f in args.file:
         kw["audio" if sniff_file(f) == "audio" else "image"].append(f)
     if not any(kw.values()):
@@ -227,16 +231,24 @@ def add_space_parsers(sub) -> None:
     b.add_argument(
         "--thumbnail-size", type=int, default=128, help="thumbnail size in px (default: 128)"
     )
-    b.add_argument("--nlist", type=int, help="ivfpq: inverted lists (default ~4 sqrt(N))")
+    b.add_argument(
+        "--nlist",
+        type=int,
+        help="ivfpq: inverted lists (default ~4 sqrt(N) as a power of two, at most N/39)",
+    )
     b.add_argument("--pq-m", type=int, help="ivfpq: bytes per vector (default dim/8)")
     b.add_argument(
-        "--nprobe", type=int, default=32, help="ivfpq: lists scanned per query (default 32)"
+        "--nprobe",
+        type=int,
+        help="ivfpq: lists scanned per query (default 32, or what --check tunes)",
     )
     b.add_argument(
         "--rerank", type=int, default=8, help="ivfpq: k x RERANK candidates re-scored (default 8)"
     )
     b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per node (default 32)")
-    b.add_argument("--ef-search", type=int, default=128, help="hnsw: search breadth (default 128)")
+    b.add_argument(
+        "--ef-search", type=int, help="hnsw: search breadth (default 128, or what --check tunes)"
+    )
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     b.set_defaults(func=cmd_index_build)
     info = isub.add_parser(
@@ -364,33 +376,37 @@ def cmd_embed(args) -> int:
 
 @_friendly
 def cmd_index_build(args) -> int:
-    from geobind.search.index import build_index
+    from geobind.search.index import build_index, speed_phrase, tuned_setting
 
     opts = {
         "thumbnails": not args.no_thumbnails,
         "thumbnail_size": args.thumbnail_size,
         "nlist": args.nlist,
         "pq_m": args.pq_m,
-        "nprobe": args.nprobe,
         "rerank": args.rerank,
         "hnsw_m": args.hnsw_m,
-        "ef_search": args.ef_search,
     }
+    # Settings given on the command line are kept by --check (measured, not tuned).
+    given = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search)) if v is not None}
     index = build_index(
         args.embeddings,
         args.out,
         args.kind,
         check=args.check,
         target_recall=args.target_recall,
+        keep=set(given),
         force=args.force,
         progress=True,
         **opts,
+        **given,
     )
     check = index.header.get("check")
     extra = ""
     if check:
+        key = tuned_setting(index.kind)
         extra = (
-            f"; recall@10 {check['recall@10']} vs exact, {check['speedup']}x faster "
+            f"; recall@10 {check['recall@10']} vs exact at {key}={check[key]}, "
+            f"{speed_phrase(check['approx_queries_per_s'] / check['exact_queries_per_s'])} "
             f"({check['approx_queries_per_s']} vs {check['exact_queries_per_s']} queries/s)"
         )
     thumbs = index.header.get("thumbnails", {}).get("count", 0)
@@ -436,6 +452,16 @@ def cmd_search(args) -> int:
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
     hits = model.search(index, k=args.k, exact=True if args.exact else None, **kw)
     label = Query.build(**kw).label
+    note = None
+    if len(hits) < min(args.k, len(index)):
+        why = ""
+        if index.kind == "ivfpq":
+            nprobe = index.header.get("search", {}).get("nprobe")
+            why = f" in the {nprobe} of its {index.header['faiss']['nlist']} lists it scans"
+        note = (
+            f"note: {len(hits)} results, not {args.k}: the {index.kind} search found no more "
+            f"candidates{why}; add --exact to rank all {len(index)} places"
+        )
     if args.json:
         print(
             json.dumps(
@@ -449,6 +475,8 @@ def cmd_search(args) -> int:
                 indent=2,
             )
         )
+        if note:
+            print(note, file=sys.stderr)
         return 0
     print(
         f"query: {label}   (score: cosine similarity; {'exact' if args.exact else index.kind} search over {len(index)} "
@@ -458,6 +486,8 @@ def cmd_search(args) -> int:
     for h in hits:
         cap = (h.caption or "")[:60]
         print(f"{h.rank:>4}  {h.score:7.4f}  {h.id:<20} {h.lat:9.4f} {h.lon:10.4f}  {cap}")
+    if note:
+        print(note)
     return 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ from geobind.search.embed import Embeddings, read_embeddings
 
 FORMAT = "geobind-index"
 FORMAT_VERSION = 1
+# What an index folder holds: --force replaces a folder of these alone, never one with other files.
+INDEX_FILES = frozenset({"index.json", "items.parquet", "vectors.npy", "faiss.index", "thumbnails.parquet"})
 KINDS = ("auto", "exact", "hnsw", "ivfpq")
 CHUNK_ROWS = 131_072
 IMAGE_MODALITIES = ("satellite", "ground")
@@ -288,7 +290,7 @@ class Index:
         import pyarrow.parquet as pq
 
         path = Path(path)
-        with atomic_path(path, force=force) as tmp:
+        with atomic_path(path, force=force, own=INDEX_FILES) as tmp:
             tmp.mkdir()
             cols = {
                 "id": pa.array(self.ids, pa.string()),
@@ -395,10 +397,12 @@ class Index:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` items for each query row: ``(scores [Q, k], rows [Q, k])``, best first.
 
-        Scores are cosine similarities. ``exact=None`` uses the FAISS index when there is one;
-        ``exact=True`` always scans every vector. ``settings`` override the stored approximate
-        search settings (``nprobe``, ``ef_search``, ``rerank``). Fewer than ``k`` results
-        come back as rows ``-1`` with score ``-inf`` (only when the index has fewer items)."""
+        Scores are cosine similarities, clamped to [-1, 1] (float16 vectors are not exactly
+        unit length). ``exact=None`` uses the FAISS index when there is one; ``exact=True``
+        always scans every vector. ``settings`` override the stored approximate search settings
+        (``nprobe``, ``ef_search``, ``rerank``). Missing results come back as rows ``-1`` with
+        score ``-inf``: when the index has fewer than ``k`` items, and with ``ivfpq`` when the
+        ``nprobe`` lists it scans hold fewer than ``k`` items (exact search finds them all)."""
         q = _as_f32_tensor(queries)
         if q.ndim == 1:
             q = q[None]
@@ -411,6 +415,8 @@ class Index:
             s, i = exact_topk(self._exact_source(), q, k)
         else:
             s, i = self._approx(q.numpy(), k, {**self.header.get("search", {}), **settings})
+        # Rounding (float16 vectors above all) can put a cosine a hair outside [-1, 1].
+        s = np.where(np.isfinite(s), np.clip(s, -1.0, 1.0), s).astype(np.float32)
         if s.shape[1] < k:
             pad = k - s.shape[1]
             s = np.concatenate([s, np.full((s.shape[0], pad), -np.inf, np.float32)], axis=1)
@@ -467,7 +473,8 @@ class Index:
     def hits(
         self, query: np.ndarray | torch.Tensor, k: int = 10, *, exact: bool | None = None
     ) -> list[Hit]:
-        """The top-``k`` places for one query vector, as :class:`Hit` records."""
+        """The top-``k`` places for one query vector, as :class:`Hit` records (fewer where
+        :meth:`search` finds fewer)."""
         s, i = self.search(query, k, exact=exact)
         out = []
         for rank, (score, row) in enumerate(zip(s[0], i[0]), start=1):
@@ -521,15 +528,18 @@ class Index:
         n_queries: int = 1000,
         k: int = 10,
         target_recall: float | None = 0.95,
+        tune: bool = True,
         seed: int = 0,
         log: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Recall@``k`` of the approximate search against exact search, and both speeds.
 
         Queries are midpoints of random pairs of stored vectors (renormalised): places "between"
-        two real places, never a stored vector itself. With ``target_recall`` the search setting
-        (``nprobe`` or ``ef_search``) is raised step by step until recall@k reaches it; the
-        chosen setting is stored in the header. The result is also stored under ``check``."""
+        two real places, never a stored vector itself. With ``target_recall`` and ``tune`` the
+        search setting (``nprobe``, up to ``nlist``, or ``ef_search``) is raised step by step
+        from its smallest value until recall@k reaches the target, and the chosen setting is
+        stored in the header (``log`` says so); with ``tune=False`` the stored setting is only
+        measured and kept. The result is also stored under ``check``."""
         log = log or (lambda *_: None)
         if self.kind == "exact":
             raise ValueError(
@@ -544,12 +554,18 @@ class Index:
         _, truth = exact_topk(self._exact_source(), q, k)
         exact_s = time.perf_counter() - t0
         search = dict(self.header.get("search", {}))
-        key = "ef_search" if self.kind == "hnsw" else "nprobe"
-        if target_recall is None:
+        key = tuned_setting(self.kind)
+        nlist = self.header["faiss"].get("nlist")
+        tuning = tune and target_recall is not None
+        if not tune and target_recall is not None:
+            log(f"check: {key}={search[key]} as given, measured and kept (not tuned)")
+        if not tuning:
             steps = [search[key]]
+        elif nlist is not None:
+            # Up to every list: past that, only --rerank or the codes can raise recall.
+            steps = [v for v in TUNE_NPROBE if v < nlist] + [nlist]
         else:
-            limit = self.header["faiss"].get("nlist", 10**9)
-            steps = [v for v in (TUNE_EF if key == "ef_search" else TUNE_NPROBE) if v <= limit]
+            steps = list(TUNE_EF)
         result = {}
         for value in steps:
             settings = {**search, key: value}
@@ -569,19 +585,52 @@ class Index:
             }
             log(
                 f"  {key}={value}: recall@{k} {recall:.3f}, {result['approx_queries_per_s']} queries/s "
-                f"({result['speedup']}x exact)"
+                f"({speed_phrase(exact_s / approx_s)})"
             )
-            if target_recall is None or recall >= target_recall:
+            if not tuning or recall >= target_recall:
                 break
+        value = result[key]
         if target_recall is not None and result[f"recall@{k}"] < target_recall:
-            log(
-                f"warning: recall@{k} {result[f'recall@{k}']} stays below {target_recall} at {key}={steps[-1]}"
-            )
+            log(f"warning: recall@{k} {result[f'recall@{k}']} is below the target {target_recall} "
+                f"at {key}={value}; {self._low_recall_hint(key, value, tuning)}")
+        if tuning and value != search.get(key):
+            log(f"check: {key} set to {value} (was {search.get(key)}): "
+                + ("the smallest setting tried that reaches the target recall"
+                   if result[f"recall@{k}"] >= target_recall else "the largest setting tried")
+                + f"; give --{key.replace('_', '-')} to keep a value of your own")
         if target_recall is not None:
             result["target_recall"] = target_recall
-        self.header["search"] = {**search, key: result[key]}
+        self.header["search"] = {**search, key: value}
         self.header["check"] = result
         return result
+
+    def _low_recall_hint(self, key: str, value: int, tuned: bool) -> str:
+        flag = "--" + key.replace("_", "-")
+        rerank = self.header.get("search", {}).get("rerank", 1)
+        if not tuned:
+            return (f"{value} is the setting given and is kept: raise {flag}, or leave it out and "
+                    f"--check tunes it")
+        if key == "nprobe":
+            return (f"all {value} lists are scanned, so the misses come from the compressed codes: "
+                    f"raise --rerank (now {rerank}) to re-score more candidates exactly, or --pq-m "
+                    f"for finer codes, or build an exact index")
+        return (f"{value} is the largest {key} tried: raise --hnsw-m (more links per node), or "
+                f"build an exact index")
+
+
+def tuned_setting(kind: str) -> str:
+    """The search setting that :meth:`Index.check` tunes for an approximate ``kind``."""
+    return "ef_search" if kind == "hnsw" else "nprobe"
+
+
+def speed_phrase(ratio: float) -> str:
+    """``exact time / approximate time`` in words: ``"3.0x faster than exact search"``,
+    ``"2.5x slower than exact search"`` or, within rounding, ``"as fast as exact search"``."""
+    if ratio <= 0 or f"{max(ratio, 1 / ratio):.1f}" == "1.0":
+        return "as fast as exact search"
+    if ratio > 1:
+        return f"{ratio:.1f}x faster than exact search"
+    return f"{1 / ratio:.1f}x slower than exact search"
 
 
 def recall_at_k(got: np.ndarray, truth: np.ndarray) -> float:
@@ -678,13 +727,16 @@ def build_index(
     *,
     check: bool = False,
     target_recall: float | None = 0.95,
+    keep: Collection[str] = (),
     force: bool = False,
     log: Callable[[str], None] | None = print,
     **options: Any,
 ) -> Index:
     """Build an index (see :meth:`Index.build`), optionally run the recall check, save it to
-    ``out`` (atomic, no overwrite without ``force``)."""
-    check_writable(out, force=force)
+    ``out`` (atomic, no overwrite without ``force``). The check tunes ``nprobe`` or
+    ``ef_search`` to ``target_recall`` unless it is named in ``keep`` (settings the caller chose
+    and wants kept: then it is only measured)."""
+    check_writable(out, force=force, own=INDEX_FILES)
     index = Index.build(embeddings, kind, log=log, **options)
     if check:
         if index.kind == "exact":
@@ -692,7 +744,9 @@ def build_index(
                 "check: the index is exact (recall 1.0 by construction); nothing to check"
             )
         else:
-            index.check(target_recall=target_recall, log=log)
+            index.check(
+                target_recall=target_recall, tune=tuned_setting(index.kind) not in keep, log=log
+            )
     index.save(out, force=force)
     return index
 

@@ -49,6 +49,11 @@ SCORE_LABELS = {
     "softmax": "P(query | place), softmax over the query and {n} prompts",
 }
 CHUNK_ROWS = 262_144
+# Largest point-map grid (4096 x 4096): the per-cell sums, the GeoTIFF and the PNG of a finer grid
+# take gigabytes, and a PNG cannot show more cells than it has pixels anyway.
+MAX_GRID_CELLS = 4096 * 4096
+# Bytes per grid cell while a point map is made: a count and a sum (float64) and the value (float32).
+GRID_CELL_BYTES = 20
 
 
 def import_rasterio():
@@ -566,6 +571,8 @@ def map_points_many(
     lon = np.asarray(lon, dtype=np.float64)
     if len(lat) == 0:
         raise ValueError("no places to map: the embeddings are empty")
+    # The grid first: a resolution too fine for memory is refused before any work.
+    cell, rows, cols, transform = points_grid(lat, lon, float(resolution or auto_resolution(lat, lon)))
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     q = q.reshape(-1, q.shape[-1])
     nq = q.shape[0]
@@ -585,7 +592,6 @@ def map_points_many(
         m = score_matrix(vectors, q)
         all_scores = [m[:, i] for i in range(nq)]
         kind = "cosine"
-    cell, rows, cols, transform = points_grid(lat, lon, float(resolution or auto_resolution(lat, lon)))
     count = np.bincount(cell, minlength=rows * cols)
     id_col = np.asarray(ids, dtype=object)
     out = []
@@ -608,12 +614,49 @@ def points_grid(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[np.ndarra
     affine transform)``."""
     if not res > 0:
         raise ValueError("resolution must be positive")
+    rows, cols = _grid_shape(lat, lon, res)
+    if rows * cols > MAX_GRID_CELLS:
+        fits, cells = res, rows * cols
+        while cells > MAX_GRID_CELLS:  # cells shrink like 1/res^2 (1/res for places on a line)
+            fits = max(fits * 1.05, fits * float(np.sqrt(cells / MAX_GRID_CELLS)))
+            cells = int(np.prod(_grid_shape(lat, lon, fits)))
+        fits = _round_up(fits)
+        raise ValueError(
+            f"a point map at --resolution {res:g} degrees over the places (lat {lat.min():.4g} to "
+            f"{lat.max():.4g}, lon {lon.min():.4g} to {lon.max():.4g}) is a {rows:,} x {cols:,} grid: "
+            f"{rows * cols:,} cells, which would need at least {_bytes(rows * cols * GRID_CELL_BYTES)} of "
+            f"memory (at most {MAX_GRID_CELLS:,} cells are made). Use a coarser --resolution "
+            f"({fits:g} or more here; leave it out to take one from the places), or map the "
+            "embeddings of a smaller region"
+        )
     west, north = lon.min() - res / 2, lat.max() + res / 2
-    cols = max(1, int(np.ceil((lon.max() + res / 2 - west) / res - 1e-9)))
-    rows = max(1, int(np.ceil((north - (lat.min() - res / 2)) / res - 1e-9)))
     c = np.clip(np.floor((lon - west) / res).astype(np.int64), 0, cols - 1)
     r = np.clip(np.floor((north - lat) / res).astype(np.int64), 0, rows - 1)
     return r * cols + c, rows, cols, _affine(res, 0.0, west, 0.0, -res, north)
+
+
+def _grid_shape(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[int, int]:
+    """``(rows, cols)`` of the ``res``-degree grid that :func:`points_grid` lays over the points."""
+    west, north = lon.min() - res / 2, lat.max() + res / 2
+    cols = max(1, int(np.ceil((lon.max() + res / 2 - west) / res - 1e-9)))
+    rows = max(1, int(np.ceil((north - (lat.min() - res / 2)) / res - 1e-9)))
+    return rows, cols
+
+
+def _round_up(x: float) -> float:
+    """``x`` rounded up to two significant digits (a resolution to suggest)."""
+    scale = 10.0 ** (np.floor(np.log10(x)) - 1)
+    return float(np.ceil(x / scale - 1e-9) * scale)
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes in words: ``"3.2 GiB"``."""
+    unit = "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024:
+            break
+        n, unit = n / 1024, bigger
+    return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
 
 
 def default_outputs(out: str | Path) -> dict[str, Path]:
