@@ -170,6 +170,17 @@ def test_published_layout_configs_train_end_to_end(
     assert ("stages[1] (audio).data.layout_options: layout 'soundingearth' has no option 'imgae'; its "
             "options are image, audio, text, root") in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+    # A wrong column or path template of a later stage is reported before the first trains.
+    cfg["stages"][1]["data"]["layout_options"] = {"text": "descr", "image": "images/x/{key}.png"}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    assert "stages.audio.data.train: " in capsys.readouterr().err and not (tmp_path / "typo" / "stages").exists()
+    cfg["stages"][1]["data"]["layout_options"] = {"image": "images/x/{key}.png"}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.audio.data.train: none of the first 20 satellite files exists (e.g. " in err
+    assert "images/x/100.png" in err and not (tmp_path / "typo" / "stages").exists()
 
 
 def test_geotiff_centres_are_transformed_to_wgs84(tmp_path):

@@ -365,6 +365,12 @@ def test_scores_of_a_float16_index_stay_within_minus_one_and_one(kind):
     assert index.hits(q, k=5)[0].score == 1.0
     s, _ = index.search(q, k=800)  # rows past the item count stay -inf, not clamped to -1
     assert np.isneginf(s[0, 700:]).all()
+    if kind == "exact":  # map scores too, from float16 and from float32 tensors
+        from geobind.search.maps import score_matrix
+
+        for vectors in (vec, torch.from_numpy(wide)):
+            m = score_matrix(vectors, q)
+            assert m[row, 0] == 1.0 and (np.abs(m) <= 1.0).all()
 
 
 def test_search_cli_notes_when_ivfpq_returns_fewer_than_k(space, tmp_path, capsys):

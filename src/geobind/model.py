@@ -317,7 +317,8 @@ class GeoBind(nn.Module):
         queries: dict[str, Any] | None = None, k: int = 10, exact: bool | None = None,
     ) -> list:
         """The ``k`` places of ``index`` (a path or a loaded :class:`geobind.search.Index`) most
-        similar to the query, best first, as :class:`geobind.search.Hit` records (rank, id,
+        similar to the query, best first (an ``ivfpq`` index can return fewer when the lists it
+        scans hold fewer; ``exact=True`` ranks them all), as :class:`geobind.search.Hit` records (rank, id,
         lat, lon, score, caption). Scores are cosine similarities. The index must have been
         built with this model (checked: dimension and encoder identity). Queries combine as in
         :meth:`embed_query`. ``exact=True`` bypasses an approximate index.

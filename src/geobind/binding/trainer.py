@@ -389,6 +389,44 @@ def _resume_changes(cfg: RunConfig, out: Path) -> list[str]:
     return changed
 
 
+# A table whose first this many files of a modality all do not exist has wrong paths (a wrong
+# template or folder), not a few bad samples.
+PROBE_ROWS = 20
+
+
+def _unreadable_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
+    """``where: problem`` for every dataset the run still needs that cannot serve its stage:
+    it does not read (a wrong column or layout option, a folder that is no dataset), lacks the
+    stage's modalities, or names files none of which exist among its first rows."""
+    from geobind.modality import get_modality
+
+    out = []
+    for s in cfg.stages:
+        if s.name in done:
+            continue
+        for key in ("train", "val"):
+            path = getattr(s.data, key)
+            if not path:
+                continue
+            where = f"stages.{s.name}.data.{key}"
+            try:
+                data = read_dataset(path, s.data.layout, **s.data.layout_options)
+                data.require(s.train, s.bind_to)
+            except (ValueError, OSError) as e:
+                out.append(f"{where}: {e}")
+                continue
+            if not isinstance(data, Table):
+                continue
+            for m in (s.train, s.bind_to):
+                if get_modality(m).source != "path":
+                    continue
+                first = [v for v in data.columns[m][:PROBE_ROWS] if isinstance(v, str)]
+                if first and not any(Path(v).exists() for v in first):
+                    out.append(f"{where}: none of the first {len(first)} {m} files exists (e.g. {first[0]}); "
+                               "check the paths, or the layout's path options")
+    return out
+
+
 def _stage_fingerprint(cfg: StageConfig) -> str:
     d = dataclasses.asdict(cfg)
     # Loader workers change neither the batches nor the result, so a run may resume with others.
@@ -451,7 +489,8 @@ class Trainer:
         refusal = gbdist.broadcast_object(refusal)
         if refusal is not None:
             kind, message = refusal
-            raise {"exists": FileExistsError, "missing": FileNotFoundError, "changed": ValueError}[kind](message)
+            raise {"exists": FileExistsError, "missing": FileNotFoundError, "changed": ValueError,
+                   "unreadable": ValueError}[kind](message)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -499,6 +538,9 @@ class Trainer:
         missing = _missing_data(cfg, done)
         if missing:  # all of them at once, before the anchor loads
             return "missing", "data not found: " + "; ".join(missing)
+        unreadable = _unreadable_data(cfg, done)
+        if unreadable:  # read now, not after the stages before them have trained
+            return "unreadable", "; ".join(unreadable)
         return None
 
     def _initial_space(self) -> GeoBind:

@@ -68,7 +68,8 @@ def import_rasterio():
 # -- scores ----------------------------------------------------------------------------------
 def score_matrix(vectors, queries, *, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
     """Cosine scores ``[N, Q]`` (float32) of ``N`` unit vectors against ``Q`` unit queries, in
-    chunks of rows (float16 vectors are widened chunk by chunk)."""
+    chunks of rows (float16 vectors are widened chunk by chunk), within [-1, 1] (float16
+    rounding can carry a product of unit vectors just past 1)."""
     from geobind.search.index import _as_f32_tensor
 
     q = _as_f32_tensor(queries)
@@ -76,11 +77,11 @@ def score_matrix(vectors, queries, *, chunk_rows: int = CHUNK_ROWS) -> np.ndarra
         q = q[None]
     n = vectors.shape[0]
     if isinstance(vectors, torch.Tensor) and vectors.dtype == torch.float32:
-        return (vectors @ q.T).numpy()
+        return (vectors @ q.T).clamp_(-1.0, 1.0).numpy()
     out = np.empty((n, q.shape[0]), dtype=np.float32)
     for start in range(0, n, chunk_rows):
         block = _as_f32_tensor(vectors[start : start + chunk_rows])
-        out[start : start + block.shape[0]] = (block @ q.T).numpy()
+        out[start : start + block.shape[0]] = (block @ q.T).clamp_(-1.0, 1.0).numpy()
     return out
 
 
