@@ -61,6 +61,19 @@ def test_check_counts_every_reason_of_shards_exactly(bad):
     assert "part-0.tar#s02.satellite.png" in " ".join(f for f, _, _ in report.examples)
 
 
+def _rows_of(manifest, rows: slice, out):
+    """A manifest of some rows of ``manifest``, written to ``out`` beside links to its files."""
+    picked = list(csv.DictReader(open(manifest)))[rows]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(picked[0]))
+        w.writeheader()
+        w.writerows(picked)
+    for d in ("sat", "audio"):
+        if not (out.parent / d).exists():
+            (out.parent / d).symlink_to(manifest.parent / d)
+    return out
+
+
 def test_check_cli_prints_counts_and_fails_under_strict(bad, tmp_path, capsys):
     assert main(["data", "check", str(bad[0]), "--examples", "3"]) == 0
     out = capsys.readouterr().out
@@ -83,14 +96,7 @@ def test_check_cli_prints_counts_and_fails_under_strict(bad, tmp_path, capsys):
     captured = capsys.readouterr()  # refused before checking: no report printed
     assert "is a folder" in captured.err and not captured.out and (tmp_path / "reports" / "keep.txt").is_file()
     assert main(["data", "check", str(bad[0]), "--modalities", "text", "--strict"]) == 1
-    good = tmp_path / "good.csv"
-    rows = list(csv.DictReader(open(bad[0])))[12:]
-    with open(good, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (tmp_path / "sat").symlink_to(bad[0].parent / "sat")
-    (tmp_path / "audio").symlink_to(bad[0].parent / "audio")
+    good = _rows_of(bad[0], slice(12, None), tmp_path / "good.csv")
     assert main(["data", "check", str(good), "--strict"]) == 0
     assert main(["data", "check", str(tmp_path / "nothing.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -171,13 +177,6 @@ def test_problems_say_what_was_wrong_and_pack_drops_what_check_reports(bad, tmp_
     with pytest.raises(ValueError, match="looks like a file name"):
         pack(bad[0], tmp_path / "train.tar", progress=False, log=None)
     # With nothing usable, check fails without --strict too.
-    only_bad = tmp_path / "only-bad.csv"
-    rows = list(csv.DictReader(open(bad[0])))[1:3]
-    with open(only_bad, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (tmp_path / "sat").symlink_to(bad[0].parent / "sat")
-    (tmp_path / "audio").symlink_to(bad[0].parent / "audio")
+    only_bad = _rows_of(bad[0], slice(1, 3), tmp_path / "only-bad.csv")
     assert main(["data", "check", str(only_bad)]) == 1
     assert "no sample is usable" in capsys.readouterr().err
