@@ -4,6 +4,7 @@ import pytest
 import yaml
 from fixtures import tiny_config
 
+from geobind.cli import main
 from geobind.config import ConfigError, apply_overrides, load_config, parse_config
 
 
@@ -42,7 +43,21 @@ def test_relative_paths_are_relative_to_the_config_file(tiny_data, tmp_path):
         (lambda d: d["stages"][0]["optim"].update(epochs=-1), "optim.epochs: at least 1"),
         (lambda d: d["stages"][0]["optim"].update(log_every=0), "optim.log_every: at least 1"),
         (lambda d: d["stages"][0]["optim"].update(max_steps=-5), "optim.max_steps: 0 or more"),
-        (lambda d: d["stages"][0]["optim"].update(lr=0), "optim.lr: must be positive"),
+        (lambda d: d["stages"][0]["optim"].update(lr=0), "optim.lr: a positive number"),
+        (lambda d: d["stages"][0]["optim"].update(lr=float("nan")), "optim.lr: a positive number"),
+        (lambda d: d["stages"][0]["optim"].update(grad_clip=-1), "optim.grad_clip: 0 (off) or a positive"),
+        (lambda d: d["stages"][0]["optim"].update(weight_decay=-0.1), "optim.weight_decay: 0 (off)"),
+        (lambda d: d["stages"][0]["optim"].update(eps=0), "optim.eps: a small positive number"),
+        (lambda d: d["stages"][0]["optim"].update(min_lr_ratio=5), "optim.min_lr_ratio: a fraction"),
+        (lambda d: d["stages"][0]["optim"].update(betas=[0.9]), "optim.betas: two numbers in"),
+        (lambda d: d["stages"][0]["optim"].update(betas=0.9), "optim.betas: two numbers, e.g."),
+        (lambda d: d["stages"][0]["loss"].update(queue_size=-5) if "loss" in d["stages"][0]
+         else d["stages"][0].update(loss={"queue_size": -5}), "loss.queue_size: 0 (no queue) or more"),
+        (lambda d: d.update(device="tpu"), "config.device: use auto, cpu, cuda or cuda:N"),
+        (lambda d: d.update(output_dir=None), "output_dir: expected str, got None"),
+        # An encoder of a later stage is checked before the first trains.
+        (lambda d: d["stages"][1]["encoder"].update(bogus=1), "(audio).encoder: audio encoder spec: unknown keys"),
+        (lambda d: d["stages"][0]["encoder"].update(augment_on="gpu"), "(satellite).encoder: encoder clip_vision: augment_on"),
     ],
 )
 def test_bad_configs_fail_before_training(tiny_data, tmp_path, mutate, message):
@@ -134,3 +149,21 @@ def test_an_existing_output_error_pickles_with_its_path(tmp_path):
     e = pickle.loads(pickle.dumps(OutputExistsError(tmp_path / "x.json")))
     assert e.path == tmp_path / "x.json" and str(e).count("exists") == 1
     assert e.cli_message() == f"{tmp_path / 'x.json'} exists; pass --force to overwrite it"
+
+
+def test_plugins_named_in_the_environment_are_imported_by_every_command(tmp_path, monkeypatch, capsys):
+    from geobind.modality import get_modality
+
+    (tmp_path / "geobind_probe_plugin.py").write_text(
+        "from geobind.modality import ModalitySpec, register_modality\n"
+        "register_modality(ModalitySpec('probe_modality', 'path', ('probe.tif',)), exist_ok=True)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="GEOBIND_PLUGINS"):
+        get_modality("probe_modality")
+    monkeypatch.setenv("GEOBIND_PLUGINS", "geobind_probe_plugin, ")
+    assert main(["index", "info", str(tmp_path / "none.index")]) == 2  # the command itself fails
+    assert get_modality("probe_modality").shard_keys == ("probe.tif",)
+    monkeypatch.setenv("GEOBIND_PLUGINS", "no_such_plugin_module")
+    assert main(["index", "info", str(tmp_path / "none.index")]) == 2
+    assert "GEOBIND_PLUGINS names 'no_such_plugin_module', which cannot be imported" in capsys.readouterr().err

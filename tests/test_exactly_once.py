@@ -73,6 +73,24 @@ def _gather(obj):
     return out
 
 
+def _signal_self_during_step(n: int) -> None:
+    """Send this process SIGINT inside its ``n``-th training step (as a Ctrl-C would)."""
+    import os
+    import signal
+
+    from geobind.binding.step import StepRunner
+
+    original, calls = StepRunner.__call__, [0]
+
+    def call(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    StepRunner.__call__ = call
+
+
 def _worker(rank: int, port: int, paths: dict, cache: str) -> None:
     rank_env(rank, port, WORLD, GEOBIND_CACHE=cache)
     # Loader workers fork from the rank, as under torchrun on Linux (a spawned rank would
@@ -90,10 +108,13 @@ def _worker(rank: int, port: int, paths: dict, cache: str) -> None:
             batches, segs = _epoch_rows(data, 2, rank, WORLD, stop_after=1)
             results[f"{kind}/epoch2-part"] = _gather(batches)
             results[f"{kind}/segments"] = segs
-        # The trainer itself: 2 ranks, interrupted at step 2 of 3 (second epoch of shards).
+        # The trainer itself: 2 ranks, interrupted at step 2 of 3 by a Ctrl-C that reaches rank 1
+        # only (during its second step): both ranks stop together after that step.
         cfg = parse_config(json.loads(Path(paths["config"]).read_text()))
+        if rank == 1:
+            _signal_self_during_step(2)
         try:
-            train(cfg, progress=False, log=None, stop_at_step=2)
+            train(cfg, progress=False, log=None)
             results["interrupted"] = False
         except TrainingInterrupted:
             results["interrupted"] = True

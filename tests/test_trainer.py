@@ -530,3 +530,69 @@ def test_shard_lists_pipes_and_other_layouts_are_left_to_their_readers(tiny_data
     # optim.ckpt_every 0 (checkpoints at epoch ends only) is still a valid setting.
     d["stages"][0]["optim"]["ckpt_every"] = 0
     assert parse_config(d).stages[0].optim.ckpt_every == 0
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """A real SIGINT during step 3 (with loader workers running): the step finishes, a checkpoint
+    is written, and the resumed run ends with the uninterrupted run's weights."""
+    import os
+    import signal
+
+    from geobind.binding.step import StepRunner
+
+    def cfg(out):
+        d = tiny_config(tiny_data, out, steps=6, audio=False)
+        d["stages"][0]["optim"].update(epochs=2, max_steps=0, batch_size=12, ckpt_every=100, num_workers=1)
+        d["eval"] = None
+        return parse_config(d)
+
+    full = train(cfg(tmp_path / "a"), progress=False, log=None)
+    original, calls = StepRunner.__call__, [0]
+
+    def call(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(StepRunner, "__call__", call)
+    said = []
+    with pytest.raises(TrainingInterrupted, match="resumable checkpoint"):
+        train(cfg(tmp_path / "b"), progress=False, log=said.append)
+    assert any("stopping after this step" in s for s in said)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    ck = torch.load(tmp_path / "b" / "stages" / "01-satellite" / "checkpoint.pt", weights_only=False)
+    assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (3, 1, 0)
+    monkeypatch.setattr(StepRunner, "__call__", original)
+    resumed = train(cfg(tmp_path / "b"), resume=True, progress=False, log=None)
+    wa, wb = _weights(full), _weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # metrics.csv logs the rate each step used: warmup's first, the cosine's last above zero.
+    import csv
+
+    from geobind.binding.trainer import lr_lambda
+
+    rows = [r for r in csv.DictReader(open(tmp_path / "a" / "stages" / "01-satellite" / "metrics.csv")) if r["lr"]]
+    f = lr_lambda(6, 1, 0.0)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3 * f(int(r["step"]) - 1) for r in rows])
+    assert float(rows[-1]["lr"]) > 0
+    done = json.loads((tmp_path / "b" / "stages" / "01-satellite" / "done.json").read_text())
+    assert done["resumed_at_step"] == 3 and done["steps"] == 6
+
+
+def test_a_second_signal_a_second_later_stops_at_once(monkeypatch):
+    import signal
+
+    from geobind.binding import trainer as trainer_mod
+
+    now = [100.0]
+    monkeypatch.setattr(trainer_mod.time, "monotonic", lambda: now[0])
+    said = []
+    with trainer_mod.StopRequests(said.append) as stop:
+        stop._handle(signal.SIGINT, None)
+        now[0] += 0.2
+        stop._handle(signal.SIGINT, None)  # the same Ctrl-C forwarded by torchrun: one request
+        assert stop.requested and len(said) == 1
+        now[0] += 1.0
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGTERM, None)

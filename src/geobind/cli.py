@@ -10,7 +10,8 @@ from pathlib import Path
 
 EPILOG_TRAIN = """\
 examples:
-  geobind train src/geobind/configs/paper.yaml     # the paper's two stages (set its data paths)
+  cp src/geobind/configs/paper.yaml run.yaml       # the paper's two stages: set its data paths
+  geobind train run.yaml                           # relative paths: from run.yaml's folder
   geobind train run.yaml --set stages.satellite.optim.lr=1e-4 --set seed=1
   geobind train run.yaml --resume                       # continue after Ctrl-C or a crash
   torchrun --nproc_per_node 4 -m geobind train run.yaml # all GPUs of one machine
@@ -139,7 +140,9 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     final = train(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile)
-    if cfg.eval is not None:
+    from geobind.distributed import is_main
+
+    if cfg.eval is not None and is_main():  # under torchrun: once, on rank 0
         from geobind.data.manifest import read_dataset
         from geobind.evaluate import evaluate, format_pairs, format_skipped, trained_pairs
         from geobind.model import GeoBind
@@ -185,13 +188,22 @@ def cmd_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``geobind`` command; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    from geobind.binding.trainer import TrainingInterrupted, TrainingOutOfMemory
-    from geobind.config import ConfigError
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        from geobind.binding.trainer import TrainingInterrupted, TrainingOutOfMemory
+        from geobind.config import ConfigError
+
+        import_plugins()
+    except ImportError as e:
+        print(f"geobind: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C while the command starts (imports take a second)
+        print("\ngeobind: interrupted", file=sys.stderr)
+        return 130
 
     try:
         status = int(args.func(args) or 0)
@@ -209,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             pass  # stdout is not a file descriptor (captured or replaced)
         return 1
     except TrainingInterrupted as e:
-        print(f"\n{e}", file=sys.stderr)
+        from geobind.distributed import is_main
+
+        if is_main():  # under torchrun every rank stops; one says so
+            print(f"\n{e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # Ctrl-C: no traceback; say what a rerun keeps
         resumes = getattr(args.func, "__name__", "") in ("cmd_embed", "cmd_pack")
@@ -223,6 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"geobind {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
+
+
+def import_plugins(spec: str | None = None) -> list[str]:
+    """Import the modules named in ``spec`` (default: ``$GEOBIND_PLUGINS``, comma-separated),
+    which register modalities, encoders or layouts, so that every command knows them."""
+    import importlib
+    import os
+
+    names = [n.strip() for n in (os.environ.get("GEOBIND_PLUGINS", "") if spec is None else spec).split(",")]
+    for name in filter(None, names):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"GEOBIND_PLUGINS names {name!r}, which cannot be imported ({e}); "
+                              "install it or add its folder to PYTHONPATH") from e
+    return [n for n in names if n]
 
 
 def cli_message(e: BaseException) -> str:

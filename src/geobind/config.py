@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +135,10 @@ def _build(cls, data: Any, where: str):
                 raise ConfigError(f"{where}.stages: give a non-empty list of stages")
             value = tuple(_build(StageConfig, s, f"{where}.stages[{i}]") for i, s in enumerate(value))
         elif name == "betas":
-            value = tuple(float(v) for v in value)
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.betas: two numbers, e.g. [0.9, 0.98]; got {value!r}") from None
         else:
             value = _coerce(fields[name], value, f"{where}.{name}")
         kwargs[name] = value
@@ -154,6 +159,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
                 raise ValueError
             return value
         if t == "str":
+            if value is None:
+                raise ValueError
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: expected {t}, got {value!r}") from None
@@ -253,7 +260,7 @@ def validate(cfg: RunConfig) -> None:
         from geobind.encoders import get_encoder_class
 
         try:
-            get_encoder_class(s.encoder["type"])
+            get_encoder_class(s.encoder["type"]).check_spec(s.encoder)
         except ValueError as e:
             raise ConfigError(f"{where}.encoder: {e}") from None
         o = s.optim
@@ -266,8 +273,20 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError(f"{where}.optim.{name}: 0 or more, got {getattr(o, name)}")
         if o.log_every < 1:
             raise ConfigError(f"{where}.optim.log_every: at least 1 step, got {o.log_every}")
-        if o.lr <= 0:
-            raise ConfigError(f"{where}.optim.lr: must be positive, got {o.lr}")
+        if not (math.isfinite(o.lr) and o.lr > 0):
+            raise ConfigError(f"{where}.optim.lr: a positive number, got {o.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(o, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{where}.optim.{name}: 0 (off) or a positive number, got {v}")
+        if not (math.isfinite(o.eps) and o.eps > 0):
+            raise ConfigError(f"{where}.optim.eps: a small positive number (e.g. 1e-6), got {o.eps}")
+        if not 0 <= o.min_lr_ratio <= 1:
+            raise ConfigError(f"{where}.optim.min_lr_ratio: a fraction of lr from 0 to 1, got {o.min_lr_ratio}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"{where}.optim.betas: two numbers in [0, 1), e.g. [0.9, 0.98]; got {list(o.betas)}")
+        if s.loss.queue_size < 0:
+            raise ConfigError(f"{where}.loss.queue_size: 0 (no queue) or more, got {s.loss.queue_size}")
         if s.data.shuffle_buffer < 0:
             raise ConfigError(f"{where}.data.shuffle_buffer: must be 0 (no shuffle buffer) or more")
         _check_layout(s.data.layout, s.data.layout_options, f"{where}.data")
@@ -286,6 +305,9 @@ def validate(cfg: RunConfig) -> None:
         _check_layout(cfg.eval.layout, cfg.eval.layout_options, "config.eval")
         if cfg.eval.batch_size < 1:
             raise ConfigError(f"config.eval.batch_size: at least 1, got {cfg.eval.batch_size}")
+    # The form only: whether this machine has the GPU named is checked where the run starts.
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"config.device: use auto, cpu, cuda or cuda:N; got {cfg.device!r}")
 
 
 def _check_layout(layout: str, options: Any, where: str) -> None:

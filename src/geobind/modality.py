@@ -51,7 +51,8 @@ def get_modality(name: str) -> ModalitySpec:
     except KeyError:
         raise ValueError(
             f"unknown modality {name!r}; known modalities: {', '.join(sorted(_REGISTRY))}. "
-            "Register new ones with geobind.modality.register_modality."
+            "Register new ones with geobind.modality.register_modality (on the command line: name "
+            "the module that does in GEOBIND_PLUGINS)."
         ) from None
 
 

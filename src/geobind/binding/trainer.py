@@ -21,8 +21,11 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +57,21 @@ ANCHOR_ON_DEVICE_BYTES = 2 * 2**30
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped early (Ctrl-C or a requested stop); a resumable checkpoint was written."""
+    """Training stopped early (Ctrl-C, SIGTERM or a requested stop). ``written``: a checkpoint
+    of the step it stopped at was written (else an earlier one, if any, stays)."""
 
-    def __init__(self, checkpoint: Path):
-        super().__init__(f"interrupted; resumable checkpoint at {checkpoint} (rerun with --resume)")
+    def __init__(self, checkpoint: Path, written: bool = True, message: str | None = None):
+        if message:
+            msg = message
+        elif written:
+            msg = f"interrupted; resumable checkpoint at {checkpoint} (rerun with --resume)"
+        elif Path(checkpoint).is_file():
+            msg = f"stopped at once; the last checkpoint stays at {checkpoint} (rerun with --resume)"
+        else:
+            msg = "stopped at once, before this stage's first checkpoint (--resume starts the stage again)"
+        super().__init__(msg)
         self.checkpoint = checkpoint
+        self.written = written
 
 
 class TrainingOutOfMemory(RuntimeError):
@@ -233,12 +246,62 @@ def train_loader(data: Table | ShardSet, items, *, valid: torch.Tensor, batch_si
         items.epoch = epoch
         stream = EpochStream(data, plan, rank, items)
         loader = DataLoader(stream, batch_size=plan.per_rank_batch, num_workers=num_workers, collate_fn=collate_fn,
-                            pin_memory=pin_memory, generator=loader_generator(seed, epoch))
+                            pin_memory=pin_memory, generator=loader_generator(seed, epoch),
+                            worker_init_fn=_ignore_stop_signals)
         return loader, segments
     sampler = _EpochBatches(valid, batch_size, seed, epoch, step_in_epoch, rank, world)
     loader = DataLoader(items, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                        pin_memory=pin_memory, persistent_workers=False, generator=loader_generator(seed, epoch))
+                        pin_memory=pin_memory, persistent_workers=False, generator=loader_generator(seed, epoch),
+                        worker_init_fn=_ignore_stop_signals)
     return loader, None
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C (which a terminal sends to every process of the job) and
+    SIGTERM to their rank, which stops at the next step; a worker that died of it would fail
+    the loader before that. Workers still end with their rank."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _AgreedStop(Exception):
+    """Every rank stops at this step boundary (a stop was requested on one of them)."""
+
+
+class StopRequests:
+    """Ctrl-C and SIGTERM while a stage trains: the first asks to stop at the next step
+    boundary, where every rank learns of it in the step's host exchange and all stop
+    together with a checkpoint; another one, a second or more later, stops at once without
+    one (the last checkpoint stays). Signals within a second count as one: under ``torchrun``
+    a terminal's Ctrl-C reaches each rank twice (directly and forwarded)."""
+
+    def __init__(self, say: Callable[[str], None] | None = None):
+        self.requested = False
+        self._at = 0.0
+        self._say = say
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.requested:
+            if now - self._at >= 1.0:
+                raise KeyboardInterrupt
+            return
+        self.requested, self._at = True, now
+        if self._say is not None:
+            self._say("stopping after this step to write a checkpoint (Ctrl-C again to stop at once, "
+                      "without one)")
 
 
 def loader_generator(seed: int = 0, epoch: int = 0) -> torch.Generator:
@@ -465,6 +528,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                  stop_at_step: int | None = None, log=print, profile: tuple[int, int] | None = None):
         self.cfg, self.resume, self.progress, self.stop_at_step = cfg, resume, progress, stop_at_step
+        self._stop_pending = False  # a stop asked for during a stage's last step
         self.profile = profile
         self.log = log
         self.out = Path(cfg.output_dir)
@@ -505,6 +569,10 @@ class Trainer:
                 if prev_dir is not None:
                     model = GeoBind.from_pretrained(prev_dir)
                 self._run_stage(i, scfg, model, stage_dir)
+                # A stop asked for during the stage's last step: the stage is done and saved.
+                if any(r[0] for r in gbdist.all_gather_ints([int(self._stop_pending)])) and i + 1 < len(cfg.stages):
+                    raise TrainingInterrupted(stage_dir / DONE, message=(
+                        f"interrupted after stage {scfg.name} finished; rerun with --resume to train the next"))
             prev_dir = stage_dir / "model"
         final = self.out / "model"
         model = GeoBind.from_pretrained(prev_dir)
@@ -696,7 +764,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             pbar = tqdm(total=total, initial=step, desc=f"stage {scfg.name}", unit="step", dynamic_ncols=True)
-        t_start = time.perf_counter()
+        t_start, start_step = time.perf_counter(), step
         # This session's loop time (loader waits and steps, not validation or checkpoints).
         loop = {"data": 0.0, "step": 0.0, "samples_before": samples}
         bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
@@ -708,6 +776,7 @@ class Trainer:
             profiler = StepProfiler(stage_dir / "profile", *self.profile, dev, say=self._say,
                                     rank=self.dist.rank if self.dist.distributed else None,
                                     label=f"stage {scfg.name}: ")
+        stop = StopRequests(self._say if self.main else None).__enter__()
         try:
             while step < total:
                 loader, segments = train_loader(
@@ -725,7 +794,9 @@ class Trainer:
                     window["data"] += t0 - t_data
                     loop["data"] += t0 - t_data
                     n = len(idx)
-                    n_step, fewest, errors = self._agree_on_batch(n, bad_items)
+                    n_step, fewest, errors, stopping = self._agree_on_batch(n, bad_items, stop.requested)
+                    if stopping:  # before this batch counts: a resumed run loads it again
+                        raise _AgreedStop
                     for e in errors:
                         if scfg.data.strict:
                             raise e
@@ -753,6 +824,7 @@ class Trainer:
                             a_emb = a_emb.pin_memory().to(dev, non_blocking=True)
                     if profiler is not None:
                         profiler.before_step()
+                    step_lr = sched.get_last_lr()[0]  # the rate this step uses (the runner steps the schedule)
                     try:
                         loss, out = runner(inputs, anchor_emb=a_emb, anchor_inputs=anchor_inputs, keys=keys,
                                            n_valid=n_pad)
@@ -791,7 +863,7 @@ class Trainer:
                         if pbar is not None:
                             pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{window['n'] / max(1e-9, el):.1f}")
                         writer.row({"step": step, "epoch": epoch + 1, "loss": round(last_loss, 6),
-                                    "lr": sched.get_last_lr()[0], "logit_scale": float(out["logit_scale"]),
+                                    "lr": step_lr, "logit_scale": float(out["logit_scale"]),
                                     "samples_per_s": round(window["n"] / max(el, 1e-9), 2),
                                     "data_wait": round(wait, 4),
                                     "bad_samples": sum(bad.values()),
@@ -802,8 +874,7 @@ class Trainer:
                     if (o.ckpt_every and step % o.ckpt_every == 0) or step == total:
                         save_ckpt()
                     if self.stop_at_step is not None and step == self.stop_at_step:
-                        save_ckpt()
-                        raise KeyboardInterrupt
+                        stop.requested = True
                     if step >= total:
                         break
                     t_data = time.perf_counter()
@@ -820,14 +891,27 @@ class Trainer:
                 if val is not None and not o.val_every:
                     self._validate(stage, val, scfg, writer, step, epoch - 1)
                 save_ckpt()
-        except KeyboardInterrupt:
+        except _AgreedStop:  # every rank is here, at the same step
             if profiler is not None:
                 profiler.finish()
             save_ckpt()
             if pbar is not None:
                 pbar.close()
+            self._say(f"stage {scfg.name}: stopped at step {step}; checkpoint written to {ckpt_path}")
             gbdist.barrier()
             raise TrainingInterrupted(ckpt_path) from None
+        except KeyboardInterrupt:
+            # At once, anywhere in a step (or a collective): no checkpoint of a half-done step,
+            # and no barrier another rank may never reach. The last checkpoint stays.
+            if pbar is not None:
+                pbar.close()
+            self._say(f"stage {scfg.name}: stopped at once during step {step + 1}"
+                      + (f"; the last checkpoint stays at {ckpt_path}" if ckpt_path.is_file() else
+                         "; no checkpoint yet: --resume starts this stage again"))
+            raise TrainingInterrupted(ckpt_path, written=False) from None
+        finally:
+            stop.__exit__()
+        self._stop_pending = stop.requested
         if pbar is not None:
             pbar.close()
         if profiler is not None:
@@ -850,7 +934,8 @@ class Trainer:
         model.add_encoder(scfg.train, encoder.cpu())
         stage_rec = {"name": scfg.name, "train": scfg.train, "bind_to": scfg.bind_to, "data": scfg.data.train,
                      "steps": step, "samples": samples, "epochs_seen": epoch + 1, "final_loss": last_loss, "bad_samples": dict(bad),
-                     "seconds": round(seconds, 2), **_throughput(loop, samples), "val": vm}
+                     "seconds": round(seconds, 2), **_throughput(loop, samples), "val": vm,
+                     **({"resumed_at_step": start_step} if start_step else {})}
         model.meta.setdefault("stages", []).append(stage_rec)
         model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale().detach())
         if self.main:
@@ -858,23 +943,27 @@ class Trainer:
             (stage_dir / DONE).write_text(json.dumps(stage_rec, indent=2))
             rate = (f", {stage_rec['samples_per_s']:,.1f} samples/s (data wait {stage_rec['data_wait']:.1%})"
                     if stage_rec.get("samples_per_s") else "")
-            self._say(f"stage {scfg.name}: {step} steps in {seconds:.1f}s{rate}, final loss {last_loss:.4f}"
+            ran = f"{step} steps" + (f" ({step - start_step} since the resume)" if start_step else "")
+            self._say(f"stage {scfg.name}: {ran} in {seconds:.1f}s{rate}, final loss {last_loss:.4f}"
                       + (f", skipped {dict(bad)}" if bad else ""))
         gbdist.barrier()
         writer.close()
 
-    def _agree_on_batch(self, n: int, bad_items: list[BadSampleError]) -> tuple[int, int, list[BadSampleError]]:
-        """``(samples over all ranks, fewest on one rank, every rank's skipped samples)`` for
-        this step, the same on every rank: skips are counted once for the whole run and
-        checkpointed alike by every rank. One small host-side exchange per step (two when a
-        rank skipped something)."""
+    def _agree_on_batch(self, n: int, bad_items: list[BadSampleError],
+                        stop: bool = False) -> tuple[int, int, list[BadSampleError], bool]:
+        """``(samples over all ranks, fewest on one rank, every rank's skipped samples, whether
+        any rank asked to stop)`` for this step, the same on every rank: skips are counted once
+        for the whole run and checkpointed alike by every rank, and a stop is made by all
+        together. One small host-side exchange per step (two when a rank skipped something)."""
         if not self.dist.distributed:
-            return n, n, list(bad_items)
-        counts = gbdist.all_gather_ints([n, len(bad_items)])
+            return n, n, list(bad_items), stop
+        counts = gbdist.all_gather_ints([n, len(bad_items), int(stop)])
+        if any(c[2] for c in counts):
+            return 0, 0, [], True
         errors = list(bad_items)
         if any(c[1] for c in counts):
             errors = [e for errs in gbdist.all_gather_object(list(bad_items)) for e in errs]
-        return sum(c[0] for c in counts), min(c[0] for c in counts), errors
+        return sum(c[0] for c in counts), min(c[0] for c in counts), errors, False
 
     def _anchor_cache(self, anchor, table, scfg, workers: int):
         # Collective: every rank embeds its share of the rows and all end with the full float16

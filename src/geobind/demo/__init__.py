@@ -33,7 +33,8 @@ examples:
 NOTICE = (
     "note: the anchor is a small CLIP pretrained here on the demo's own photos and captions. The paper "
     "binds to OpenAI's CLIP ViT-B/32, which cannot be downloaded offline; to use it, set "
-    "`anchor: {pretrained: openai/clip-vit-base-patch32}` in config.yaml (online, once)."
+    "`anchor: {pretrained: openai/clip-vit-base-patch32}` and the satellite encoder's `image_size: 224` "
+    "in config.yaml (online, once)."
 )
 
 
@@ -265,7 +266,7 @@ def add_demo_parser(sub) -> None:
     d = sub.add_parser(
         "demo", help="train and evaluate GeoBind on the embedded synthetic Earth (offline)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DEMO_EPILOG,
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     d.add_argument("--out", default="geobind-demo", help="output folder (default: geobind-demo)")
     d.add_argument("--quick", action="store_true", help="a smaller world and shorter training")

@@ -334,6 +334,19 @@ class ClapAudioEncoder(Encoder):
 
     # -- construction and persistence -------------------------------------------------------
     @classmethod
+    def check_spec(cls, spec: dict[str, Any]) -> None:
+        unknown = sorted(set(spec) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(
+                f"audio encoder spec: unknown keys {unknown}; accepted: {', '.join(_SPEC_KEYS)}"
+            )
+        if spec.get("pretrained") is None and "config" not in spec:
+            raise ValueError(
+                "audio encoder spec needs 'pretrained' (a local CLAP directory or a hub id such "
+                "as 'laion/clap-htsat-fused') or 'config' (ClapAudioConfig fields, random init)"
+            )
+
+    @classmethod
     def create(
         cls, modality: str, spec: dict[str, Any], dim: int, space: dict[str, Encoder]
     ) -> ClapAudioEncoder:
@@ -347,18 +360,9 @@ class ClapAudioEncoder(Encoder):
         """
         from transformers import ClapAudioConfig, ClapAudioModelWithProjection
 
-        unknown = sorted(set(spec) - set(_SPEC_KEYS))
-        if unknown:
-            raise ValueError(
-                f"audio encoder spec: unknown keys {unknown}; accepted: {', '.join(_SPEC_KEYS)}"
-            )
+        cls.check_spec(spec)
         pretrained = spec.get("pretrained")
         overrides = dict(spec.get("config") or {})
-        if pretrained is None and "config" not in spec:
-            raise ValueError(
-                "audio encoder spec needs 'pretrained' (a local CLAP directory or a hub id such "
-                "as 'laion/clap-htsat-fused') or 'config' (ClapAudioConfig fields, random init)"
-            )
         values: dict[str, Any] = {}
         if pretrained is not None:
             backbone = _load_backbone(str(pretrained), overrides)

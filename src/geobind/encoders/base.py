@@ -111,6 +111,11 @@ class Encoder(nn.Module):
 
     # -- construction and persistence -------------------------------------------------------
     @classmethod
+    def check_spec(cls, spec: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a config ``spec`` that :meth:`create` would refuse, without
+        building anything (so a config is checked whole before any stage trains)."""
+
+    @classmethod
     def create(cls, modality: str, spec: dict[str, Any], dim: int, space: dict[str, Encoder]) -> Encoder:
         """Build a new encoder for ``modality`` from a config ``spec``.
 

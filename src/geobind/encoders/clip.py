@@ -253,13 +253,7 @@ class ClipVisionEncoder(Encoder):
         return self.transform.settings()
 
     @classmethod
-    def create(cls, modality, spec, dim, space):
-        """``spec``: ``init_from`` (a modality served by a CLIP image tower, default ``ground``)
-        or ``pretrained`` (a ``CLIPVisionModelWithProjection`` directory or hub id) or ``config``;
-        optional ``image_size``, ``mean``, ``std``, ``augment`` (``overhead`` or ``none``),
-        ``augment_on`` (``loader``, the default: PIL in the loader workers; or ``device``: batched
-        on the training device) and ``load_size`` (device mode: the side tiles are loaded at,
-        default ``round(image_size * 8 / 7)``)."""
+    def check_spec(cls, spec):
         known = {"type", "init_from", "pretrained", "config", "image_size", "mean", "std", "augment",
                  "augment_on", "load_size"}
         unknown = set(spec) - known
@@ -270,6 +264,16 @@ class ClipVisionEncoder(Encoder):
             raise ValueError(
                 f"encoder clip_vision: augment_on={augment_on!r}; use one of {', '.join(AUGMENT_ON)}"
             )
+
+    @classmethod
+    def create(cls, modality, spec, dim, space):
+        """``spec``: ``init_from`` (a modality served by a CLIP image tower, default ``ground``)
+        or ``pretrained`` (a ``CLIPVisionModelWithProjection`` directory or hub id) or ``config``;
+        optional ``image_size``, ``mean``, ``std``, ``augment`` (``overhead`` or ``none``),
+        ``augment_on`` (``loader``, the default: PIL in the loader workers; or ``device``: batched
+        on the training device) and ``load_size`` (device mode: the side tiles are loaded at,
+        default ``round(image_size * 8 / 7)``)."""
+        cls.check_spec(spec)
         if spec.get("pretrained"):
             name, local = resolve_pretrained(spec["pretrained"])
             model = CLIPVisionModelWithProjection.from_pretrained(
@@ -297,7 +301,7 @@ class ClipVisionEncoder(Encoder):
         size = spec.get("image_size", model.config.image_size)
         transform = ImageTransform(
             size, spec.get("mean", SATELLITE_MEAN), spec.get("std", SATELLITE_STD), spec.get("augment", "overhead"),
-            augment_on, spec.get("load_size"),
+            spec.get("augment_on", "loader"), spec.get("load_size"),
         )
         return cls(modality, model, transform)
 
