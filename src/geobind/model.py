@@ -52,10 +52,13 @@ def _not_model_files(directory: Path) -> list[str]:
 
 def _single_item(items: Any) -> bool:
     """Whether ``embed``'s ``items`` is one item rather than a sequence of them: a path or
-    string, an image or array, or one ``(waveform, sample_rate)`` pair (a number second)."""
+    string, an image, a numeric array (an image), or one ``(waveform, sample_rate)`` pair (a
+    number second). An array of strings or objects (``df["text"].values``) is a sequence."""
     from PIL import Image
 
-    if isinstance(items, (str, Path, bytes, Image.Image, np.ndarray)) or hasattr(items, "detach"):
+    if isinstance(items, np.ndarray):
+        return items.dtype.kind in "biuf"
+    if isinstance(items, (str, Path, bytes, Image.Image)) or hasattr(items, "detach"):
         return True
     return (isinstance(items, tuple) and len(items) == 2 and not isinstance(items[1], bool)
             and isinstance(items[1], (int, float, np.integer, np.floating)))
