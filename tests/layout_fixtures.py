@@ -38,10 +38,13 @@ def _tone(rng, c: int, seconds: float = 1.0, rate: int = 16000, channels: int = 
 
 
 def make_sat2cap(
-    root: Path, n: int = 36, shard_size: int = 10, seed: int = 1, image_size: int = 40
+    root: Path, n: int = 36, shard_size: int = 10, seed: int = 1, image_size: int = 40,
+    keys_per_shard: bool = False,
 ) -> Path:
     """Sat2Cap-style shards: ``<key>.overhead.jpg``, ``<key>.groundlevel.jpg``,
-    ``<key>.metadata.json`` (latitude, longitude, date_taken); keys are Flickr-like numbers."""
+    ``<key>.metadata.json`` (latitude, longitude, date_taken); keys are Flickr-like numbers, or
+    with ``keys_per_shard`` a counter that restarts in every shard (legal: keys need only be
+    unique within a tar)."""
     import webdataset as wds
 
     rng = np.random.default_rng(seed)
@@ -57,7 +60,7 @@ def make_sat2cap(
                 }
                 w.write(
                     {
-                        "__key__": f"{9000000 + i * 37}",
+                        "__key__": f"{i - s * shard_size:06d}" if keys_per_shard else f"{9000000 + i * 37}",
                         "overhead.jpg": _encode(_image(rng, c, image_size), "JPEG"),
                         "groundlevel.jpg": _encode(_image(rng, c, image_size, ground=True), "JPEG"),
                         "metadata.json": json.dumps(meta).encode(),

@@ -60,6 +60,11 @@ def test_sat2cap_shards_use_keys_as_ids_and_metadata_coordinates(sat2cap, monkey
         read_dataset(sat2cap, "sat2cap", workers=2)
 
 
+def test_keys_that_restart_in_every_shard_are_not_duplicates(tmp_path):
+    data = read_dataset(make_sat2cap(tmp_path / "s", n=12, shard_size=6, keys_per_shard=True), "sat2cap")
+    assert len(data) == 12 and data.bad_rows == {}
+
+
 def test_soundingearth_table_follows_the_published_layout(soundingearth, monkeypatch):
     t = read_dataset(soundingearth, "soundingearth")
     assert isinstance(t, Table) and len(t) == 32 and t.bad_rows == {}
@@ -179,7 +184,7 @@ def test_published_layout_configs_train_end_to_end(
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "stages.audio.data.train: none of the first 20 satellite files exists (e.g. " in err
+    assert "stages.audio.data.train: none of 20 satellite files spread over the dataset exists (e.g. " in err
     assert "images/x/100.png" in err and not (tmp_path / "typo" / "stages").exists()
 
 

@@ -28,6 +28,10 @@ def test_deep_images_are_brought_to_8_bits_not_clipped():
     unit = rng.random((8, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(_rgb(load_image(unit)), np.round(unit * 255))
     np.testing.assert_array_equal(_rgb(load_image(Image.fromarray(unit[..., 0]))), np.round(unit[..., :1] * 255).repeat(3, -1))
+    # 8-bit values in wider types (np.asarray(img, float), an int64 array) are taken as they are.
+    tinted = np.stack([np.full((8, 8), 203), rng.integers(100, 180, (8, 8)), np.full((8, 8), 30)], -1)
+    for dtype in (np.int64, np.float64, np.float32, np.uint16):
+        np.testing.assert_array_equal(_rgb(load_image(tinted.astype(dtype))), tinted)
     # uint8 as is (alpha dropped), booleans black and white.
     rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
     np.testing.assert_array_equal(_rgb(load_image(rgba)), rgba[..., :3])

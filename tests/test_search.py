@@ -414,6 +414,17 @@ def test_closed_pipe_ends_the_command_quietly(space):
     assert err == b""
 
 
+def test_a_broken_pipe_elsewhere_is_an_error(space, monkeypatch, capsys):
+    import geobind.cli_space as cli_space
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe (a worker's)")
+
+    monkeypatch.setattr(cli_space, "cmd_index_info", broken)
+    assert main(["index", "info", str(space["index"]), "--json"]) == 2
+    assert "error: [Errno 32] Broken pipe (a worker's)" in capsys.readouterr().err
+
+
 def test_check_keeps_a_search_setting_given_and_tunes_one_not_given(tmp_path, capsys):
     pytest.importorskip("faiss")
     from geobind.search import write_embeddings

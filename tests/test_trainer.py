@@ -596,3 +596,39 @@ def test_a_second_signal_a_second_later_stops_at_once(monkeypatch):
         now[0] += 1.0
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGTERM, None)
+
+
+def test_a_stop_comes_before_a_validation_and_an_untrained_run_may_change_settings(tiny_data, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from geobind.binding.step import StepRunner
+
+    def cfg(out, seed=0):
+        d = tiny_config(tiny_data, out, steps=4, audio=False)
+        d["stages"][0]["optim"].update(val_every=2, log_every=1)
+        d["stages"][0]["data"]["val"] = str(tiny_data["test"])
+        d["eval"], d["seed"] = None, seed
+        return parse_config(d)
+
+    original, calls = StepRunner.__call__, [0]
+
+    def call(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(StepRunner, "__call__", call)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tmp_path / "run"), progress=False, log=None)
+    stage = tmp_path / "run" / "stages" / "01-satellite"
+    assert torch.load(stage / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert "val_R@1" not in (stage / "metrics.csv").read_text()  # stopped before validating
+    # A run that failed before anything trained resumes with other settings.
+    monkeypatch.setattr(StepRunner, "__call__", original)
+    (stage / "checkpoint.pt").unlink()
+    final = train(cfg(tmp_path / "run", seed=1), resume=True, progress=False, log=None)
+    fresh = train(cfg(tmp_path / "fresh", seed=1), progress=False, log=None)
+    wa, wb = _weights(final), _weights(fresh)  # the new seed's anchor, not the saved one
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

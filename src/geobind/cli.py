@@ -209,11 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
-    except BrokenPipeError:
-        # The reader went away (`geobind search --json | head -1`): stop quietly. Later writes
-        # (the interpreter's final flush included) go to devnull instead of failing again.
+    except BrokenPipeError as e:
+        # The reader of stdout went away (`geobind search --json | head -1`): stop quietly.
+        # Later writes (the interpreter's final flush included) go to devnull instead of failing
+        # again. A broken pipe of anything else is an error like any other.
         import os
 
+        if not _stdout_reader_gone():
+            print(f"geobind {args.command}: error: {e}", file=sys.stderr)
+            return 2
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
@@ -238,6 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
         print(f"geobind {args.command}: error: {cli_message(e)}", file=sys.stderr)
         return 2
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or stdout is not a descriptor
+        return False
 
 
 def import_plugins(spec: str | None = None) -> list[str]:

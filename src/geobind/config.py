@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,9 +304,14 @@ def validate(cfg: RunConfig) -> None:
         _check_layout(cfg.eval.layout, cfg.eval.layout_options, "config.eval")
         if cfg.eval.batch_size < 1:
             raise ConfigError(f"config.eval.batch_size: at least 1, got {cfg.eval.batch_size}")
-    # The form only: whether this machine has the GPU named is checked where the run starts.
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise ConfigError(f"config.device: use auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    # The form only: whether this machine has the device named is checked where the run starts.
+    if cfg.device != "auto":
+        import torch
+
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"config.device: use auto, cpu, cuda or cuda:N; got {cfg.device!r}") from None
 
 
 def _check_layout(layout: str, options: Any, where: str) -> None:

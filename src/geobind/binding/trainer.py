@@ -257,11 +257,10 @@ def train_loader(data: Table | ShardSet, items, *, valid: torch.Tensor, batch_si
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave Ctrl-C (which a terminal sends to every process of the job) and
-    SIGTERM to their rank, which stops at the next step; a worker that died of it would fail
-    the loader before that. Workers still end with their rank."""
+    """Loader workers leave Ctrl-C (which a terminal sends to every process of the job) to
+    their rank, which stops at the next step; a worker that died of it would fail the loader
+    before that. SIGTERM keeps its default: it is how a loader ends its workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _AgreedStop(Exception):
@@ -430,37 +429,48 @@ def _changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
     return [] if old == new else [f"{prefix.lstrip('.')} ({old!r} -> {new!r})"]
 
 
+def _as_saved(d: dict) -> dict:
+    """A config mapping in the form the run's YAML files hold."""
+    return yaml.safe_load(yaml.safe_dump(plain(d), sort_keys=False)) or {}
+
+
+def _run_changes(cfg: RunConfig, out: Path) -> list[str]:
+    """The run-level settings (initial space, seed) that differ from the run in ``out``."""
+    saved_run = out / "config.yaml"
+    if not saved_run.is_file():
+        return []
+    old = yaml.safe_load(saved_run.read_text()) or {}
+    return _changed_keys({k: old[k] for k in _RUN_KEYS if k in old}, _as_saved(cfg.to_dict()), "")
+
+
 def _resume_changes(cfg: RunConfig, out: Path) -> list[str]:
     """The settings a resumed run changes for what the run has already trained: the run's
-    initial space and seed, and every stage that has a checkpoint or has finished."""
-    def as_saved(d: dict) -> dict:  # the form the run's YAML files hold
-        return yaml.safe_load(yaml.safe_dump(plain(d), sort_keys=False)) or {}
-
+    initial space and seed (once any stage has a checkpoint or has finished), and every stage
+    that has a checkpoint or has finished."""
     changed = []
-    saved_run = out / "config.yaml"
-    if saved_run.is_file():
-        old, new = yaml.safe_load(saved_run.read_text()) or {}, as_saved(cfg.to_dict())
-        changed += _changed_keys({k: old[k] for k in _RUN_KEYS if k in old}, new, "")
+    if any((d / DONE).is_file() or (d / CHECKPOINT).is_file() for d in out.glob("stages/*")):
+        changed += _run_changes(cfg, out)
     for i, s in enumerate(cfg.stages):
         d = out / "stages" / f"{i + 1:02d}-{s.name}"
         if not ((d / DONE).is_file() or (d / CHECKPOINT).is_file()) or not (d / "config.yaml").is_file():
             continue
-        old, new = yaml.safe_load((d / "config.yaml").read_text()) or {}, as_saved(dataclasses.asdict(s))
+        old, new = yaml.safe_load((d / "config.yaml").read_text()) or {}, _as_saved(dataclasses.asdict(s))
         for o in (old, new):
             o.get("optim", {}).pop("num_workers", None)
         changed += _changed_keys(old, new, f"stages.{s.name}")
     return changed
 
 
-# A table whose first this many files of a modality all do not exist has wrong paths (a wrong
-# template or folder), not a few bad samples.
+# A table none of whose files of a modality exist among this many rows, spread over the
+# table, has wrong paths (a wrong template or folder), not a few bad samples.
 PROBE_ROWS = 20
 
 
-def _unreadable_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
+def _unreadable_data(cfg: RunConfig, done: set[str] = frozenset(), read: dict | None = None) -> list[str]:
     """``where: problem`` for every dataset the run still needs that cannot serve its stage:
     it does not read (a wrong column or layout option, a folder that is no dataset), lacks the
-    stage's modalities, or names files none of which exist among its first rows."""
+    stage's modalities, or names files none of which exist among rows spread over it. ``read``,
+    if given, keeps what was read (keyed by :func:`_dataset_key`) for the stages to reuse."""
     from geobind.modality import get_modality
 
     out = []
@@ -478,16 +488,24 @@ def _unreadable_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
             except (ValueError, OSError) as e:
                 out.append(f"{where}: {e}")
                 continue
+            if read is not None:
+                read[_dataset_key(path, s.data)] = data
             if not isinstance(data, Table):
                 continue
             for m in (s.train, s.bind_to):
                 if get_modality(m).source != "path":
                     continue
-                first = [v for v in data.columns[m][:PROBE_ROWS] if isinstance(v, str)]
-                if first and not any(Path(v).exists() for v in first):
-                    out.append(f"{where}: none of the first {len(first)} {m} files exists (e.g. {first[0]}); "
-                               "check the paths, or the layout's path options")
+                col = data.columns[m]
+                rows = sorted({int(i) for i in np.linspace(0, len(col) - 1, min(PROBE_ROWS, len(col)))})
+                probe = [col[i] for i in rows if isinstance(col[i], str)]
+                if probe and not any(Path(v).exists() for v in probe):
+                    out.append(f"{where}: none of {len(probe)} {m} files spread over the dataset exists "
+                               f"(e.g. {probe[0]}); check the paths, or the layout's path options")
     return out
+
+
+def _dataset_key(path: str, data_cfg) -> str:
+    return json.dumps([path, data_cfg.layout, data_cfg.layout_options], sort_keys=True, default=str)
 
 
 def _stage_fingerprint(cfg: StageConfig) -> str:
@@ -529,6 +547,7 @@ class Trainer:
                  stop_at_step: int | None = None, log=print, profile: tuple[int, int] | None = None):
         self.cfg, self.resume, self.progress, self.stop_at_step = cfg, resume, progress, stop_at_step
         self._stop_pending = False  # a stop asked for during a stage's last step
+        self._read: dict[str, Any] = {}  # datasets the preflight read (rank 0), for the stages
         self.profile = profile
         self.log = log
         self.out = Path(cfg.output_dir)
@@ -550,7 +569,9 @@ class Trainer:
         cfg = self.cfg
         # Rank 0 checks, every rank raises: a refusal must not leave the others in a barrier.
         refusal = self._preflight() if self.main else None
-        refusal = gbdist.broadcast_object(refusal)
+        # A resume whose initial space or seed changed before anything trained builds it anew.
+        fresh = bool(self.resume and self.main and _run_changes(cfg, self.out))
+        refusal, self._fresh_space = gbdist.broadcast_object((refusal, fresh))
         if refusal is not None:
             kind, message = refusal
             raise {"exists": FileExistsError, "missing": FileNotFoundError, "changed": ValueError,
@@ -560,7 +581,7 @@ class Trainer:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
         model = self._initial_space()
-        prev_dir = None
+        prev_dir, stopped = None, None
         for i, scfg in enumerate(cfg.stages):
             stage_dir = self.out / "stages" / f"{i + 1:02d}-{scfg.name}"
             if (stage_dir / DONE).is_file() and self.resume:
@@ -570,9 +591,11 @@ class Trainer:
                     model = GeoBind.from_pretrained(prev_dir)
                 self._run_stage(i, scfg, model, stage_dir)
                 # A stop asked for during the stage's last step: the stage is done and saved.
-                if any(r[0] for r in gbdist.all_gather_ints([int(self._stop_pending)])) and i + 1 < len(cfg.stages):
-                    raise TrainingInterrupted(stage_dir / DONE, message=(
-                        f"interrupted after stage {scfg.name} finished; rerun with --resume to train the next"))
+                if any(r[0] for r in gbdist.all_gather_ints([int(self._stop_pending)])):
+                    stopped = scfg.name
+                    if i + 1 < len(cfg.stages):
+                        raise TrainingInterrupted(stage_dir / DONE, message=(
+                            f"interrupted after stage {scfg.name} finished; rerun with --resume to train the next"))
             prev_dir = stage_dir / "model"
         final = self.out / "model"
         model = GeoBind.from_pretrained(prev_dir)
@@ -580,6 +603,10 @@ class Trainer:
             model.save_pretrained(final)
             self._say(f"model saved to {final}")
         gbdist.barrier()
+        if stopped is not None:  # the run is complete; what was asked to stop is what follows it
+            raise TrainingInterrupted(final, message=(
+                f"interrupted as the last stage finished: the model is saved at {final}; evaluation "
+                "was skipped (geobind eval runs it)"))
         return final
 
     def _preflight(self) -> tuple[str, str] | None:
@@ -606,7 +633,7 @@ class Trainer:
         missing = _missing_data(cfg, done)
         if missing:  # all of them at once, before the anchor loads
             return "missing", "data not found: " + "; ".join(missing)
-        unreadable = _unreadable_data(cfg, done)
+        unreadable = _unreadable_data(cfg, done, self._read)
         if unreadable:  # read now, not after the stages before them have trained
             return "unreadable", "; ".join(unreadable)
         return None
@@ -615,7 +642,7 @@ class Trainer:
         """Build the initial space once (seeded) and keep a copy when it has random weights, so
         a resumed run binds to exactly the same anchor."""
         saved = self.out / "stages" / "00-anchor"
-        if self.resume and (saved / "geobind.json").is_file():
+        if self.resume and not self._fresh_space and (saved / "geobind.json").is_file():
             return GeoBind.from_pretrained(saved)
         torch.manual_seed(self.cfg.seed)
         model = initial_space(self.cfg)
@@ -645,7 +672,7 @@ class Trainer:
             symmetric=scfg.loss.symmetric, queue_size=scfg.loss.queue_size,
         ).to(dev)
 
-        table = read_dataset(scfg.data.train, scfg.data.layout, **scfg.data.layout_options)
+        table = self._dataset(scfg.data.train, scfg.data)
         table.require(scfg.train, scfg.bind_to)
         if isinstance(table, ShardSet):
             self._say(f"stage {scfg.name}: {len(table)} samples in {len(table.urls)} shards ({table.schema.name})")
@@ -665,7 +692,7 @@ class Trainer:
             anchor_emb = anchor_emb.to(dev)
         val = None
         if scfg.data.val:
-            vt = read_dataset(scfg.data.val, scfg.data.layout, **scfg.data.layout_options)
+            vt = self._dataset(scfg.data.val, scfg.data)
             vt.require(scfg.train, scfg.bind_to)
             v_emb, v_valid, _ = self._anchor_cache(anchor, vt, scfg, workers)
             val = (vt, v_emb, v_valid)
@@ -870,6 +897,8 @@ class Trainer:
                                     **{f"bad_{k}": v for k, v in sorted(bad.items())}})
                         window = {"data": 0.0, "step": 0.0, "n": 0, "steps": 0}
                     if o.val_every and step % o.val_every == 0 and val is not None:
+                        if self._stop_agreed(stop):  # not after a validation the others wait for
+                            raise _AgreedStop
                         self._validate(stage, val, scfg, writer, step, epoch)
                     if (o.ckpt_every and step % o.ckpt_every == 0) or step == total:
                         save_ckpt()
@@ -889,6 +918,8 @@ class Trainer:
                 segments = None
                 bad_before = Counter(bad)
                 if val is not None and not o.val_every:
+                    if self._stop_agreed(stop):
+                        raise _AgreedStop
                     self._validate(stage, val, scfg, writer, step, epoch - 1)
                 save_ckpt()
         except _AgreedStop:  # every rank is here, at the same step
@@ -948,6 +979,17 @@ class Trainer:
                       + (f", skipped {dict(bad)}" if bad else ""))
         gbdist.barrier()
         writer.close()
+
+    def _dataset(self, path: str, data_cfg):
+        """The dataset at ``path``: as the preflight read it (once), else read now."""
+        read = self._read.pop(_dataset_key(path, data_cfg), None)
+        return read if read is not None else read_dataset(path, data_cfg.layout, **data_cfg.layout_options)
+
+    def _stop_agreed(self, stop: StopRequests) -> bool:
+        """Whether any rank asked to stop (every rank calls this at the same step)."""
+        if not self.dist.distributed:
+            return stop.requested
+        return any(r[0] for r in gbdist.all_gather_ints([int(stop.requested)]))
 
     def _agree_on_batch(self, n: int, bad_items: list[BadSampleError],
                         stop: bool = False) -> tuple[int, int, list[BadSampleError], bool]:

@@ -81,8 +81,9 @@ def array_to_rgb(arr: np.ndarray, name: str = "<array>") -> Image.Image:
     """An ``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4`` array (alpha dropped) as an RGB image.
 
     uint8 is taken as is, booleans as black and white, floats within ``[0, 1]`` scaled by 255,
-    and any other data (16-bit or float reflectances, say) stretched per band between its 2nd
-    and 98th percentile, as the ``geotiff`` layout does."""
+    other numbers within ``[0, 255]`` taken as 8-bit values (rounded), and anything else
+    (16-bit or float reflectances, say) stretched per band between its 2nd and 98th
+    percentile, as the ``geotiff`` layout does."""
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -100,8 +101,11 @@ def array_to_rgb(arr: np.ndarray, name: str = "<array>") -> Image.Image:
         valid = np.isfinite(x)
         if not valid.any():
             raise BadSampleError(name, "undecodable", "the image has no finite values")
-        if np.issubdtype(arr.dtype, np.floating) and x[valid].min() >= 0 and x[valid].max() <= 1:
+        lo, hi = x[valid].min(), x[valid].max()
+        if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1:
             out = np.round(np.nan_to_num(x) * 255).astype(np.uint8)
+        elif lo >= 0 and hi <= 255:  # 8-bit values in a wider type (np.asarray(img, float), say)
+            out = np.round(np.nan_to_num(x)).astype(np.uint8)
         else:
             out = stretch_bands(x.transpose(2, 0, 1), valid.transpose(2, 0, 1)).transpose(1, 2, 0)
     return Image.fromarray(np.ascontiguousarray(out))

@@ -331,10 +331,13 @@ class ShardSet:
             coords_ok = (np.abs(self._lat) <= 90) & (np.abs(self._lon) <= 180)
         bad: dict[int, str] = {int(i): "bad-coordinates" for i in np.flatnonzero(~coords_ok)}
         bad.update({int(i): str(problems[i]) for i in np.flatnonzero(problems != "")})
-        # An id seen before names another place: the later samples are skipped, as a manifest
-        # would refuse them (a shard set is too large to refuse whole for one repeat).
-        dup = index["id"].astype(str).duplicated().to_numpy()
-        bad.update({int(i): "duplicate-id" for i in np.flatnonzero(dup) if int(i) not in bad})
+        # An id (from the metadata) seen before names another place: the later samples are
+        # skipped, as a manifest would refuse them (a shard set is too large to refuse whole for
+        # one repeat). Ids that are member keys may repeat across shards (keys need only be
+        # unique within a tar), so those are left alone.
+        if schema.id_field is not None:
+            dup = index["id"].astype(str).duplicated().to_numpy()
+            bad.update({int(i): "duplicate-id" for i in np.flatnonzero(dup) if int(i) not in bad})
         self.bad_rows = bad  # row -> reason (metadata problems win over coordinates)
         if len(self.counts) != len(self.urls) or int(self.offsets[-1]) != len(index):
             raise ValueError(
