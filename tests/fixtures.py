@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +153,24 @@ def one_epoch_with_a_broken_tile(tiny_data: dict[str, Path], tmp_path: Path) -> 
     d["stages"][0]["optim"].update(max_steps=0, epochs=1, num_workers=0, grad_clip=0.0)
     d["eval"] = None
     return d
+
+
+@contextlib.contextmanager
+def sigint_during_step(n: int):
+    """Within the block, this process gets SIGINT inside its ``n``-th training step (as from a
+    Ctrl-C)."""
+    from geobind.binding.step import StepRunner
+
+    original, calls = StepRunner.__call__, [0]
+
+    def call(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *a, **k)
+
+    StepRunner.__call__ = call
+    try:
+        yield
+    finally:
+        StepRunner.__call__ = original

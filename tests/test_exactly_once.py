@@ -5,6 +5,7 @@ process start-up once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_helpers import free_port, rank_env
-from fixtures import tiny_config
+from fixtures import sigint_during_step, tiny_config
 
 from geobind import distributed as gbdist
 from geobind.binding.trainer import (
@@ -73,24 +74,6 @@ def _gather(obj):
     return out
 
 
-def _signal_self_during_step(n: int) -> None:
-    """Send this process SIGINT inside its ``n``-th training step (as a Ctrl-C would)."""
-    import os
-    import signal
-
-    from geobind.binding.step import StepRunner
-
-    original, calls = StepRunner.__call__, [0]
-
-    def call(self, *a, **k):
-        calls[0] += 1
-        if calls[0] == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *a, **k)
-
-    StepRunner.__call__ = call
-
-
 def _worker(rank: int, port: int, paths: dict, cache: str) -> None:
     rank_env(rank, port, WORLD, GEOBIND_CACHE=cache)
     # Loader workers fork from the rank, as under torchrun on Linux (a spawned rank would
@@ -111,10 +94,9 @@ def _worker(rank: int, port: int, paths: dict, cache: str) -> None:
         # The trainer itself: 2 ranks, interrupted at step 2 of 3 by a Ctrl-C that reaches rank 1
         # only (during its second step): both ranks stop together after that step.
         cfg = parse_config(json.loads(Path(paths["config"]).read_text()))
-        if rank == 1:
-            _signal_self_during_step(2)
         try:
-            train(cfg, progress=False, log=None)
+            with sigint_during_step(2) if rank == 1 else contextlib.nullcontext():
+                train(cfg, progress=False, log=None)
             results["interrupted"] = False
         except TrainingInterrupted:
             results["interrupted"] = True

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from fixtures import one_epoch_with_a_broken_tile, tiny_config
+from fixtures import one_epoch_with_a_broken_tile, sigint_during_step, tiny_config
 from safetensors.torch import load_file
 from test_model import build_space
 from torch import nn
@@ -532,13 +532,10 @@ def test_shard_lists_pipes_and_other_layouts_are_left_to_their_readers(tiny_data
     assert parse_config(d).stages[0].optim.ckpt_every == 0
 
 
-def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_data, tmp_path):
     """A real SIGINT during step 3 (with loader workers running): the step finishes, a checkpoint
     is written, and the resumed run ends with the uninterrupted run's weights."""
-    import os
     import signal
-
-    from geobind.binding.step import StepRunner
 
     def cfg(out):
         d = tiny_config(tiny_data, out, steps=6, audio=False)
@@ -547,23 +544,13 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tiny_
         return parse_config(d)
 
     full = train(cfg(tmp_path / "a"), progress=False, log=None)
-    original, calls = StepRunner.__call__, [0]
-
-    def call(self, *a, **k):
-        calls[0] += 1
-        if calls[0] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(StepRunner, "__call__", call)
     said = []
-    with pytest.raises(TrainingInterrupted, match="resumable checkpoint"):
+    with sigint_during_step(3), pytest.raises(TrainingInterrupted, match="resumable checkpoint"):
         train(cfg(tmp_path / "b"), progress=False, log=said.append)
     assert any("stopping after this step" in s for s in said)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     ck = torch.load(tmp_path / "b" / "stages" / "01-satellite" / "checkpoint.pt", weights_only=False)
     assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (3, 1, 0)
-    monkeypatch.setattr(StepRunner, "__call__", original)
     resumed = train(cfg(tmp_path / "b"), resume=True, progress=False, log=None)
     wa, wb = _weights(full), _weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -598,12 +585,7 @@ def test_a_second_signal_a_second_later_stops_at_once(monkeypatch):
             stop._handle(signal.SIGTERM, None)
 
 
-def test_a_stop_comes_before_a_validation_and_an_untrained_run_may_change_settings(tiny_data, tmp_path, monkeypatch):
-    import os
-    import signal
-
-    from geobind.binding.step import StepRunner
-
+def test_a_stop_comes_before_a_validation_and_an_untrained_run_may_change_settings(tiny_data, tmp_path):
     def cfg(out, seed=0):
         d = tiny_config(tiny_data, out, steps=4, audio=False)
         d["stages"][0]["optim"].update(val_every=2, log_every=1)
@@ -611,22 +593,12 @@ def test_a_stop_comes_before_a_validation_and_an_untrained_run_may_change_settin
         d["eval"], d["seed"] = None, seed
         return parse_config(d)
 
-    original, calls = StepRunner.__call__, [0]
-
-    def call(self, *a, **k):
-        calls[0] += 1
-        if calls[0] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(StepRunner, "__call__", call)
-    with pytest.raises(TrainingInterrupted):
+    with sigint_during_step(2), pytest.raises(TrainingInterrupted):
         train(cfg(tmp_path / "run"), progress=False, log=None)
     stage = tmp_path / "run" / "stages" / "01-satellite"
     assert torch.load(stage / "checkpoint.pt", weights_only=False)["step"] == 2
     assert "val_R@1" not in (stage / "metrics.csv").read_text()  # stopped before validating
     # A run that failed before anything trained resumes with other settings.
-    monkeypatch.setattr(StepRunner, "__call__", original)
     (stage / "checkpoint.pt").unlink()
     final = train(cfg(tmp_path / "run", seed=1), resume=True, progress=False, log=None)
     fresh = train(cfg(tmp_path / "fresh", seed=1), progress=False, log=None)
