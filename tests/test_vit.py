@@ -79,3 +79,49 @@ def test_bf16_autocast_stays_close():
         ref = model.vision_model(pixel_values=x).pooler_output.float()
     cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1)
     assert cos.min() > 0.99
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_patch_embeddings_match_the_convolution_outputs_and_gradients(bias):
+    from geobind.encoders.vit import patch_embeddings
+
+    emb = _model(1).vision_model.embeddings
+    if bias:  # CLIP's has none; any stride-equals-kernel convolution works the same
+        old = emb.patch_embedding
+        emb.patch_embedding = torch.nn.Conv2d(3, old.out_channels, 8, stride=8, bias=True)
+    x = torch.randn(3, 3, 32, 32, requires_grad=True)
+    ref, ours = emb(x), patch_embeddings(emb, x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(ref)
+    params = [x, *emb.parameters()]
+    g_ref = torch.autograd.grad((ref * w).sum(), params)
+    g_ours = torch.autograd.grad((ours * w).sum(), params)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # Each patch lands in its own token: a change in the last patch changes the last token only.
+    y = x.detach().clone()
+    y[:, :, 24:, 24:] += 1.0
+    diff = (patch_embeddings(emb, y) - patch_embeddings(emb, x.detach())).abs().amax(dim=(0, 2))
+    assert diff[-1] > 1e-3 and diff[:-1].max() == 0
+
+
+def test_patch_embeddings_leave_other_inputs_to_the_module():
+    from geobind.encoders.vit import patch_embeddings
+
+    emb = _model(1).vision_model.embeddings
+    with pytest.raises(ValueError, match="doesn't match model"):
+        patch_embeddings(emb, torch.randn(1, 3, 40, 40))
+    emb.patch_embedding = torch.nn.Conv2d(3, 64, 8, stride=8, padding=1, bias=False)  # not plain patches
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(patch_embeddings(emb, x), emb(x), rtol=0, atol=0)
+
+
+def test_patch_embeddings_under_bf16_autocast_stay_close():
+    from geobind.encoders.vit import patch_embeddings
+
+    emb = _model(1).vision_model.embeddings
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = patch_embeddings(emb, x), emb(x)
+    assert ours.dtype == ref.dtype
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -7,6 +7,11 @@ last layer for the class token alone (about 7 % of a ViT-B/32's forward and back
 calls ``scaled_dot_product_attention`` directly in every layer. It reads the model's own
 submodules and parameters, so checkpoints, parameter names and ``state_dict`` are unchanged,
 and it computes what ``vision_model(pixel_values=x).pooler_output`` computes (tested).
+
+The patch embedding, a convolution whose stride equals its kernel, is computed as what it is: a
+matrix product of the flattened patches with the flattened kernel (:func:`patch_embeddings`).
+Same weights and result; cuDNN's kernels for such a strided convolution (and its weight
+gradient) are slow on large batches, where a matrix product runs at the card's full rate.
 """
 
 from __future__ import annotations
@@ -16,7 +21,30 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["pooled_class_token"]
+__all__ = ["patch_embeddings", "pooled_class_token"]
+
+
+def patch_embeddings(embeddings: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``embeddings(pixel_values)`` of transformers' ``CLIPVisionEmbeddings`` (class token and
+    patch tokens plus position embeddings, ``(B, 1 + patches, hidden)``), the patch projection
+    done as a matrix product over non-overlapping patches instead of a strided convolution.
+    Anything else (another image size, a convolution with padding or overlapping patches) goes
+    to the module's own forward, which also raises its error for a wrong image size."""
+    conv = embeddings.patch_embedding
+    b, c, h, w = pixel_values.shape
+    p = conv.kernel_size[0]
+    plain = (conv.kernel_size == (p, p) and conv.stride == (p, p) and conv.padding == (0, 0)
+             and conv.dilation == (1, 1) and conv.groups == 1 and c == conv.in_channels
+             and h == w == embeddings.image_size and h % p == 0)
+    if not plain:
+        return embeddings(pixel_values)
+    # (B, C, H/p, p, W/p, p) -> (B, H/p * W/p, C * p * p): each row one patch, in the order of
+    # the kernel's flattened (C, p, p) weights and of the convolution's flattened output.
+    patches = pixel_values.to(conv.weight.dtype).reshape(b, c, h // p, p, w // p, p)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+    tokens = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+    hidden = torch.cat([embeddings.class_embedding.expand(b, 1, -1), tokens], dim=1)
+    return hidden + embeddings.position_embedding(embeddings.position_ids)
 
 
 def _attend(attn: nn.Module, queries_from: torch.Tensor, keys_from: torch.Tensor) -> torch.Tensor:
@@ -53,8 +81,7 @@ def pooled_class_token(vision_model: nn.Module, pixel_values: torch.Tensor, *,
 
     ``checkpoint``: when gradients are being recorded, keep only each layer's input and
     recompute the layer in the backward pass (activation checkpointing)."""
-    hidden = vision_model.embeddings(pixel_values)
-    hidden = vision_model.pre_layrnorm(hidden)
+    hidden = vision_model.pre_layrnorm(patch_embeddings(vision_model.embeddings, pixel_values))
     layers = vision_model.encoder.layers
     recompute = checkpoint and torch.is_grad_enabled()
     for i, layer in enumerate(layers):
