@@ -171,17 +171,19 @@ def host_syncs(step, device) -> dict:
     return {"host_syncs": len(syncs), "host_sync_sites": where}
 
 
-# Kernel or operator name fragments (lower case) -> where the step's time goes. First match wins.
+# Kernel or operator name fragments (lower case) -> where the step's time goes. First match wins:
+# convolutions before matrix products (cuDNN's implicit-GEMM convolutions have "gemm" in their
+# names), compiled fusions before copies (inductor names a fusion after its ops, "_to_copy" too).
 _CATEGORIES = (
     ("loss", ("log_softmax", "nll_loss", "cross_entropy")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("convolution", ("conv", "cudnn", "implicit")),
     ("matmul", ("gemm", "cutlass", "xmma", "cublas", "nvjet", "aten::mm", "aten::addmm", "aten::bmm",
                 "aten::matmul", "aten::linear", "aten::baddbmm")),
-    ("convolution", ("conv", "cudnn", "implicit")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "clip_grad")),
     ("communication", ("nccl", "gloo")),
-    ("copy", ("memcpy", "memset", "copy_", "aten::to", "aten::_to_copy")),
     ("compiled (fused)", ("triton", "compiledfunction", "torchdynamo", "inductor")),
+    ("copy", ("memcpy", "memset", "copy_", "aten::to", "aten::_to_copy")),
 )
 
 

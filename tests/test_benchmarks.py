@@ -173,6 +173,12 @@ def test_profile_categories():
     assert tt._category("ncclDevKernel_AllGather_RING_LL") == "communication"
     assert tt._category("aten::gelu") == "other"
     assert tt._category("aten::_log_softmax_backward_data") == "loss"
+    # Names seen on an H100: cuDNN's implicit-GEMM convolution, inductor fusions with a cast.
+    assert tt._category("void precomputed_convolve_sgemm<__nv_bfloat16, 128, 6, 7, 3, 3, 5, 1, false>") == "convolution"
+    assert tt._category("void cudnn::cnn::wgrad_alg1_engine<__nv_bfloat16, float, 128, 6, 7>") == "convolution"
+    assert tt._category("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16") == "attention"
+    assert tt._category("triton_poi_fused__to_copy__unsafe_index_put__unsafe_view_add") == "compiled (fused)"
+    assert tt._category("nvjet_sm90_tst_192x192_64x4_1x2_h_bz_coopB_bias_TNN") == "matmul"
 
 
 def test_variants_are_parsed_and_checked():

@@ -6,6 +6,7 @@
 #   PARTS="train-b32 train-audio" bash benchmarks/gpu/run_all.sh   # some parts only
 #   QUICK=1 bash benchmarks/gpu/run_all.sh                     # fewer steps
 #   SMOKE=1 bash benchmarks/gpu/run_all.sh                     # tiny models, runs on a CPU too
+#   LIMIT_checks=60 LIMIT_train_b32=150 bash benchmarks/gpu/run_all.sh   # other time limits (s)
 #
 # Parts, most important first, and their time limits (18 minutes in all; where a call stops at
 # 10 minutes, split them with PARTS, e.g. "checks train-b32 train-audio" (9 minutes at most)
@@ -54,6 +55,8 @@ PARTS="${PARTS:-checks train-b32 train-audio trainer train-b16 data}"
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+    local override="LIMIT_${name//-/_}"  # e.g. LIMIT_train_b32=150 shortens that part's limit
+    limit=${!override:-$limit}
     local t0=$SECONDS
     echo "== $name (limit ${limit}s)" | tee -a "$OUT/parts.log"
     # Logged into $OUT as it runs: a call stopped from outside still brings the log back.
