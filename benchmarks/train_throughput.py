@@ -10,8 +10,9 @@ at the plain batch and at larger ones (the cache frees the teacher's memory); st
 features on the device. Each variant builds fresh models; an out-of-memory (or any other failure
 of one variant) is recorded, not fatal. A variant suffixed ``:hf`` (e.g. ``eager:2:hf``) is the
 same step with transformers' own forward code where GeoBind has a leaner one (the satellite ViT
-computes every token in its last layer; the audio tower's window attention runs in eager form),
-so the gain of those two is measured on its own; ``:ckpt`` turns on gradient checkpointing
+computes every token in its last layer; the audio tower's window attention runs in eager form and
+its mel features are stretched to the Swin input size by bicubic ``interpolate`` rather than a
+matrix product), so the gain of those is measured on its own; ``:ckpt`` turns on gradient checkpointing
 (``optim.grad_checkpointing``), e.g. ``compile:8:ckpt`` for its cost at a batch that needs it. ``--profile`` (default on CUDA: the compiled
 variants) runs 3 more steps under ``torch.profiler`` and records where the time goes: GPU kernel
 time by category (matmul, attention, compiled fusions, optimiser, copies, ...), the busy fraction
@@ -47,6 +48,7 @@ from geobind.config import DataConfig, OptimConfig, StageConfig
 from geobind.encoders.audio import (
     AudioSettings,
     ClapAudioEncoder,
+    set_mel_resize,
     set_window_attention,
     tiny_clap_audio_config,
 )
@@ -117,14 +119,18 @@ def counted_flops(fn) -> float:
 def audio_train_flops(encoder, clip_samples: int, device) -> float:
     """Counted FLOPs of one clip's training forward + backward through an audio encoder (mel
     front end + HTS-AT), its window attention switched to transformers' eager form for the count
-    so that the attention products are counted on every device (the FLOPs are the same)."""
+    so that the attention products are counted on every device (the FLOPs are the same), and its
+    mel resize to transformers' ``interpolate`` (uncounted, as the model's FLOPs leave it; the
+    matrix product that replaces it would add its own)."""
     set_window_attention(encoder.backbone, "eager")
+    set_mel_resize(encoder.backbone, "interpolate")
     try:
         encoder.train()
         wave = torch.randn(1, clip_samples, device=device) * 0.1
         return counted_flops(lambda: encoder(wave).sum().backward())
     finally:
         set_window_attention(encoder.backbone, "sdpa")
+        set_mel_resize(encoder.backbone, "matmul")
 
 
 def cache_ceiling(train_flops: float, teacher_fwd_flops: float) -> float:
@@ -460,6 +466,7 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
         enc = encoder()
         if hf:
             set_window_attention(enc.backbone, "eager")
+            set_mel_resize(enc.backbone, "interpolate")
         enc.set_grad_checkpointing(ckpt)
         anchor = ClipVisionEncoder("satellite", CLIPVisionModelWithProjection(cfg),
                                    ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))

@@ -247,7 +247,7 @@ def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
     last = run.stdout.strip().splitlines()
     assert "02-audio" in last[-1] and "01-satellite" in last[-2] and "trainer stage" in last[-3]
     assert "stage2 train-audio" in last[-4] and "stage1 train-b32" in last[-5]
-    assert last[-7].startswith("checks: PASS vit, PASS window_attention, PASS device_augment, PASS prefetch")
+    assert last[-7].startswith("checks: PASS vit, PASS window_attention, PASS mel_resize, PASS device_augment, PASS prefetch")
 
 
 def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
@@ -260,9 +260,9 @@ def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu" / "checks.py")
     checks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(checks)
-    r = checks.main(["--device", "cpu", "--only", "vit", "window_attention", "device_augment", "prefetch",
-                     "--out", str(tmp_path / "c.json")])
-    assert r["ok"] and set(r["checks"]) == {"vit", "window_attention", "device_augment", "prefetch"}
+    r = checks.main(["--device", "cpu", "--only", "vit", "window_attention", "mel_resize", "device_augment",
+                     "prefetch", "--out", str(tmp_path / "c.json")])
+    assert r["ok"] and set(r["checks"]) == {"vit", "window_attention", "mel_resize", "device_augment", "prefetch"}
     assert json.loads((tmp_path / "c.json").read_text())["checks"]["vit"]["fp32_out_rel"] < 1e-4
 
     from geobind.encoders import audio
@@ -275,6 +275,16 @@ def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
     monkeypatch.setattr(audio._SdpaWindowAttention, "forward", unmasked)
     r = checks.main(["--device", "cpu", "--only", "window_attention"])
     assert not r["ok"] and r["checks"]["window_attention"]["fp32_out_rel"] > 1e-3
+
+    # A mel resize with other weights (bilinear instead of bicubic) fails its check too.
+    def bilinear(n_in, n_out, device, dtype):
+        eye = torch.eye(n_in, device=device, dtype=torch.float32).view(1, 1, n_in, n_in)
+        m = torch.nn.functional.interpolate(eye, size=(n_out, n_in), mode="bilinear", align_corners=True)
+        return m.view(n_out, n_in).to(dtype)
+
+    monkeypatch.setattr(audio, "_interpolation_matrix", bilinear)
+    r = checks.main(["--device", "cpu", "--only", "mel_resize"])
+    assert not r["ok"] and r["checks"]["mel_resize"]["fp32_out_rel"] > 1e-4
 
 
 def test_train_smoke_runs_the_real_trainer_on_generated_data(tmp_path):

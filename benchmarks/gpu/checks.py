@@ -3,9 +3,12 @@ kernels a GPU actually runs (flash / memory-efficient attention, inductor's CUDA
 
 The test suite checks the same things on a CPU; here each check runs where it matters:
 
-* ``vit``: the class-token-only CLIP forward against transformers' (fp32, and bf16 autocast).
+* ``vit``: the class-token-only CLIP forward, its patch embedding a matrix product, against
+  transformers' (a strided convolution there; fp32, and bf16 autocast).
 * ``window_attention``: the audio tower's SDPA window attention (additive bias with gradient,
   broadcast over the batch) against the eager form: outputs and every gradient.
+* ``mel_resize``: the audio tower's mel resize as a product with an interpolation matrix against
+  transformers' bicubic ``interpolate``: outputs and every gradient (batch norm's included).
 * ``compile_once``: tiny satellite and audio encoders compiled with inductor train 3 steps
   without recompiling, and match the eager encoder.
 * ``device_augment``: the batched overhead augmentation on the GPU against the same on the CPU.
@@ -96,32 +99,44 @@ def _audio_encoder(device, size: str, depths=None):
     return ClapAudioEncoder("audio", 512, backbone, AudioSettings()).to(device)
 
 
-def check_window_attention(device, size: str) -> dict:
-    from geobind.encoders.audio import set_window_attention
-
+def _audio_switch(device, size: str, switch, reference: str, ours: str) -> dict:
+    """The audio encoder with ``switch(backbone, reference)`` against ``switch(backbone, ours)``:
+    outputs and every trainable parameter's gradient in fp32, and the bf16 outputs' cosine."""
     enc = _audio_encoder(device, size).train()
     x = torch.randn(4, enc.audio.clip_samples, device=device) * 0.1
     params = [p for p in enc.parameters() if p.requires_grad]
     res = {}
-    for impl in ("eager", "sdpa"):
-        set_window_attention(enc.backbone, impl)
+    for impl in (reference, ours):
+        switch(enc.backbone, impl)
         torch.manual_seed(1)
         y = enc(x)
         w = torch.linspace(-1, 1, y.numel(), device=device).view_as(y)
         res[impl] = (y, _grads((y * w).sum(), params))
-    out = {"fp32_out_rel": _rel(res["sdpa"][0], res["eager"][0]),
-           "fp32_grad_rel": _grads_rel(res["sdpa"][1], res["eager"][1])}
+    out = {"fp32_out_rel": _rel(res[ours][0], res[reference][0]),
+           "fp32_grad_rel": _grads_rel(res[ours][1], res[reference][1])}
     if device.type == "cuda":
         cos = {}
-        for impl in ("eager", "sdpa"):
-            set_window_attention(enc.backbone, impl)
+        for impl in (reference, ours):
+            switch(enc.backbone, impl)
             torch.manual_seed(1)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 cos[impl] = enc(x).float()
-        out["bf16_cos_min"] = float(torch.nn.functional.cosine_similarity(cos["sdpa"], cos["eager"], dim=-1).min())
+        out["bf16_cos_min"] = float(torch.nn.functional.cosine_similarity(cos[ours], cos[reference], dim=-1).min())
     tol = 1e-3 if device.type == "cuda" else 1e-4
     out["ok"] = out["fp32_out_rel"] < tol and out["fp32_grad_rel"] < 10 * tol and out.get("bf16_cos_min", 1.0) > 0.99
     return out
+
+
+def check_window_attention(device, size: str) -> dict:
+    from geobind.encoders.audio import set_window_attention
+
+    return _audio_switch(device, size, set_window_attention, "eager", "sdpa")
+
+
+def check_mel_resize(device, size: str) -> dict:
+    from geobind.encoders.audio import set_mel_resize
+
+    return _audio_switch(device, size, set_mel_resize, "interpolate", "matmul")
 
 
 def check_compile_once(device, size: str) -> dict:
@@ -221,8 +236,8 @@ def check_prefetch(device, size: str) -> dict:
 
 # compile_once last: its cold compilations take the most time, and a part stopped at its time
 # limit keeps the checks before it.
-CHECKS = {"vit": check_vit, "window_attention": check_window_attention, "device_augment": check_device_augment,
-          "prefetch": check_prefetch, "compile_once": check_compile_once}
+CHECKS = {"vit": check_vit, "window_attention": check_window_attention, "mel_resize": check_mel_resize,
+          "device_augment": check_device_augment, "prefetch": check_prefetch, "compile_once": check_compile_once}
 
 
 def main(argv=None) -> dict:

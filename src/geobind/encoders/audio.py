@@ -13,6 +13,8 @@ so DDP sees no unused trainable parameters and the optimiser leaves it as loaded
 embedding is switched to :class:`_GlobalPatchEmbed`, which computes exactly what CLAP's fused
 patch embedding computes for clips that are not longer, without the data-dependent
 ``torch.where(is_longer)`` indexing: the whole forward is then one ``torch.compile`` graph.
+The bicubic stretch of the mel features to the Swin input size runs as a product with an
+interpolation matrix (:func:`set_mel_resize`), whose backward is a product too.
 
 Spec keys (a stage's encoder config)::
 
@@ -38,6 +40,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 from torch.nn import functional as F
+from transformers.models.clap.modeling_clap import ClapAudioEncoder as HFClapAudioEncoder
 from transformers.models.clap.modeling_clap import (
     ClapAudioLayer,
     ClapAudioPatchEmbed,
@@ -52,6 +55,7 @@ __all__ = [
     "AudioSettings",
     "ClapAudioEncoder",
     "load_clip",
+    "set_mel_resize",
     "set_window_attention",
     "tiny_clap_audio_config",
     "tiny_clap_audio_spec",
@@ -228,6 +232,119 @@ def set_window_attention(backbone: nn.Module, implementation: str) -> None:
             module.__class__ = classes[implementation]
 
 
+def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[n_out, n_in]`` matrix ``A`` for which ``A @ x`` is the bicubic ``align_corners=True``
+    interpolation of ``x`` from ``n_in`` to ``n_out`` samples along one axis.
+
+    It is the interpolation of the identity itself: column ``j`` holds the weights input ``j``
+    gets in every output, border clamping included, as PyTorch's kernel on ``device`` computes
+    them (the other axis keeps its size, where bicubic weights are exactly 0 and 1)."""
+    build = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    eye = torch.eye(n_in, device=device, dtype=build).view(1, 1, n_in, n_in)
+    matrix = F.interpolate(eye, size=(n_out, n_in), mode="bicubic", align_corners=True)
+    return matrix.view(n_out, n_in).to(dtype)
+
+
+class _MatmulMelResize(HFClapAudioEncoder):
+    """HTS-AT encoder whose mel-to-image resize is a matrix product (same parameters).
+
+    transformers stretches the batch-normalised mel features to the Swin input size with a
+    bicubic ``interpolate`` (time, and frequency when there are fewer mel bins than the image
+    rows); its backward is a scatter with atomic adds, slow on GPUs. Along one axis the
+    interpolation is a fixed linear map, so it is computed here as a product with
+    :func:`_interpolation_matrix` (backward: a product with its transpose), in the features'
+    dtype with autocast off, so it keeps the precision of the interpolation (on CUDA, float32
+    products run in TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it).
+
+    The matrices are kept per ``(in, out, device, dtype)`` in a plain dict attribute (made by
+    :func:`set_mel_resize`), never in the state dict. While ``torch.compile`` traces, a missing
+    one is computed in the graph and not stored: storing it would invalidate the graph just
+    built (one recompilation). :meth:`prepare` fills the dict before compiling instead.
+
+    With :class:`_GlobalPatchEmbed` only mel channel 0 reaches the patch embedding, so only that
+    channel is resized; the outputs and gradients are those of resizing all of them."""
+
+    def _resize_matrix(self, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        cache = getattr(self, "_mel_resize_matrices", None)
+        key = (n_in, n_out, device, dtype)
+        matrix = None if cache is None else cache.get(key)
+        if matrix is None:
+            if torch.compiler.is_compiling():
+                return _interpolation_matrix(n_in, n_out, device, dtype)
+            # A normal tensor even under inference_mode: a later training step saves it for
+            # its backward.
+            with torch.inference_mode(False), torch.no_grad():
+                matrix = _interpolation_matrix(n_in, n_out, device, dtype)
+            if cache is not None:
+                cache[key] = matrix
+        return matrix
+
+    def _resize(self, features: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        """Bicubic ``align_corners=True`` resize of ``features`` to ``size`` along ``dim``
+        (-2: time, -1: frequency)."""
+        n_in = features.shape[dim]
+        if n_in == size:
+            return features
+        matrix = self._resize_matrix(n_in, size, features.device, features.dtype)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            if dim == -2:
+                return torch.matmul(matrix, features)
+            return torch.matmul(features, matrix.mT)
+
+    def reshape_mel2img(self, normalized_input_features):
+        features = normalized_input_features
+        _, _, time_length, freq_length = features.shape
+
+        spec_width = int(self.spec_size * self.freq_ratio)
+        spec_height = self.spec_size // self.freq_ratio
+
+        if time_length > spec_width or freq_length > spec_height:
+            raise ValueError("the wav size should be less than or equal to the swin input size")
+
+        if isinstance(self.patch_embed, _GlobalPatchEmbed):
+            features = features[:, :1]
+        if time_length < spec_width:
+            features = self._resize(features, -2, spec_width)
+        if freq_length < spec_height:
+            # transformers' second interpolation targets (time_length, spec_height): the time
+            # axis goes back to the input's length (a no-op unless it was stretched above).
+            features = self._resize(features, -2, time_length)
+            features = self._resize(features, -1, spec_height)
+
+        # The same layout change as transformers: [B, C, W, H] -> [B, C, H * ratio, W // ratio].
+        batch, channels, time, freq = features.shape
+        features = features.reshape(batch, channels * self.freq_ratio, time // self.freq_ratio, freq)
+        features = features.permute(0, 1, 3, 2).contiguous()
+        return features.reshape(batch, channels, freq * self.freq_ratio, time // self.freq_ratio)
+
+    def prepare(self, time_length: int, freq_length: int, device: torch.device | str,
+                dtype: torch.dtype = torch.float32) -> None:
+        """Make the matrices that features ``[B, C, time_length, freq_length]`` of ``dtype`` on
+        ``device`` need now (the first forward would otherwise): a compiled caller then reads
+        them as they are, every step."""
+        empty = torch.empty(0, 1, time_length, freq_length, device=torch.device(device), dtype=dtype)
+        with torch.no_grad():
+            self.reshape_mel2img(empty)
+
+
+def set_mel_resize(backbone: nn.Module, implementation: str) -> None:
+    """Stretch the mel features of every HTS-AT encoder in ``backbone`` to the Swin input size
+    as a ``"matmul"`` with an interpolation matrix (the default of :class:`ClapAudioEncoder`) or
+    with transformers' ``"interpolate"``. Parameters, buffers and results are the same either
+    way (to float rounding); only the kernels differ."""
+    classes = {"matmul": _MatmulMelResize, "interpolate": HFClapAudioEncoder}
+    if implementation not in classes:
+        raise ValueError(f"mel resize {implementation!r}: use 'matmul' or 'interpolate'")
+    for module in backbone.modules():
+        if isinstance(module, HFClapAudioEncoder):
+            module.__class__ = classes[implementation]
+            if implementation == "matmul":
+                if not isinstance(module.__dict__.get("_mel_resize_matrices"), dict):
+                    module._mel_resize_matrices = {}
+            else:
+                module.__dict__.pop("_mel_resize_matrices", None)
+
+
 class _CheckpointedSwinLayer(ClapAudioLayer):
     """An HTS-AT (Swin) block that keeps only its input when gradients are recorded and
     recomputes itself in the backward pass (same parameters; transformers' CLAP has no
@@ -275,6 +392,7 @@ class ClapAudioEncoder(Encoder):
             patch_embed.mel_conv2d.requires_grad_(False)
             _use_global_patch_embed(audio_encoder)
         set_window_attention(backbone, "sdpa")
+        set_mel_resize(backbone, "matmul")
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each HTS-AT block in the backward pass (only its input is kept)."""
@@ -285,9 +403,15 @@ class ClapAudioEncoder(Encoder):
 
     def compile(self, *args, **kwargs) -> None:
         """:meth:`torch.nn.Module.compile`, in place, after making the mel front end's constants
-        on the encoder's device: the compiled graph reads them instead of being rebuilt once
-        they exist (compile after moving the encoder to its device)."""
-        self.frontend.prepare(self.device)
+        and the mel resize matrices on the encoder's device: the compiled graph reads them
+        instead of being rebuilt once they exist (compile after moving the encoder to its
+        device)."""
+        device = self.device
+        self.frontend.prepare(device)
+        audio_encoder = self.backbone.audio_model.audio_encoder
+        if isinstance(audio_encoder, _MatmulMelResize):
+            frames = self.frontend.num_frames(self.audio.clip_samples)
+            audio_encoder.prepare(frames, self.audio.n_mels, device, self.backbone.dtype)
         super().compile(*args, **kwargs)
 
     # -- data side -------------------------------------------------------------------------
