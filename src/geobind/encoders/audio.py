@@ -224,12 +224,21 @@ def set_window_attention(backbone: nn.Module, implementation: str) -> None:
     """Run every HTS-AT window attention of ``backbone`` as ``"sdpa"`` (the default of
     :class:`ClapAudioEncoder`) or ``"eager"`` (transformers' own form). Parameters, buffers and
     results are the same either way; only the kernels differ."""
-    classes = {"sdpa": _SdpaWindowAttention, "eager": ClapAudioSelfAttention}
+    _swap_classes(backbone, "window attention", implementation,
+                  {"sdpa": _SdpaWindowAttention, "eager": ClapAudioSelfAttention})
+
+
+def _swap_classes(backbone: nn.Module, what: str, implementation: str, classes: dict[str, type]) -> list[nn.Module]:
+    """Give every module of ``backbone`` that is one of ``classes`` (all share the last one as
+    base) the class named ``implementation``; returns those modules."""
     if implementation not in classes:
-        raise ValueError(f"window attention {implementation!r}: use 'sdpa' or 'eager'")
-    for module in backbone.modules():
-        if isinstance(module, ClapAudioSelfAttention):
-            module.__class__ = classes[implementation]
+        names = " or ".join(repr(name) for name in classes)
+        raise ValueError(f"{what} {implementation!r}: use {names}")
+    base = list(classes.values())[-1]
+    swapped = [module for module in backbone.modules() if isinstance(module, base)]
+    for module in swapped:
+        module.__class__ = classes[implementation]
+    return swapped
 
 
 def _interpolation_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -332,17 +341,14 @@ def set_mel_resize(backbone: nn.Module, implementation: str) -> None:
     as a ``"matmul"`` with an interpolation matrix (the default of :class:`ClapAudioEncoder`) or
     with transformers' ``"interpolate"``. Parameters, buffers and results are the same either
     way (to float rounding); only the kernels differ."""
-    classes = {"matmul": _MatmulMelResize, "interpolate": HFClapAudioEncoder}
-    if implementation not in classes:
-        raise ValueError(f"mel resize {implementation!r}: use 'matmul' or 'interpolate'")
-    for module in backbone.modules():
-        if isinstance(module, HFClapAudioEncoder):
-            module.__class__ = classes[implementation]
-            if implementation == "matmul":
-                if not isinstance(module.__dict__.get("_mel_resize_matrices"), dict):
-                    module._mel_resize_matrices = {}
-            else:
-                module.__dict__.pop("_mel_resize_matrices", None)
+    swapped = _swap_classes(backbone, "mel resize", implementation,
+                            {"matmul": _MatmulMelResize, "interpolate": HFClapAudioEncoder})
+    for module in swapped:
+        if implementation == "matmul":
+            if not isinstance(module.__dict__.get("_mel_resize_matrices"), dict):
+                module._mel_resize_matrices = {}
+        else:
+            module.__dict__.pop("_mel_resize_matrices", None)
 
 
 class _CheckpointedSwinLayer(ClapAudioLayer):
