@@ -558,7 +558,7 @@ def main(argv=None) -> dict:
                     help="GeoBind step variants: eager|compile : multiple of the plain batch [:hf for "
                          "transformers' forward code] [:ckpt for gradient checkpointing, e.g. compile:8:ckpt] "
                          "(default on CUDA: compile:2 eager:2 eager:2:hf "
-                         "eager:1, the full step first; on CPU: eager:1)")
+                         "eager:1 compile:4, the full step first, the largest batch last; on CPU: eager:1)")
     ap.add_argument("--stage2", action="store_true", help="also run the audio stage (once, at the first size)")
     ap.add_argument("--stage2-only", action="store_true",
                     help="only the audio stage (its satellite teacher at the first --size)")
@@ -577,7 +577,7 @@ def main(argv=None) -> dict:
     peak = a.peak_tflops or (800.0 if cuda else None)
     profile = a.profile or ("compiled" if cuda else "none")
     # The full step first: if a part hits its time limit, the variant the goals rest on is in.
-    variants = parse_variants(a.variants or (["compile:2", "eager:2", "eager:2:hf", "eager:1"] if cuda
+    variants = parse_variants(a.variants or (["compile:2", "eager:2", "eager:2:hf", "eager:1", "compile:4"] if cuda
                                              else ["eager:1"]))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
