@@ -299,8 +299,14 @@ class StopRequests:
             return
         self.requested, self._at = True, now
         if self._say is not None:
-            self._say("stopping after this step to write a checkpoint (Ctrl-C again to stop at once, "
-                      "without one)")
+            try:
+                self._say("stopping after this step to write a checkpoint; rerun with --resume to continue "
+                          "from it (Ctrl-C again, a second or more later, stops at once without one)")
+            except Exception:
+                # The handler runs inside whatever the main thread was doing: a print interrupted
+                # inside another print to the same stream fails ("reentrant call"). The stop
+                # still happens, and its own message follows at the step boundary.
+                pass
 
 
 def loader_generator(seed: int = 0, epoch: int = 0) -> torch.Generator:
@@ -377,8 +383,12 @@ def _precision(cfg: StageConfig, device: torch.device):
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # an error or a Ctrl-C mid-write: the previous file stays, no partial one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _rng_state() -> dict:
@@ -556,10 +566,12 @@ class Trainer:
         self.main = self.dist.is_main
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
 
-    def _say(self, msg: str) -> None:
+    def _say(self, msg: str, echo: bool = True) -> None:
+        """Tell ``log`` (unless ``echo`` is false: the message is an exception's, which the caller
+        reports) and append to the run log, on rank 0."""
         if not self.main:
             return
-        if self.log:
+        if self.log and echo:
             self.log(msg)
         if self.out.is_dir():  # the run log: rank 0 only, like checkpoints
             with open(self.out / "train.log", "a", encoding="utf-8") as f:
@@ -580,6 +592,19 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
+        try:
+            return self._run_stages()
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            # Outside a stage's training steps (building the space, the anchor cache, a stage's
+            # final validation, saving a model): nothing half-done is kept.
+            msg = "interrupted; rerun with --resume to continue from the finished stages and the last checkpoint"
+            self._say(msg, echo=False)
+            raise TrainingInterrupted(self.out, written=False, message=msg) from None
+
+    def _run_stages(self) -> Path:
+        cfg = self.cfg
         model = self._initial_space()
         prev_dir, stopped = None, None
         for i, scfg in enumerate(cfg.stages):
@@ -729,7 +754,10 @@ class Trainer:
         step, epoch, step_in_epoch = 0, 0, 0
         samples = 0  # samples trained on, over all ranks
         segments = None  # shards: this epoch's (world, workers, first step) layouts
+        # (step, epoch) of a validation that a stop came before: the resumed run runs it first.
+        val_due: tuple[int, int] | None = None
         ckpt_path = stage_dir / CHECKPOINT
+        ckpt_step: int | None = None  # the step of the checkpoint on disk, when known
         fp = _stage_fingerprint(scfg)
         if ckpt_path.is_file():
             if not self.resume:
@@ -746,7 +774,9 @@ class Trainer:
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             step, epoch, step_in_epoch = ck["step"], ck["epoch"], ck["step_in_epoch"]
+            ckpt_step = step
             samples = ck.get("samples", 0)
+            val_due = ck.get("val_due")
             segments = ck.get("segments")
             # The checkpoint's counts already hold the anchor pass's skips counted above.
             bad.clear()
@@ -770,20 +800,34 @@ class Trainer:
         runner = StepRunner(stage, optim, sched, autocast=autocast, scaler=scaler, grad_clip=o.grad_clip,
                             module=ddp_stage)
 
+        saved = None  # where this session last wrote the checkpoint
+
         def save_ckpt():
-            if not self.main:
+            nonlocal saved, ckpt_step
+            # The same point twice (an epoch's end, then a stop before the next step): one write.
+            at = (step, epoch, step_in_epoch, val_due)
+            if at == saved:
                 return
-            trainable = {k: v for k, v in stage.state_dict().items() if not k.startswith("anchor.")}
-            _atomic_save(
-                {"stage": trainable, "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
-                 "step_in_epoch": step_in_epoch, "samples": samples, "segments": segments, "world_size": world,
-                 "rng": _rng_state(), "bad": dict(bad), "fingerprint": fp},
-                ckpt_path,
-            )
+            if self.main:
+                trainable = {k: v for k, v in stage.state_dict().items() if not k.startswith("anchor.")}
+                _atomic_save(
+                    {"stage": trainable, "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
+                     "step_in_epoch": step_in_epoch, "samples": samples, "segments": segments,
+                     "world_size": world, "rng": _rng_state(), "bad": dict(bad), "fingerprint": fp,
+                     "val_due": val_due},
+                    ckpt_path,
+                )
+            saved, ckpt_step = at, step
 
         metrics_path = stage_dir / "metrics.csv"
-        writer = _MetricsWriter(metrics_path if self.main else None)
+        # A resumed stage trains again the steps after its checkpoint: their rows (left by a
+        # crash) are dropped, so that each step is logged once.
+        writer = _MetricsWriter(metrics_path if self.main else None, after=ckpt_step)
+        if val_due is not None and val is not None:
+            # Before the stop, the run owed this validation (every rank: rank 0 runs it).
+            self._validate(stage, val, scfg, writer, *val_due)
+        val_due = None
         uncached_anchor = None if scfg.cache_anchor else anchor
         ds = train_items(table, scfg.train, encoder, cfg.seed, uncached_anchor, scfg.bind_to)
         pbar = None
@@ -898,6 +942,7 @@ class Trainer:
                         window = {"data": 0.0, "step": 0.0, "n": 0, "steps": 0}
                     if o.val_every and step % o.val_every == 0 and val is not None:
                         if self._stop_agreed(stop):  # not after a validation the others wait for
+                            val_due = (step, epoch)
                             raise _AgreedStop
                         self._validate(stage, val, scfg, writer, step, epoch)
                     if (o.ckpt_every and step % o.ckpt_every == 0) or step == total:
@@ -917,29 +962,36 @@ class Trainer:
                 step_in_epoch = 0
                 segments = None
                 bad_before = Counter(bad)
+                # Every rank agrees on a stop here: before a validation the others would wait
+                # for, and before the next epoch's loader starts (a stop asked for in the
+                # epoch's last step then writes the epoch's checkpoint, once).
+                if self._stop_agreed(stop):
+                    if val is not None and not o.val_every:
+                        val_due = (step, epoch - 1)
+                    raise _AgreedStop
                 if val is not None and not o.val_every:
-                    if self._stop_agreed(stop):
-                        raise _AgreedStop
                     self._validate(stage, val, scfg, writer, step, epoch - 1)
                 save_ckpt()
         except _AgreedStop:  # every rank is here, at the same step
-            if profiler is not None:
-                profiler.finish()
-            save_ckpt()
-            if pbar is not None:
-                pbar.close()
-            self._say(f"stage {scfg.name}: stopped at step {step}; checkpoint written to {ckpt_path}")
-            gbdist.barrier()
-            raise TrainingInterrupted(ckpt_path) from None
+            msg = None
+            try:
+                if profiler is not None:
+                    profiler.finish()
+                save_ckpt()
+                msg = (f"stage {scfg.name}: stopped {f'after step {step}' if step else 'before its first step'}; "
+                       f"resumable checkpoint written to {ckpt_path} (rerun with --resume to continue)")
+                if pbar is not None:
+                    pbar.close()
+                self._say(msg, echo=False)  # the exception's message: the caller reports it
+                gbdist.barrier()
+            except KeyboardInterrupt:  # a second signal while the checkpoint was written
+                if msg is None:
+                    raise self._stopped_at_once(scfg.name, step, ckpt_path, ckpt_step, pbar) from None
+            raise TrainingInterrupted(ckpt_path, message=msg) from None
         except KeyboardInterrupt:
             # At once, anywhere in a step (or a collective): no checkpoint of a half-done step,
             # and no barrier another rank may never reach. The last checkpoint stays.
-            if pbar is not None:
-                pbar.close()
-            self._say(f"stage {scfg.name}: stopped at once during step {step + 1}"
-                      + (f"; the last checkpoint stays at {ckpt_path}" if ckpt_path.is_file() else
-                         "; no checkpoint yet: --resume starts this stage again"))
-            raise TrainingInterrupted(ckpt_path, written=False) from None
+            raise self._stopped_at_once(scfg.name, step, ckpt_path, ckpt_step, pbar) from None
         finally:
             stop.__exit__()
         self._stop_pending = stop.requested
@@ -979,6 +1031,20 @@ class Trainer:
                       + (f", skipped {dict(bad)}" if bad else ""))
         gbdist.barrier()
         writer.close()
+
+    def _stopped_at_once(self, name: str, step: int, ckpt_path: Path, ckpt_step: int | None,
+                         pbar) -> TrainingInterrupted:
+        """The stop of a second signal, during step ``step + 1``: no checkpoint is written."""
+        if pbar is not None:
+            pbar.close()
+        msg = f"stage {name}: stopped at once during step {step + 1} without writing a checkpoint"
+        if ckpt_path.is_file():
+            last = f" (step {ckpt_step})" if ckpt_step is not None else ""
+            msg += f"; the last one{last} stays at {ckpt_path} (rerun with --resume to continue from it)"
+        else:
+            msg += "; the stage has none yet, so --resume starts it again"
+        self._say(msg, echo=False)  # the exception's message: the caller reports it
+        return TrainingInterrupted(ckpt_path, written=False, message=msg)
 
     def _dataset(self, path: str, data_cfg):
         """The dataset at ``path``: as the preflight read it (once), else read now."""
@@ -1051,18 +1117,37 @@ def _move_train_batch(item, to_device):
 
 
 class _MetricsWriter:
-    """Appends rows to metrics.csv (columns grow as new keys appear); TensorBoard if installed."""
+    """Appends rows to metrics.csv (columns grow as new keys appear); TensorBoard if installed.
+    ``after``: the step a resumed stage continues from; rows of later steps (written before a
+    crash, and about to be written again) are dropped, and so are TensorBoard's."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, after: int | None = None):
         self.path = path
         self.tb = None
+        if path is not None and after is not None and path.is_file():
+            self._drop_rows_after(after)
         if path is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+                purge = {} if after is None else {"purge_step": after + 1}
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"), **purge)
             except Exception:  # tensorboard not installed: CSV only
                 self.tb = None
+
+    def _drop_rows_after(self, step: int) -> None:
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys, rows = reader.fieldnames, list(reader)
+        kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) <= step]
+        if keys is None or len(kept) == len(rows):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(kept)
+        os.replace(tmp, self.path)
 
     # The usual columns come first, so the file reads well whichever row arrives first.
     LEADING = ("step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "data_wait", "bad_samples")
