@@ -415,3 +415,18 @@ def test_a_stop_in_a_stages_last_step_finishes_that_stage_first(tiny_data, tmp_p
     wa = load_file(str(full / "audio" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model" / "audio" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_log_lines_during_training_start_their_own_line_beside_the_progress_bar(tiny_data, tmp_path, capsys):
+    """The bar (on stderr) steps aside for each log line: a validation line written to the same
+    stream starts after the bar was cleared (a carriage return), not glued to the bar's text."""
+    import sys
+
+    def log(msg):
+        print(msg, file=sys.stderr)
+
+    train(_cfg(tiny_data, tmp_path / "run", val_every=2), progress=True, log=log)
+    err = capsys.readouterr().err
+    starts = [i for i in range(len(err)) if err.startswith("stage satellite step ", i)]
+    assert len(starts) >= 2  # validations at steps 2, 4 and 6
+    assert all(err[i - 1] in "\r\n" for i in starts), [err[max(0, i - 40):i + 20] for i in starts]

@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -566,13 +567,18 @@ class Trainer:
         self.main = self.dist.is_main
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
 
-    def _say(self, msg: str, echo: bool = True) -> None:
+    def _say(self, msg: str, echo: bool = True, *, in_handler: bool = False) -> None:
         """Tell ``log`` (unless ``echo`` is false: the message is an exception's, which the caller
-        reports) and append to the run log, on rank 0."""
+        reports) and append to the run log, on rank 0. A progress bar steps aside for the line
+        and is drawn again below it; ``in_handler`` (a signal handler's message) does that without
+        tqdm's lock, which the interrupted code may hold."""
         if not self.main:
             return
         if self.log and echo:
-            self.log(msg)
+            from tqdm.auto import tqdm
+
+            with tqdm.external_write_mode(nolock=in_handler):
+                self.log(msg)
         if self.out.is_dir():  # the run log: rank 0 only, like checkpoints
             with open(self.out / "train.log", "a", encoding="utf-8") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
@@ -847,7 +853,7 @@ class Trainer:
             profiler = StepProfiler(stage_dir / "profile", *self.profile, dev, say=self._say,
                                     rank=self.dist.rank if self.dist.distributed else None,
                                     label=f"stage {scfg.name}: ")
-        stop = StopRequests(self._say if self.main else None).__enter__()
+        stop = StopRequests(partial(self._say, in_handler=True) if self.main else None).__enter__()
         try:
             while step < total:
                 loader, segments = train_loader(
