@@ -195,6 +195,13 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers_and_resume_on_other_
 
     # The trainer: both ranks stopped together, rank 0 wrote the checkpoint; resume on 1 rank.
     assert res["ranks_interrupted"] == [True, True]
+    # On a Python with the fork deadlock, the run log warns once (rank 0).
+    import sys
+
+    from geobind.binding.trainer import fork_may_hang
+
+    warned = (tmp_path / "run" / "train.log").read_text().count("can hang while forking loader workers")
+    assert warned == (1 if fork_may_hang(tuple(sys.version_info[:3])) else 0)
     stage = tmp_path / "run" / "stages" / "01-satellite"
     ck = torch.load(stage / "checkpoint.pt", weights_only=False)
     assert (ck["step"], ck["epoch"], ck["step_in_epoch"], ck["world_size"]) == (2, 0, 2, WORLD)

@@ -604,3 +604,14 @@ def test_a_stop_comes_before_a_validation_and_an_untrained_run_may_change_settin
     fresh = train(cfg(tmp_path / "fresh", seed=1), progress=False, log=None)
     wa, wb = _weights(final), _weights(fresh)  # the new seed's anchor, not the saved one
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fork_hang_warning_names_the_affected_pythons():
+    from geobind.binding.trainer import FORK_HANG_WARNING, fork_may_hang
+
+    for affected in [(3, 10, 13), (3, 10, 14), (3, 11, 0), (3, 11, 7), (3, 11, 9)]:
+        assert fork_may_hang(affected), affected
+    for fixed in [(3, 10, 15), (3, 11, 10), (3, 11, 14), (3, 12, 0), (3, 13, 1)]:
+        assert not fork_may_hang(fixed), fixed
+    msg = FORK_HANG_WARNING.format(version="3.11.7")
+    assert "3.11.7" in msg and "optim.num_workers: 0" in msg and "gh-112275" in msg

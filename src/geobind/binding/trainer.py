@@ -19,9 +19,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import platform
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -266,6 +269,28 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 class _AgreedStop(Exception):
     """Every rank stops at this step boundary (a stop was requested on one of them)."""
+
+
+# CPython gh-112275: a forked child can block for good on a lock that another thread held at
+# the fork. torch.distributed's threads (gloo's, also used for the host-side exchanges under
+# NCCL) take it as a collective's work is released, just when the main thread forks loader
+# workers. Fixed in 3.10.15, 3.11.10 and 3.12.
+FORK_HANG_WARNING = (
+    "warning: Python {version} can hang while forking loader workers in a distributed run (CPython "
+    "issue gh-112275, fixed in Python 3.10.15, 3.11.10 and 3.12); if a rank stops making progress "
+    "at a stage's or an epoch's start, use a newer Python or set optim.num_workers: 0"
+)
+
+
+def fork_may_hang(version: tuple[int, ...] | None = None) -> bool:
+    """Whether this Python (or ``version``) has the fork deadlock of :data:`FORK_HANG_WARNING`,
+    where loader workers start by forking (Linux's default)."""
+    v = tuple(version or sys.version_info[:3])
+    if version is None and multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+        return False
+    if version is None and sys.platform != "linux":
+        return False
+    return v < (3, 10, 15) or ((3, 11) <= v[:2] and v < (3, 11, 10))
 
 
 class StopRequests:
@@ -566,6 +591,7 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.dist.device)
         self.main = self.dist.is_main
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
+        self._fork_warned = False
 
     def _say(self, msg: str, echo: bool = True, *, in_handler: bool = False) -> None:
         """Tell ``log`` (unless ``echo`` is false: the message is an exception's, which the caller
@@ -710,6 +736,9 @@ class Trainer:
         workers = gbdist.loader_workers(scfg.optim.num_workers, dev)
         if scfg.optim.num_workers == "auto" and workers:
             self._say(f"stage {scfg.name}: {workers} loader workers per rank (optim.num_workers: auto)")
+        if workers and self.dist.distributed and not self._fork_warned and fork_may_hang():
+            self._fork_warned = True
+            self._say(FORK_HANG_WARNING.format(version=platform.python_version()))
         bad = Counter()
         if scfg.cache_anchor:
             anchor_emb, valid, info = self._anchor_cache(anchor, table, scfg, workers)
