@@ -156,9 +156,9 @@ def one_epoch_with_a_broken_tile(tiny_data: dict[str, Path], tmp_path: Path) -> 
 
 
 @contextlib.contextmanager
-def sigint_during_step(n: int):
-    """Within the block, this process gets SIGINT inside its ``n``-th training step (as from a
-    Ctrl-C)."""
+def sigint_during_step(n: int, sig: int = signal.SIGINT):
+    """Within the block, this process gets ``sig`` (default SIGINT, as from a Ctrl-C) inside its
+    ``n``-th training step."""
     from geobind.binding.step import StepRunner
 
     original, calls = StepRunner.__call__, [0]
@@ -166,7 +166,7 @@ def sigint_during_step(n: int):
     def call(self, *a, **k):
         calls[0] += 1
         if calls[0] == n:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return original(self, *a, **k)
 
     StepRunner.__call__ = call

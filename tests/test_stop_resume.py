@@ -175,7 +175,7 @@ def _two_ranks_stop_on_rank_1(rank: int, port: int, d: dict, cache: str, out: st
     try:
         # Rank 1 alone gets a SIGTERM during its last step of the first epoch (step 4 of 8),
         # whose batch is one sample short on that rank.
-        with _signal_in_step(4, signal.SIGTERM) if rank == 1 else contextlib.nullcontext():
+        with sigint_during_step(4, signal.SIGTERM) if rank == 1 else contextlib.nullcontext():
             train(parse_config(d), progress=False, log=None)
     except TrainingInterrupted as e:
         result["error"] = str(e)
@@ -186,22 +186,6 @@ def _two_ranks_stop_on_rank_1(rank: int, port: int, d: dict, cache: str, out: st
         gbdist.cleanup()
 
 
-@contextlib.contextmanager
-def _signal_in_step(n: int, sig: int):
-    """Within the block, this process gets ``sig`` inside its ``n``-th training step."""
-    original, calls = StepRunner.__call__, [0]
-
-    def call(runner, *a, **k):
-        calls[0] += 1
-        if calls[0] == n:
-            os.kill(os.getpid(), sig)
-        return original(runner, *a, **k)
-
-    StepRunner.__call__ = call
-    try:
-        yield
-    finally:
-        StepRunner.__call__ = original
 
 
 def _spawn_with_deadline(fn, args, nprocs: int, seconds: float) -> None:

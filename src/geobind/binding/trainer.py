@@ -1175,13 +1175,16 @@ class _MetricsWriter:
             reader = csv.DictReader(f)
             keys, rows = reader.fieldnames, list(reader)
         kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) <= step]
-        if keys is None or len(kept) == len(rows):
-            return
+        if keys is not None and len(kept) < len(rows):
+            self._rewrite(keys, kept)
+
+    def _rewrite(self, keys: list[str], rows: list[dict]) -> None:
+        """The whole file anew, atomically."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
-            w.writerows(kept)
+            w.writerows(rows)
         os.replace(tmp, self.path)
 
     # The usual columns come first, so the file reads well whichever row arrives first.
@@ -1206,12 +1209,7 @@ class _MetricsWriter:
             keys = [k for k in self.LEADING if k in seen]
             for r in rows:
                 keys += [k for k in r if k not in keys]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(rows)
-            os.replace(tmp, self.path)
+            self._rewrite(keys, rows)
             self._keys = keys
         if self.tb is not None:
             for k, v in row.items():
