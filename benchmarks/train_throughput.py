@@ -156,9 +156,13 @@ def _peak_gib(device) -> float | None:
 
 def host_syncs(step, device) -> dict:
     """Run one more step with CUDA's sync debug mode on: how many operations made the host wait
-    for the GPU, and where the first ones were (a fast step has none). Empty off CUDA."""
+    for the GPU, and where the first ones were (a fast step has none). If there were any, one
+    more step in the mode that raises at the first: its traceback's last frames
+    (``host_sync_trace``) locate it where the warnings' file and line cannot (a warning raised
+    inside compiled code is reported at a later Python call). Empty off CUDA."""
     if device.type != "cuda":
         return {}
+    import traceback
     import warnings
 
     try:
@@ -173,8 +177,22 @@ def host_syncs(step, device) -> dict:
     except Exception as e:  # a diagnostic: never the reason a timing run stops
         return {"host_syncs_error": f"{type(e).__name__}: {e}"}
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    where = [f"{w.filename}:{w.lineno}" for w in syncs[:5]]
-    return {"host_syncs": len(syncs), "host_sync_sites": where}
+    out = {"host_syncs": len(syncs), "host_sync_sites": [f"{w.filename}:{w.lineno}" for w in syncs[:5]]}
+    if syncs:
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        except RuntimeError:
+            frames = traceback.format_exc().strip().splitlines()
+            out["host_sync_trace"] = frames[-12:]
+        except Exception as e:  # noqa: BLE001 - a diagnostic
+            out["host_sync_trace"] = [f"{type(e).__name__}: {e}"]
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+    return out
 
 
 # Kernel or operator name fragments (lower case) -> where the step's time goes. First match wins:

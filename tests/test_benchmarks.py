@@ -300,3 +300,31 @@ def test_train_smoke_runs_the_real_trainer_on_generated_data(tmp_path):
 
     meta = _json.loads((tmp_path / "s" / "run" / "model" / "geobind.json").read_text())
     assert meta["modalities"]["satellite"]["settings"]["augment_on"] == "device"
+
+
+def test_host_syncs_counts_the_warnings_and_traces_the_first_sync(monkeypatch):
+    """Off a GPU, with CUDA's sync debug mode stood in for: a step that syncs once is counted,
+    and the step run again in the raising mode leaves the traceback that locates it."""
+    import warnings
+    from types import SimpleNamespace
+
+    tt = _load("train_throughput")
+    mode = ["default"]
+    monkeypatch.setattr(tt.torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__(0, m))
+    monkeypatch.setattr(tt.torch.cuda, "synchronize", lambda *a: None)
+
+    def syncing_read():
+        if mode[0] == "warn":
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+        elif mode[0] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    def step():
+        syncing_read()
+
+    r = tt.host_syncs(step, SimpleNamespace(type="cuda"))
+    assert r["host_syncs"] == 1 and len(r["host_sync_sites"]) == 1
+    assert any("syncing_read" in line for line in r["host_sync_trace"]), r["host_sync_trace"]
+    assert mode[0] == "default"
+    assert tt.host_syncs(lambda: None, SimpleNamespace(type="cuda")) == {"host_syncs": 0, "host_sync_sites": []}
+    assert tt.host_syncs(step, SimpleNamespace(type="cpu")) == {}
