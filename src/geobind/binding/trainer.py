@@ -61,19 +61,12 @@ ANCHOR_ON_DEVICE_BYTES = 2 * 2**30
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped early (Ctrl-C, SIGTERM or a requested stop). ``written``: a checkpoint
-    of the step it stopped at was written (else an earlier one, if any, stays)."""
+    """Training stopped early (Ctrl-C, SIGTERM or a requested stop); ``message`` says where and
+    how to resume. ``written``: a checkpoint of the step it stopped at was written (else an
+    earlier one, if any, stays)."""
 
-    def __init__(self, checkpoint: Path, written: bool = True, message: str | None = None):
-        if message:
-            msg = message
-        elif written:
-            msg = f"interrupted; resumable checkpoint at {checkpoint} (rerun with --resume)"
-        elif Path(checkpoint).is_file():
-            msg = f"stopped at once; the last checkpoint stays at {checkpoint} (rerun with --resume)"
-        else:
-            msg = "stopped at once, before this stage's first checkpoint (--resume starts the stage again)"
-        super().__init__(msg)
+    def __init__(self, checkpoint: Path, written: bool = True, *, message: str):
+        super().__init__(message)
         self.checkpoint = checkpoint
         self.written = written
 
@@ -483,12 +476,15 @@ def _resume_changes(cfg: RunConfig, out: Path) -> list[str]:
     """The settings a resumed run changes for what the run has already trained: the run's
     initial space and seed (once any stage has a checkpoint or has finished), and every stage
     that has a checkpoint or has finished."""
+    def trained(d: Path) -> bool:
+        return (d / DONE).is_file() or (d / CHECKPOINT).is_file()
+
     changed = []
-    if any((d / DONE).is_file() or (d / CHECKPOINT).is_file() for d in out.glob("stages/*")):
+    if any(trained(d) for d in out.glob("stages/*")):
         changed += _run_changes(cfg, out)
     for i, s in enumerate(cfg.stages):
         d = out / "stages" / f"{i + 1:02d}-{s.name}"
-        if not ((d / DONE).is_file() or (d / CHECKPOINT).is_file()) or not (d / "config.yaml").is_file():
+        if not trained(d) or not (d / "config.yaml").is_file():
             continue
         old, new = yaml.safe_load((d / "config.yaml").read_text()) or {}, _as_saved(dataclasses.asdict(s))
         for o in (old, new):
@@ -648,7 +644,7 @@ class Trainer:
                     model = GeoBind.from_pretrained(prev_dir)
                 self._run_stage(i, scfg, model, stage_dir)
                 # A stop asked for during the stage's last step: the stage is done and saved.
-                if any(r[0] for r in gbdist.all_gather_ints([int(self._stop_pending)])):
+                if self._stop_agreed(self._stop_pending):
                     stopped = scfg.name
                     if i + 1 < len(cfg.stages):
                         raise TrainingInterrupted(stage_dir / DONE, message=(
@@ -976,7 +972,7 @@ class Trainer:
                                     **{f"bad_{k}": v for k, v in sorted(bad.items())}})
                         window = {"data": 0.0, "step": 0.0, "n": 0, "steps": 0}
                     if o.val_every and step % o.val_every == 0 and val is not None:
-                        if self._stop_agreed(stop):  # not after a validation the others wait for
+                        if self._stop_agreed(stop.requested):  # not after a validation the others wait for
                             val_due = (step, epoch)
                             raise _AgreedStop
                         self._validate(stage, val, scfg, writer, step, epoch)
@@ -1000,7 +996,7 @@ class Trainer:
                 # Every rank agrees on a stop here: before a validation the others would wait
                 # for, and before the next epoch's loader starts (a stop asked for in the
                 # epoch's last step then writes the epoch's checkpoint, once).
-                if self._stop_agreed(stop):
+                if self._stop_agreed(stop.requested):
                     if val is not None and not o.val_every:
                         val_due = (step, epoch - 1)
                     raise _AgreedStop
@@ -1086,11 +1082,11 @@ class Trainer:
         read = self._read.pop(_dataset_key(path, data_cfg), None)
         return read if read is not None else read_dataset(path, data_cfg.layout, **data_cfg.layout_options)
 
-    def _stop_agreed(self, stop: StopRequests) -> bool:
-        """Whether any rank asked to stop (every rank calls this at the same step)."""
+    def _stop_agreed(self, requested: bool) -> bool:
+        """Whether any rank asked to stop (every rank calls this at the same point)."""
         if not self.dist.distributed:
-            return stop.requested
-        return any(r[0] for r in gbdist.all_gather_ints([int(stop.requested)]))
+            return requested
+        return any(r[0] for r in gbdist.all_gather_ints([int(requested)]))
 
     def _agree_on_batch(self, n: int, bad_items: list[BadSampleError],
                         stop: bool = False) -> tuple[int, int, list[BadSampleError], bool]:

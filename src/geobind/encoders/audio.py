@@ -345,8 +345,7 @@ def set_mel_resize(backbone: nn.Module, implementation: str) -> None:
                             {"matmul": _MatmulMelResize, "interpolate": HFClapAudioEncoder})
     for module in swapped:
         if implementation == "matmul":
-            if not isinstance(module.__dict__.get("_mel_resize_matrices"), dict):
-                module._mel_resize_matrices = {}
+            module.__dict__.setdefault("_mel_resize_matrices", {})
         else:
             module.__dict__.pop("_mel_resize_matrices", None)
 
