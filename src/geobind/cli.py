@@ -144,7 +144,7 @@ def cmd_train(args) -> int:
 
     if cfg.eval is not None and is_main():  # under torchrun: once, on rank 0
         from geobind.data.manifest import read_dataset
-        from geobind.evaluate import evaluate, format_pairs, format_skipped, trained_pairs
+        from geobind.evaluate import evaluate
         from geobind.model import GeoBind
 
         model = GeoBind.from_pretrained(final, device=_device(cfg.device))
@@ -152,11 +152,19 @@ def cmd_train(args) -> int:
         report = evaluate(model, data, batch_size=cfg.eval.batch_size)
         out = Path(cfg.output_dir) / "report.json"
         write_report(report, out, force=True)
-        print(format_pairs(report["pairs"], trained_pairs(model)))
-        if format_skipped(report):
-            print(format_skipped(report))
+        print_report(report, model)
         print(f"report written to {out}")
     return 0
+
+
+def print_report(report: dict, model) -> None:
+    """The evaluation's table of pairs, then what it skipped (if anything)."""
+    from geobind.evaluate import format_pairs, format_skipped, trained_pairs
+
+    print(format_pairs(report["pairs"], trained_pairs(model)))
+    skipped = format_skipped(report)
+    if skipped:
+        print(skipped)
 
 
 def write_report(report: dict, path: Path, force: bool) -> None:
@@ -169,7 +177,7 @@ def write_report(report: dict, path: Path, force: bool) -> None:
 def cmd_eval(args) -> int:
     from geobind.cli_data import parse_layout_options
     from geobind.data.manifest import read_dataset
-    from geobind.evaluate import evaluate, format_pairs, format_skipped, trained_pairs
+    from geobind.evaluate import evaluate
     from geobind.model import GeoBind
     from geobind.search.common import check_writable
 
@@ -177,9 +185,7 @@ def cmd_eval(args) -> int:
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
     data = read_dataset(args.data, args.layout, **parse_layout_options(args.layout_options))
     report = evaluate(model, data, batch_size=args.batch_size, progress=True)
-    print(format_pairs(report["pairs"], trained_pairs(model)))
-    if format_skipped(report):
-        print(format_skipped(report))
+    print_report(report, model)
     if args.out:
         write_report(report, Path(args.out), force=args.force)
         print(f"report written to {args.out}")
