@@ -174,3 +174,16 @@ def sigint_during_step(n: int, sig: int = signal.SIGINT):
         yield
     finally:
         StepRunner.__call__ = original
+
+
+def bf16_outputs(encoder, switch, implementations, batch) -> dict:
+    """``{implementation: float32 output}`` of ``encoder`` on ``batch`` under CPU bf16 autocast,
+    after ``switch(encoder.backbone, implementation)`` for each (e.g. ``set_window_attention``)."""
+    import torch
+
+    outs = {}
+    for implementation in implementations:
+        switch(encoder.backbone, implementation)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[implementation] = encoder(batch).float()
+    return outs

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from fixtures import bf16_outputs
 
 from geobind.data.audio_io import load_audio
 from geobind.data.errors import BadSampleError
@@ -353,11 +354,7 @@ def test_sdpa_window_attention_under_bf16_autocast_and_state_dict():
     encoder = _shifted_encoder().eval()
     keys = list(encoder.state_dict())
     batch = torch.randn(2, encoder.audio.clip_samples) * 0.1
-    outs = {}
-    for implementation in ("eager", "sdpa"):
-        set_window_attention(encoder.backbone, implementation)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[implementation] = encoder(batch).float()
+    outs = bf16_outputs(encoder, set_window_attention, ("eager", "sdpa"), batch)
     assert list(encoder.state_dict()) == keys
     assert torch.nn.functional.cosine_similarity(outs["sdpa"], outs["eager"], dim=-1).min() > 0.99
     with pytest.raises(ValueError, match="'sdpa' or 'eager'"):

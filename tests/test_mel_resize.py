@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import bf16_outputs
 from torch.nn import functional as F
 from transformers import ClapAudioConfig, ClapAudioModelWithProjection
 from transformers.models.clap.modeling_clap import ClapAudioEncoder as HFClapAudioEncoder
@@ -179,11 +180,7 @@ def test_bf16_autocast_keeps_the_product_in_float32():
     dtypes = []
     hook = audio_encoder.patch_embed.register_forward_pre_hook(lambda _m, args: dtypes.append(args[0].dtype))
     batch = torch.randn(2, encoder.audio.clip_samples) * 0.1
-    outs = {}
-    for implementation in ("interpolate", "matmul"):
-        set_mel_resize(encoder.backbone, implementation)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[implementation] = encoder(batch).float()
+    outs = bf16_outputs(encoder, set_mel_resize, ("interpolate", "matmul"), batch)
     hook.remove()
     assert dtypes == [torch.float32, torch.float32]
     assert {key[3] for key in audio_encoder._mel_resize_matrices} == {torch.float32}
