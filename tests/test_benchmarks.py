@@ -228,11 +228,12 @@ def test_gpu_suite_summary_reads_the_benchmark_json(tmp_path):
 
 
 def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
+    import json
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, SMOKE="1", PARTS="checks train-b32 train-audio trainer", OUT=str(tmp_path / "out"),
+    env = dict(os.environ, SMOKE="1", PARTS="checks train-b32 train-audio trainer embed", OUT=str(tmp_path / "out"),
                WORK=str(tmp_path / "work"), PYTHON=sys.executable)
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_all.sh")], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -240,11 +241,18 @@ def test_gpu_suite_script_runs_end_to_end_in_smoke_mode(tmp_path):
     assert (tmp_path / "out" / "train-b32.json").is_file()
     # Few files come back from a lent machine: logs in one file, scratch data elsewhere.
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "checks.json", "gpu.txt", "parts.log", "train-audio.json", "train-b32.json", "trainer.json"]
+        "checks.json", "embed.json", "gpu.txt", "parts.log", "train-audio.json", "train-b32.json", "trainer.json"]
     assert "== checks: exit 0" in run.stdout and "PASS window_attention" in run.stdout
     assert "== train-b32: exit 0" in run.stdout and "== train-audio: exit 0" in run.stdout
     assert "train-b16" not in run.stdout and "== trainer: exit 0" in run.stdout
+    assert "== embed: exit 0" in run.stdout
     last = run.stdout.strip().splitlines()
+    # The embed rows; each variant embedded every tile, each vector on its own row ("ok").
+    embed = [line.split() for line in last[-3:]]
+    assert [row[0] for row in embed] == ["loader-w0", "device-w0", "dev-thumbs-w0"]
+    assert json.loads((tmp_path / "out" / "embed.json").read_text())["ok"]
+    assert "geobind embed" in last[-4]
+    last = last[:-4]
     assert "02-audio" in last[-1] and "01-satellite" in last[-2] and "trainer stage" in last[-3]
     assert "stage2 train-audio" in last[-4] and "stage1 train-b32" in last[-5]
     assert last[-7].startswith("checks: PASS vit, PASS window_attention, PASS mel_resize, PASS device_augment, PASS prefetch")

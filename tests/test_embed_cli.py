@@ -79,16 +79,16 @@ def test_resume_after_interruption_embeds_only_missing_chunks(
     model, tiny_data, tmp_path, monkeypatch
 ):
     out = tmp_path / "sat.parquet"
-    real = embed_mod._embed_rows
-    calls = []
+    real_write, real_chunks = embed_mod._write_part, embed_mod._embed_chunks
+    written = []
 
-    def flaky(encoder, data, modality, start, stop, **kw):
-        calls.append(start)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the third chunk
-        return real(encoder, data, modality, start, stop, **kw)
+    def flaky(table, path):
+        written.append(path.name)
+        if len(written) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the third chunk is written
+        real_write(table, path)
 
-    monkeypatch.setattr(embed_mod, "_embed_rows", flaky)
+    monkeypatch.setattr(embed_mod, "_write_part", flaky)
     with pytest.raises(KeyboardInterrupt):
         embed_dataset(model, tiny_data["test"], "satellite", out, chunk_rows=3, log=None)
     parts = tmp_path / "sat.parquet.parts"
@@ -96,18 +96,72 @@ def test_resume_after_interruption_embeds_only_missing_chunks(
         "chunk-0000000.parquet",
         "chunk-0000001.parquet",
     ]
-    assert not out.exists()
-    calls.clear()
+    assert not out.exists() and not list(parts.glob("*.tmp"))
+    asked = []
+
+    def spy(encoder, data, modality, chunks, *args, **kw):
+        asked.extend(chunks)
+        return real_chunks(encoder, data, modality, chunks, *args, **kw)
+
+    monkeypatch.setattr(embed_mod, "_write_part", real_write)
+    monkeypatch.setattr(embed_mod, "_embed_chunks", spy)
     said = []
     embed_dataset(model, tiny_data["test"], "satellite", out, chunk_rows=3, log=said.append)
-    assert calls == [6, 9]  # only the chunks that were not done
+    assert asked == [(2, 6, 9), (3, 9, 12)]  # only the chunks that were not done
     assert "resuming: 2 of 4 chunks" in said[0]
-    monkeypatch.setattr(embed_mod, "_embed_rows", real)
+    monkeypatch.setattr(embed_mod, "_embed_chunks", real_chunks)
     embed_dataset(
         model, tiny_data["test"], "satellite", tmp_path / "ref.parquet", chunk_rows=3, log=None
     )
     a, b = read_embeddings(out), read_embeddings(tmp_path / "ref.parquet")
     assert a.ids == b.ids and np.array_equal(a.vectors, b.vectors)
+
+
+@pytest.mark.parametrize("source", ["manifest", "shards"])
+def test_one_loader_serves_every_chunk(model, tiny_data, tmp_path, monkeypatch, source):
+    """The loader (and its workers) starts once for all chunks, so a GPU is not left idle while
+    a new one fills at every chunk; each chunk's rows, vectors and bad rows land in its own
+    part. Against one chunk embedded in the main process."""
+    import torch.utils.data
+
+    from geobind.data.pack import pack
+
+    df = pd.read_csv(tiny_data["test"])
+    df["satellite"] = [str(tiny_data["root"] / p) for p in df["satellite"]]
+    df.loc[4, "satellite"] = str(tmp_path / "missing.png")  # chunk 0 of chunk_rows=5
+    df.to_csv(tmp_path / "m.csv", index=False)
+    data, bad = tmp_path / "m.csv", {"missing": 1}
+    if source == "shards":  # packed without the tile: the sample has no satellite member
+        bad = {"missing-satellite": 1}
+        pack(data, tmp_path / "shards", shard_size=5, image_size=32, image_format="png", progress=False,
+             log=None)
+        data = tmp_path / "shards"
+    ref = embed_dataset(model, data, "satellite", tmp_path / "ref.parquet", chunk_rows=1000, log=None)
+    loaders = []
+    real = torch.utils.data.DataLoader
+
+    class Counted(real):
+        def __init__(self, *a, **kw):
+            loaders.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Counted)
+    kept = []
+    real_write = embed_mod._write_part
+    monkeypatch.setattr(embed_mod, "_write_part", lambda t, p: (kept.append((p.name, t)), real_write(t, p)))
+    got = embed_dataset(model, data, "satellite", tmp_path / "e.parquet", chunk_rows=5, batch_size=2,
+                        num_workers=2, log=None)
+    assert len(loaders) == 1
+    n = len(df)
+    assert sorted(name for name, _ in kept) == [f"chunk-{c:07d}.parquet" for c in range((n + 4) // 5)]
+    for name, part in kept:  # every part holds exactly its own rows, and its own bad count
+        c = int(name[6:13])
+        assert part.column("id").to_pylist() == [i for i in df["id"][5 * c:5 * c + 5] if i != df["id"][4]]
+        assert json.loads(part.schema.metadata[b"bad"]) == (bad if c == 0 else {})
+    assert got["skipped"] == ref["skipped"] == bad
+    a, b = read_embeddings(tmp_path / "e.parquet"), read_embeddings(tmp_path / "ref.parquet")
+    assert a.ids == b.ids and a.thumbnails == b.thumbnails and len(a.ids) == n - 1
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
 
 
 def test_parts_of_another_model_are_not_reused(model, tiny_data, tmp_path):

@@ -65,6 +65,41 @@ def test_pack_round_trip_keeps_rows_order_and_metadata(tiny_data, tmp_path):
     assert json.loads(s["json"])["id"] == table.ids[5]
 
 
+def _key_of(row, sample):  # module level: loader workers may be spawned
+    return sample["__key__"]
+
+
+@pytest.mark.parametrize("workers", [0, 2, 5])
+def test_chunk_stream_batches_spans_and_gives_each_worker_a_stretch(tiny_data, tmp_path, workers):
+    """Batches never straddle a span (so a span's batches do not depend on the others read with
+    it), every row comes once with its own sample, and each worker reads contiguous spans."""
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from geobind.data.shards import ChunkStream
+
+    pack(tiny_data["stage1"], tmp_path / "s", shard_size=10, image_size=16, progress=False, log=None)
+    shards = read_dataset(tmp_path / "s")
+    keys = {r: s["__key__"] for r, s in _members(shards).items()}
+    spans = [(0, 7), (7, 14), (21, 28), (28, 35)]  # not every row: a resumed or sharded run
+    stream = ChunkStream(shards, _key_of, spans, batch_size=3)
+    pickle.loads(pickle.dumps(stream))
+    assert len(stream) == 12
+    batches = list(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=lambda b: b))
+    assert sorted(len(b) for b in batches) == sorted([3, 3, 1] * 4)
+    for b in batches:
+        rows = [r for r, _ in b]
+        assert rows == list(range(rows[0], rows[0] + len(rows)))
+        assert len({next(i for i, (a, z) in enumerate(spans) if a <= r < z) for r in rows}) == 1
+        assert all(key == keys[r] for r, key in b)
+    assert sorted(r for b in batches for r, _ in b) == [r for a, z in spans for r in range(a, z)]
+    if workers:  # round-robin over the workers: the first batches come from different stretches
+        firsts = [batches[i][0][0] for i in range(min(workers, len(spans)))]
+        assert firsts == [spans[k][0] for k in np.cumsum([0] + [len(g) for g in np.array_split(
+            np.arange(len(spans)), workers)])[:len(firsts)]]
+
+
 def test_pack_resumes_after_interruption_and_refuses_other_settings(
     tiny_data, tmp_path, monkeypatch, capsys
 ):

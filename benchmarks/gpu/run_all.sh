@@ -14,7 +14,8 @@
 # GPU's own kernels: gpu/checks.py, 120 s), train-b32 (stage 1 step at ViT-B/32, 200 s),
 # train-audio (stage 2 step, 220 s), trainer (a short real `geobind train` on generated data:
 # shards, device augmentation, compile, both stages; samples/s and data wait, 240 s), train-b16
-# (150 s), data (input pipeline with all cores, and stage 1 fed from files: data wait; 150 s).
+# (150 s), data (input pipeline with all cores, and stage 1 fed from files: data wait; 150 s),
+# embed (`geobind embed` end to end: 64k JPEG tiles in shards to Parquet, ViT-B/32; 150 s).
 #
 # Each part has its own time limit so one slow part cannot eat the others' time; the training
 # benchmark writes its JSON after each stage, so a part stopped at its limit keeps what it measured.
@@ -41,9 +42,11 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEPS=20; WARMUP=5; B32=b32; B16=b16; DATA_SIZE=(--images 1536 --image-px 512 --audio 8 --batch 128 --train-batch 128)
 SMOKE_SIZE=(--size b32 --places 9000 --steps 30 --compile)  # 30 steps within one epoch
+EMBED_SIZE=()
 if [ -n "${QUICK:-}" ]; then STEPS=5; WARMUP=2; fi
 if [ -n "${SMOKE:-}" ]; then
     STEPS=2; WARMUP=1; B32=tiny; B16=tiny; DATA_SIZE=(--quick); SMOKE_SIZE=(--size tiny --places 48 --steps 4)
+    EMBED_SIZE=(--size tiny --tiles 96 --per-shard 20)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no GPU"; } \
@@ -51,7 +54,7 @@ fi
 "$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-PARTS="${PARTS:-checks train-b32 train-audio trainer train-b16 data}"
+PARTS="${PARTS:-checks train-b32 train-audio trainer train-b16 data embed}"
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
     case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
@@ -82,4 +85,6 @@ part train-b16 150 "$PY" benchmarks/train_throughput.py --size "$B16" --steps "$
 WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
 part data 150 "$PY" benchmarks/data_throughput.py "${DATA_SIZE[@]}" --workers "$WORKERS" \
     --train-steps 10 --rounds 1 --aug-batch 512 --work "$WORK/data" --out "$OUT/data.json"
+# `geobind embed` end to end: shards -> Parquet, loader or device preprocessing, thumbnails.
+part embed 150 "$PY" benchmarks/gpu/embed_smoke.py "${EMBED_SIZE[@]}" --work "$WORK/embed" --out "$OUT/embed.json"
 "$PY" benchmarks/gpu/summary.py "$OUT"

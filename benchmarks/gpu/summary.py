@@ -42,6 +42,13 @@ def rows(folder: Path) -> list[tuple]:
         for name, r in d.get("train", {}).items():
             out.append((name.replace("shards_256_device_aug", "shards+gpu aug")[:14], d["settings"].get("workers", "-"), f"{r['samples_per_s']:.0f}",
                         f"{r['data_wait']:.1%}", f"{r['step_s']:.3f}", "", "", "", "", ""))
+    embed = folder / "embed.json"
+    if embed.is_file():
+        e = json.loads(embed.read_text())
+        out.append(("geobind embed", "workers", "tiles/s", "steady/s", "cos min", "forward/s", "", "", "", ""))
+        for name, r in e.get("variants", {}).items():
+            out.append((name[:14], r.get("workers", "-"), r.get("tiles_per_s", "-"), r.get("steady_tiles_per_s", "-"),
+                        r.get("cos_min", r.get("error", "-")), e.get("forward_tiles_per_s", "-"), "", "", "", ""))
     return out
 
 

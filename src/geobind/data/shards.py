@@ -930,6 +930,44 @@ class RowStream(IterableDataset):
         yield from _processed(self.shards.read_rows(chunk), self.process)
 
 
+class ChunkStream(IterableDataset):
+    """The rows of ``spans`` (``(start, stop)``, ascending) as batches of up to ``batch_size``
+    that never straddle a span, so a span's batches are the same whichever other spans are
+    read with it. The DataLoader's workers (use ``batch_size=None``) take the spans in
+    contiguous runs, so each reads its own stretch of the shards once. Yields lists of
+    ``(row, process(row, sample) | error)``."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        process: Callable[[int, dict[str, Any]], Any],
+        spans: list[tuple[int, int]],
+        batch_size: int,
+    ):
+        self.shards, self.process, self.spans, self.batch_size = shards, process, spans, batch_size
+
+    def __len__(self) -> int:  # batches
+        return sum(-(-(b - a) // self.batch_size) for a, b in self.spans)
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = [self.spans[i] for i in np.array_split(np.arange(len(self.spans)), n)[w]]
+        if not mine:
+            return
+        starts = np.concatenate([np.arange(a, b, self.batch_size) for a, b in mine])
+        stops = np.concatenate([np.minimum(np.arange(a, b, self.batch_size) + self.batch_size, b) for a, b in mine])
+        rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in mine])
+        batches: dict[int, list] = {}
+        for row, value in _processed(self.shards.read_rows(rows), self.process):
+            k = int(np.searchsorted(starts, row, side="right")) - 1
+            batches.setdefault(k, []).append((row, value))
+            if len(batches[k]) == stops[k] - starts[k]:
+                yield batches.pop(k)
+        for k in sorted(batches):  # rows a broken shard never delivered: the batch goes without them
+            yield batches.pop(k)
+
+
 def _processed(rows, process: Callable[[int, dict[str, Any]], Any]):
     """``(row, sample | error)`` -> ``(row, process(row, sample) | error)``: a bad sample is
     passed on, never raised, so a long run skips and counts it."""

@@ -233,7 +233,7 @@ class _ShardRows:
 
 class _Collate:
     """``[(row, (input, thumb, caption) | BadSampleError)]`` -> ``(rows, batch, thumbs,
-    captions, bad)``."""
+    captions, [(row, error)])``."""
 
     def __init__(self, encoder):
         self.encoder = encoder
@@ -242,7 +242,7 @@ class _Collate:
         from geobind.data.errors import BadSampleError
 
         good = [(r, v) for r, v in samples if not isinstance(v, BadSampleError)]
-        bad = [v for _, v in samples if isinstance(v, BadSampleError)]
+        bad = [(r, v) for r, v in samples if isinstance(v, BadSampleError)]
         batch = self.encoder.collate([v[0] for _, v in good]) if good else None
         return [r for r, _ in good], batch, [v[1] for _, v in good], [v[2] for _, v in good], bad
 
@@ -266,68 +266,128 @@ def pad_batch(batch: Any, size: int) -> Any:
     return padded
 
 
-def _embed_rows(
+class _Pending:
+    """What has come back so far for one chunk of rows."""
+
+    def __init__(self, size: int, dim: int):
+        self.left, self.dim = size, dim  # rows not yet seen (embedded or skipped); vector size
+        self.rows: list[int] = []
+        self.vectors: list[np.ndarray] = []
+        self.counts: Counter = Counter()
+        self.captions: dict[int, str | None] = {}
+        self.thumbnails: dict[int, bytes | None] = {}
+
+    def done(self) -> _Chunk:
+        order = np.argsort(self.rows, kind="stable")
+        vectors = np.concatenate(self.vectors)[order] if self.vectors else np.zeros((0, self.dim), np.float32)
+        return _Chunk(np.asarray(self.rows, dtype=np.int64)[order], vectors, self.counts, self.captions,
+                      self.thumbnails)
+
+
+def _embed_chunks(
     encoder,
     data,
     modality: str,
-    start: int,
-    stop: int,
+    chunks: list[tuple[int, int, int]],
+    chunk_rows: int,
     *,
     batch_size: int,
     num_workers: int,
     thumbnail_size: int,
     pad_batches: bool = False,
-) -> _Chunk:
-    """Embed rows ``start:stop`` of a table (random access) or of a streamed shard set (each
-    loader worker streams its own share of the rows); bad rows are skipped and counted.
-    Decoding, preprocessing and thumbnails run in the ``num_workers`` loader workers.
-    ``pad_batches`` fills short batches (the last one, or one with skipped rows) up to
+    on_rows: Callable[[int], None] | None = None,
+):
+    """Embed the rows of ``chunks`` (``(chunk, start, stop)``, ascending; chunk ``c`` starts at
+    row ``c * chunk_rows``) of a table (random access) or a streamed shard set, and yield
+    ``(chunk, _Chunk)`` as soon as all of a chunk's rows are back. Bad rows are skipped and counted.
+
+    One loader serves every chunk, so its workers start once and keep decoding across chunk
+    boundaries (a GPU is not left idle while a new loader fills). Batches never straddle a
+    chunk, so a chunk's vectors do not depend on which other chunks are embedded with it (a
+    resumed run writes what an uninterrupted one does). Streamed shards go to the workers in
+    contiguous runs of chunks; chunks then finish a few at a time, in any order.
+    ``pad_batches`` fills short batches (a chunk's last one, or one with skipped rows) up to
     ``batch_size`` by repeating their last row, and drops those vectors: a compiled encoder
-    then always sees one shape and is not compiled again."""
+    then always sees one shape and is not compiled again. ``on_rows(n)`` is told of every
+    ``n`` rows done (embedded or skipped)."""
     import torch
     from torch.utils.data import DataLoader
 
     from geobind.binding.cache import _ItemDataset
-    from geobind.data.shards import RowStream
+    from geobind.data.shards import ChunkStream
     from geobind.model import autocast_for
 
+    if not chunks:
+        return
+    pending = {c: _Pending(b - a, encoder.dim) for c, a, b in chunks}
     streaming = getattr(data, "streaming", False)
     prep = _Prepare(encoder, modality, thumbnail_size, caption=streaming and "text" in data.columns)
-    if streaming:
-        dataset = RowStream(data, _ShardRows(data, prep), rows=np.arange(start, stop))
-    else:
-        dataset = _ItemDataset(data, modality, prep, start=start, stop=stop)
     # Its own generator: embedding never draws from the global RNG (training's dropout uses it).
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_Collate(encoder),
-                        pin_memory=encoder.device.type == "cuda", generator=torch.Generator())
-    counts: Counter = Counter()
-    rows: list[int] = []
-    out: list[np.ndarray] = []
-    captions: dict[int, str | None] = {}
-    thumbs: dict[int, bytes | None] = {}
+    common = dict(num_workers=num_workers, collate_fn=_Collate(encoder), pin_memory=encoder.device.type == "cuda",
+                  generator=torch.Generator())
+    if streaming:
+        stream = ChunkStream(data, _ShardRows(data, prep), [(a, b) for _, a, b in chunks], batch_size)
+        loader = DataLoader(stream, batch_size=None, **common)
+    else:
+        batches = [list(range(s, min(s + batch_size, b))) for _, a, b in chunks for s in range(a, b, batch_size)]
+        loader = DataLoader(_ItemDataset(data, modality, prep), batch_sampler=batches, **common)
+    device = encoder.device
+    if device.type == "cuda":  # the next batch crosses to the GPU while this one computes
+        from geobind.binding.prefetch import DevicePrefetcher, map_tensors
+
+        loader = DevicePrefetcher(loader, device, lambda item, to: (item[0], map_tensors(item[1], to), *item[2:]))
+
+    def settle(held):
+        """Account for a batch whose vectors were queued for the host: the chunk it belongs to,
+        if this completes it."""
+        batch_rows, vectors, ready, thumbs, caps, bad = held
+        c = (batch_rows[0] if batch_rows else bad[0][0]) // chunk_rows  # batches never straddle chunks
+        p = pending[c]
+        for _, e in bad:
+            p.counts[e.reason] += 1
+        if batch_rows:
+            if ready is not None:
+                ready.synchronize()
+            p.rows.extend(batch_rows)
+            p.vectors.append(vectors.numpy())
+            if thumbnail_size:
+                p.thumbnails.update(zip(batch_rows, thumbs))
+            if prep.caption:
+                p.captions.update(zip(batch_rows, caps))
+        p.left -= len(batch_rows) + len(bad)
+        if on_rows is not None:
+            on_rows(len(batch_rows) + len(bad))
+        return (c, pending.pop(c).done()) if p.left <= 0 else None
+
     was = encoder.training
     encoder.eval()
+    held = None
     try:
-        for batch_rows, batch, batch_thumbs, batch_caps, bad in loader:
-            for e in bad:
-                counts[e.reason] += 1
-            if batch is None:
-                continue
-            n = len(batch_rows)
-            if pad_batches and n < batch_size:
-                batch = pad_batch(batch, batch_size)
-            with torch.no_grad(), autocast_for(encoder.device):
-                out.append(encoder(batch)[:n].float().cpu().numpy())
-            rows.extend(batch_rows)
-            if thumbnail_size:
-                thumbs.update(zip(batch_rows, batch_thumbs))
-            if prep.caption:
-                captions.update(zip(batch_rows, batch_caps))
+        for batch_rows, batch, thumbs, caps, bad in loader:
+            vectors = ready = None
+            if batch is not None:
+                n = len(batch_rows)
+                if pad_batches and n < batch_size:
+                    batch = pad_batch(batch, batch_size)
+                with torch.no_grad(), autocast_for(device):
+                    vectors = encoder(batch)[:n].float().to("cpu", non_blocking=True)
+                if device.type == "cuda":
+                    ready = torch.cuda.Event()
+                    ready.record()
+            # The previous batch's vectors are waited for only now, with this batch queued
+            # behind them: the GPU is not left idle while the host takes them.
+            done = settle(held) if held is not None else None
+            held = (batch_rows, vectors, ready, thumbs, caps, bad)
+            if done is not None:
+                yield done
+        done = settle(held) if held is not None else None
+        held = None
+        if done is not None:
+            yield done
     finally:
         encoder.train(was)
-    order = np.argsort(rows, kind="stable")
-    vectors = np.concatenate(out)[order] if out else np.zeros((0, encoder.dim), np.float32)
-    return _Chunk(np.asarray(rows, dtype=np.int64)[order], vectors, counts, captions, thumbs)
+    for c in sorted(pending):  # rows a broken source never delivered: the chunk ends without them
+        yield c, pending.pop(c).done()
 
 
 def embed_dataset(
@@ -440,18 +500,18 @@ def embed_dataset(
     if preprocess_on == "device":
         transform.eval_on_device = True
     try:
-        for c, start, stop in todo:
-            ch = _embed_rows(
-                encoder,
-                table,
-                modality,
-                start,
-                stop,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                thumbnail_size=thumb_px,
-                pad_batches=compile,
-            )
+        for c, ch in _embed_chunks(
+            encoder,
+            table,
+            modality,
+            todo,
+            chunk_rows,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            thumbnail_size=thumb_px,
+            pad_batches=compile,
+            on_rows=bar.update if bar is not None else None,
+        ):
             rows = ch.rows.tolist()
             vectors = ch.vectors.astype(np.float16 if float16 else np.float32)
             if captions is not None:
@@ -473,8 +533,6 @@ def embed_dataset(
             )
             part = part.replace_schema_metadata({b"bad": json.dumps(dict(ch.counts)).encode()})
             _write_part(part, _part_path(parts, c))
-            if bar is not None:
-                bar.update(stop - start)
     finally:
         if compile:
             from geobind.encoders.base import uncompile
