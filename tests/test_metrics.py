@@ -113,3 +113,11 @@ def test_gpu_tensors():
     cpu = retrieval_metrics(q, g, chunk_size=7)
     gpu = retrieval_metrics(torch.from_numpy(q).cuda(), torch.from_numpy(g).cuda(), chunk_size=7)
     assert gpu == pytest.approx(cpu)
+
+
+@pytest.mark.parametrize("ks", [(0,), (-1,), (1.5,), ("5",), (True,)])
+def test_ks_must_be_whole_numbers_from_one(ks):
+    x = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    with pytest.raises(ValueError, match="each k is a whole number >= 1"):
+        retrieval_metrics(x, x, ks=ks)
+    assert set(retrieval_metrics(x, x, ks=(1, 2.0, np.int64(3)))) >= {"R@1", "R@2", "R@3"}

@@ -74,6 +74,24 @@ def test_save_and_load_round_trip_gives_identical_embeddings(tiny_data, tmp_path
     assert loaded.encoder("ground").clip is loaded.encoder("text").clip
 
 
+def test_saved_folders_work_with_transformers_and_say_who_wrote_them(tiny_data, tmp_path):
+    """The ``clip/`` tokenizer truncates to what the text tower takes (the fixture's tokenizer
+    says 77, the tower takes 32), and a model loaded and saved again records this version."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    import geobind
+
+    model = build_space(tiny_data)
+    model.meta["geobind_version"] = "0.0.1"  # as if loaded from an older version's folder
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "geobind.json").read_text())["geobind_version"] == geobind.__version__
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m" / "clip")
+    clip = CLIPModel.from_pretrained(tmp_path / "m" / "clip")
+    ids = tok(["forest " * 100], truncation=True, return_tensors="pt")
+    assert ids["input_ids"].shape[1] == clip.config.text_config.max_position_embeddings
+    clip.text_model(**ids)  # runs: no sequence longer than the tower's positions
+
+
 def test_saving_replaces_a_model_but_never_deletes_what_it_did_not_write(tiny_data, tmp_path, monkeypatch):
     model = build_space(tiny_data)
     mine = tmp_path / "mine"
@@ -133,6 +151,20 @@ def test_clear_errors(tiny_data, tmp_path, monkeypatch):
     only = GeoBind(32, {"ground": model.encoder("ground")})
     with pytest.raises(ValueError, match="no 'audio' encoder"):
         only.embed("audio", ["x.wav"])
+
+
+def test_embed_names_the_bad_item(tiny_data):
+    from geobind.data.errors import BadSampleError
+
+    model = build_space(tiny_data)
+    with pytest.raises(BadSampleError, match=r"item 1 of 3: <text>: not-text \(a caption is a string, not int\)"):
+        model.embed("text", ["a forest", 5, "a lake"])
+    with pytest.raises(BadSampleError, match="empty-text"):
+        model.embed("text", "  ")
+    with pytest.raises(BadSampleError, match="not-text"):
+        model.embed("text", 5)  # one item, not a sequence
+    with pytest.raises(TypeError, match="got a dict; pass one item or a list"):
+        model.embed("text", {"a": 1})
 
 
 def test_tiny_tokenizer_vocabulary_is_refused(tmp_path):

@@ -204,6 +204,30 @@ def test_pack_audio_rate_stores_mono_flac_at_that_rate(tmp_path):
         assert json.loads(s["json"])["caption"].startswith("This is a sound of")
 
 
+def test_pack_keeps_to_the_shard_contract_for_keys_and_audio(tmp_path):
+    """Every sample gets its own key (an id shaped like a row key cannot collide with the key
+    given to an unsafe id), and audio the contract does not list (OGG) is stored as FLAC."""
+    import pandas as pd
+
+    (tmp_path / "m").mkdir()
+    t = np.arange(8000) / 8000
+    for i in range(3):
+        sf.write(tmp_path / "m" / f"a{i}.ogg", (0.2 * np.sin(2 * np.pi * 440 * (i + 1) * t)).astype(np.float32),
+                 8000, format="OGG", subtype="VORBIS")
+    pd.DataFrame({"id": ["a.b", "s000000000", "p2"], "lat": [1.0, 2.0, 3.0], "lon": [4.0, 5.0, 6.0],
+                  "audio": [f"a{i}.ogg" for i in range(3)]}).to_csv(tmp_path / "m" / "m.csv", index=False)
+    assert main(["data", "pack", str(tmp_path / "m" / "m.csv"), str(tmp_path / "out"), "--no-progress"]) == 0
+    shards = read_dataset(tmp_path / "out")
+    samples = _members(shards)
+    keys = [s["__key__"] for s in samples.values()]
+    assert len(set(keys)) == 3 and shards.ids == ["a.b", "s000000000", "p2"]
+    assert all({k for k in s if not k.startswith("__")} == {"audio.flac", "json"} for s in samples.values())
+    for row, s in samples.items():
+        wave, rate = sf.read(io.BytesIO(s["audio.flac"]))
+        assert rate == 8000 and abs(len(wave) - 8000) < 100, row
+    assert main(["data", "check", str(tmp_path / "out")]) == 0
+
+
 def test_pack_audio_format_wav_stores_16_bit_pcm_that_loads_like_flac(tmp_path, capsys):
     """``--audio-format wav`` stores the same resampled waveform as 16-bit PCM: training reads
     its clips without decoding, and they equal the FLAC pack's to within 16-bit rounding."""

@@ -87,6 +87,10 @@ def retrieval_metrics(
     where R@k is the fraction of queries whose match has rank <= k (rank 1 = best), and the
     median of an even count is the mean of the two middle ranks. Floats are Python floats.
     """
+    ks = list(ks)
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)) or k != int(k) or k < 1:
+            raise ValueError(f"retrieval_metrics: ks holds {k!r}; each k is a whole number >= 1 (R@k)")
     ranks = retrieval_ranks(queries, gallery, chunk_size=chunk_size).double().cpu()
     n = int(ranks.numel())
     if n == 0:

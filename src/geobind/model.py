@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from geobind.data.errors import BadSampleError
 from geobind.encoders.base import (
     Encoder,
     get_encoder_class,
@@ -127,10 +128,24 @@ class GeoBind(nn.Module):
 
         Items are file paths, PIL images, ``HxWx3`` arrays, ``(waveform, sample_rate)`` pairs
         or strings, as the modality takes; a waveform is ``[T]``, ``[channels, T]`` or
-        ``[T, channels]``. One item given alone (not in a list) counts as one item.
+        ``[T, channels]``, and one given without its rate is taken to be at the encoder's rate.
+        One item given alone (not in a list) counts as one item. An item that cannot be used
+        raises :class:`~geobind.data.errors.BadSampleError` (a ``ValueError``) naming its position.
         """
         enc = self.encoder(modality)
-        items = [items] if _single_item(items) else list(items)
+        if isinstance(items, dict):
+            raise TypeError(f"embed({modality!r}, ...) got a dict; pass one item or a list of items "
+                            "(one call per modality)")
+        items = [items] if _single_item(items) or not isinstance(items, Iterable) else list(items)
+
+        def load(j: int, item: Any):
+            try:
+                return enc.load(item, train=False)
+            except BadSampleError as e:
+                if len(items) == 1:
+                    raise
+                raise BadSampleError(f"item {j} of {len(items)}: {e.path}", e.reason, e.detail) from None
+
         was_training = enc.training
         enc.eval()
         out = []
@@ -141,7 +156,7 @@ class GeoBind(nn.Module):
 
                 rng = tqdm(rng, desc=f"embed {modality}", unit="batch")
             for i in rng:
-                batch = enc.collate([enc.load(x, train=False) for x in items[i : i + batch_size]])
+                batch = enc.collate([load(i + j, x) for j, x in enumerate(items[i : i + batch_size])])
                 with autocast_for(enc.device):
                     out.append(enc(batch).float().cpu())
         finally:
@@ -156,6 +171,9 @@ class GeoBind(nn.Module):
 
     # -- persistence --------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
+        """The contents of ``geobind.json``: format version, the version of geobind writing it,
+        the space's dimension, each modality's encoder and settings, and the stored metadata
+        (stage history, logit scales, ...)."""
         from geobind import __version__
 
         mods = {}
@@ -166,7 +184,9 @@ class GeoBind(nn.Module):
             "geobind_version": __version__,
             "dim": self.dim,
             "modalities": mods,
-            **{k: v for k, v in self.meta.items() if k not in ("format_version", "dim", "modalities")},
+            # The version is the writer's: a model loaded and saved again says which wrote it.
+            **{k: v for k, v in self.meta.items()
+               if k not in ("format_version", "geobind_version", "dim", "modalities")},
         }
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> Path:

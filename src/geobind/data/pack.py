@@ -44,6 +44,7 @@ __all__ = ["pack", "PackResult", "PACK_FILE", "member_kind"]
 PACK_FILE = "pack.json"
 PACK_FORMAT = "geobind-pack"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,120}$")
+_ROW_KEY = re.compile(r"^s[0-9]{9}$")
 
 
 @dataclass
@@ -168,7 +169,7 @@ def _audio_member(item: Any, rate: int | None, name: str, fmt: str = "flac") -> 
         raise BadSampleError(name, "undecodable", f"cannot decode audio: {e}") from None
     if info.frames == 0:
         raise BadSampleError(name, "silent-zero-length", "the recording holds no samples")
-    if ext not in ("flac", "wav", "mp3", "ogg"):
+    if ext not in ("flac", "wav", "mp3"):  # the shard contract's audio members; others become FLAC
         wave = load_audio(str(p), info.samplerate, name=name)
         buf = io.BytesIO()
         sf.write(buf, wave, info.samplerate, format="FLAC", subtype="PCM_24")
@@ -188,7 +189,9 @@ def _sample(table: Table, i: int, s: dict[str, Any], bad: Counter, examples: lis
         problem(BadSampleError(f"{table.source}#{table.ids[i]}", table.bad_rows[i]))
         return None
     sid = table.ids[i]
-    key = sid if _KEY_OK.match(sid) else f"s{i:09d}"
+    # Ids that are not safe as tar keys get the row's own key; so do ids shaped like one, so
+    # that two samples never share a key.
+    key = sid if _KEY_OK.match(sid) and not _ROW_KEY.match(sid) else f"s{i:09d}"
     out: dict[str, Any] = {"__key__": key}
     for m in table.columns:
         kind = member_kind(m)

@@ -107,8 +107,14 @@ class _ClipShared:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.clip.save_pretrained(directory, safe_serialization=True)
-        if getattr(self, "tokenizer", None) is not None:
-            self.tokenizer.save_pretrained(directory)
+        tok = getattr(self, "tokenizer", None)
+        if tok is not None:
+            # Saved with the text tower's own limit, so `truncation=True` outside geobind gives
+            # sequences the model takes (a tokenizer may come with a longer default, e.g. 77).
+            limit = int(self.clip.config.text_config.max_position_embeddings)
+            if not tok.model_max_length or tok.model_max_length > limit:
+                tok.model_max_length = limit
+            tok.save_pretrained(directory)
 
     @staticmethod
     def _shared_clip(directory: str | Path, shared: dict[str, Any]):
@@ -160,8 +166,10 @@ class ClipTextEncoder(_ClipShared, Encoder):
     def load(self, item: Any, *, train: bool = False) -> str:
         from geobind.data.errors import BadSampleError
 
-        if not isinstance(item, str) or not item.strip():
-            raise BadSampleError("<text>", "empty-text", "caption is empty or not a string")
+        if item is None or (isinstance(item, str) and not item.strip()):
+            raise BadSampleError("<text>", "empty-text", "caption is empty")
+        if not isinstance(item, str):
+            raise BadSampleError("<text>", "not-text", f"a caption is a string, not {type(item).__name__}")
         return item
 
     def collate(self, samples: list[str]) -> dict[str, torch.Tensor]:
