@@ -89,7 +89,10 @@ def test_saved_folders_work_with_transformers_and_say_who_wrote_them(tiny_data, 
     clip = CLIPModel.from_pretrained(tmp_path / "m" / "clip")
     ids = tok(["forest " * 100], truncation=True, return_tensors="pt")
     assert ids["input_ids"].shape[1] == clip.config.text_config.max_position_embeddings
-    clip.text_model(**ids)  # runs: no sequence longer than the tower's positions
+    clip.text_model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])  # fits the tower
+    cfg = json.loads((tmp_path / "m" / "clip" / "tokenizer_config.json").read_text())
+    # A class transformers 4 knows too (5 writes TokenizersBackend), and no load-time flags.
+    assert cfg["tokenizer_class"] != "TokenizersBackend" and "local_files_only" not in cfg
 
 
 def test_saving_replaces_a_model_but_never_deletes_what_it_did_not_write(tiny_data, tmp_path, monkeypatch):

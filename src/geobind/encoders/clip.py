@@ -115,6 +115,7 @@ class _ClipShared:
             if not tok.model_max_length or tok.model_max_length > limit:
                 tok.model_max_length = limit
             tok.save_pretrained(directory)
+            _portable_tokenizer_config(directory / "tokenizer_config.json")
 
     @staticmethod
     def _shared_clip(directory: str | Path, shared: dict[str, Any]):
@@ -151,6 +152,23 @@ class ClipImageEncoder(_ClipShared, Encoder):
     def from_saved(cls, modality, directory, settings, dim, shared):
         clip, tok = cls._shared_clip(directory, shared)
         return cls(modality, clip, tok, settings.get("image_size"))
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """Make a saved ``tokenizer_config.json`` load with transformers 4 as well as 5: transformers
+    5 names a plain fast tokenizer ``TokenizersBackend``, a class 4.x lacks (both know it as
+    ``PreTrainedTokenizerFast``), and records how it was loaded (``is_local``,
+    ``local_files_only``), which says nothing about the saved folder."""
+    import json
+
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 @register_encoder("clip_text")
