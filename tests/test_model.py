@@ -95,6 +95,29 @@ def test_saved_folders_work_with_transformers_and_say_who_wrote_them(tiny_data, 
     assert cfg["tokenizer_class"] != "TokenizersBackend" and "local_files_only" not in cfg
 
 
+def test_image_folders_embed_in_plain_transformers_as_in_geobind(tiny_data, tmp_path):
+    """``satellite/`` and ``clip/`` carry a ``preprocessor_config.json``: transformers' own image
+    processor and model give geobind's vectors, square and non-square images alike."""
+    from transformers import AutoImageProcessor, CLIPModel, CLIPVisionModelWithProjection
+
+    model = build_space(tiny_data)
+    model.save_pretrained(tmp_path / "m")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              ((32, 32), (45, 60), (70, 41), (100, 100))]
+    sat = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "m" / "satellite").eval()
+    clip = CLIPModel.from_pretrained(tmp_path / "m" / "clip").eval()
+    for modality, folder, embed in (
+        ("satellite", "satellite", lambda px: sat(pixel_values=px).image_embeds),
+        ("ground", "clip", lambda px: clip.visual_projection(clip.vision_model(pixel_values=px).pooler_output)),
+    ):
+        proc = AutoImageProcessor.from_pretrained(tmp_path / "m" / folder)
+        with torch.no_grad():
+            theirs = torch.nn.functional.normalize(embed(proc(images, return_tensors="pt")["pixel_values"]), dim=-1)
+        ours = model.embed(modality, images)
+        assert torch.nn.functional.cosine_similarity(theirs, ours).min() > 0.9999, modality
+
+
 def test_saving_replaces_a_model_but_never_deletes_what_it_did_not_write(tiny_data, tmp_path, monkeypatch):
     model = build_space(tiny_data)
     mine = tmp_path / "mine"

@@ -223,6 +223,8 @@ class GeoBind(nn.Module):
                     if key not in saved:
                         enc.save(tmp / key)
                         saved.add(key)
+                for enc in self.encoders.values():
+                    enc.save_preprocessing(tmp / enc.backbone_key())
             write_json(tmp / MODEL_FILE, self.config_dict())
             if directory.exists() and (_holds_cwd(directory) or not not_clutter(directory)):
                 # An empty folder, or the process's own working folder (which must not be renamed

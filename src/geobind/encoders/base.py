@@ -128,6 +128,11 @@ class Encoder(nn.Module):
         """Write the backbone to ``directory`` in its own (``transformers``) format."""
         raise NotImplementedError
 
+    def save_preprocessing(self, directory: str | Path) -> None:
+        """Write, beside the backbone, the ``transformers`` preprocessing config that reproduces
+        this encoder's evaluation input (e.g. ``preprocessor_config.json``), so the folder works
+        on its own in ``transformers``. Nothing by default."""
+
     @classmethod
     def from_saved(
         cls,

@@ -148,10 +148,26 @@ class ClipImageEncoder(_ClipShared, Encoder):
     def settings(self) -> dict[str, Any]:
         return self.transform.settings()
 
+    def save_preprocessing(self, directory: str | Path) -> None:
+        save_image_processor(directory, self.transform)
+
     @classmethod
     def from_saved(cls, modality, directory, settings, dim, shared):
         clip, tok = cls._shared_clip(directory, shared)
         return cls(modality, clip, tok, settings.get("image_size"))
+
+
+def save_image_processor(directory: str | Path, transform: ImageTransform) -> None:
+    """``preprocessor_config.json`` of a ``CLIPImageProcessor`` doing what ``transform`` does
+    for evaluation: shortest side to ``image_size`` (bicubic), centre crop, this mean and std."""
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": transform.size}, resample=3,  # PIL's BICUBIC
+        do_center_crop=True, crop_size={"height": transform.size, "width": transform.size},
+        do_rescale=True, do_normalize=True, image_mean=list(transform.mean), image_std=list(transform.std),
+        do_convert_rgb=True,
+    ).save_pretrained(str(directory))
 
 
 def _portable_tokenizer_config(path: Path) -> None:
@@ -277,6 +293,9 @@ class ClipVisionEncoder(Encoder):
 
     def settings(self) -> dict[str, Any]:
         return self.transform.settings()
+
+    def save_preprocessing(self, directory: str | Path) -> None:
+        save_image_processor(directory, self.transform)
 
     @classmethod
     def check_spec(cls, spec):

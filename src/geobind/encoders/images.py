@@ -28,11 +28,12 @@ def _to_uint8(img: Image.Image) -> torch.Tensor:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """CLIP's evaluation transform: shortest side to ``size`` (bicubic), then a centre crop."""
+    """CLIP's evaluation transform: shortest side to ``size`` (bicubic), then a centre crop.
+    The long side is ``int(size * long / short)``, as in the torchvision ``Resize`` CLIP was
+    trained with and in transformers' ``CLIPImageProcessor``."""
     w, h = img.size
-    scale = size / min(w, h)
     if (w, h) != (size, size):
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         img = img.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
