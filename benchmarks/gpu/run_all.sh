@@ -8,7 +8,7 @@
 #   SMOKE=1 bash benchmarks/gpu/run_all.sh                     # tiny models, runs on a CPU too
 #   LIMIT_checks=60 LIMIT_train_b32=150 bash benchmarks/gpu/run_all.sh   # other time limits (s)
 #
-# Parts, most important first, and their time limits (18 minutes in all; where a call stops at
+# Parts, most important first, and their time limits (20.5 minutes in all; where a call stops at
 # 10 minutes, split them with PARTS, e.g. "checks train-b32 train-audio" (9 minutes at most)
 # first, then "trainer train-b16" and "data"): checks (the fast paths against their references on the
 # GPU's own kernels: gpu/checks.py, 120 s), train-b32 (stage 1 step at ViT-B/32, 200 s),
