@@ -135,6 +135,7 @@ def _profile_window(text: str) -> tuple[int, int]:
 
 
 def cmd_train(args) -> int:
+    """``geobind train``: train a config's stages, then evaluate if it asks; returns the exit code."""
     from geobind.binding.trainer import train
     from geobind.config import load_config
 
@@ -168,6 +169,8 @@ def print_report(report: dict, model) -> None:
 
 
 def write_report(report: dict, path: Path, force: bool) -> None:
+    """Write ``report`` to ``path`` as indented JSON, atomically; an existing file is replaced only
+    with ``force``."""
     from geobind.search.common import atomic_path
 
     with atomic_path(path, force=force) as tmp:
@@ -175,6 +178,7 @@ def write_report(report: dict, path: Path, force: bool) -> None:
 
 
 def cmd_eval(args) -> int:
+    """``geobind eval``: evaluate a model on a dataset, print the report; returns the exit code."""
     from geobind.cli_data import parse_layout_options
     from geobind.data.manifest import read_dataset
     from geobind.evaluate import evaluate

@@ -216,6 +216,7 @@ def parse_layout_options(items: list[str]) -> dict:
 
 
 def cmd_pack(args) -> int:
+    """``geobind data pack``: pack a dataset into WebDataset shards; returns the exit code."""
     from geobind.data.pack import pack
 
     res = pack(
@@ -244,6 +245,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_split(args) -> int:
+    """``geobind data split``: split a dataset into train/val/test manifests; returns the exit code."""
     from geobind.data.splits import write_split
 
     summary = write_split(
@@ -280,6 +282,7 @@ def cmd_split(args) -> int:
 
 
 def cmd_check(args) -> int:
+    """``geobind data check``: scan a dataset for bad samples; returns the exit code (1: failed)."""
     from geobind.data.check import check_dataset, write_report
     from geobind.search.common import check_writable
 

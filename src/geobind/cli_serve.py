@@ -49,6 +49,7 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
+    """``geobind serve``: serve the web explorer over a model and an index; returns the exit code."""
     from geobind.serve.app import SERVE_HINT, create_app
 
     try:

@@ -340,6 +340,7 @@ def _workers_arg(value: str) -> int | str:
 
 @_friendly
 def cmd_embed(args) -> int:
+    """``geobind embed``: embed one modality of a dataset to Parquet; returns the exit code."""
     from geobind import distributed
     from geobind.model import GeoBind
     from geobind.search.embed import embed_dataset
@@ -376,6 +377,7 @@ def cmd_embed(args) -> int:
 
 @_friendly
 def cmd_index_build(args) -> int:
+    """``geobind index build``: build a search index from embeddings; returns the exit code."""
     from geobind.search.index import build_index, speed_phrase, tuned_setting
 
     opts = {
@@ -419,6 +421,7 @@ def cmd_index_build(args) -> int:
 
 @_friendly
 def cmd_index_info(args) -> int:
+    """``geobind index info``: describe an index (text or JSON); returns the exit code."""
     from geobind.search.index import Index
 
     index = Index.load(args.index, mmap=True)
@@ -443,6 +446,7 @@ def cmd_index_info(args) -> int:
 
 @_friendly
 def cmd_search(args) -> int:
+    """``geobind search``: print the indexed places nearest a query; returns the exit code."""
     from geobind.model import GeoBind
     from geobind.search.index import Index
     from geobind.search.query import Query
@@ -493,6 +497,7 @@ def cmd_search(args) -> int:
 
 @_friendly
 def cmd_map(args) -> int:
+    """``geobind map``: write a zero-shot map (GeoTIFF, PNG, CSV); returns the exit code."""
     from geobind.model import GeoBind
     from geobind.search.index import Index
     from geobind.search.maps import default_outputs, describe

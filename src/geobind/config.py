@@ -18,6 +18,21 @@ import yaml
 
 from geobind.modality import GROUND, TEXT, get_modality
 
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "OptimConfig",
+    "RunConfig",
+    "StageConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_config",
+    "plain",
+    "validate",
+]
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -93,6 +108,7 @@ class RunConfig:
     cache_dir: str | None = None  # anchor-embedding cache (default: <output_dir>/cache)
 
     def to_dict(self) -> dict[str, Any]:
+        """The whole config as nested plain dicts and lists (tuples become lists), for YAML."""
         return plain(dataclasses.asdict(self))
 
 

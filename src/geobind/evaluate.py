@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import permutations
 from typing import Any
 
@@ -12,9 +13,20 @@ from geobind.data.manifest import Table
 from geobind.metrics import retrieval_metrics
 from geobind.model import GeoBind
 
+__all__ = [
+    "embed_all",
+    "evaluate",
+    "format_pairs",
+    "format_skipped",
+    "pair_report",
+    "trained_pair_names",
+    "trained_pairs",
+]
+
 
 def embed_all(
-    model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False, modalities=None,
+    model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False,
+    modalities: Sequence[str] | None = None,
     skipped: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{modality: (embeddings [N, D], valid [N])}`` for every modality both have. Rows that
@@ -30,7 +42,9 @@ def embed_all(
     return out
 
 
-def pair_report(embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], ks=(1, 5, 10)) -> dict[str, Any]:
+def pair_report(
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, Any]:
     """Retrieval metrics for every ordered pair ``a->b``: query ``a`` of row i must find row i's
     ``b`` among all rows valid in both."""
     pairs = {}

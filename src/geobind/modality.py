@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+__all__ = [
+    "AUDIO",
+    "GROUND",
+    "LOCATION",
+    "SATELLITE",
+    "TEXT",
+    "ModalitySpec",
+    "get_modality",
+    "modalities",
+    "register_modality",
+]
+
 SATELLITE = "satellite"
 GROUND = "ground"
 TEXT = "text"

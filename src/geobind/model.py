@@ -25,6 +25,8 @@ from geobind.encoders.base import (
 from geobind.modality import get_modality
 from geobind.search.common import not_clutter
 
+__all__ = ["FORMAT_VERSION", "MODEL_FILE", "GeoBind", "autocast_for"]
+
 FORMAT_VERSION = 1
 MODEL_FILE = "geobind.json"
 
@@ -115,6 +117,7 @@ class GeoBind(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's first parameter (CPU if it has none)."""
         for p in self.parameters():
             return p.device
         return torch.device("cpu")

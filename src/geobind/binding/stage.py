@@ -45,6 +45,7 @@ class BindingStage(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every parameter that requires grad, the anchor's excluded."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("anchor.")]
 
     @torch.no_grad()

@@ -606,6 +606,9 @@ class Trainer:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     def run(self) -> Path:
+        """Run every stage (skipping finished ones on resume) and return the final model directory.
+        Raises FileExistsError, FileNotFoundError or ValueError if the run cannot start, and
+        :class:`TrainingInterrupted` when it is stopped or interrupted."""
         cfg = self.cfg
         # Rank 0 checks, every rank raises: a refusal must not leave the others in a barrier.
         refusal = self._preflight() if self.main else None

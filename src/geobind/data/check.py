@@ -47,6 +47,7 @@ class CheckReport:
         return self.samples - self.usable
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-serialisable dict, with ``bad`` and reasons sorted by name."""
         return {
             "source": self.source,
             "layout": self.layout,
@@ -60,6 +61,8 @@ class CheckReport:
         }
 
     def format(self) -> str:
+        """The report as multi-line text: counts, problems by reason (most frequent first),
+        truncated shards and the first problem examples."""
         lines = [
             f"checked {self.samples} samples of {self.source} (layout {self.layout}; "
             f"modalities {', '.join(self.modalities)})",

@@ -24,6 +24,20 @@ import pandas as pd
 from geobind.data.errors import BadSampleError
 from geobind.modality import get_modality
 
+__all__ = [
+    "REQUIRED",
+    "Reader",
+    "Table",
+    "bad_coordinates",
+    "check_layout_options",
+    "layout_options",
+    "layouts",
+    "read_dataset",
+    "read_manifest",
+    "register_layout",
+    "row_detail",
+]
+
 REQUIRED = ("id", "lat", "lon")
 
 
@@ -49,6 +63,7 @@ class Table:
 
     @property
     def modalities(self) -> list[str]:
+        """The modalities with a column in this table, in column order."""
         return list(self.columns)
 
     def place(self, i: int) -> tuple[str, Any, Any]:
@@ -89,7 +104,7 @@ _LAYOUTS: dict[str, Reader] = {}
 _STREAMING: set[str] = set()
 
 
-def register_layout(name: str, *, streaming: bool = False):
+def register_layout(name: str, *, streaming: bool = False) -> Callable[[Reader], Reader]:
     """Decorator registering a reader for a dataset layout.
 
     A reader is called as ``reader(path, **options)`` and returns a :class:`Table`, or a

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,7 +302,7 @@ def pack(
     audio_format: str = "flac",
     workers: int = 1,
     progress: bool = True,
-    log=print,
+    log: Callable[[str], None] | None = print,
 ) -> PackResult:
     """Write the rows of ``source`` into WebDataset shards in ``out`` (see the module docstring).
 

@@ -93,6 +93,8 @@ class ShardSchema:
     )
 
     def fingerprint(self) -> str:
+        """A canonical JSON string of every field; equal fingerprints mean the same layout (it
+        keys the shard index)."""
         return json.dumps(
             {
                 "name": self.name,
@@ -353,18 +355,22 @@ class ShardSet:
 
     @property
     def ids(self) -> list[str]:
+        """Every sample's id, in row order (a new list on each access)."""
         return self._ids.to_pylist()
 
     @property
     def lat(self) -> list[float]:
+        """Every sample's latitude in degrees, in row order (a new list on each access)."""
         return self._lat.tolist()
 
     @property
     def lon(self) -> list[float]:
+        """Every sample's longitude in degrees, in row order (a new list on each access)."""
         return self._lon.tolist()
 
     @property
     def modalities(self) -> list[str]:
+        """The modalities whose members appear in these shards (not checked per sample)."""
         return list(self.columns)
 
     def place(self, row: int) -> tuple[str, float, float]:
@@ -372,9 +378,13 @@ class ShardSet:
         return self._ids[int(row)].as_py(), float(self._lat[row]), float(self._lon[row])
 
     def has(self, modality: str) -> bool:
+        """Whether these shards hold ``modality`` (location modalities always count, from the
+        coordinates)."""
         return modality in self.columns or get_modality(modality).source == "latlon"
 
     def require(self, *mods: str) -> None:
+        """Raise :class:`ValueError` naming the expected member names if any of ``mods`` is
+        missing from these shards."""
         for m in mods:
             if not self.has(m):
                 wanted = (
@@ -402,16 +412,20 @@ class ShardSet:
         return ""
 
     def key(self, row: int) -> str:
+        """Row ``row``'s sample key (its tar members' shared name stem)."""
         return self._keys[int(row)].as_py()
 
     def id_of(self, row: int) -> str:
+        """Row ``row``'s sample id."""
         return self._ids[int(row)].as_py()
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        """The index into ``urls`` of the shard holding each of ``rows`` (same shape)."""
         return np.searchsorted(self.offsets, rows, side="right") - 1
 
     # -- items --------------------------------------------------------------------------------------
     def member_name(self, sample: dict[str, Any], suffix: str) -> str:
+        """``<shard url>#<key>.<suffix>``: the member of a streamed ``sample``, for messages."""
         return f"{sample.get('__url__', self.source)}#{sample.get('__key__', '?')}.{suffix}"
 
     def item(self, sample: dict[str, Any], row: int, modality: str) -> Any:

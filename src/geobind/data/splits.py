@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from geobind.data.manifest import Table, read_dataset
 from geobind.modality import get_modality
@@ -54,8 +55,8 @@ def _check_fractions(val: float, test: float) -> None:
 
 
 def spatial_split(
-    lat,
-    lon,
+    lat: ArrayLike,
+    lon: ArrayLike,
     *,
     cell_deg: float = 1.0,
     val: float = 0.1,
@@ -108,7 +109,8 @@ def spatial_split(
 
 
 def random_split(
-    n: int, *, val: float = 0.1, test: float = 0.1, seed: int = 0, lat=None, lon=None
+    n: int, *, val: float = 0.1, test: float = 0.1, seed: int = 0,
+    lat: ArrayLike | None = None, lon: ArrayLike | None = None,
 ) -> np.ndarray:
     """Labels of a uniformly random split (not the default: neighbours leak across splits)."""
     _check_fractions(val, test)

@@ -23,6 +23,26 @@ from typing import Any
 
 import yaml
 
+__all__ = [
+    "DEMO_EPILOG",
+    "DEMO_FOLDER_MARK",
+    "DEMO_MARK",
+    "DIM",
+    "IMAGE_SIZE",
+    "MAP_TEXT_QUERIES",
+    "NOTICE",
+    "PRESETS",
+    "SAMPLE_RATE",
+    "SECONDS",
+    "Preset",
+    "add_demo_parser",
+    "demo_audio_spec",
+    "prepare_out",
+    "run_demo",
+    "write_configs",
+    "write_places_index",
+]
+
 DEMO_EPILOG = """\
 examples:
   geobind demo                         # the full demo (about 5 minutes on a 2-core CPU)
@@ -263,6 +283,7 @@ def write_places_index(model, out: Path, *, progress: bool = True) -> Path:
 
 
 def add_demo_parser(sub) -> None:
+    """Add the ``demo`` subcommand to ``sub``, the subparsers of the ``geobind`` command line."""
     d = sub.add_parser(
         "demo", help="train and evaluate GeoBind on the embedded synthetic Earth (offline)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DEMO_EPILOG,

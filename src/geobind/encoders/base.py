@@ -18,16 +18,30 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+__all__ = [
+    "Encoder",
+    "eagerly",
+    "encoder_types",
+    "get_encoder_class",
+    "l2_normalize",
+    "names_local_path",
+    "quiet_transformers",
+    "register_encoder",
+    "uncompile",
+    "write_json",
+]
+
 _ENCODERS: dict[str, type[Encoder]] = {}
 
 
-def register_encoder(name: str):
+def register_encoder(name: str) -> Callable[[type[Encoder]], type[Encoder]]:
     """Class decorator registering an :class:`Encoder` subclass under ``name``."""
 
     def wrap(cls: type[Encoder]) -> type[Encoder]:
@@ -95,6 +109,7 @@ class Encoder(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the encoder's first parameter, else of its first buffer, else CPU."""
         for p in self.parameters():
             return p.device
         for b in self.buffers():

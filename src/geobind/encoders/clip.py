@@ -36,6 +36,20 @@ from geobind.encoders.images import (
 )
 from geobind.encoders.vit import pooled_class_token
 
+__all__ = [
+    "MIN_VOCAB_SIZE",
+    "ClipImageEncoder",
+    "ClipTextEncoder",
+    "ClipVisionEncoder",
+    "anchor_encoders",
+    "build_anchor",
+    "build_clip",
+    "check_tokenizer",
+    "load_clip",
+    "resolve_pretrained",
+    "save_image_processor",
+]
+
 # A real CLIP tokenizer has ~49k tokens. Offline `from_pretrained` of a hub id can silently
 # fall back to a near-empty vocabulary, which trains on garbage: refuse anything this small.
 MIN_VOCAB_SIZE = 64

@@ -177,6 +177,7 @@ class ImageTransform:
         return {"pixels": _to_uint8(img), "aug": aug}
 
     def settings(self) -> dict[str, Any]:
+        """The options that define the transform (saved with the model and part of its identity)."""
         out = {"image_size": self.size, "mean": list(self.mean), "std": list(self.std), "augment": self.augment}
         # Only written when set, so models saved before the option existed keep their settings
         # (and with them the identity that embeddings files and indexes record).

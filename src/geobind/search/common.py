@@ -33,6 +33,7 @@ class OutputExistsError(FileExistsError):
         super().__init__(f"{path} exists; pass force=True to overwrite it")
 
     def cli_message(self) -> str:
+        """The error worded for the command line, naming ``--force`` instead of ``force=True``."""
         return f"{self.path} exists; pass --force to overwrite it"
 
     def __reduce__(self):  # pickles (e.g. from a worker process) with its path, not its message

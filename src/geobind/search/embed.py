@@ -22,11 +22,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from geobind.search.common import atomic_path, check_writable
+
+if TYPE_CHECKING:
+    from geobind.model import GeoBind
 
 FORMAT = "geobind-embeddings"
 FORMAT_VERSION = 1
@@ -60,14 +63,17 @@ class Embeddings:
 
     @property
     def dim(self) -> int:
+        """The embedding dimension ``D``."""
         return int(self.vectors.shape[1])
 
     @property
     def modality(self) -> str:
+        """The modality that was embedded (``""`` if the header does not say)."""
         return self.header.get("modality", "")
 
     @property
     def identity(self) -> str:
+        """Identity of the model that made the embeddings (``""`` if the header lacks it)."""
         return self.header.get("model", {}).get("identity", "")
 
 
@@ -391,7 +397,7 @@ def _embed_chunks(
 
 
 def embed_dataset(
-    model,
+    model: GeoBind,
     data: Any,
     modality: str,
     out: str | Path,

@@ -108,6 +108,7 @@ class Hit:
     caption: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The hit as a JSON-serialisable dict of its fields."""
         return {
             "rank": self.rank,
             "id": self.id,
@@ -157,22 +158,27 @@ class Index:
 
     @property
     def kind(self) -> str:
+        """The index kind: ``"exact"``, ``"hnsw"`` or ``"ivfpq"``."""
         return self.header["kind"]
 
     @property
     def dim(self) -> int:
+        """The embedding dimension of the indexed vectors."""
         return int(self.header["dim"])
 
     @property
     def modality(self) -> str:
+        """The modality of the indexed embeddings."""
         return self.header["model"]["modality"]
 
     @property
     def identity(self) -> str:
+        """The identity of the model that made the indexed embeddings."""
         return self.header["model"]["identity"]
 
     @property
     def name(self) -> str:
+        """The index's path as a string, or ``"<in-memory index>"`` if it has none."""
         return str(self.path) if self.path else "<in-memory index>"
 
     def describe(self) -> dict[str, Any]:
@@ -505,6 +511,7 @@ class Index:
 
     @property
     def has_thumbnails(self) -> bool:
+        """Whether the index was built with at least one thumbnail."""
         return bool(self.header.get("thumbnails", {}).get("count"))
 
     def thumbnail(self, item_id: str) -> bytes | None:

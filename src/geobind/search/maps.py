@@ -35,13 +35,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from geobind.search.common import atomic_path, check_writable
+
+if TYPE_CHECKING:
+    from geobind.model import GeoBind
 
 GEO_HINT = "pip install 'geobind[geo]'"
 SCORE_LABELS = {
@@ -66,7 +69,9 @@ def import_rasterio():
 
 
 # -- scores ----------------------------------------------------------------------------------
-def score_matrix(vectors, queries, *, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+def score_matrix(
+    vectors: np.ndarray | torch.Tensor, queries: np.ndarray | torch.Tensor, *, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
     """Cosine scores ``[N, Q]`` (float32) of ``N`` unit vectors against ``Q`` unit queries, in
     chunks of rows (float16 vectors are widened chunk by chunk), within [-1, 1] (float16
     rounding can carry a product of unit vectors just past 1)."""
@@ -85,7 +90,13 @@ def score_matrix(vectors, queries, *, chunk_rows: int = CHUNK_ROWS) -> np.ndarra
     return out
 
 
-def scores(vectors, query, *, prompts=None, scale: float = 100.0) -> tuple[np.ndarray, str]:
+def scores(
+    vectors: np.ndarray | torch.Tensor,
+    query: np.ndarray | torch.Tensor,
+    *,
+    prompts: np.ndarray | torch.Tensor | None = None,
+    scale: float = 100.0,
+) -> tuple[np.ndarray, str]:
     """Per-row scores of ``vectors`` for one query vector: ``(scores [N], kind)``.
 
     Without ``prompts``: cosine similarity. With ``prompts`` (unit vectors ``[P, D]``): the
@@ -124,6 +135,7 @@ class MapResult:
 
     @property
     def score_label(self) -> str:
+        """What the scores are, in words (for legends and headers)."""
         return SCORE_LABELS[self.score].format(n=self.n_prompts)
 
     @property
@@ -408,15 +420,15 @@ def tile_transform(t, tile_size: int, stride: int):
 
 
 def map_raster(
-    model,
-    query,
+    model: GeoBind,
+    query: np.ndarray | torch.Tensor,
     raster: str | Path,
     tile_size: int,
     stride: int | None = None,
     *,
     modality: str = "satellite",
     bands: Sequence[int] | None = None,
-    prompts=None,
+    prompts: np.ndarray | torch.Tensor | None = None,
     scale: float = 100.0,
     label: str = "",
     batch_size: int = 32,
@@ -527,14 +539,14 @@ def auto_resolution(lat: np.ndarray, lon: np.ndarray, max_cells: int = 2048) -> 
 
 
 def map_points(
-    vectors,
+    vectors: np.ndarray | torch.Tensor,
     lat: np.ndarray,
     lon: np.ndarray,
     ids: Sequence[str],
-    query,
+    query: np.ndarray | torch.Tensor,
     *,
     resolution: float | None = None,
-    prompts=None,
+    prompts: np.ndarray | torch.Tensor | None = None,
     scale: float = 100.0,
     label: str = "",
 ) -> MapResult:
@@ -555,15 +567,15 @@ def map_points(
 
 
 def map_points_many(
-    vectors,
+    vectors: np.ndarray | torch.Tensor,
     lat: np.ndarray,
     lon: np.ndarray,
     ids: Sequence[str],
-    queries,
+    queries: np.ndarray | torch.Tensor,
     *,
     labels: Sequence[str] | None = None,
     resolution: float | None = None,
-    prompts=None,
+    prompts: np.ndarray | torch.Tensor | None = None,
     scale: float = 100.0,
 ) -> list[MapResult]:
     """One map per row of ``queries`` ``[Q, D]`` over the same places: the vectors are read once

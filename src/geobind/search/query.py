@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from geobind.model import GeoBind
 
 # Query keyword -> modality. ``image`` is a ground-level photo (CLIP's image side).
 QUERY_MODALITIES = {"text": "text", "audio": "audio", "image": "ground", "satellite": "satellite"}
@@ -131,7 +134,7 @@ def sniff_file(path: str | Path) -> str:
     )
 
 
-def embed_query(model, query: Query, *, batch_size: int = 32) -> torch.Tensor:
+def embed_query(model: GeoBind, query: Query, *, batch_size: int = 32) -> torch.Tensor:
     """The query's unit vector ``[D]`` (float32): the renormalised sum of its items' unit
     embeddings."""
     query.check_files()

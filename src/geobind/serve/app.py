@@ -24,10 +24,16 @@ import base64
 import io
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from geobind.model import GeoBind
+    from geobind.search.index import Index
 
 STATIC = Path(__file__).parent / "static"
 SERVE_HINT = "pip install 'geobind[serve]'"
@@ -181,6 +187,7 @@ class Explorer:
         return keyword, item
 
     def too_large_message(self) -> str:
+        """The message of a 413 response: the upload limit in MB."""
         return f"upload too large: the limit is {self.max_upload_mb:g} MB"
 
     def query_vector(
@@ -208,6 +215,8 @@ class Explorer:
         return q.numpy().astype(np.float32), " + ".join(labels)
 
     def search(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The top ``k`` places for the unit query vector ``q`` [D], best first, as
+        :meth:`geobind.search.Hit.to_dict` dicts plus a ``thumbnail_url`` (None where there is no thumbnail)."""
         out = []
         for hit in self.index.hits(q, k):
             d = hit.to_dict()
@@ -220,6 +229,8 @@ class Explorer:
         return out
 
     def heat_map(self, q: np.ndarray, label: str) -> dict[str, Any]:
+        """The cosine-score heat map of every indexed place for the query vector ``q`` [D]: a
+        PNG data URL, its Leaflet lat/lon bounds, grid step in degrees and the score range."""
         from geobind.search.maps import map_points
 
         result = map_points(
@@ -276,6 +287,8 @@ class Explorer:
         return self._coverage
 
     def health(self) -> dict[str, Any]:
+        """The ``/api/health`` payload: model modalities, dim and identities, index summary,
+        upload limit and what the scores mean."""
         return {
             "status": "ok",
             "model": {
@@ -344,13 +357,13 @@ def map_resolution(lat: np.ndarray, lon: np.ndarray) -> float:
 
 
 def create_app(
-    model,
-    index,
+    model: "GeoBind | str | Path",
+    index: "Index | str | Path",
     *,
     max_upload_mb: float = 20,
     default_k: int = 10,
     title: str = "GeoBind explorer",
-):
+) -> "FastAPI":
     """The FastAPI app over ``model`` (a :class:`geobind.GeoBind` or a model directory) and
     ``index`` (a :class:`geobind.search.Index` or an index folder built with this model).
     ``max_upload_mb`` caps uploads (413 above it)."""

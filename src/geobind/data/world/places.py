@@ -67,6 +67,7 @@ class Places:
         return len(self.lat)
 
     def take(self, idx: np.ndarray) -> Places:
+        """The places selected by ``idx`` (integer indices or a boolean mask), as a new table."""
         return Places(
             self.lat[idx],
             self.lon[idx],
