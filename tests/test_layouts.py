@@ -186,6 +186,20 @@ def test_published_layout_configs_train_end_to_end(
     err = capsys.readouterr().err
     assert "stages.audio.data.train: none of 20 satellite files spread over the dataset exists (e.g. " in err
     assert "images/x/100.png" in err and not (tmp_path / "typo" / "stages").exists()
+    # So is an evaluation dataset that lacks a column, or whose files are all missing.
+    cfg["stages"][1]["data"].pop("layout_options")
+    (tmp_path / "nolat.csv").write_text("id,lon,satellite\na,1.0,x.png\n")
+    cfg["eval"] = {"data": str(tmp_path / "nolat.csv")}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    assert f"eval.data: {tmp_path / 'nolat.csv'}: missing column(s) lat" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "stages").exists()
+    (tmp_path / "gone.csv").write_text("id,lat,lon,satellite\n" + "".join(f"p{i},1.0,2.0,no/{i}.png\n" for i in range(30)))
+    cfg["eval"] = {"data": str(tmp_path / "gone.csv")}
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    assert "eval.data: none of 20 satellite files spread over the dataset exists" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "stages").exists()
 
 
 def test_geotiff_centres_are_transformed_to_wgs84(tmp_path):

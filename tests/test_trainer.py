@@ -615,3 +615,47 @@ def test_fork_hang_warning_names_the_affected_pythons():
         assert not fork_may_hang(fixed), fixed
     msg = FORK_HANG_WARNING.format(version="3.11.7")
     assert "3.11.7" in msg and "optim.num_workers: 0" in msg and "gh-112275" in msg
+
+
+def test_a_run_resumes_from_any_folder_and_from_its_saved_config(tiny_data, tmp_path, monkeypatch):
+    """Paths in a config are relative to its file; the run keeps them absolute, so a stopped run
+    resumes whichever folder the command starts in (or the config given by another path), and
+    the config saved with it trains on the same files. A checkpoint of a run whose saved config
+    still names its paths relative to where it started resumes from that folder."""
+    import os
+
+    conf = tmp_path / "proj" / "conf"
+    conf.mkdir(parents=True)
+    d = tiny_config(tiny_data, tmp_path / "x", steps=4, audio=False)
+    d["stages"][0]["optim"].update(ckpt_every=100)
+    d["eval"] = None
+    rel = lambda p: os.path.relpath(p, conf)  # noqa: E731
+    d["output_dir"] = "../runs/r"
+    d["anchor"]["tokenizer"] = rel(d["anchor"]["tokenizer"])
+    d["stages"][0]["data"]["train"] = rel(d["stages"][0]["data"]["train"])
+    (conf / "run.yaml").write_text(yaml.safe_dump(d))
+    monkeypatch.chdir(tmp_path / "proj")
+    with sigint_during_step(2):
+        assert main(["train", "conf/run.yaml"]) == 130
+    saved = yaml.safe_load((tmp_path / "proj" / "runs" / "r" / "config.yaml").read_text())
+    assert os.path.isabs(saved["stages"][0]["data"]["train"]) and os.path.isabs(saved["output_dir"])
+    monkeypatch.chdir(tmp_path)  # another folder, and the config named another way
+    assert main(["train", str(tmp_path / "proj" / "conf" / ".." / "conf" / "run.yaml"), "--resume"]) == 0
+    done = json.loads((tmp_path / "proj" / "runs" / "r" / "stages" / "01-satellite" / "done.json").read_text())
+    assert done["resumed_at_step"] == 2 and done["steps"] == 4
+    # The saved config is a config: it names the same run and files.
+    assert main(["train", str(tmp_path / "proj" / "runs" / "r" / "config.yaml"), "--resume"]) == 0
+
+    # A run saved with paths relative to the folder it started in (and so another fingerprint).
+    run = tmp_path / "proj" / "runs" / "old"
+    monkeypatch.chdir(tmp_path / "proj")
+    with sigint_during_step(2):
+        assert main(["train", "conf/run.yaml", "--set", "output_dir=../runs/old"]) == 130
+    stage = run / "stages" / "01-satellite"
+    for f in (run / "config.yaml", stage / "config.yaml"):
+        text = f.read_text().replace(str(tmp_path / "proj") + "/", "")
+        f.write_text(text.replace(str(tiny_data["root"]), os.path.relpath(tiny_data["root"], tmp_path / "proj")))
+    ck = torch.load(stage / "checkpoint.pt", weights_only=False)
+    torch.save({**ck, "fingerprint": "0123456789abcdef"}, stage / "checkpoint.pt")
+    assert "conf/" in (stage / "config.yaml").read_text() or "../" in (stage / "config.yaml").read_text()
+    assert main(["train", "conf/run.yaml", "--set", "output_dir=../runs/old", "--resume"]) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
 
 
 def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
-    """Validate a config mapping and resolve relative paths against ``base_dir``."""
+    """Validate a config mapping and make relative paths absolute, relative to ``base_dir``."""
     data = copy.deepcopy(data)
     base = Path(base_dir)
 
@@ -191,7 +192,9 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
         if p is None or "://" in str(p) or str(p).startswith("pipe:"):
             return p
         q = Path(str(p)).expanduser()
-        return str(q if q.is_absolute() else (base / q))
+        # Absolute, so the config saved with the run works from any folder, and a run resumes
+        # whichever folder the command starts in.
+        return os.path.abspath(q if q.is_absolute() else (base / q))
 
     cfg = _build(RunConfig, data, "config")
     cfg = dataclasses.replace(

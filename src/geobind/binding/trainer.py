@@ -450,12 +450,25 @@ def _missing_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
 _RUN_KEYS = ("anchor", "init_model", "anchor_modalities", "seed")
 
 
+# Settings that hold paths: compared as the places they name, so a run whose config named them
+# relative to the folder it started in still resumes (configs now hold absolute paths).
+_PATH_KEYS = frozenset({"output_dir", "init_model", "cache_dir", "pretrained", "tokenizer", "train", "val", "data"})
+
+
+def _same_place(old: Any, new: Any) -> bool:
+    if not (isinstance(old, str) and isinstance(new, str)) or "://" in old + new:
+        return False
+    return os.path.abspath(os.path.expanduser(old)) == os.path.abspath(os.path.expanduser(new))
+
+
 def _changed_keys(old: Any, new: Any, prefix: str) -> list[str]:
     """``key (old -> new)`` for every value of ``old`` that ``new`` holds differently; keys that
     only one side has (settings added or removed between versions) are left out."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [c for k in old if k in new for c in _changed_keys(old[k], new[k], f"{prefix}.{k}")]
-    return [] if old == new else [f"{prefix.lstrip('.')} ({old!r} -> {new!r})"]
+    if old == new or (prefix.rsplit(".", 1)[-1] in _PATH_KEYS and _same_place(old, new)):
+        return []
+    return [f"{prefix.lstrip('.')} ({old!r} -> {new!r})"]
 
 
 def _as_saved(d: dict) -> dict:
@@ -484,13 +497,19 @@ def _resume_changes(cfg: RunConfig, out: Path) -> list[str]:
         changed += _run_changes(cfg, out)
     for i, s in enumerate(cfg.stages):
         d = out / "stages" / f"{i + 1:02d}-{s.name}"
-        if not trained(d) or not (d / "config.yaml").is_file():
-            continue
-        old, new = yaml.safe_load((d / "config.yaml").read_text()) or {}, _as_saved(dataclasses.asdict(s))
-        for o in (old, new):
-            o.get("optim", {}).pop("num_workers", None)
-        changed += _changed_keys(old, new, f"stages.{s.name}")
+        if trained(d):
+            changed += _stage_changes(s, d) or []
     return changed
+
+
+def _stage_changes(s: StageConfig, d: Path) -> list[str] | None:
+    """What ``s`` changes against the stage config saved in ``d`` (``None``: none saved)."""
+    if not (d / "config.yaml").is_file():
+        return None
+    old, new = yaml.safe_load((d / "config.yaml").read_text()) or {}, _as_saved(dataclasses.asdict(s))
+    for o in (old, new):
+        o.get("optim", {}).pop("num_workers", None)
+    return _changed_keys(old, new, f"stages.{s.name}")
 
 
 # A table none of whose files of a modality exist among this many rows, spread over the
@@ -499,40 +518,39 @@ PROBE_ROWS = 20
 
 
 def _unreadable_data(cfg: RunConfig, done: set[str] = frozenset(), read: dict | None = None) -> list[str]:
-    """``where: problem`` for every dataset the run still needs that cannot serve its stage:
-    it does not read (a wrong column or layout option, a folder that is no dataset), lacks the
-    stage's modalities, or names files none of which exist among rows spread over it. ``read``,
-    if given, keeps what was read (keyed by :func:`_dataset_key`) for the stages to reuse."""
+    """``where: problem`` for every dataset the run still needs that cannot serve it: it does not
+    read (a wrong column or layout option, a folder that is no dataset), lacks the stage's
+    modalities, or names files none of which exist among rows spread over it. The evaluation
+    dataset (``eval.data``) is checked too, for the modalities it holds. ``read``, if given,
+    keeps what was read (keyed by :func:`_dataset_key`) for the stages to reuse."""
     from geobind.modality import get_modality
 
+    todo = [(f"stages.{s.name}.data.{key}", getattr(s.data, key), s.data, (s.train, s.bind_to))
+            for s in cfg.stages if s.name not in done for key in ("train", "val") if getattr(s.data, key)]
+    if cfg.eval is not None:
+        todo.append(("eval.data", cfg.eval.data, cfg.eval, None))
     out = []
-    for s in cfg.stages:
-        if s.name in done:
+    for where, path, data_cfg, needs in todo:
+        try:
+            data = read_dataset(path, data_cfg.layout, **data_cfg.layout_options)
+            if needs:
+                data.require(*needs)
+        except (ValueError, OSError) as e:
+            out.append(f"{where}: {e}")
             continue
-        for key in ("train", "val"):
-            path = getattr(s.data, key)
-            if not path:
+        if read is not None and needs:
+            read[_dataset_key(path, data_cfg)] = data
+        if not isinstance(data, Table):
+            continue
+        for m in needs or tuple(data.columns):
+            if get_modality(m).source != "path":
                 continue
-            where = f"stages.{s.name}.data.{key}"
-            try:
-                data = read_dataset(path, s.data.layout, **s.data.layout_options)
-                data.require(s.train, s.bind_to)
-            except (ValueError, OSError) as e:
-                out.append(f"{where}: {e}")
-                continue
-            if read is not None:
-                read[_dataset_key(path, s.data)] = data
-            if not isinstance(data, Table):
-                continue
-            for m in (s.train, s.bind_to):
-                if get_modality(m).source != "path":
-                    continue
-                col = data.columns[m]
-                rows = sorted({int(i) for i in np.linspace(0, len(col) - 1, min(PROBE_ROWS, len(col)))})
-                probe = [col[i] for i in rows if isinstance(col[i], str)]
-                if probe and not any(Path(v).exists() for v in probe):
-                    out.append(f"{where}: none of {len(probe)} {m} files spread over the dataset exists "
-                               f"(e.g. {probe[0]}); check the paths, or the layout's path options")
+            col = data.columns[m]
+            rows = sorted({int(i) for i in np.linspace(0, len(col) - 1, min(PROBE_ROWS, len(col)))})
+            probe = [col[i] for i in rows if isinstance(col[i], str)]
+            if probe and not any(Path(v).exists() for v in probe):
+                out.append(f"{where}: none of {len(probe)} {m} files spread over the dataset exists "
+                           f"(e.g. {probe[0]}); check the paths, or the layout's path options")
     return out
 
 
@@ -797,7 +815,9 @@ class Trainer:
             if not self.resume:
                 raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue, or use another output_dir")
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            if ck["fingerprint"] != fp:
+            # A checkpoint from a config that named its paths relative to the folder the run started
+            # in has another fingerprint; the saved stage config then says whether it is the same.
+            if ck["fingerprint"] != fp and _stage_changes(scfg, stage_dir) != []:
                 raise ValueError(
                     f"{ckpt_path} was written by a different stage config; resume with the same config "
                     "or start a new output_dir"
