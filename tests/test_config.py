@@ -114,8 +114,9 @@ def test_help_loads_neither_torch_nor_pandas():
 def test_unreadable_yaml_and_impossible_overrides_name_the_problem(tiny_data, tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("output_dir: run\nstages:\n  - name: s\n   bind_to: ground\n")
-    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML") as e:
         load_config(bad)
+    assert f'in "{bad}", line 4' in str(e.value) and "<unicode string>" not in str(e.value)
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="a YAML mapping"):
@@ -125,6 +126,8 @@ def test_unreadable_yaml_and_impossible_overrides_name_the_problem(tiny_data, tm
         apply_overrides(d, ["output_dir.x=1"])
     with pytest.raises(ConfigError, match="not valid YAML"):
         apply_overrides(d, ["seed=[1"])
+    with pytest.raises(ConfigError, match="no stage named 'satelite'; the stages are satellite, audio"):
+        apply_overrides(d, ["stages.satelite.optim.lr=1"])
 
 
 def test_devices_are_checked_with_a_message_that_says_what_to_use():
@@ -167,3 +170,14 @@ def test_plugins_named_in_the_environment_are_imported_by_every_command(tmp_path
     monkeypatch.setenv("GEOBIND_PLUGINS", "no_such_plugin_module")
     assert main(["index", "info", str(tmp_path / "none.index")]) == 2
     assert "GEOBIND_PLUGINS names 'no_such_plugin_module', which cannot be imported" in capsys.readouterr().err
+
+
+def test_shipped_configs_print_and_a_missing_config_is_explained(capsys):
+    from geobind.cli import main
+
+    assert main(["train", "--show-config", "paper"]) == 0
+    text = capsys.readouterr().out
+    paper = yaml.safe_load(text)
+    assert [s["name"] for s in paper["stages"]] == ["satellite", "audio"]
+    assert main(["train"]) == 2
+    assert "--show-config paper > run.yaml" in capsys.readouterr().err

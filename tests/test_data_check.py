@@ -99,7 +99,8 @@ def test_check_cli_prints_counts_and_fails_under_strict(bad, tmp_path, capsys):
     good = _rows_of(bad[0], slice(12, None), tmp_path / "good.csv")
     assert main(["data", "check", str(good), "--strict"]) == 0
     assert main(["data", "check", str(tmp_path / "nothing.csv")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.startswith("geobind data check: error:")
 
 
 def _stage(tiny_data, data, out, bind_to, batch_size, **data_extra):
@@ -126,7 +127,9 @@ def test_training_skips_and_counts_what_check_reports(bad, tiny_data, tmp_path):
     )
     log = (tmp_path / "run" / "train.log").read_text()
     assert "skipping bad sample" in log and "sat/006.png: undecodable" in log
-    assert "epoch 1: skipped 4 bad samples" in log and "skipped samples so far" in log
+    assert "epoch 1: skipped 4 bad samples (" in log and "so far in this stage: " in log and "{" not in log
+    # Rows left out before reading (their coordinates) are named too, with what is wrong.
+    assert "stage satellite: skipping 2 of " in log and "b009 (bad-coordinates, lat " in log
     rows = list(csv.DictReader(open(stage / "metrics.csv")))
     assert rows[-1]["bad_undecodable"] == "2"
     d["stages"][0]["data"]["strict"] = True

@@ -171,6 +171,13 @@ def test_clear_errors(tiny_data, tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="geobind.json is missing"):
         GeoBind.from_pretrained(tmp_path / "empty")
+    # The model's file for its folder, and a run's folder for its model/.
+    model.save_pretrained(tmp_path / "run" / "model")
+    with pytest.raises(FileNotFoundError, match=f"is a file; a GeoBind model is a folder \\(pass its folder, "
+                                                f"{tmp_path / 'run' / 'model'}\\)"):
+        GeoBind.from_pretrained(tmp_path / "run" / "model" / "geobind.json")
+    with pytest.raises(FileNotFoundError, match=f"the model is in {tmp_path / 'run' / 'model'}"):
+        GeoBind.from_pretrained(tmp_path / "run")
     small = GeoBind(16)
     with pytest.raises(ValueError, match="returns 32-d vectors but the space has 16"):
         small.add_encoder("satellite", model.encoder("satellite"))

@@ -285,6 +285,15 @@ def test_a_stop_says_once_what_happens_and_how_to_resume(tiny_data, tmp_path, mo
     assert torch.load(ckpt, weights_only=False)["step"] == 4
 
 
+def test_a_sigterm_stop_exits_as_the_signal_ended_it(tiny_data, tmp_path, capsys):
+    """A stop asked by SIGTERM (a scheduler's) exits 143, one by Ctrl-C 130, as shells report."""
+    import signal
+
+    with sigint_during_step(2, signal.SIGTERM):
+        rc, said = _cli_train(tiny_data, tmp_path, capsys)
+    assert rc == 143 and "stopped after step 2" in said
+
+
 def test_a_second_signal_while_the_stop_writes_its_checkpoint_keeps_the_last_one(tiny_data, tmp_path,
                                                                                monkeypatch):
     """Ctrl-C again while the stop's checkpoint is being written: the write is abandoned (no

@@ -10,7 +10,7 @@ from pathlib import Path
 
 EPILOG_TRAIN = """\
 examples:
-  cp src/geobind/configs/paper.yaml run.yaml       # the paper's two stages: set its data paths
+  geobind train --show-config paper > run.yaml     # the paper's two stages: set its data paths
   geobind train run.yaml                           # relative paths: from run.yaml's folder
   geobind train run.yaml --set stages.satellite.optim.lr=1e-4 --set seed=1
   geobind train run.yaml --resume                       # continue after Ctrl-C or a crash
@@ -28,6 +28,11 @@ examples:
   geobind eval --model runs/geobind/model --data splits/metadata.test.csv --layout soundingearth \\
       --layout-option root=/data/SoundingEarth --out report.json   # a split written elsewhere
 """
+
+
+def _command_name(args) -> str:
+    """``data check``, ``index build``, ``train``: the subcommand as typed, for messages."""
+    return " ".join(filter(None, (getattr(args, k, None) for k in ("command", "data_command", "index_command"))))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="run the binding stages of a YAML config",
+                       description="Train a GeoBind space: bind each stage's modality to its anchor, in "
+                                   "order, with resumable checkpoints; then save the model and, if the "
+                                   "config asks, evaluate it.",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_TRAIN)
-    t.add_argument("config", help="YAML run config")
+    t.add_argument("config", nargs="?", help="YAML run config")
+    t.add_argument("--show-config", metavar="NAME", choices=shipped_configs(),
+                   help=f"print a config that ships with geobind ({', '.join(shipped_configs())}) and exit")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted path; stages by index or name); repeatable")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoints")
@@ -134,11 +144,27 @@ def _profile_window(text: str) -> tuple[int, int]:
     return window
 
 
+def _shipped_config(name: str) -> Path:
+    return Path(__file__).parent / "configs" / f"{name}.yaml"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the run configs that ship with geobind (``geobind train --show-config NAME``)."""
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
+
+
 def cmd_train(args) -> int:
     """``geobind train``: train a config's stages, then evaluate if it asks; returns the exit code."""
     from geobind.binding.trainer import train
     from geobind.config import load_config
 
+    if args.show_config:
+        sys.stdout.write(_shipped_config(args.show_config).read_text())
+        return 0
+    if not args.config:
+        print("geobind train: error: give a YAML run config (`geobind train --show-config paper > run.yaml` "
+              "writes the paper's, to edit)", file=sys.stderr)
+        return 2
     cfg = load_config(args.config, args.overrides)
     final = train(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile)
     from geobind.distributed import is_main
@@ -226,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         if not _stdout_reader_gone():
-            print(f"geobind {args.command}: error: {e}", file=sys.stderr)
+            print(f"geobind {_command_name(args)}: error: {e}", file=sys.stderr)
             return 2
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -235,22 +261,25 @@ def main(argv: list[str] | None = None) -> int:
             pass  # stdout is not a file descriptor (captured or replaced)
         return 1
     except TrainingInterrupted as e:
+        import signal
+
+        from geobind.binding.trainer import StopRequests
         from geobind.distributed import is_main
 
         if is_main():  # under torchrun every rank stops; one says so
             print(f"\n{e}", file=sys.stderr)
-        return 130
+        return 128 + (StopRequests.last_signal or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     except KeyboardInterrupt:  # Ctrl-C: no traceback; say what a rerun keeps
         resumes = getattr(args.func, "__name__", "") in ("cmd_embed", "cmd_pack")
-        print(f"\ngeobind {args.command}: interrupted"
+        print(f"\ngeobind {_command_name(args)}: interrupted"
               + ("; run the same command again to resume where it stopped" if resumes else ""),
               file=sys.stderr)
         return 130
     except TrainingOutOfMemory as e:
-        print(f"\ngeobind {args.command}: error: {e}", file=sys.stderr)
+        print(f"\ngeobind {_command_name(args)}: error: {e}", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        print(f"geobind {args.command}: error: {cli_message(e)}", file=sys.stderr)
+        print(f"geobind {_command_name(args)}: error: {cli_message(e)}", file=sys.stderr)
         return 2
 
 

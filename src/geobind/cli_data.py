@@ -232,7 +232,7 @@ def cmd_pack(args) -> int:
         workers=args.workers,
         progress=not args.no_progress,
     )
-    print(f"{res.samples} samples in {res.shards} shards in {res.out}")
+    print(f"{res.samples} samples in {res.shards} shard{'s' if res.shards != 1 else ''} in {res.out}")
     if res.bad:
         print(
             "left out (a bad file drops that member only, bad coordinates the whole row): "

@@ -26,6 +26,8 @@ def add_serve_parser(sub) -> None:
     s = sub.add_parser(
         "serve",
         help="web explorer: search and map an index by text, audio or image",
+        description="Serve the web explorer of an index: search it by text, audio or image and see "
+        "the results on a map, in a browser.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG_SERVE,
     )

@@ -19,7 +19,8 @@ examples:
   geobind embed ... --out sat.parquet          # run again after Ctrl-C: resumes from sat.parquet.parts/
   torchrun --nproc_per_node 4 -m geobind embed --model M --data tiles.csv --modality satellite --out sat.parquet
 
-output: Parquet with id, lat, lon, embedding (unit vectors), caption and item where known;
+output: Parquet with id, lat, lon, embedding (unit vectors), and caption, item (the file or text)
+and thumbnail (image modalities) where known;
 the encoder's identity is recorded so indexes and maps refuse embeddings of another model.
 Bad rows (missing or undecodable files, bad coordinates) are skipped and counted.
 """
@@ -152,6 +153,8 @@ def add_space_parsers(sub) -> None:
     e = sub.add_parser(
         "embed",
         help="embed one modality of a dataset into Parquet",
+        description="Embed one modality of every row of a dataset with a GeoBind model into a Parquet "
+        "file (resumable; bad rows are skipped and counted), for `geobind index build` and `geobind map`.",
         formatter_class=fmt,
         epilog=EPILOG_EMBED,
     )
@@ -210,6 +213,8 @@ def add_space_parsers(sub) -> None:
     b = isub.add_parser(
         "build",
         help="build an index from `geobind embed` output",
+        description="Build a search index (exact, or FAISS ivfpq / hnsw) from the Parquet embeddings "
+        "that `geobind embed` writes; `--check` measures its recall against exact search.",
         formatter_class=fmt,
         epilog=EPILOG_BUILD.format(threshold=APPROX_THRESHOLD),
     )
@@ -265,6 +270,8 @@ def add_space_parsers(sub) -> None:
     s = sub.add_parser(
         "search",
         help="find places by text, audio or image",
+        description="Find the places of an index most similar to a query: text, an audio file, a "
+        "ground photo or a satellite tile, or several of them combined.",
         formatter_class=fmt,
         epilog=EPILOG_SEARCH,
     )
@@ -284,6 +291,8 @@ def add_space_parsers(sub) -> None:
     m = sub.add_parser(
         "map",
         help="map a query's similarity over a raster or a set of places",
+        description="Map how similar each tile of a georeferenced raster, or each place of an index or "
+        "embeddings file, is to a query: GeoTIFF, PNG and CSV.",
         formatter_class=fmt,
         epilog=EPILOG_MAP,
     )

@@ -390,7 +390,9 @@ def _index(lst: list, part: str, where: str) -> int:
     for i, item in enumerate(lst):
         if isinstance(item, dict) and item.get("name") == part:
             return i
-    raise ConfigError(f"--set {where}: no stage named {part!r}")
+    names = [str(item["name"]) for item in lst if isinstance(item, dict) and item.get("name")]
+    known = f"; the stages are {', '.join(names)}" if names else ""
+    raise ConfigError(f"--set {where}: no stage named {part!r}{known}")
 
 
 def _child(node, part, where, create):
@@ -414,7 +416,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path) as f:  # a stream, so the error's position names the file
+            data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

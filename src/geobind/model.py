@@ -271,11 +271,15 @@ class GeoBind(nn.Module):
                     "there is a network"
                 ) from e
         cfg_path = path / MODEL_FILE
+        if path.is_file():
+            hint = f"pass its folder, {path.parent}" if path.name == MODEL_FILE else "pass the model's folder"
+            raise FileNotFoundError(f"{path} is a file; a GeoBind model is a folder ({hint})")
         if not cfg_path.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a GeoBind model directory: {MODEL_FILE} is missing "
-                "(train one with `geobind train` or `geobind demo`)"
-            )
+            # A run's or the demo's output folder holds the model in model/.
+            inner = path / "model"
+            hint = (f"; the model is in {inner}" if (inner / MODEL_FILE).is_file()
+                    else " (train one with `geobind train` or `geobind demo`)")
+            raise FileNotFoundError(f"{path} is not a GeoBind model directory: {MODEL_FILE} is missing{hint}")
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(

@@ -293,6 +293,10 @@ class StopRequests:
     one (the last checkpoint stays). Signals within a second count as one: under ``torchrun``
     a terminal's Ctrl-C reaches each rank twice (directly and forwarded)."""
 
+    # The signal that asked the last stop (SIGINT or SIGTERM): the command's exit status is 128
+    # plus it, as a shell reports for a process the signal ended.
+    last_signal: int | None = None
+
     def __init__(self, say: Callable[[str], None] | None = None):
         self.requested = False
         self._at = 0.0
@@ -300,6 +304,7 @@ class StopRequests:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequests:
+        StopRequests.last_signal = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -311,6 +316,7 @@ class StopRequests:
         self._old = {}
 
     def _handle(self, signum, frame) -> None:
+        StopRequests.last_signal = signum
         now = time.monotonic()
         if self.requested:
             if now - self._at >= 1.0:
@@ -554,6 +560,11 @@ def _unreadable_data(cfg: RunConfig, done: set[str] = frozenset(), read: dict | 
     return out
 
 
+def _counts(counts: dict[str, int]) -> str:
+    """``missing: 2, undecodable: 1``: skip counts for people."""
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
 def _dataset_key(path: str, data_cfg) -> str:
     return json.dumps([path, data_cfg.layout, data_cfg.layout_options], sort_keys=True, default=str)
 
@@ -756,6 +767,17 @@ class Trainer:
         if workers and self.dist.distributed and not self._fork_warned and fork_may_hang():
             self._fork_warned = True
             self._say(FORK_HANG_WARNING.format(version=platform.python_version()))
+        bad_rows = getattr(table, "bad_rows", None) or {}
+        if bad_rows:  # rows left out before any is read (coordinates): each named, as skips are
+            rows = sorted(bad_rows)
+
+            def why(i: int) -> str:
+                place = f", lat {table.lat[i]}, lon {table.lon[i]}" if bad_rows[i] == "bad-coordinates" else ""
+                return f"{table.ids[i]} ({bad_rows[i]}{place})"
+
+            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+            self._say(f"stage {scfg.name}: skipping {len(rows)} of {len(table)} rows of {table.source}: "
+                      f"{', '.join(why(i) for i in rows[:5])}{more}")
         bad = Counter()
         if scfg.cache_anchor:
             anchor_emb, valid, info = self._anchor_cache(anchor, table, scfg, workers)
@@ -1008,8 +1030,8 @@ class Trainer:
                     t_data = time.perf_counter()
                 if step_in_epoch >= steps_per_epoch and bad:
                     this = {k: v - bad_before.get(k, 0) for k, v in bad.items() if v - bad_before.get(k, 0)}
-                    self._say(f"epoch {epoch + 1}: skipped {sum(this.values())} bad samples {this}; "
-                              f"skipped samples so far: {dict(bad)}")
+                    self._say(f"epoch {epoch + 1}: skipped {sum(this.values())} bad samples ({_counts(this)}); "
+                              f"so far in this stage: {sum(bad.values())} ({_counts(bad)})")
                 if step >= total:
                     break
                 epoch += 1
@@ -1082,7 +1104,7 @@ class Trainer:
                     if stage_rec.get("samples_per_s") else "")
             ran = f"{step} steps" + (f" ({step - start_step} since the resume)" if start_step else "")
             self._say(f"stage {scfg.name}: {ran} in {seconds:.1f}s{rate}, final loss {last_loss:.4f}"
-                      + (f", skipped {dict(bad)}" if bad else ""))
+                      + (f", skipped {sum(bad.values())} ({_counts(bad)})" if bad else ""))
         gbdist.barrier()
         writer.close()
 

@@ -156,7 +156,10 @@ def format_summary(report: dict) -> str:
               f"direct {e['zero_shot_audio']['direct_baseline']:.3f}   ratio "
               + (f"{e['zero_shot_audio']['ratio']:.2f}" if e["zero_shot_audio"]["ratio"] is not None else "n/a")]
     if "seconds" in report:
-        lines.append(f"\ntime: {report['seconds']}")
+        secs = report["seconds"]
+        parts = (", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if isinstance(v, (int, float)))
+                 if isinstance(secs, dict) else f"{secs:.0f} s")
+        lines.append(f"\ntime: {parts}")
     return "\n".join(lines)
 
 

@@ -256,7 +256,7 @@ class Index:
             faiss = import_faiss()
             x = np.ascontiguousarray(vectors, dtype=np.float32)
             log(
-                f"building a {kind} index over {n} vectors (a few minutes per million on a laptop CPU)..."
+                f"building {'an' if kind[0] in 'aeiou' else 'a'} {kind} index over {n} vectors (a few minutes per million on a laptop CPU)..."
             )
             t0 = time.perf_counter()
             with faiss_threads(faiss, n < FAISS_SERIAL_BUILD):
