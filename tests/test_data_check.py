@@ -100,7 +100,7 @@ def test_check_cli_prints_counts_and_fails_under_strict(bad, tmp_path, capsys):
     assert main(["data", "check", str(good), "--strict"]) == 0
     assert main(["data", "check", str(tmp_path / "nothing.csv")]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and err.startswith("geobind data check: error:")
+    assert "geobind data check: error: dataset " in err and "does not exist" in err
 
 
 def _stage(tiny_data, data, out, bind_to, batch_size, **data_extra):
