@@ -174,14 +174,24 @@ class ClipImageEncoder(_ClipShared, Encoder):
 def save_image_processor(directory: str | Path, transform: ImageTransform) -> None:
     """``preprocessor_config.json`` of a ``CLIPImageProcessor`` doing what ``transform`` does
     for evaluation: shortest side to ``image_size`` (bicubic), centre crop, this mean and std."""
-    from transformers import CLIPImageProcessor
+    from transformers.utils import logging as hf_logging
 
-    CLIPImageProcessor(
-        do_resize=True, size={"shortest_edge": transform.size}, resample=3,  # PIL's BICUBIC
-        do_center_crop=True, crop_size={"height": transform.size, "width": transform.size},
-        do_rescale=True, do_normalize=True, image_mean=list(transform.mean), image_std=list(transform.std),
-        do_convert_rgb=True,
-    ).save_pretrained(str(directory))
+    # Without torchvision, transformers 5 warns that it falls back to its PIL processor, which is
+    # the one this config is for; the warning would follow every save.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        from transformers import CLIPImageProcessor
+
+        processor = CLIPImageProcessor(
+            do_resize=True, size={"shortest_edge": transform.size}, resample=3,  # PIL's BICUBIC
+            do_center_crop=True, crop_size={"height": transform.size, "width": transform.size},
+            do_rescale=True, do_normalize=True, image_mean=list(transform.mean), image_std=list(transform.std),
+            do_convert_rgb=True,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    processor.save_pretrained(str(directory))
 
 
 def _portable_tokenizer_config(path: Path) -> None:
