@@ -181,3 +181,18 @@ def test_shipped_configs_print_and_a_missing_config_is_explained(capsys):
     assert [s["name"] for s in paper["stages"]] == ["satellite", "audio"]
     assert main(["train"]) == 2
     assert "--show-config paper > run.yaml" in capsys.readouterr().err
+
+
+def test_an_org_name_model_path_beside_the_config_is_a_folder_not_a_hub_id(tmp_path):
+    """``demo/anchor`` next to the config is that folder; ``openai/clip-vit-base-patch32``, which
+    is no folder there, stays a Hub id; relative paths become absolute."""
+    (tmp_path / "demo" / "anchor").mkdir(parents=True)
+    stages = [{"name": "s", "train": "satellite", "bind_to": "ground",
+               "encoder": {"type": "clip_vision", "init_from": "ground"}, "data": {"train": "x.csv"}}]
+    for given, want in (("demo/anchor", str(tmp_path / "demo" / "anchor")),
+                        ("./demo/../demo/anchor", str(tmp_path / "demo" / "anchor")),
+                        ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32")):
+        cfg = parse_config({"output_dir": "runs/x", "anchor": {"type": "clip", "pretrained": given},
+                            "stages": stages}, tmp_path)
+        assert cfg.anchor["pretrained"] == want, given
+        assert cfg.output_dir == str(tmp_path / "runs" / "x")

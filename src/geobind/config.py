@@ -202,12 +202,12 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
         output_dir=rel(cfg.output_dir),
         init_model=rel(cfg.init_model),
         cache_dir=rel(cfg.cache_dir),
-        anchor=_resolve_anchor_paths(cfg.anchor, rel),
+        anchor=_resolve_anchor_paths(cfg.anchor, rel, base),
         stages=tuple(
             dataclasses.replace(
                 s,
                 data=dataclasses.replace(s.data, train=rel(s.data.train), val=rel(s.data.val)),
-                encoder=_resolve_encoder_paths(s.encoder, rel),
+                encoder=_resolve_encoder_paths(s.encoder, rel, base),
             )
             for s in cfg.stages
         ),
@@ -221,20 +221,30 @@ def _looks_local(p: str) -> bool:
     return str(p).startswith((".", "/", "~")) or not ("/" in str(p) and str(p).count("/") == 1)
 
 
-def _resolve_anchor_paths(anchor, rel):
+def _model_path(p, rel, base: Path):
+    """A model given as a local folder (relative to the config's folder) or a Hub id
+    (``org/name``): an ``org/name`` that exists as a folder beside the config is the folder."""
+    if not p:
+        return p
+    if _looks_local(p) or (base / Path(str(p)).expanduser()).exists():
+        return rel(p)
+    return p
+
+
+def _resolve_anchor_paths(anchor, rel, base: Path):
     if anchor is None:
         return None
     anchor = dict(anchor)
     for k in ("pretrained", "tokenizer"):
-        if anchor.get(k) and _looks_local(anchor[k]):
-            anchor[k] = rel(anchor[k])
+        if anchor.get(k):
+            anchor[k] = _model_path(anchor[k], rel, base)
     return anchor
 
 
-def _resolve_encoder_paths(spec, rel):
+def _resolve_encoder_paths(spec, rel, base: Path):
     spec = dict(spec)
-    if spec.get("pretrained") and _looks_local(spec["pretrained"]):
-        spec["pretrained"] = rel(spec["pretrained"])
+    if spec.get("pretrained"):
+        spec["pretrained"] = _model_path(spec["pretrained"], rel, base)
     return spec
 
 
