@@ -120,12 +120,17 @@ def read_soundingearth(
 ) -> Table:
     """SoundingEarth's CSV with its images and recordings (see the module docstring)."""
     csv = _find_csv(path)
-    df = pd.read_csv(
-        csv,
-        dtype={"key": str, "long_key": str},
-        keep_default_na=False,
-        na_values={"latitude": [""], "longitude": [""]},
-    )
+    try:
+        df = pd.read_csv(
+            csv,
+            dtype={"key": str, "long_key": str},
+            keep_default_na=False,
+            na_values={"latitude": [""], "longitude": [""]},
+        )
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{csv}: not UTF-8 text ({e}); save it as UTF-8") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{csv}: cannot read it as CSV ({e})") from None
     need = ["key", "mp3name", "latitude", "longitude"]
     missing = [c for c in need if c not in df.columns]
     if missing:
@@ -251,18 +256,47 @@ def read_raster_rgb(
 def _centre_wgs84(src) -> tuple[float, float, str | None]:
     from rasterio.warp import transform
 
-    if src.crs is None:
+    # A CRS without a geotransform (the identity: pixel coordinates) places nothing either.
+    if src.crs is None or src.transform.is_identity:
         return float("nan"), float("nan"), "no-georeference"
     b = src.bounds
     cx, cy = (b.left + b.right) / 2, (b.bottom + b.top) / 2
     xs, ys = transform(src.crs, "EPSG:4326", [cx], [cy])
-    return float(ys[0]), float(xs[0]), None
+    lon = float(xs[0])
+    if src.crs.is_geographic and 180 < lon <= 360:  # 0-360 degree longitudes
+        lon -= 360
+    return float(ys[0]), lon, None
+
+
+def _check_raster_options(bands: Any, scale: Any) -> tuple[list[int] | None, Any]:
+    """``bands`` as 1 or 3 band numbers (1-based; ``[4, 3, 2]`` or ``"4,3,2"``) and ``scale`` as
+    ``auto`` or a positive number, checked before any tile is read."""
+    if bands is not None:
+        items = bands.split(",") if isinstance(bands, str) else bands if isinstance(bands, (list, tuple)) else [bands]
+        try:
+            bands = [int(str(b).strip()) for b in items]
+        except ValueError:
+            bands = None
+        if not bands or len(bands) not in (1, 3) or min(bands) < 1:
+            raise ValueError(f"layout option bands={items!r}: give 1 or 3 band numbers counted from 1, "
+                             "e.g. bands=[4,3,2] (red, green, blue of Sentinel-2) or bands=[1]")
+    if scale != "auto":
+        try:
+            value = float(scale)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not value > 0:
+            raise ValueError(f"layout option scale={scale!r}: give auto (stretch each tile) or the value "
+                             "shown as white, e.g. scale=3000 for Sentinel-2 reflectance")
+        scale = value
+    return bands, scale
 
 
 @register_layout("geotiff")
 def read_geotiff(path: Path, *, bands: list[int] | None = None, scale: Any = "auto") -> Table:
     """A folder (or one file) of georeferenced satellite tiles, plus same-stem sidecars."""
     rasterio = _rasterio()
+    bands, scale = _check_raster_options(bands, scale)
     if path.is_file():
         root, files = path.parent, [path]
     else:
@@ -292,8 +326,11 @@ def read_geotiff(path: Path, *, bands: list[int] | None = None, scale: Any = "au
             bad[i] = problem
         stem = f.with_suffix("")
         txt = stem.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
-        side[TEXT].append(caption or None)
+        try:
+            caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else None
+        except UnicodeDecodeError:
+            raise ValueError(f"{txt}: not UTF-8 text; save the caption as UTF-8") from None
+        side[TEXT].append(caption)
         side[AUDIO].append(
             next(
                 (str(stem.with_suffix(s)) for s in AUDIO_SUFFIXES if stem.with_suffix(s).is_file()),
@@ -313,6 +350,12 @@ def read_geotiff(path: Path, *, bands: list[int] | None = None, scale: Any = "au
     for i, (a, o) in enumerate(zip(lat, lon)):
         if i not in bad and not (-90 <= a <= 90 and -180 <= o <= 180):
             bad[i] = "bad-coordinates"
+    seen: dict[str, Path] = {}
+    for i, f in enumerate(files):  # x.tif and x.TIFF would both be place "x"
+        if ids[i] in seen:
+            raise ValueError(f"{f} and {seen[ids[i]]} both give the place id {ids[i]!r} (ids are paths "
+                             "without the extension); rename one of them")
+        seen[ids[i]] = f
     columns = {SATELLITE: sats}
     for m, vals in side.items():
         if any(v is not None for v in vals):

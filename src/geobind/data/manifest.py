@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from geobind.data.errors import BadSampleError
@@ -93,7 +94,7 @@ class Table:
         value = self.columns[modality][i]
         if value is None:
             if get_modality(modality).source == "text":
-                raise BadSampleError(f"{self.source}#{self.ids[i]}", "empty-text", "caption is empty")
+                raise BadSampleError(f"{self.source}#{self.ids[i]}", "empty-text", "no caption (an empty cell, or no caption file)")
             raise BadSampleError(f"{self.source}#{self.ids[i]}", f"missing-{modality}", "empty cell")
         loader = self.loaders.get(modality)
         return loader(value) if loader is not None else value
@@ -160,7 +161,7 @@ def _looks_like_shards(path: str) -> bool:
     """A ``.tar`` file, a brace pattern of them, a URL, or a folder of shards."""
     if path.endswith(".tar") or (".tar" in path and ("{" in path or "://" in path or path.startswith("pipe:"))):
         return True
-    p = Path(path)
+    p = Path(path).expanduser()
     return p.is_dir() and ((p / "shards.json").is_file() or any(p.glob("*.tar")))
 
 
@@ -223,6 +224,28 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def drop_blank_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without rows whose every cell is empty (a spreadsheet's trailing blank rows are no
+    places); what :func:`read_manifest` reads, row for row."""
+    if not len(df.columns):
+        return df
+    blank = df.isna()
+    for c in df.columns:
+        if df[c].dtype == object or pd.api.types.is_string_dtype(df[c]):
+            blank[c] |= df[c].astype(str).str.strip().eq("")
+    return df[~blank.all(axis=1)].reset_index(drop=True)
+
+
+def _empty(v: Any) -> bool:
+    """An empty cell: None, NaN, pandas' NA or NaT, or blank text."""
+    if isinstance(v, str):
+        return not v.strip()
+    try:
+        return v is None or bool(pd.isna(v))
+    except (TypeError, ValueError):  # a list or array cell is a value
+        return False
+
+
 @register_layout("manifest")
 def read_manifest(path: Path) -> Table:
     """CSV or Parquet manifest; paths relative to the manifest's folder."""
@@ -243,8 +266,11 @@ def read_manifest(path: Path) -> Table:
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is empty: a manifest needs a header row (id, lat, lon and one column "
                          "per modality) and a row per place") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8 (CSV UTF-8 in a spreadsheet)") from None
+    except pd.errors.ParserError as e:
         raise ValueError(f"{path}: cannot read it as {suffix[1:].upper()} ({e})") from None
+    df = drop_blank_rows(df)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         hint = ""
@@ -254,12 +280,27 @@ def read_manifest(path: Path) -> Table:
             hint = " (this is a SoundingEarth CSV: read it with --layout soundingearth, layout: soundingearth in a config)"
         elif renames:
             hint = f" (rename {', '.join(renames)})"
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}{hint}; a manifest needs id, lat, lon")
+        elif len(df.columns) == 1 and ";" in str(df.columns[0]):
+            hint = " (its columns are separated by ';': save it with commas)"
+        elif any(str(c) != str(c).strip() for c in df.columns):
+            hint = " (some column names have spaces around them: remove the spaces after the commas)"
+        found = ", ".join(map(str, df.columns[:12]))
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}{hint}; a manifest needs id, lat, "
+                         f"lon (found: {found})")
+    no_id = [i for i, v in enumerate(df["id"].tolist()) if _empty(v)]
+    if no_id:
+        raise ValueError(f"{path}: {len(no_id)} row(s) have no id (the first is data row {no_id[0] + 1}); "
+                         "give every place an id")
     if df["id"].duplicated().any():
         dup = df["id"][df["id"].duplicated()].iloc[0]
         raise ValueError(f"{path}: duplicate id {dup!r}; ids must be unique")
     from geobind.modality import modalities
 
+    named = {str(c).strip().lower(): str(c) for c in df.columns if str(c) not in modalities()}
+    near = [(named[m], m) for m in modalities() if m in named and m not in df.columns]
+    if near:  # "Satellite" would otherwise be kept as metadata, and the modality found missing
+        raise ValueError(f"{path}: column {near[0][0]!r} looks like the modality {near[0][1]!r}; modality "
+                         f"columns are named exactly ({', '.join(modalities())}): rename it")
     base = path.parent
     columns: dict[str, list[Any]] = {}
     for m in modalities():
@@ -268,7 +309,7 @@ def read_manifest(path: Path) -> Table:
         spec = get_modality(m)
         vals = []
         for v in df[m].tolist():
-            if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            if _empty(v):
                 vals.append(None)
             elif spec.source == "path":
                 p = Path(str(v)).expanduser()
@@ -276,8 +317,9 @@ def read_manifest(path: Path) -> Table:
             else:
                 vals.append(str(v))
         columns[m] = vals
-    lat = pd.to_numeric(df["lat"], errors="coerce").tolist()
-    lon = pd.to_numeric(df["lon"], errors="coerce").tolist()
+    # As float64 with NaN for missing values (nullable Float64 columns hold pd.NA).
+    lat = pd.to_numeric(df["lat"], errors="coerce").to_numpy(dtype="float64", na_value=np.nan).tolist()
+    lon = pd.to_numeric(df["lon"], errors="coerce").to_numpy(dtype="float64", na_value=np.nan).tolist()
     bad = bad_coordinates(lat, lon)
     known = set(REQUIRED) | set(columns)
     meta = df[[c for c in df.columns if c not in known]].reset_index(drop=True)

@@ -324,6 +324,10 @@ def pack(
         raise ValueError(
             f"{source} is already WebDataset shards; pack reads a manifest or a table layout"
         )
+    if len(set(table.ids)) != len(table.ids):  # a key per sample: repeated ids would merge samples
+        seen: set[str] = set()
+        dup = next(i for i in table.ids if i in seen or seen.add(i))
+        raise ValueError(f"{source}: the id {dup!r} is given to more than one place; ids must be unique")
     out = Path(out)
     if out.suffix.lower() in (".tar", ".tgz", ".gz") and not out.is_dir():
         raise ValueError(f"{out} looks like a file name; the output is a folder that will hold the shards "

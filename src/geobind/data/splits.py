@@ -148,6 +148,9 @@ def split_dataset(
             lat, lon, cell_deg=cell_deg, val=val, test=test, seed=seed, buffer_cells=buffer_cells
         )
     if method == "random":
+        if buffer_cells:
+            raise ValueError("a buffer (buffer_cells, --buffer-cells) applies to spatial splits; a random "
+                             "split has no cells to keep apart")
         return random_split(len(lat), val=val, test=test, seed=seed, lat=lat, lon=lon)
     raise ValueError(f"unknown split method {method!r}; use spatial or random")
 
@@ -155,14 +158,16 @@ def split_dataset(
 def _read_source_frame(path: Path, layout: str) -> pd.DataFrame:
     """The source file's own rows (same order as the table), to write subsets of."""
     if layout == "manifest":
+        from geobind.data.manifest import drop_blank_rows
+
         if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        return pd.read_csv(
+            return drop_blank_rows(pd.read_parquet(path))
+        return drop_blank_rows(pd.read_csv(
             path,
             sep="\t" if path.suffix.lower() == ".tsv" else ",",
             dtype={"id": str},
             keep_default_na=False,
-        )
+        ))
     return pd.read_csv(path, dtype={"key": str, "long_key": str}, keep_default_na=False)
 
 
