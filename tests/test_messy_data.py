@@ -1,6 +1,8 @@
 """Real-world data as people have it: what is read as meant, and what is refused with a message
 that names the file or field and the fix (never read silently wrong)."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -123,3 +125,13 @@ def test_a_random_split_refuses_a_buffer(tmp_path):
     (tmp_path / "m.csv").write_text("id,lat,lon,text\n" + "".join(f"p{i},1,{i},x\n" for i in range(20)))
     with pytest.raises(ValueError, match="a buffer .* applies to spatial splits"):
         write_split(tmp_path / "m.csv", tmp_path / "s", method="random", buffer_cells=2)
+
+
+def test_windows_paths_in_a_manifest_find_their_files(tmp_path):
+    (tmp_path / "tiles").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "tiles" / "0001.png")
+    (tmp_path / "m.csv").write_text("id,lat,lon,satellite\np1,1,2,tiles\\0001.png\np2,1,2,tiles\\0002.png\n")
+    t = read_dataset(tmp_path / "m.csv")
+    assert t.columns["satellite"][0] == str(tmp_path / "tiles" / "0001.png")
+    assert Path(t.item("satellite", 0)).is_file()
+    assert t.columns["satellite"][1].endswith("tiles\\0002.png")  # missing either way: as written

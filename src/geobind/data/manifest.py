@@ -313,7 +313,12 @@ def read_manifest(path: Path) -> Table:
                 vals.append(None)
             elif spec.source == "path":
                 p = Path(str(v)).expanduser()
-                vals.append(str(p if p.is_absolute() else base / p))
+                p = p if p.is_absolute() else base / p
+                if "\\" in str(v) and not p.exists():
+                    # A path written on Windows (tiles\0001.jpg) names these folders here.
+                    alt = base / Path(str(v).replace("\\", "/")).expanduser()
+                    p = alt if alt.exists() else p
+                vals.append(str(p))
             else:
                 vals.append(str(v))
         columns[m] = vals
