@@ -476,3 +476,43 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(model_dir, tiny_data,
                  "--out", str(tmp_path / "e.parquet")]) == 130
     err = capsys.readouterr().err
     assert "geobind embed: interrupted; run the same command again to resume" in err and "Traceback" not in err
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_and_leaves_no_partial_output(model_dir, tiny_data, tmp_path,
+                                                                            capsys, monkeypatch):
+    """A scheduler's SIGTERM mid-write: the command says so and exits 143, what it was writing
+    is removed (no hidden temporary left beside the output), and finished parts are kept."""
+    import os
+    import signal
+
+    import pyarrow.parquet as pq
+
+    real = embed_mod._write_part
+    written = []
+
+    def term_on_second(table, path):
+        written.append(path)
+        if len(written) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(table, path)
+
+    monkeypatch.setattr(embed_mod, "_write_part", term_on_second)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "e.parquet"
+    common = ["embed", "--model", str(model_dir), "--data", str(tiny_data["test"]), "--modality", "satellite",
+              "--chunk-rows", "4", "--no-progress"]
+    assert main([*common, "--out", str(out)]) == 143
+    err = capsys.readouterr().err
+    assert "geobind embed: terminated; run the same command again to resume" in err and "Traceback" not in err
+    parts = tmp_path / "e.parquet.parts"
+    assert [p.name for p in sorted(parts.glob("chunk-*"))] == ["chunk-0000000.parquet"]
+    assert not out.exists() and not list(tmp_path.rglob("*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
+    monkeypatch.setattr(embed_mod, "_write_part", real)
+    assert main([*common, "--out", str(out)]) == 0  # and it resumes
+
+    # An index being saved: its temporary folder goes too.
+    monkeypatch.setattr(pq, "write_table", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["index", "build", str(out), "--out", str(tmp_path / "w.index")]) == 143
+    assert "geobind index build: terminated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.parquet"]

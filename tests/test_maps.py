@@ -347,3 +347,29 @@ def test_raster_is_read_window_by_window(model, tmp_path, monkeypatch):
     tiles = [w for w, o in reads if w is not None]
     assert len(tiles) == 12 and all((w.width, w.height) == (32, 32) for w in tiles)
     assert all(w is not None or o is not None for w, o in reads)  # never a plain full read
+
+
+def test_nan_in_a_float_raster_is_no_data_declared_or_not(model, tmp_path):
+    data = write_raster(tmp_path / "f.tif", dtype="float32")
+    with rasterio.open(tmp_path / "f.tif", "r+") as dst:
+        block = data.astype(np.float32)
+        block[:, :40, :40] = np.nan  # the top-left 32 px tile entirely, its neighbours in part
+        dst.write(block)
+    result = model.map(text="a photo of a forest", raster=tmp_path / "f.tif", tile_size=32)
+    assert np.isnan(result.values[0, 0]) and np.isfinite(result.values[0, 1:]).all()
+
+
+def test_map_outputs_keep_their_precision_and_checks_of_the_api(model, tmp_path):
+    write_raster(tmp_path / "r.tif")
+    result = model.map(text="a forest", raster=tmp_path / "r.tif", tile_size=32, out=tmp_path / "m.tif")
+    table = pd.read_csv(tmp_path / "m.csv")
+    # Coordinates as computed, not rounded to 6 digits (4,650,000 m northings keep their metres).
+    cols = [c for c in result.table.columns if result.table[c].dtype.kind == "f"]
+    assert {"lat", "lon"} <= set(cols)
+    np.testing.assert_allclose(table[cols].to_numpy(), result.table[cols].to_numpy(), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="three different files"):
+        model.map(text="a forest", raster=tmp_path / "r.tif", tile_size=32, out=tmp_path / "a.tif",
+                  png=tmp_path / "a.tif")
+    assert not (tmp_path / "a.tif").exists()
+    with pytest.raises(ValueError, match="scale=-5.0: the softmax logit scale is a positive number"):
+        model.map(text="a forest", raster=tmp_path / "r.tif", tile_size=32, prompts=["a lake"], scale=-5.0)

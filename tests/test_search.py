@@ -468,3 +468,42 @@ def test_nlist_help_states_the_default_the_code_uses(capsys):
     with pytest.raises(SystemExit):
         main(["index", "build", "--help"])
     assert "at most N/39" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_k_above_the_index_size_ranks_every_item_without_padding(tmp_path):
+    vec = clustered_unit_vectors(50, 16)
+    index = build_index(synthetic_embeddings(vec), tmp_path / "x.index", "exact", log=None)
+    s, i = index.search(vec[:2], k=10**9)  # no k-sized allocation
+    assert s.shape == (2, 50) and sorted(i[0]) == list(range(50))
+
+
+def test_index_settings_are_checked_before_building(tmp_path):
+    emb = synthetic_embeddings(clustered_unit_vectors(1000, 16))
+    for opts, said in (({"nprobe": 0}, "nprobe=0: give a whole number of at least 1"),
+                       ({"hnsw_m": 0}, "hnsw_m=0: give a whole number of at least 2"),
+                       ({"ef_search": -1}, "ef_search=-1"), ({"rerank": 0}, "rerank=0"),
+                       ({"nlist": 0}, "nlist=0"), ({"thumbnail_size": 0}, "thumbnail_size=0")):
+        with pytest.raises(ValueError, match=said):
+            build_index(emb, tmp_path / "x.index", "exact", log=None, **opts)
+    with pytest.raises(ValueError, match="target_recall=2: a recall is in"):
+        build_index(emb, tmp_path / "x.index", "exact", target_recall=2, log=None)
+    if _has_faiss():
+        with pytest.raises(ValueError, match=r"nlist=100000 lists for 1000 embeddings: .* at most 25"):
+            build_index(emb, tmp_path / "x.index", "ivfpq", nlist=100_000, log=None)
+    assert not (tmp_path / "x.index").exists()
+
+
+def test_an_image_too_large_to_decode_is_a_bad_item_not_a_crash(space, tmp_path, capsys):
+    from PIL import Image
+
+    from geobind.data.errors import BadSampleError
+    from geobind.data.media import load_image
+
+    big = tmp_path / "scene.png"
+    Image.frombytes("L", (15000, 15000), bytes(15000 * 15000)).save(big)  # 225 M pixels, 200 KB
+    with pytest.raises(BadSampleError, match="too-large .*cut it into tiles"):
+        load_image(big)
+    assert main(["search", "--model", str(space["model_dir"]), "--index", str(space["index"]),
+                 "--file", str(big)]) == 2
+    err = capsys.readouterr().err
+    assert "too-large" in err and "Traceback" not in err

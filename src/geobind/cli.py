@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import textwrap
@@ -222,6 +223,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (from a scheduler, ``timeout`` or ``docker stop``) while a command runs: handled
+    as Ctrl-C is, so partial outputs are removed and resumable work is kept."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    from geobind.binding.trainer import StopRequests
+
+    StopRequests.last_signal = signum  # a run stopped outside its steps exits 143 too
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``geobind`` command; returns the exit status."""
     try:
@@ -242,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     try:
-        status = int(args.func(args) or 0)
+        with _sigterm_as_interrupt():
+            status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except BrokenPipeError as e:
@@ -269,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         if is_main():  # under torchrun every rank stops; one says so
             print(f"\n{e}", file=sys.stderr)
         return 128 + (StopRequests.last_signal or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
-    except KeyboardInterrupt:  # Ctrl-C: no traceback; say what a rerun keeps
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: no traceback; say what a rerun keeps
         resumes = getattr(args.func, "__name__", "") in ("cmd_embed", "cmd_pack")
-        print(f"\ngeobind {_command_name(args)}: interrupted"
+        print(f"\ngeobind {_command_name(args)}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}"
               + ("; run the same command again to resume where it stopped" if resumes else ""),
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except TrainingOutOfMemory as e:
         print(f"\ngeobind {_command_name(args)}: error: {e}", file=sys.stderr)
         return 1

@@ -44,7 +44,8 @@ similarities; approximate kinds may miss some of the true top k (and ivfpq may r
 than k: it scans only --nprobe of its lists). --check measures recall@10 against exact search
 (queries: midpoints of random pairs of indexed places) and, unless --nprobe / --ef-search is
 given, sets it to the smallest value that reaches --target-recall (nprobe up to all the lists);
-a value given is measured and kept.
+a value given is measured and kept. Midpoints lie close to the data; queries far from every
+place (text, often) can see a lower recall: aim --target-recall higher if that matters.
 
 examples:
   geobind index build sat.parquet --out tiles.index
@@ -416,7 +417,7 @@ def cmd_index_build(args) -> int:
     if check:
         key = tuned_setting(index.kind)
         extra = (
-            f"; recall@10 {check['recall@10']} vs exact at {key}={check[key]}, "
+            f"; recall@10 {check['recall@10']} (on midpoints of stored places) vs exact at {key}={check[key]}, "
             f"{speed_phrase(check['approx_queries_per_s'] / check['exact_queries_per_s'])} "
             f"({check['approx_queries_per_s']} vs {check['exact_queries_per_s']} queries/s)"
         )
@@ -527,7 +528,10 @@ def cmd_map(args) -> int:
         raise ValueError(f"the GeoTIFF, PNG and CSV outputs must be three different files; got "
                          f"{outs['tif']}, {png} and {csv} (see --out, --png, --csv)")
     check_writable(outs["tif"], png, csv, force=args.force)
-    bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    try:
+        bands = [int(b) for b in args.bands.split(",")] if args.bands else None
+    except ValueError:
+        raise ValueError(f"--bands {args.bands}: give band numbers counted from 1, e.g. --bands 4,3,2") from None
     embeddings = args.embeddings
     if embeddings is not None and Path(embeddings).is_dir():
         embeddings = Index.load(embeddings)

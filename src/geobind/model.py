@@ -399,7 +399,13 @@ class GeoBind(nn.Module):
             paths = dict(maps.default_outputs(out))
             paths["png"] = Path(png) if png else paths["png"]
             paths["csv"] = Path(csv) if csv else paths["csv"]
+            if len({p.resolve() for p in paths.values()}) < 3:
+                raise ValueError(f"the GeoTIFF, PNG and CSV outputs must be three different files; got "
+                                 f"{paths['tif']}, {paths['png']} and {paths['csv']}")
             check_writable(*paths.values(), force=force)
+        if scale is not None and not scale > 0:
+            raise ValueError(f"scale={scale}: the softmax logit scale is a positive number (the model's "
+                             "learned one when not given)")
         q = Query.build(text=text, audio=audio, image=image, satellite=satellite, queries=queries)
         qvec = embed_query(self, q, batch_size=batch_size)
         pvec = self.embed("text", list(prompts), batch_size=batch_size) if prompts else None

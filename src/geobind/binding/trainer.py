@@ -258,6 +258,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     their rank, which stops at the next step; a worker that died of it would fail the loader
     before that. SIGTERM keeps its default: it is how a loader ends its workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's own, inherited at the fork
 
 
 class _AgreedStop(Exception):

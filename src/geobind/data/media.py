@@ -62,6 +62,11 @@ def _decode(buf: io.BytesIO, name: str) -> Image.Image:
         img.load()
     except UnidentifiedImageError:
         raise BadSampleError(name, "undecodable", "not an image format PIL can read") from None
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise BadSampleError(name, "too-large", f"over {limit:,} pixels, more than PIL decodes; an image this "
+                             "large is a scene, not a tile: cut it into tiles, or map it with "
+                             "`geobind map --raster`") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSampleError(name, "undecodable", f"cannot decode image ({e})") from None
     return _to_rgb(img, name)

@@ -216,6 +216,8 @@ class Index:
         Thumbnails (``thumbnail_size`` px JPEGs) are made from the items of image modalities.
         """
         log = log or (lambda *_: None)
+        _check_build_options(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist,
+                             pq_m=pq_m, nprobe=nprobe, rerank=rerank, thumbnail_size=thumbnail_size)
         if not isinstance(embeddings, Embeddings):
             embeddings = read_embeddings(embeddings)
         emb = embeddings
@@ -408,7 +410,8 @@ class Index:
         always scans every vector. ``settings`` override the stored approximate search settings
         (``nprobe``, ``ef_search``, ``rerank``). Missing results come back as rows ``-1`` with
         score ``-inf``: when the index has fewer than ``k`` items, and with ``ivfpq`` when the
-        ``nprobe`` lists it scans hold fewer than ``k`` items (exact search finds them all)."""
+        ``nprobe`` lists it scans hold fewer than ``k`` items (exact search finds them all).
+        A ``k`` above the index size is taken as the index size (every item, ranked)."""
         q = _as_f32_tensor(queries)
         if q.ndim == 1:
             q = q[None]
@@ -417,6 +420,7 @@ class Index:
         k = int(k)
         if k < 1:
             raise ValueError("k must be at least 1")
+        k = min(k, len(self))  # more would only pad with nothing found
         if exact or self.kind == "exact":
             s, i = exact_topk(self._exact_source(), q, k)
         else:
@@ -658,6 +662,14 @@ def _build_hnsw(faiss, x: np.ndarray, m: int, ef_construction: int, ef_search: i
     )
 
 
+def _check_build_options(**options: int | None) -> None:
+    """Index settings are counts: each given one must be at least 1 (``hnsw_m`` at least 2)."""
+    for name, value in options.items():
+        least = 2 if name == "hnsw_m" else 1
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < least):
+            raise ValueError(f"{name}={value!r}: give a whole number of at least {least}")
+
+
 def _build_ivfpq(
     faiss,
     x: np.ndarray,
@@ -673,6 +685,9 @@ def _build_ivfpq(
         # The smallest codebooks (4 bits) want 39 x 16 training points (FAISS's rule).
         raise ValueError(f"ivfpq needs at least {39 * 16} embeddings to train its codebooks, got {n}; "
                          "use kind exact (fast at this size, and what auto picks)")
+    if nlist is not None and nlist > n // 39:
+        raise ValueError(f"nlist={nlist} lists for {n} embeddings: each list needs about 39 of them to "
+                         f"train, so use at most {n // 39} (or leave nlist out for ~4 sqrt(N))")
     nlist = nlist or _default_nlist(n)
     pq_m = pq_m or _default_pq_m(dim)
     if dim % pq_m:
@@ -743,6 +758,8 @@ def build_index(
     ``out`` (atomic, no overwrite without ``force``). The check tunes ``nprobe`` or
     ``ef_search`` to ``target_recall`` unless it is named in ``keep`` (settings the caller chose
     and wants kept: then it is only measured)."""
+    if target_recall is not None and not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall={target_recall}: a recall is in (0, 1], e.g. 0.95")
     check_writable(out, force=force, own=INDEX_FILES)
     index = Index.build(embeddings, kind, log=log, **options)
     if check:

@@ -248,7 +248,8 @@ def write_geotiff(result: MapResult, path: str | Path, *, force: bool = False) -
 def write_csv(result: MapResult, path: str | Path, *, force: bool = False) -> Path:
     """Per-tile or per-place rows with lat, lon and score (higher = more like the query)."""
     with atomic_path(path, force=force) as tmp:
-        result.table.to_csv(tmp, index=False, float_format="%.6g")
+        # 10 significant digits: UTM metres to the millimetre, degrees to 1e-7 (about 1 cm).
+        result.table.to_csv(tmp, index=False, float_format="%.10g")
     return Path(path)
 
 
@@ -393,7 +394,8 @@ def raster_tiles(src, tile_size: int, stride: int, bands: Sequence[int] | None =
     for r in range(rows):
         for c in range(cols):
             w = Window(c * stride, r * stride, tile_size, tile_size)
-            data = src.read(bands, window=w, masked=True)
+            # NaN is no data too, declared or not (float rasters often leave nodata unset).
+            data = np.ma.masked_invalid(src.read(bands, window=w, masked=True))
             if np.ma.getmaskarray(data).all():
                 yield r, c, None
                 continue
@@ -538,6 +540,20 @@ def auto_resolution(lat: np.ndarray, lon: np.ndarray, max_cells: int = 2048) -> 
     return float(max(res, span / max_cells))
 
 
+def default_resolution(lat: np.ndarray, lon: np.ndarray) -> float:
+    """Grid step (degrees) of a point map: the places' own spacing when they are dense (tiles on
+    a grid, :func:`auto_resolution`), coarser when they are sparse (a few hundred places over
+    the world would otherwise be specks in an empty grid), so that each place covers a visible
+    cell; at most 10 degrees."""
+    lat, lon = np.asarray(lat), np.asarray(lon)
+    if len(lat) == 0:
+        return 1.0
+    base = auto_resolution(lat, lon)
+    area = max(float(np.ptp(lat)), 1e-6) * max(float(np.ptp(lon)), 1e-6)
+    sparse = float(np.sqrt(area / len(lat)) / 2)
+    return float(min(max(base, sparse), 10.0) if sparse > base else base)
+
+
 def map_points(
     vectors: np.ndarray | torch.Tensor,
     lat: np.ndarray,
@@ -585,7 +601,7 @@ def map_points_many(
     if len(lat) == 0:
         raise ValueError("no places to map: the embeddings are empty")
     # The grid first: a resolution too fine for memory is refused before any work.
-    cell, rows, cols, transform = points_grid(lat, lon, float(resolution or auto_resolution(lat, lon)))
+    cell, rows, cols, transform = points_grid(lat, lon, float(resolution or default_resolution(lat, lon)))
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     q = q.reshape(-1, q.shape[-1])
     nq = q.shape[0]

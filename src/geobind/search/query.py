@@ -118,6 +118,8 @@ def sniff_file(path: str | Path) -> str:
         with Image.open(path) as img:
             img.verify()
         return "image"
+    except Image.DecompressionBombError:
+        return "image"  # too large to decode: its decoding says so
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         pass
     import soundfile as sf

@@ -29,6 +29,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from geobind.search.maps import default_resolution
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -324,6 +326,8 @@ def sniff_bytes(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)):
             return "image"
+    except Image.DecompressionBombError:
+        return "image"  # too large to decode: its decoding says so
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         pass
     import soundfile as sf
@@ -339,21 +343,6 @@ def _audio_rate(model) -> int:
     enc = model.encoder("audio")
     settings = getattr(enc, "audio", None)
     return int(getattr(settings, "sample_rate", 48_000))
-
-
-def map_resolution(lat: np.ndarray, lon: np.ndarray) -> float:
-    """Grid step (degrees) of the overlay: the places' own spacing when they are dense (tiles
-    on a grid), coarser when they are sparse (a few hundred places over the world would
-    otherwise be specks), so that each place covers a visible cell."""
-    from geobind.search.maps import auto_resolution
-
-    lat, lon = np.asarray(lat), np.asarray(lon)
-    if len(lat) == 0:
-        return 1.0
-    base = auto_resolution(lat, lon)
-    area = max(float(np.ptp(lat)), 1e-6) * max(float(np.ptp(lon)), 1e-6)
-    sparse = float(np.sqrt(area / len(lat)) / 2)
-    return float(min(max(base, sparse), 10.0) if sparse > base else base)
 
 
 def create_app(
@@ -497,5 +486,8 @@ def _swagger_assets() -> Path | None:
     path = Path(swagger_ui_bundle.swagger_ui_path)
     return path if (path / "swagger-ui-bundle.js").is_file() else None
 
+
+# The overlay's grid: the point maps' own default.
+map_resolution = default_resolution
 
 __all__ = ["Explorer", "create_app", "map_resolution", "sniff_bytes"]
