@@ -221,6 +221,12 @@ def test_concurrent_requests_agree(served):
 
 
 # -- bad requests ----------------------------------------------------------------------------
+def scene_png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.frombytes("L", (15000, 15000), bytes(15000 * 15000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     "name, data, form, status, words",
     [
@@ -244,6 +250,7 @@ def test_concurrent_requests_agree(served):
         ),
         ("clip.wav", wav_bytes(), {"modality": "satellite"}, 415, "is audio"),
         ("photo.png", png_bytes(), {"modality": "video"}, 422, "modality must be one of"),
+        ("scene.png", scene_png_bytes(), {}, 422, "too-large"),  # 225 M pixels in 200 KB
         ("photo.png", png_bytes(), {"k": 0}, 422, ""),
         ("photo.png", png_bytes(), {"k": 1000}, 422, ""),
     ],
