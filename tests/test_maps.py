@@ -219,12 +219,12 @@ def test_point_map_refuses_a_grid_too_fine_for_memory(monkeypatch):
     v = rng.normal(size=(50, 8)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     ids = [str(i) for i in range(50)]
-    with pytest.raises(ValueError, match="coarser --resolution") as e:
+    with pytest.raises(ValueError, match=r"coarser resolution \(--resolution") as e:
         map_points(v, lat, lon, ids, v[0], resolution=1e-4)
     msg = str(e.value)
     assert re.search(r"is a 1,2\d\d,\d\d\d x 3,4\d\d,\d\d\d grid", msg) and "TiB of memory" in msg
     assert "smaller region" in msg
-    fits = float(re.search(r"coarser --resolution \(([0-9.e+-]+) or more", msg).group(1))
+    fits = float(re.search(r"coarser resolution \(--resolution; ([0-9.e+-]+) or more", msg).group(1))
     assert map_points(v, lat, lon, ids, v[0], resolution=fits).values.size <= 10_000
 
 

@@ -261,6 +261,11 @@ def test_bad_uploads_get_a_clear_4xx(served, name, data, form, status, words):
     assert words in str(r.json()["detail"])
 
 
+def test_a_json_body_is_told_to_send_form_fields(served):
+    r = served["client"].post("/api/search", json={"text": "a forest"})
+    assert r.status_code == 415 and "send form fields" in r.json()["detail"]
+
+
 def test_query_without_text_or_file_is_400(served):
     for data in ({}, {"text": "   "}):
         r = served["client"].post("/api/search", data=data)

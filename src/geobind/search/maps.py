@@ -298,7 +298,8 @@ def write_png(
     cb.set_label(result.score_label)
     title = f"GeoBind map: {result.query}"
     title = title if len(title) < 100 else title[:97] + "..."
-    what = f"{len(t)} {'raster tiles' if result.source == 'raster' else 'places'}"
+    scored = int(np.isfinite(t["score"]).sum()) if "score" in t else len(t)  # not the all-nodata tiles
+    what = f"{scored} {'raster tiles' if result.source == 'raster' else 'places'}"
     ax.set_title(f"{title}\n{what}", fontsize=11)
     with atomic_path(path, force=force) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
@@ -651,11 +652,11 @@ def points_grid(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[np.ndarra
             cells = int(np.prod(_grid_shape(lat, lon, fits)))
         fits = _round_up(fits)
         raise ValueError(
-            f"a point map at --resolution {res:g} degrees over the places (lat {lat.min():.4g} to "
+            f"a point map at a resolution of {res:g} degrees over the places (lat {lat.min():.4g} to "
             f"{lat.max():.4g}, lon {lon.min():.4g} to {lon.max():.4g}) is a {rows:,} x {cols:,} grid: "
             f"{rows * cols:,} cells, which would need at least {_bytes(rows * cols * GRID_CELL_BYTES)} of "
-            f"memory (at most {MAX_GRID_CELLS:,} cells are made). Use a coarser --resolution "
-            f"({fits:g} or more here; leave it out to take one from the places), or map the "
+            f"memory (at most {MAX_GRID_CELLS:,} cells are made). Use a coarser resolution "
+            f"(--resolution; {fits:g} or more here; leave it out to take one from the places), or map the "
             "embeddings of a smaller region"
         )
     west, north = lon.min() - res / 2, lat.max() + res / 2

@@ -357,7 +357,7 @@ def create_app(
     ``index`` (a :class:`geobind.search.Index` or an index folder built with this model).
     ``max_upload_mb`` caps uploads (413 above it)."""
     fastapi = import_fastapi()
-    from fastapi import File, Form, HTTPException, UploadFile
+    from fastapi import File, Form, HTTPException, Request, UploadFile
     from fastapi.responses import FileResponse, Response
     from fastapi.staticfiles import StaticFiles
 
@@ -386,7 +386,10 @@ def create_app(
         except QueryError as e:
             raise HTTPException(e.status, e.message) from None
 
-    def query(text: str | None, file: UploadFile | None, modality: str) -> tuple[np.ndarray, str]:
+    def query(request: Request, text: str | None, file: UploadFile | None, modality: str) -> tuple[np.ndarray, str]:
+        if request.headers.get("content-type", "").startswith("application/json"):
+            raise HTTPException(415, "send form fields (text, file, modality, k), not JSON: e.g. "
+                                     "curl -F text='a quiet forest' http://HOST:PORT/api/search")
         upload = None
         if file is not None and (file.filename or file.size):
             # Read one byte past the limit: enough to tell "too large" without reading it all.
@@ -399,13 +402,14 @@ def create_app(
     # Plain ``def`` endpoints run in the thread pool: embedding never blocks the event loop.
     @app.post("/api/search", summary="Top places for a text, audio or image query")
     def api_search(
+        request: Request,
         text: str | None = Form(None, description="text query"),
         file: UploadFile | None = File(None, description="audio or image file"),
         modality: str = Form("auto", description="auto | audio | image (ground photo) | satellite"),
         k: int = Form(default_k, ge=1, le=MAX_K, description="number of places"),
         map: bool = Form(False, description="also return the heat-map overlay"),
     ) -> dict[str, Any]:
-        q, label = query(text, file, modality)
+        q, label = query(request, text, file, modality)
         out: dict[str, Any] = {
             "query": label,
             "score": "cosine",
@@ -418,11 +422,12 @@ def create_app(
 
     @app.post("/api/map", summary="Heat-map overlay of a query over every indexed place")
     def api_map(
+        request: Request,
         text: str | None = Form(None, description="text query"),
         file: UploadFile | None = File(None, description="audio or image file"),
         modality: str = Form("auto", description="auto | audio | image (ground photo) | satellite"),
     ) -> dict[str, Any]:
-        q, label = query(text, file, modality)
+        q, label = query(request, text, file, modality)
         return ex.heat_map(q, label)
 
     @app.get("/api/thumbnail/{item_id:path}", summary="JPEG thumbnail of an indexed place")
