@@ -83,20 +83,30 @@ def _sync(device):
 
 
 _LAST_WARMUP_S = [0.0]
+_LAST_TIMED_COMPILES = [0]
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _timeit(fn, steps: int, warmup: int, device) -> float:
     """Seconds per call after ``warmup`` untimed calls (their wall time, compilation included,
-    is kept in ``_LAST_WARMUP_S``)."""
+    is kept in ``_LAST_WARMUP_S``; graphs compiled during the timed calls, which should be none,
+    in ``_LAST_TIMED_COMPILES``)."""
     t = time.perf_counter()
     for _ in range(warmup):
         fn()
     _sync(device)
     _LAST_WARMUP_S[0] = time.perf_counter() - t
+    graphs = _graphs_compiled()
     t = time.perf_counter()
     for _ in range(steps):
         fn()
     _sync(device)
+    _LAST_TIMED_COMPILES[0] = _graphs_compiled() - graphs
     return (time.perf_counter() - t) / steps
 
 
@@ -311,7 +321,18 @@ def _time_plain(forward, opt, scale, symmetric: bool, batch: int, steps: int, wa
         opt.step()
 
     sec = _timeit(step, steps, warmup, device)
-    return {"sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
+    return {"batch": batch, "sps": batch / sec, "step_s": sec, "peak_gib": _peak_gib(device)}
+
+
+def _plain_steps(out: dict, plain_variant, batch: int, scales: tuple[int, ...], report) -> None:
+    """The plain step at each multiple of ``batch`` (``plain_by_batch``); ``plain`` is the fastest,
+    so that GeoBind's larger batches are not compared with a smaller plain one."""
+    out["plain_by_batch"] = {}
+    for k in scales:
+        out["plain_by_batch"][f"b{batch * k}"] = _guarded(lambda k=k: plain_variant(batch * k))
+        ok = [v for v in out["plain_by_batch"].values() if "sps" in v]
+        out["plain"] = max(ok, key=lambda v: v["sps"]) if ok else next(iter(out["plain_by_batch"].values()))
+        report(out)
 
 
 def _time_geobind_step(stage: BindingStage, step, batch: int, steps: int, warmup: int, device,
@@ -321,7 +342,8 @@ def _time_geobind_step(stage: BindingStage, step, batch: int, steps: int, warmup
     stage.train()
     sec = _timeit(step, steps, warmup, device)
     r = {"batch": batch, "sps": batch / sec, "step_s": sec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
-         "peak_gib": _peak_gib(device), **host_syncs(step, device)}
+         "compiles_in_timed_steps": _LAST_TIMED_COMPILES[0], "peak_gib": _peak_gib(device),
+         **host_syncs(step, device)}
     if profile:
         r.update(profile_step(step, device))
     return r
@@ -353,7 +375,7 @@ def variant_name(compile_: bool, batch: int, hf: bool, ckpt: bool = False) -> st
 
 
 def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[Variant], profile: str = "none", report=None) -> dict:
+           variants: list[Variant], profile: str = "none", report=None, plain_scales: tuple[int, ...] = (1,)) -> dict:
     """Plain step, GeoBind's step for each (compile, batch scale) and inference tiles/s.
     ``report(partial)`` is called after the plain step and after every variant."""
     report = report or (lambda r: None)
@@ -364,7 +386,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
            "teacher_fwd_flop_per_sample": flops, "cache_ceiling": cache_ceiling(3 * flops, flops),
            "geobind": {}, "infer": {}}
 
-    def plain_variant():
+    def plain_variant(batch: int):
         _fresh_peak(device)
         student = CLIPVisionModelWithProjection(cfg).to(device)
         teacher = CLIPVisionModelWithProjection(cfg).to(device).eval().requires_grad_(False)
@@ -383,8 +405,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
         return _time_plain(plain, opt, scale, False, batch, steps, warmup, device)
 
-    out["plain"] = _guarded(plain_variant)
-    report(out)
+    _plain_steps(out, plain_variant, batch, plain_scales, report)
 
     def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool):
         _fresh_peak(device)
@@ -395,6 +416,10 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
                                    ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
         stage = BindingStage(enc, anchor, symmetric=False).to(device)
         if compile_:
+            # A fresh compile cache: one is shared per forward code object, so this variant at
+            # another batch would otherwise be compiled with dynamic shapes (the trainer compiles
+            # once, at one batch).
+            torch._dynamo.reset()
             enc.compile()  # what the trainer does for optim.compile: true
         runner = _geobind_runner(stage, "s1", "satellite", "ground", "clip_vision", device, ac)
         # As the trainer's loader hands them over: uint8 tiles, normalised inside the step.
@@ -412,7 +437,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
                 enc(tiles)
 
         isec = _timeit(infer, steps, warmup, device)
-        return r, {"batch": b, "tiles_per_s": b / isec}
+        return r, {"batch": b, "tiles_per_s": b / isec, "compiles_in_timed_steps": _LAST_TIMED_COMPILES[0]}
 
     for c, k, hf, ckpt in variants:
         key = variant_name(c, batch * k, hf, ckpt)
@@ -426,7 +451,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
 
 def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: str,
-           variants: list[Variant], profile: str = "none", report=None) -> dict:
+           variants: list[Variant], profile: str = "none", report=None, plain_scales: tuple[int, ...] = (1,)) -> dict:
     """Plain audio step (loader-side features, frozen satellite ViT every step) vs GeoBind's;
     ``report`` as for :func:`stage1`."""
     report = report or (lambda r: None)
@@ -454,7 +479,7 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
     if train_flops is None:
         out["flop_count_error"] = counted
 
-    def plain_variant():
+    def plain_variant(batch: int):
         _fresh_peak(device)
         # transformers' own model, as GeoCLAP runs it (fusion branch, is_longer lookup).
         backbone = ClapAudioModelWithProjection(acfg).to(device)
@@ -476,8 +501,7 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
         return _time_plain(plain, opt, scale, True, batch, steps, warmup, device)
 
-    out["plain"] = _guarded(plain_variant)
-    report(out)
+    _plain_steps(out, plain_variant, batch, plain_scales, report)
 
     def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool):
         _fresh_peak(device)
@@ -490,6 +514,7 @@ def stage2(size: str, device, batch: int, steps: int, warmup: int, precision: st
                                    ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
         stage = BindingStage(enc, anchor, symmetric=True).to(device)
         if compile_:
+            torch._dynamo.reset()  # a fresh compile cache, as for stage 1
             enc.compile()
         runner = _geobind_runner(stage, "s2", "audio", "satellite", "clap_audio", device, ac)
         waves = torch.randn(b, settings.clip_samples, device=device) * 0.1
@@ -516,16 +541,23 @@ def _summarise(r: dict, peak: float | None, train_flops: float | None = None) ->
             v["mfu"] = v["sps"] * train_flops / (peak * 1e12)
         if best is None or v["sps"] > best["sps"]:
             best, best_name = v, name
-    if peak and train_flops and base:
-        r["plain"]["mfu"] = base * train_flops / (peak * 1e12)
+    if peak and train_flops:
+        for p in r.get("plain_by_batch", {"": r["plain"]}).values():
+            if "sps" in p:
+                p["mfu"] = p["sps"] * train_flops / (peak * 1e12)
     r["best"], r["best_variant"] = best, best_name
     profiled = [(v["sps"], n) for n, v in r["geobind"].items() if "sps" in v and "profile" in v]
     r["profiled_variant"] = max(profiled)[1] if profiled else None
     if "infer" in r:
+        for name, v in r["infer"].items():  # each variant's forward against its own training step
+            if "tiles_per_s" in v and "sps" in r["geobind"].get(name, {}):
+                v["over_train"] = v["tiles_per_s"] / r["geobind"][name]["sps"]
         ok = [v["tiles_per_s"] for v in r["infer"].values() if "tiles_per_s" in v]
         if ok and best:
             r["best_infer_tiles_per_s"] = max(ok)
-            r["infer_over_train"] = max(ok) / best["sps"]
+            # The goal's ratio: the fastest training variant's own forward over its step.
+            r["infer_over_train"] = r["infer"].get(best_name, {}).get("over_train")
+            r["best_infer_over_best_train"] = max(ok) / best["sps"]
 
 
 class Variant(NamedTuple):
@@ -583,7 +615,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", choices=["none", "compiled", "all"], default=None,
                     help="profile 3 more steps of these GeoBind variants: time by kernel category, GPU busy "
                          "fraction, top kernels (default: compiled on CUDA, none on CPU)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default 800 on CUDA)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak FLOP/s for MFU (default 800, an H100's or H200's measured bf16 rate, on those "
+                         "cards; other cards: give it, or MFU is left out)")
+    ap.add_argument("--plain-scales", nargs="+", type=int, default=None, metavar="N",
+                    help="multiples of the plain step's batch to run it at; the fastest is the baseline "
+                         "(default on CUDA: 1 2, as GeoBind's variants run at larger batches; on CPU: 1)")
     ap.add_argument("--out", help="write every figure to this JSON file")
     a = ap.parse_args(argv)
     for flag, value in (("--batch", a.batch), ("--audio-batch", a.audio_batch)):
@@ -592,7 +629,13 @@ def main(argv=None) -> dict:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     precision = a.precision or ("bf16" if cuda else "fp32")
-    peak = a.peak_tflops or (800.0 if cuda else None)
+    known_peak = cuda and any(n in torch.cuda.get_device_name(device) for n in ("H100", "H200"))
+    peak = a.peak_tflops or (800.0 if known_peak else None)
+    if cuda and peak is None:
+        print(f"MFU left out: give --peak-tflops for {torch.cuda.get_device_name(device)}")
+    plain_scales = tuple(a.plain_scales or ((1, 2) if cuda else (1,)))
+    if min(plain_scales) < 1:
+        ap.error("--plain-scales are positive multiples of the plain batch")
     profile = a.profile or ("compiled" if cuda else "none")
     # The full step first: if a part hits its time limit, the variant the goals rest on is in.
     variants = parse_variants(a.variants or (["compile:2", "eager:2", "eager:2:hf", "eager:1", "compile:4"] if cuda
@@ -612,11 +655,11 @@ def main(argv=None) -> dict:
 
     for size in ([] if a.stage2_only else a.size):
         stage1(size, device, a.batch or SIZES[size][2], a.steps, a.warmup, precision, variants, profile,
-               report=reporter("stage1", size))
+               report=reporter("stage1", size), plain_scales=plain_scales)
     if a.stage2 or a.stage2_only:
         size = a.size[0]
         stage2(size, device, a.audio_batch or SIZES[size][3], a.steps, a.warmup, precision, variants, profile,
-               report=reporter("stage2", size))
+               report=reporter("stage2", size), plain_scales=plain_scales)
     print(table(results))
     return results
 
@@ -631,10 +674,12 @@ def table(results: dict) -> str:
 
     for stage, label in (("stage1", "1 sat->ground"), ("stage2", "2 audio->sat")):
         for size, r in results[stage].items():
-            p = r["plain"]
-            rows.append((label, size, "plain", r["batch"], fmt(p.get("sps"), "{:.1f}") if "error" not in p
-                         else p["error"], "1.00x",
-                         fmt(p.get("mfu"), "{:.1%}"), "-", fmt(p.get("peak_gib"), "{:.1f}"), "-"))
+            base = r["plain"].get("sps")
+            for p in r.get("plain_by_batch", {"": r["plain"]}).values():
+                rows.append((label, size, "plain", p.get("batch", r["batch"]),
+                             fmt(p.get("sps"), "{:.1f}") if "error" not in p else p["error"],
+                             fmt(p["sps"] / base if base and "sps" in p else None, "{:.2f}x"),
+                             fmt(p.get("mfu"), "{:.1%}"), "-", fmt(p.get("peak_gib"), "{:.1f}"), "-"))
             for name, v in r["geobind"].items():
                 if "sps" not in v:
                     rows.append((label, size, name, "-", v.get("error", "?"), "-", "-", "-", "-", "-"))

@@ -91,7 +91,10 @@ def test_train_throughput_runs_on_cpu_with_tiny_models(tmp_path):
     for v in s1["geobind"].values():
         assert v["sps"] > 0 and v["ratio"] == v["sps"] / s1["plain"]["sps"]
     assert s1["best"]["sps"] == max(v["sps"] for v in s1["geobind"].values())
-    assert s1["infer_over_train"] > 0
+    # The goal's ratio is the fastest training variant's own forward over its step.
+    best = s1["best_variant"]
+    assert s1["infer_over_train"] == s1["infer"][best]["tiles_per_s"] / s1["geobind"][best]["sps"] > 0
+    assert all(v["compiles_in_timed_steps"] == 0 for v in s1["geobind"].values())
     assert s1["cache_ceiling"] == pytest.approx(4 / 3)
     s2 = r["stage2"]["tiny"]
     assert s2["plain"]["sps"] > 0 and all(v["sps"] > 0 for v in s2["geobind"].values())
@@ -336,3 +339,24 @@ def test_host_syncs_counts_the_warnings_and_traces_the_first_sync(monkeypatch):
     assert mode[0] == "default"
     assert tt.host_syncs(lambda: None, SimpleNamespace(type="cuda")) == {"host_syncs": 0, "host_sync_sites": []}
     assert tt.host_syncs(step, SimpleNamespace(type="cpu")) == {}
+
+
+def test_the_plain_baseline_is_its_fastest_batch_and_compiled_variants_compile_afresh(monkeypatch):
+    """With plain steps at two batches the faster is the baseline of every ratio; each compiled
+    variant starts from an empty compile cache (a second batch would otherwise be compiled with
+    dynamic shapes), and no graph is compiled during timed steps."""
+    import torch
+
+    tt = _load("train_throughput")
+    resets = []
+    real = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real())[1])
+    r = tt.main(["--size", "tiny", "--steps", "2", "--warmup", "2", "--variants", "compile:1", "compile:2",
+                 "--plain-scales", "1", "2"])
+    s1 = r["stage1"]["tiny"]
+    assert set(s1["plain_by_batch"]) == {"b8", "b16"}
+    assert s1["plain"]["sps"] == max(v["sps"] for v in s1["plain_by_batch"].values())
+    for v in s1["geobind"].values():
+        assert v["ratio"] == v["sps"] / s1["plain"]["sps"] and v["compiles_in_timed_steps"] == 0
+    assert len(resets) == 2
+    assert all(v["compiles_in_timed_steps"] == 0 for v in s1["infer"].values())

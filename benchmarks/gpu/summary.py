@@ -24,7 +24,7 @@ def rows(folder: Path) -> list[tuple]:
                     f"{best['ratio']:.2f}x" if best.get("ratio") else "-",
                     f"{best['mfu']:.1%}" if "mfu" in best else "-",
                     f"{s['best_infer_tiles_per_s']:.0f}" if "best_infer_tiles_per_s" in s else "-",
-                    f"{s['infer_over_train']:.2f}x" if "infer_over_train" in s else "-",
+                    f"{s['infer_over_train']:.2f}x" if s.get("infer_over_train") else "-",
                     # What caching the anchor alone could give if time followed FLOPs.
                     f"{s['cache_ceiling']:.2f}x" if s.get("cache_ceiling") else "-",
                 ))
