@@ -196,3 +196,29 @@ def test_an_org_name_model_path_beside_the_config_is_a_folder_not_a_hub_id(tmp_p
                             "stages": stages}, tmp_path)
         assert cfg.anchor["pretrained"] == want, given
         assert cfg.output_dir == str(tmp_path / "runs" / "x")
+
+
+def test_settings_that_would_train_wrong_are_refused(tiny_data, tmp_path):
+    """Each refused before training, naming the field: an anchor whose two towers serve one
+    modality (its text tower would read photo paths as captions), a temperature outside [0.01, 1],
+    a stage name that is no folder name, a value of the wrong kind."""
+    def cfg(**changes):
+        d = tiny_config(tiny_data, tmp_path / "run")
+        for key, value in changes.items():
+            d = apply_overrides(d, [f"{key}={value}"])
+        return d
+
+    for key, value, said in (
+        ("anchor_modalities", "{image: ground, text: ground}", "two different modalities; both are 'ground'"),
+        ("anchor_modalities", "{text: text}", "a mapping of the CLIP anchor's two towers"),
+        ("anchor_modalities", "[image]", "anchor_modalities: expected a mapping"),
+        ("stages.satellite.loss.temperature", ".nan", "loss.temperature: from 0.01 to 1"),
+        ("stages.satellite.loss.temperature", "5", "loss.temperature: from 0.01 to 1"),
+        ("stages.satellite.name", "a/b", "name: letters, digits"),
+        ("stages.satellite.optim.lr", "true", "optim.lr: expected float, got True"),
+        ("stages.satellite.optim.num_workers", "true", "optim.num_workers: use auto or a number"),
+        ("stages.satellite.encoder", "clip_vision", "encoder: expected a mapping"),
+        ("anchor", "openai/clip-vit-base-patch32", "config.anchor: expected a mapping"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            parse_config(cfg(**{key: value}))

@@ -659,3 +659,32 @@ def test_a_run_resumes_from_any_folder_and_from_its_saved_config(tiny_data, tmp_
     torch.save({**ck, "fingerprint": "0123456789abcdef"}, stage / "checkpoint.pt")
     assert "conf/" in (stage / "config.yaml").read_text() or "../" in (stage / "config.yaml").read_text()
     assert main(["train", "conf/run.yaml", "--set", "output_dir=../runs/old", "--resume"]) == 0
+
+
+def test_a_diverged_loss_stops_the_run_and_batch_sizes_are_checked_before_training(tiny_data, tmp_path,
+                                                                                  monkeypatch):
+    from geobind.binding import stage as stage_mod
+    from geobind.binding.trainer import TrainingDiverged
+
+    d = tiny_config(tiny_data, tmp_path / "nan", audio=False)
+    d["eval"] = None
+    real = stage_mod.total_loss
+    monkeypatch.setattr("geobind.binding.step.total_loss", lambda out: real(out) * float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan by step 1; the model was not saved"):
+        train(parse_config(d), progress=False, log=None)
+    assert not (tmp_path / "nan" / "model").exists()
+    monkeypatch.undo()
+    # A later stage's batch larger than its data (36 places): said before stage 1 trains.
+    d = tiny_config(tiny_data, tmp_path / "big")
+    d["eval"] = None
+    d["stages"][1]["optim"]["batch_size"] = 64
+    with pytest.raises(ValueError, match=r"stages\.audio\.optim\.batch_size: 64 is more than the \d+ samples"):
+        train(parse_config(d), progress=False, log=None)
+    assert not (tmp_path / "big" / "stages" / "01-satellite").exists()
+    # A warmup longer than the stage is said.
+    d = tiny_config(tiny_data, tmp_path / "warm", steps=2, audio=False)
+    d["eval"] = None
+    d["stages"][0]["optim"]["warmup_steps"] = 100
+    said = []
+    train(parse_config(d), progress=False, log=said.append)
+    assert any("warmup_steps (100) is not below the stage's 2 steps" in s for s in said)

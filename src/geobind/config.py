@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ __all__ = [
 @dataclass(frozen=True)
 class OptimConfig:
     epochs: int = 1  # passes over the stage's training data
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
+    max_steps: int = 0  # train this many optimizer steps, over as many epochs as they take (0: `epochs` decide)
     batch_size: int = 64  # global batch size (split evenly across ranks)
     lr: float = 5e-5  # peak learning rate (AdamW)
     weight_decay: float = 0.2  # AdamW decay; never applied to norms, biases, the temperature
@@ -59,7 +60,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class LossConfig:
     symmetric: bool = False  # False: the paper's one-directional InfoNCE (train -> anchor)
-    temperature: float = 0.07  # initial temperature; logit scale 1/t, clamped at 100
+    temperature: float = 0.07  # initial temperature, 0.01 to 1; logit scale 1/t, kept within [1, 100]
     learn_temperature: bool = True  # learn the temperature jointly
     queue_size: int = 0  # past frozen-anchor embeddings kept as extra negatives (Sat2Cap: 9000)
 
@@ -158,6 +159,11 @@ def _build(cls, data: Any, where: str):
         else:
             value = _coerce(fields[name], value, f"{where}.{name}")
         kwargs[name] = value
+    for name, value in kwargs.items():
+        t = fields[name].type if isinstance(fields[name].type, str) else str(fields[name].type)
+        if t.startswith("dict") and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}.{name}: expected a mapping (key: value, e.g. {{type: clip_vision}}), "
+                              f"got {value!r}")
     return cls(**kwargs)
 
 
@@ -169,6 +175,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
                 raise ValueError
             return int(float(value))
         if t == "float":
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
         if t == "bool":
             if not isinstance(value, bool):
@@ -255,10 +263,14 @@ def validate(cfg: RunConfig) -> None:
     if cfg.anchor is not None:
         if cfg.anchor.get("type", "clip") != "clip":
             raise ConfigError(f"config.anchor.type: only 'clip' anchors exist, got {cfg.anchor['type']!r}")
-        extra = set(cfg.anchor_modalities) - {"image", "text"}
-        if extra:
-            raise ConfigError(f"config.anchor_modalities: unknown key(s) {sorted(extra)}; use image, text")
-        space = set(cfg.anchor_modalities.values())
+        am = cfg.anchor_modalities
+        if not isinstance(am, dict) or set(am) != {"image", "text"}:
+            raise ConfigError("config.anchor_modalities: a mapping of the CLIP anchor's two towers to "
+                              f"modalities, e.g. {{image: ground, text: text}}; got {am!r}")
+        if am["image"] == am["text"]:
+            raise ConfigError(f"config.anchor_modalities: the image and text towers serve two different "
+                              f"modalities; both are {am['image']!r}")
+        space = set(am.values())
     else:
         import json
 
@@ -271,6 +283,9 @@ def validate(cfg: RunConfig) -> None:
     names = set()
     for i, s in enumerate(cfg.stages):
         where = f"config.stages[{i}] ({s.name})"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name) or s.name in (".", ".."):
+            raise ConfigError(f"{where}.name: letters, digits, '_', '-' and '.' only (it names the stage's "
+                              f"folder), got {s.name!r}")
         if s.name in names:
             raise ConfigError(f"{where}: duplicate stage name")
         names.add(s.name)
@@ -320,14 +335,16 @@ def validate(cfg: RunConfig) -> None:
         _check_layout(s.data.layout, s.data.layout_options, f"{where}.data")
         if o.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"{where}.optim.precision: use auto, fp32, bf16 or fp16")
-        if o.num_workers != "auto" and not (isinstance(o.num_workers, int) and o.num_workers >= 0):
+        if o.num_workers != "auto" and not (isinstance(o.num_workers, int) and not isinstance(o.num_workers, bool)
+                                            and o.num_workers >= 0):
             raise ConfigError(f"{where}.optim.num_workers: use auto or a number >= 0, got {o.num_workers!r}")
         if not isinstance(o.compile, bool):
             raise ConfigError(f"{where}.optim.compile: use true or false, got {o.compile!r}")
         if not isinstance(o.grad_checkpointing, bool):
             raise ConfigError(f"{where}.optim.grad_checkpointing: use true or false, got {o.grad_checkpointing!r}")
-        if s.loss.temperature <= 0:
-            raise ConfigError(f"{where}.loss.temperature must be positive")
+        if not (math.isfinite(s.loss.temperature) and 0.01 <= s.loss.temperature <= 1):
+            raise ConfigError(f"{where}.loss.temperature: from 0.01 to 1 (the logit scale 1/t is kept within "
+                              f"[1, 100]; CLIP starts at 0.07), got {s.loss.temperature}")
         space.add(s.train)
     if cfg.eval is not None:
         _check_layout(cfg.eval.layout, cfg.eval.layout_options, "config.eval")

@@ -71,6 +71,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.written = written
 
 
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite; the message says what to change."""
+
+
 class TrainingOutOfMemory(RuntimeError):
     """A training step did not fit in the device's memory; the message says what to change."""
 
@@ -566,6 +570,25 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
+def _batch_problems(cfg: RunConfig, done: set[str], world: int, read: dict) -> list[str]:
+    """Batch sizes the run cannot use, found before any stage trains: not divisible by the ranks,
+    or larger than a stage's training set (read by the preflight)."""
+    out = []
+    for s in cfg.stages:
+        if s.name in done:
+            continue
+        b = s.optim.batch_size
+        if b % world:
+            near = sorted({max(world, b // world * world), (b // world + 1) * world})
+            out.append(f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks (e.g. "
+                       f"{' or '.join(map(str, near))})")
+        data = read.get(_dataset_key(s.data.train, s.data))
+        if data is not None and len(data) < b:
+            out.append(f"stages.{s.name}.optim.batch_size: {b} is more than the {len(data)} samples of "
+                       f"{s.data.train}; lower it")
+    return out
+
+
 def _dataset_key(path: str, data_cfg) -> str:
     return json.dumps([path, data_cfg.layout, data_cfg.layout_options], sort_keys=True, default=str)
 
@@ -722,6 +745,9 @@ class Trainer:
         unreadable = _unreadable_data(cfg, done, self._read)
         if unreadable:  # read now, not after the stages before them have trained
             return "unreadable", "; ".join(unreadable)
+        batches = _batch_problems(cfg, done, self.dist.world_size, self._read)
+        if batches:
+            return "unreadable", "; ".join(batches)
         return None
 
     def _initial_space(self) -> GeoBind:
@@ -822,6 +848,10 @@ class Trainer:
                 f"({o.batch_size}); lower optim.batch_size"
             )
         total = o.max_steps or steps_per_epoch * o.epochs
+        if o.warmup_steps >= total:
+            self._say(f"warning: stage {scfg.name}: optim.warmup_steps ({o.warmup_steps}) is not below the "
+                      f"stage's {total} steps, so the learning rate never reaches optim.lr ({o.lr:g}); lower "
+                      "optim.warmup_steps")
         optim = build_optimizer(stage, scfg, dev)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(total, o.warmup_steps, o.min_lr_ratio))
         autocast, scaler = _precision(scfg, dev)
@@ -992,6 +1022,11 @@ class Trainer:
                     log_row = step % o.log_every == 0 or step == total
                     if log_row:
                         last_loss = float(last_loss_t)
+                        if not math.isfinite(last_loss):  # the weights are lost from here on
+                            raise TrainingDiverged(
+                                f"stage {scfg.name}: the loss became {last_loss} by step {step}; the model "
+                                "was not saved (an earlier checkpoint, if any, stays). Lower optim.lr, "
+                                "check the data, or train in bf16 or fp32 instead of fp16")
                     t1 = time.perf_counter()
                     window["step"] += t1 - t0
                     loop["step"] += t1 - t0
