@@ -219,6 +219,7 @@ def test_settings_that_would_train_wrong_are_refused(tiny_data, tmp_path):
         ("stages.satellite.optim.num_workers", "true", "optim.num_workers: use auto or a number"),
         ("stages.satellite.encoder", "clip_vision", "encoder: expected a mapping"),
         ("anchor", "openai/clip-vit-base-patch32", "config.anchor: expected a mapping"),
+        ("stages.audio.encoder", "{type: clip_vision}", "type clip_vision reads image, but 'audio' is audio data"),
     ):
         with pytest.raises(ConfigError, match=said):
             parse_config(cfg(**{key: value}))

@@ -303,9 +303,16 @@ def validate(cfg: RunConfig) -> None:
         from geobind.encoders import get_encoder_class
 
         try:
-            get_encoder_class(s.encoder["type"]).check_spec(s.encoder)
+            encoder_cls = get_encoder_class(s.encoder["type"])
+            encoder_cls.check_spec(s.encoder)
         except ValueError as e:
             raise ConfigError(f"{where}.encoder: {e}") from None
+        from geobind.data.pack import member_kind
+
+        kind = member_kind(s.train)
+        if encoder_cls.input_kind and kind != "file" and kind != encoder_cls.input_kind:
+            raise ConfigError(f"{where}.encoder: type {s.encoder['type']} reads {encoder_cls.input_kind}, but "
+                              f"{s.train!r} is {kind} data; give an encoder that reads {kind}")
         o = s.optim
         if o.batch_size < 2:
             raise ConfigError(f"{where}.optim.batch_size: contrastive training needs at least 2")

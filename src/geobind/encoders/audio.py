@@ -370,6 +370,8 @@ class ClapAudioEncoder(Encoder):
     :meth:`load`); batches are ``[B, clip_samples]``.
     """
 
+    input_kind = "audio"
+
     def __init__(self, modality: str, dim: int, backbone: nn.Module, audio: AudioSettings):
         super().__init__(modality, dim)
         config = backbone.config

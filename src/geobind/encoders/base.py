@@ -124,6 +124,10 @@ class Encoder(nn.Module):
         """Name of the subdirectory holding this encoder's weights (shared backbones share it)."""
         return self.modality
 
+    # What the encoder reads ("image", "audio", "text" or "latlon"), checked against the kind of
+    # data of the modality a stage trains; None: anything (the encoder checks its own inputs).
+    input_kind: str | None = None
+
     # -- construction and persistence -------------------------------------------------------
     @classmethod
     def check_spec(cls, spec: dict[str, Any]) -> None:

@@ -143,6 +143,8 @@ class _ClipShared:
 class ClipImageEncoder(_ClipShared, Encoder):
     """CLIP's image tower: ground-level photos (the stage-1 anchor)."""
 
+    input_kind = "image"
+
     def __init__(self, modality: str, clip: CLIPModel, tokenizer=None, image_size: int | None = None):
         super().__init__(modality, clip.config.projection_dim)
         self.clip = clip
@@ -214,6 +216,8 @@ def _portable_tokenizer_config(path: Path) -> None:
 @register_encoder("clip_text")
 class ClipTextEncoder(_ClipShared, Encoder):
     """CLIP's text tower: captions and free-text queries."""
+
+    input_kind = "text"
 
     def __init__(self, modality: str, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__(modality, clip.config.projection_dim)
@@ -294,6 +298,8 @@ class ClipVisionEncoder(Encoder):
     The loader hands over uint8 tiles (a dict batch) that :meth:`forward` normalises on the
     model's device; with ``augment_on: device`` training batches also carry the drawn
     augmentation parameters, and :meth:`forward` augments them there."""
+
+    input_kind = "image"
 
     def __init__(self, modality: str, model: CLIPVisionModelWithProjection, transform: ImageTransform):
         super().__init__(modality, model.config.projection_dim)
