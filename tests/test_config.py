@@ -220,6 +220,8 @@ def test_settings_that_would_train_wrong_are_refused(tiny_data, tmp_path):
         ("stages.satellite.encoder", "clip_vision", "encoder: expected a mapping"),
         ("anchor", "openai/clip-vit-base-patch32", "config.anchor: expected a mapping"),
         ("stages.audio.encoder", "{type: clip_vision}", "type clip_vision reads image, but 'audio' is audio data"),
+        ("anchor", "{}", "config.anchor: give `pretrained`"),
+        ("anchor.pretraind", "x", r"config.anchor: unknown key\(s\) \['pretraind'\]"),
     ):
         with pytest.raises(ConfigError, match=said):
             parse_config(cfg(**{key: value}))

@@ -263,6 +263,13 @@ def validate(cfg: RunConfig) -> None:
     if cfg.anchor is not None:
         if cfg.anchor.get("type", "clip") != "clip":
             raise ConfigError(f"config.anchor.type: only 'clip' anchors exist, got {cfg.anchor['type']!r}")
+        unknown = set(cfg.anchor) - {"type", "pretrained", "config", "tokenizer"}
+        if unknown:
+            raise ConfigError(f"config.anchor: unknown key(s) {sorted(unknown)}; use pretrained, or config "
+                              "and tokenizer")
+        if not cfg.anchor.get("pretrained") and (cfg.anchor.get("config") is None or not cfg.anchor.get("tokenizer")):
+            raise ConfigError("config.anchor: give `pretrained` (a CLIP folder or hub id, e.g. "
+                              "openai/clip-vit-base-patch32), or `config` (random weights) and `tokenizer`")
         am = cfg.anchor_modalities
         if not isinstance(am, dict) or set(am) != {"image", "text"}:
             raise ConfigError("config.anchor_modalities: a mapping of the CLIP anchor's two towers to "
