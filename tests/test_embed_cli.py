@@ -357,6 +357,31 @@ def test_every_command_has_help_with_examples(argv, capsys):
     assert "examples:" in capsys.readouterr().out
 
 
+def test_every_subcommand_says_what_it_does_in_wrapped_lines(capsys):
+    """Each command's --help opens with a description (no line over 88 characters) and ends with
+    examples."""
+    import argparse
+
+    from geobind.cli import _parser
+
+    def commands(parser, path=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield (*path, name), sub
+                    yield from commands(sub, (*path, name))
+
+    found = dict(commands(_parser()))
+    assert {("train",), ("eval",), ("embed",), ("index", "build"), ("search",), ("map",), ("serve",),
+            ("data", "pack"), ("data", "split"), ("data", "check"), ("demo",)} <= set(found)
+    for path, sub in found.items():
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            continue  # a group (data, index): its subcommands are checked
+        assert sub.description, path
+        assert all(len(line) <= 88 for line in sub.description.splitlines()), path
+        assert "example" in (sub.epilog or ""), path
+
+
 def test_identity_cache_follows_in_place_updates(model):
     import copy
 

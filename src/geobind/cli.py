@@ -102,7 +102,21 @@ def _parser() -> argparse.ArgumentParser:
     from geobind.cli_serve import add_serve_parser
 
     add_serve_parser(sub)
+    _wrap_descriptions(p)
     return p
+
+
+def _wrap_descriptions(parser: argparse.ArgumentParser, width: int = 88) -> None:
+    """Wrap every subcommand's one-paragraph description (the raw formatter, kept for the
+    examples, would print each as one long line)."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in action.choices.values():
+            if isinstance(sub, argparse.ArgumentParser):
+                if sub.description and "\n" not in sub.description:
+                    sub.description = textwrap.fill(sub.description, width)
+                _wrap_descriptions(sub, width)
 
 
 def positive_int(text: str) -> int:

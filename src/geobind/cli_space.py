@@ -260,6 +260,8 @@ def add_space_parsers(sub) -> None:
     info = isub.add_parser(
         "info",
         help="what an index holds",
+        description="What an index holds: its kind, size, model, modality, search settings, thumbnails "
+        "and the recall its --check measured.",
         formatter_class=fmt,
         epilog="examples:\n  geobind index info tiles.index\n  geobind index info tiles.index --json\n",
     )
