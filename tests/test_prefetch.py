@@ -77,3 +77,17 @@ def test_on_cuda_the_next_copy_is_queued_after_the_current_batch_is_handed_over(
         "wait copy", "adopt 1", "step 1", "fetch 2", "copy 2",
         "wait copy", "adopt 2", "step 2",
     ]
+
+
+def test_outputs_one_behind_pairs_each_item_with_its_own_output():
+    """Inference over a loader: every item comes back once, in order, with its own output on the
+    host (None where nothing was computed), also for the last item."""
+    items = [(i, torch.full((2, 3), float(i)) if i % 3 else None) for i in range(7)]
+    forward = lambda item: None if item[1] is None else item[1].sum(dim=1) * 10  # noqa: E731
+    got = list(prefetch.outputs_one_behind(items, torch.device("cpu"), lambda item, to: item, forward))
+    assert [item[0] for item, _ in got] == list(range(7))
+    for (i, x), out in got:
+        assert (out is None) == (x is None)
+        if out is not None:
+            assert out.device.type == "cpu" and out.tolist() == [30.0 * i] * 2
+    assert list(prefetch.outputs_one_behind([], torch.device("cpu"), lambda i, to: i, forward)) == []

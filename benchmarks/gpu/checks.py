@@ -234,10 +234,44 @@ def check_prefetch(device, size: str) -> dict:
     return out
 
 
+def check_one_behind(device, size: str) -> dict:
+    """Inference's loop (embed, the anchor cache): each batch's output, copied to the host without
+    waiting and taken one batch later, is that batch's own, with copies and compute overlapping."""
+    from geobind.binding.prefetch import map_tensors, outputs_one_behind
+
+    cuda = device.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    side = 1024 if cuda else 64
+    w = torch.randn(side, side, generator=g) / side**0.5
+    batches = [(i, torch.randn(64, side, generator=g)) for i in range(24)]
+    if cuda:
+        batches = [(i, x.pin_memory()) for i, x in batches]
+    wd = w.to(device)
+
+    def forward(item):
+        y = item[1]
+        for _ in range(6 if cuda else 1):  # enough work that a missed wait would show
+            y = torch.tanh(y @ wd)
+        return y
+
+    got = {i: out for (i, _), out in outputs_one_behind(batches, device, lambda it, to: (it[0], map_tensors(it[1], to)),
+                                                         forward)}
+    worst = 0.0
+    for i, x in batches:
+        y = x
+        for _ in range(6 if cuda else 1):
+            y = torch.tanh(y @ w)
+        worst = max(worst, float((got[i] - y).abs().max()))
+    out = {"max_abs": worst}
+    out["ok"] = sorted(got) == list(range(len(batches))) and worst < 1e-3
+    return out
+
+
 # compile_once last: its cold compilations take the most time, and a part stopped at its time
 # limit keeps the checks before it.
 CHECKS = {"vit": check_vit, "window_attention": check_window_attention, "mel_resize": check_mel_resize,
-          "device_augment": check_device_augment, "prefetch": check_prefetch, "compile_once": check_compile_once}
+          "device_augment": check_device_augment, "prefetch": check_prefetch, "one_behind": check_one_behind,
+          "compile_once": check_compile_once}
 
 
 def main(argv=None) -> dict:

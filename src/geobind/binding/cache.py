@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from geobind import distributed as gbdist
+from geobind.binding.prefetch import map_tensors, outputs_one_behind
 from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table
 from geobind.data.shards import RowStream, ShardSet
@@ -168,17 +169,25 @@ def _embed_rows(
         # a second pass start (worker processes, and a base seed from the torch generator).
         bar = tqdm(desc=f"embed {modality}", unit="batch", leave=False,
                    total=math.ceil((stop - start) / batch_size) if num_workers <= 1 else None)
+    def forward(item):
+        if item[1] is None:
+            return None
+        with autocast_for(encoder.device):
+            return encoder(item[1]).float()
+
+    # On CUDA the next batch is copied while this one computes, and each batch's vectors reach
+    # the host one batch later (the device is not idle while the host takes them).
+    move = lambda item, to: (item[0], map_tensors(item[1], to), item[2])  # noqa: E731  (indices stay here)
     try:
-        for idx, batch, bad in loader:
+        for (idx, _, bad), vectors in outputs_one_behind(loader, encoder.device, move, forward):
             if bar is not None:
                 bar.update(1)
             for _, e in bad:
                 if strict:
                     raise e
                 counts[e.reason] += 1
-            if batch is not None:
-                with autocast_for(encoder.device):
-                    emb[idx] = encoder(batch).float().cpu().to(emb.dtype)
+            if vectors is not None:
+                emb[idx] = vectors.to(emb.dtype)
                 valid[idx] = True
     finally:
         encoder.train(was)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DevicePrefetcher", "map_tensors"]
+__all__ = ["DevicePrefetcher", "map_tensors", "outputs_one_behind"]
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -81,3 +81,39 @@ class DevicePrefetcher:
 
 
 _END = object()
+
+
+def outputs_one_behind(
+    loader: Iterable,
+    device: torch.device,
+    move: Callable[[Any, Callable[[torch.Tensor], torch.Tensor]], Any],
+    forward: Callable[[Any], torch.Tensor | None],
+) -> Iterator[tuple[Any, torch.Tensor | None]]:
+    """``(item, forward(item) on the host)`` for each item of ``loader``, in order, for
+    inference over a dataset. On CUDA the items come through a :class:`DevicePrefetcher`
+    (``move`` as there) and each output is copied to the host without waiting; the host waits
+    for it only once the next item's forward is queued, so the device is not idle while the
+    host takes the result. ``forward`` may return ``None`` (nothing to compute for an item)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    items = DevicePrefetcher(loader, device, move) if cuda else loader
+    held = None
+    for item in items:
+        out, ready = forward(item), None
+        if out is not None:
+            out = out.to("cpu", non_blocking=True)
+            if cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+        if held is not None:
+            yield _settled(held)
+        held = (item, out, ready)
+    if held is not None:
+        yield _settled(held)
+
+
+def _settled(held: tuple[Any, torch.Tensor | None, Any]) -> tuple[Any, torch.Tensor | None]:
+    item, out, ready = held
+    if ready is not None:
+        ready.synchronize()  # the non-blocking copy has landed
+    return item, out

@@ -337,23 +337,28 @@ def _embed_chunks(
     else:
         batches = [list(range(s, min(s + batch_size, b))) for _, a, b in chunks for s in range(a, b, batch_size)]
         loader = DataLoader(_ItemDataset(data, modality, prep), batch_sampler=batches, **common)
+    from geobind.binding.prefetch import map_tensors, outputs_one_behind
+
     device = encoder.device
-    if device.type == "cuda":  # the next batch crosses to the GPU while this one computes
-        from geobind.binding.prefetch import DevicePrefetcher, map_tensors
 
-        loader = DevicePrefetcher(loader, device, lambda item, to: (item[0], map_tensors(item[1], to), *item[2:]))
+    def forward(item):
+        batch_rows, batch = item[0], item[1]
+        if batch is None:
+            return None
+        n = len(batch_rows)
+        if pad_batches and n < batch_size:
+            batch = pad_batch(batch, batch_size)
+        with torch.no_grad(), autocast_for(device):
+            return encoder(batch)[:n].float()
 
-    def settle(held):
-        """Account for a batch whose vectors were queued for the host: the chunk it belongs to,
-        if this completes it."""
-        batch_rows, vectors, ready, thumbs, caps, bad = held
+    def settle(item, vectors):
+        """Account for a batch: the chunk it belongs to, if this completes it."""
+        batch_rows, _, thumbs, caps, bad = item
         c = (batch_rows[0] if batch_rows else bad[0][0]) // chunk_rows  # batches never straddle chunks
         p = pending[c]
         for _, e in bad:
             p.counts[e.reason] += 1
         if batch_rows:
-            if ready is not None:
-                ready.synchronize()
             p.rows.extend(batch_rows)
             p.vectors.append(vectors.numpy())
             if thumbnail_size:
@@ -367,29 +372,14 @@ def _embed_chunks(
 
     was = encoder.training
     encoder.eval()
-    held = None
+    # The next batch crosses to the GPU while this one computes, and each batch's vectors reach
+    # the host one batch later.
+    move = lambda item, to: (item[0], map_tensors(item[1], to), *item[2:])  # noqa: E731
     try:
-        for batch_rows, batch, thumbs, caps, bad in loader:
-            vectors = ready = None
-            if batch is not None:
-                n = len(batch_rows)
-                if pad_batches and n < batch_size:
-                    batch = pad_batch(batch, batch_size)
-                with torch.no_grad(), autocast_for(device):
-                    vectors = encoder(batch)[:n].float().to("cpu", non_blocking=True)
-                if device.type == "cuda":
-                    ready = torch.cuda.Event()
-                    ready.record()
-            # The previous batch's vectors are waited for only now, with this batch queued
-            # behind them: the GPU is not left idle while the host takes them.
-            done = settle(held) if held is not None else None
-            held = (batch_rows, vectors, ready, thumbs, caps, bad)
+        for item, vectors in outputs_one_behind(loader, device, move, forward):
+            done = settle(item, vectors)
             if done is not None:
                 yield done
-        done = settle(held) if held is not None else None
-        held = None
-        if done is not None:
-            yield done
     finally:
         encoder.train(was)
     for c in sorted(pending):  # rows a broken source never delivered: the chunk ends without them
