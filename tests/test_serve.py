@@ -99,7 +99,7 @@ def test_image_and_audio_uploads_search(served):
     body = upload(client, img, "photo.png", k=3).json()
     ref = model.search(index, image=Image.open(io.BytesIO(img)), k=3)
     assert [x["id"] for x in body["results"]] == [h.id for h in ref]
-    assert body["query"] == "image upload"
+    assert body["query"] == "ground-photo upload"  # which encoder read it
     # A satellite hint embeds the image with the satellite encoder instead.
     body = upload(client, img, "tile.png", modality="satellite", k=3).json()
     ref = model.search(index, satellite=Image.open(io.BytesIO(img)), k=3)

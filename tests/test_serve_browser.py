@@ -154,3 +154,62 @@ def test_bad_query_shows_the_message(server, browser):
     page.wait_for_selector("#status.error")
     assert "neither an image nor an audio" in page.inner_text("#status")
     page.close()
+
+
+def test_stale_results_never_stay_up_and_the_page_works_from_the_keyboard_and_narrow(server, browser):
+    """Clear during a slow search drops its late answer; an error after a search takes the old
+    results and legend away; a list entry opens its place from the keyboard; a chosen file says it
+    joins the text; an unreachable server is said in words; at 400 px the map stays usable."""
+    import time
+
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server["url"] + "/")
+    page.wait_for_function("document.getElementById('info').textContent.includes('places')")
+    slow = lambda route: (time.sleep(1.5), route.continue_())  # noqa: E731
+    page.route("**/api/search", slow)
+    page.fill("#text", "a photo of a forest")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status').textContent === 'searching…'")
+    page.click("#clear")
+    time.sleep(2.5)  # the answer would have arrived by now
+    assert page.locator(".leaflet-marker-icon").count() == 0 and page.locator("#results li").count() == 0
+    assert page.inner_text("#vmax") == "" and not page.is_disabled("#submit")
+    page.unroute("**/api/search")
+    # A search, then a failing one: nothing of the first stays.
+    page.fill("#text", "a photo of a forest")
+    page.fill("#k", "3")
+    page.press("#text", "Enter")
+    page.wait_for_function("document.querySelectorAll('#results li').length === 3")
+    assert page.inner_text("#vmax") != ""
+    page.fill("#text", "x" * 2000)  # over the server's limit
+    page.click("#submit")
+    page.wait_for_selector("#status.error")
+    assert page.locator("#results li").count() == 0 and page.inner_text("#vmax") == ""
+    # The list from the keyboard: Enter on an entry opens its place.
+    page.fill("#text", "a photo of a forest")
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('#results li').length === 3")
+    page.focus("#results li:nth-child(2)")
+    page.keyboard.press("Enter")
+    page.wait_for_function("[...document.querySelectorAll('.leaflet-popup-content')]"
+                           ".some((e) => e.textContent.includes('#2 '))")
+    # A chosen file says it joins the text, and can be removed.
+    assert page.is_hidden("#fileinfo")
+    page.set_input_files("#file", files=[{"name": "a.png", "mimeType": "image/png", "buffer": b"\x89PNG"}])
+    assert page.is_visible("#fileinfo") and "together with any text" in page.inner_text("#fileinfo")
+    page.click("#nofile")
+    assert page.is_hidden("#fileinfo") and page.evaluate("document.getElementById('file').files.length") == 0
+    # The server gone: said in words.
+    page.route("**/api/search", lambda route: route.abort())
+    page.click("#submit")
+    page.wait_for_selector("#status.error")
+    assert "cannot reach the geobind server" in page.inner_text("#status")
+    page.unroute("**/api/search")
+    # Narrow: the panel above the map, and the map keeps a usable height.
+    page.set_viewport_size({"width": 400, "height": 800})
+    box = page.locator("#map").bounding_box()
+    assert box["width"] >= 390 and box["height"] >= 300
+    assert not errors, errors
+    page.close()

@@ -208,7 +208,9 @@ class Explorer:
             labels.append(f'"{text}"')
         if upload is not None:
             items[upload[0]] = upload[1]
-            labels.append(f"{upload[0]} upload")
+            # Which encoder read it: a detected image is searched as a ground photo.
+            what = {"image": "ground-photo", "satellite": "satellite-tile"}.get(upload[0], upload[0])
+            labels.append(f"{what} upload")
         with self.lock:
             try:
                 q = self.model.embed_query(**items)

@@ -57,10 +57,17 @@
     return d || `${res.status} ${res.statusText}`;
   }
 
-  function render(data) {
+  // Results of an earlier query never stay up under a new error, or after Clear.
+  function clearResults() {
     results.clearLayers();
     markers = [];
     if (overlay) { map.removeLayer(overlay); overlay = null; }
+    $("results").innerHTML = "";
+    $("vmin").textContent = ""; $("vmax").textContent = "";
+  }
+
+  function render(data) {
+    clearResults();
     const m = data.map;
     if (m) {
       if (coverage) { map.removeLayer(coverage); coverage = null; }
@@ -80,8 +87,13 @@
         .bindPopup(html, { maxWidth: 240 }).addTo(results);
       markers.push(mk);
       const li = document.createElement("li");
-      li.innerHTML = `<span class="score">${r.score.toFixed(4)}</span> ${esc(r.caption || r.id)}`;
-      li.addEventListener("click", () => { map.setView(mk.getLatLng(), Math.max(map.getZoom(), 4)); mk.openPopup(); });
+      const where = `${r.lat.toFixed(2)}, ${r.lon.toFixed(2)}`;
+      li.innerHTML = `<span class="score">${r.score.toFixed(4)}</span> ` +
+        (r.caption ? esc(r.caption) : `${esc(r.id)} <span class="muted small">(${where})</span>`);
+      li.tabIndex = 0; // reachable and usable from the keyboard, as the markers are
+      const show = () => { map.setView(mk.getLatLng(), Math.max(map.getZoom(), 4)); mk.openPopup(); };
+      li.addEventListener("click", show);
+      li.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); show(); } });
       list.appendChild(li);
     });
     if (markers.length) {
@@ -90,6 +102,9 @@
     }
     status(`${data.results.length} places for ${data.query}`);
   }
+
+  let asking = null; // the running request: Clear (or a newer query) abandons it
+  const fileChosen = () => { $("fileinfo").hidden = !(recording || $("file").files.length); };
 
   $("query").addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -103,25 +118,41 @@
     form.append("k", $("k").value || "10");
     form.append("map", "true");
     asked = true;
+    if (asking) asking.abort();
+    const mine = new AbortController();
+    asking = mine;
     status("searching…");
     $("submit").disabled = true;
+    document.body.classList.add("busy");
+    const failed = (msg) => { clearResults(); showCoverage(); status(msg, true); };
     try {
-      const res = await fetch("/api/search", { method: "POST", body: form });
+      const res = await fetch("/api/search", { method: "POST", body: form, signal: mine.signal });
       const body = await res.json().catch(() => null);
-      if (!res.ok) { status(errorText(body, res), true); return; }
+      if (asking !== mine) return; // cleared, or a newer query was asked meanwhile
+      if (!res.ok) { failed(errorText(body, res)); return; }
       render(body);
     } catch (e) {
-      status(`request failed: ${e}`, true);
+      if (asking !== mine) return;
+      failed(e instanceof TypeError ? "cannot reach the geobind server: is it still running?" : `request failed: ${e}`);
     } finally {
-      $("submit").disabled = false;
+      if (asking === mine) {
+        asking = null;
+        $("submit").disabled = false;
+        document.body.classList.remove("busy");
+      }
     }
   });
 
-  $("file").addEventListener("change", () => { recording = null; $("recinfo").textContent = ""; });
+  $("file").addEventListener("change", () => { recording = null; $("recinfo").textContent = ""; fileChosen(); });
+  $("nofile").addEventListener("click", () => {
+    $("file").value = ""; recording = null; $("recinfo").textContent = ""; fileChosen();
+  });
   $("clear").addEventListener("click", () => {
-    $("query").reset(); recording = null; $("recinfo").textContent = "";
-    results.clearLayers(); if (overlay) { map.removeLayer(overlay); overlay = null; }
-    $("results").innerHTML = ""; status("");
+    if (asking) { asking.abort(); asking = null; }
+    $("submit").disabled = false;
+    document.body.classList.remove("busy");
+    $("query").reset(); recording = null; $("recinfo").textContent = ""; fileChosen();
+    clearResults(); status("");
     asked = false;
     showCoverage(); // back to where the places are
   });
@@ -151,6 +182,7 @@
         recording = new File([blob], "recording.webm", { type: blob.type });
         $("recinfo").textContent = "recording ready (undecoded); press Search";
       }
+      fileChosen();
     };
     recorder.start();
     $("record").classList.add("recording"); $("record").textContent = "■ Stop";
