@@ -221,9 +221,9 @@ def test_concurrent_requests_agree(served):
 
 
 # -- bad requests ----------------------------------------------------------------------------
-def scene_png_bytes() -> bytes:
+def scene_png_bytes(side: int = 15000) -> bytes:
     buf = io.BytesIO()
-    Image.frombytes("L", (15000, 15000), bytes(15000 * 15000)).save(buf, format="PNG")
+    Image.frombytes("L", (side, side), bytes(side * side)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -250,7 +250,8 @@ def scene_png_bytes() -> bytes:
         ),
         ("clip.wav", wav_bytes(), {"modality": "satellite"}, 415, "is audio"),
         ("photo.png", png_bytes(), {"modality": "video"}, 422, "modality must be one of"),
-        ("scene.png", scene_png_bytes(), {}, 422, "too-large"),  # 225 M pixels in 200 KB
+        ("scene.png", scene_png_bytes(), {}, 413, "queries take images up to 40 megapixels"),  # 225 MP, 200 KB
+        ("big.png", scene_png_bytes(7000), {}, 413, "is 7000 x 7000 pixels; queries take images up to 40"),
         ("photo.png", png_bytes(), {"k": 0}, 422, ""),
         ("photo.png", png_bytes(), {"k": 1000}, 422, ""),
     ],

@@ -42,6 +42,9 @@ SERVE_HINT = "pip install 'geobind[serve]'"
 MODALITY_HINTS = ("auto", "audio", "image", "satellite")
 MAX_TEXT_CHARS = 1000
 MAX_K = 100
+# A query photo larger than this is refused before decoding: the encoder sees a few hundred
+# pixels a side, and a 20 MB upload can hold hundreds of megapixels (gigabytes once decoded).
+MAX_UPLOAD_PIXELS = 40_000_000
 # Multipart framing and small form fields on top of the file itself.
 FORM_OVERHEAD = 64 * 1024
 SCORE_HELP = (
@@ -174,8 +177,18 @@ class Explorer:
             )
         try:
             if kind == "image":
+                from PIL import Image
+
                 from geobind.data.media import load_image
 
+                limit = f"queries take images up to {MAX_UPLOAD_PIXELS // 1_000_000} megapixels: downscale it"
+                try:
+                    with Image.open(io.BytesIO(data)) as header:  # the size, without decoding
+                        w, h = header.size
+                except Image.DecompressionBombError:
+                    raise QueryError(413, f"{name!r} has more pixels than PIL decodes; {limit}") from None
+                if w * h > MAX_UPLOAD_PIXELS:
+                    raise QueryError(413, f"{name!r} is {w} x {h} pixels; {limit}")
                 item = load_image(data)
             else:
                 from geobind.data.audio_io import load_audio
