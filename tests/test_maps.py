@@ -207,6 +207,31 @@ def test_point_map_grid_of_places_and_softmax():
     np.testing.assert_allclose(sm.table["score"], expect, atol=1e-5)
 
 
+def test_scattered_places_get_a_grid_where_each_covers_a_visible_cell():
+    """Dense places keep their own spacing; a few hundred scattered over the world get cells
+    about half their typical distance wide, not a grid of specks that is almost all empty."""
+    from geobind.search.maps import default_resolution
+
+    rng = np.random.default_rng(1)
+    lat, lon = rng.uniform(-60, 70, 790), rng.uniform(-170, 170, 790)
+    v = rng.normal(size=(790, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    res = map_points(v, lat, lon, [str(i) for i in range(790)], v[0])
+    filled = np.isfinite(res.values).mean()
+    assert default_resolution(lat, lon) > 2 * auto_resolution(lat, lon) and filled > 0.1
+    g_lat, g_lon = np.meshgrid(np.arange(-10, 10.1, 2.0), np.arange(0, 20.1, 2.0), indexing="ij")
+    assert default_resolution(g_lat.ravel(), g_lon.ravel()) == pytest.approx(2.0)
+
+
+def test_map_cli_names_a_bad_band_list(model, tmp_path, capsys):
+    write_raster(tmp_path / "r.tif")
+    model_dir = tmp_path / "m"
+    model.save_pretrained(model_dir)
+    assert main(["map", "--model", str(model_dir), "--text", "a forest", "--raster", str(tmp_path / "r.tif"),
+                 "--tile-size", "32", "--bands", "x", "--out", str(tmp_path / "o.tif")]) == 2
+    assert "--bands x: give band numbers counted from 1" in capsys.readouterr().err
+
+
 def test_point_map_refuses_a_grid_too_fine_for_memory(monkeypatch):
     import re
 
