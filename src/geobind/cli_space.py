@@ -512,24 +512,17 @@ def cmd_map(args) -> int:
     """``geobind map``: write a zero-shot map (GeoTIFF, PNG, CSV); returns the exit code."""
     from geobind.model import GeoBind
     from geobind.search.index import Index
-    from geobind.search.maps import default_outputs, describe
+    from geobind.search.maps import describe, output_paths
 
     if (args.raster is None) == (args.embeddings is None):
         raise ValueError("give exactly one of --raster (with --tile-size) or --embeddings")
     if args.raster is not None and not args.tile_size:
         raise ValueError("--raster needs --tile-size (pixels per tile)")
     kw = _query_kwargs(args)
-    outs = default_outputs(args.out)
-    png, csv = (
-        Path(args.png) if args.png else outs["png"],
-        Path(args.csv) if args.csv else outs["csv"],
-    )
+    outs = output_paths(args.out, args.png, args.csv, hint=" (see --out, --png, --csv)")
     from geobind.search.common import check_writable
 
-    if len({outs["tif"].resolve(), png.resolve(), csv.resolve()}) < 3:
-        raise ValueError(f"the GeoTIFF, PNG and CSV outputs must be three different files; got "
-                         f"{outs['tif']}, {png} and {csv} (see --out, --png, --csv)")
-    check_writable(outs["tif"], png, csv, force=args.force)
+    check_writable(*outs.values(), force=args.force)
     try:
         bands = [int(b) for b in args.bands.split(",")] if args.bands else None
     except ValueError:
@@ -548,8 +541,8 @@ def cmd_map(args) -> int:
         prompts=args.prompts,
         scale=args.scale,
         out=outs["tif"],
-        png=png,
-        csv=csv,
+        png=outs["png"],
+        csv=outs["csv"],
         force=args.force,
         batch_size=args.batch_size,
         progress=not args.no_progress,

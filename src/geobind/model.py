@@ -396,12 +396,7 @@ class GeoBind(nn.Module):
             raise ValueError("give exactly one of raster= (with tile_size=) or embeddings=")
         paths: dict[str, Path | None] = {}
         if out is not None:
-            paths = dict(maps.default_outputs(out))
-            paths["png"] = Path(png) if png else paths["png"]
-            paths["csv"] = Path(csv) if csv else paths["csv"]
-            if len({p.resolve() for p in paths.values()}) < 3:
-                raise ValueError(f"the GeoTIFF, PNG and CSV outputs must be three different files; got "
-                                 f"{paths['tif']}, {paths['png']} and {paths['csv']}")
+            paths = maps.output_paths(out, png, csv)
             check_writable(*paths.values(), force=force)
         if scale is not None and not scale > 0:
             raise ValueError(f"scale={scale}: the softmax logit scale is a positive number (the model's "

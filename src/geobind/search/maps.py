@@ -708,6 +708,19 @@ def default_outputs(out: str | Path) -> dict[str, Path]:
     }
 
 
+def output_paths(out: str | Path, png: str | Path | None = None, csv: str | Path | None = None, *,
+                 hint: str = "") -> dict[str, Path]:
+    """:func:`default_outputs` of ``out``, with ``png`` and ``csv`` where given; raises
+    ``ValueError`` (ending in ``hint``) unless they are three different files."""
+    paths = default_outputs(out)
+    paths["png"] = Path(png) if png else paths["png"]
+    paths["csv"] = Path(csv) if csv else paths["csv"]
+    if len({p.resolve() for p in paths.values()}) < 3:
+        raise ValueError(f"the GeoTIFF, PNG and CSV outputs must be three different files; got "
+                         f"{paths['tif']}, {paths['png']} and {paths['csv']}{hint}")
+    return paths
+
+
 def describe(result: MapResult) -> str:
     """A short summary for the command line: the query, what the scores mean, their range and
     the best tile or place."""
@@ -732,6 +745,7 @@ __all__ = [
     "MapResult",
     "auto_resolution",
     "default_outputs",
+    "output_paths",
     "map_points",
     "map_points_many",
     "map_raster",
