@@ -944,6 +944,12 @@ class RowStream(IterableDataset):
         yield from _processed(self.shards.read_rows(chunk), self.process)
 
 
+def span_batches(spans: list[tuple[int, int]], batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each batch of up to ``batch_size`` rows within each span (``(start,
+    stop)``, in order): no batch straddles two spans."""
+    return [(s, min(s + batch_size, b)) for a, b in spans for s in range(a, b, batch_size)]
+
+
 class ChunkStream(IterableDataset):
     """The rows of ``spans`` (``(start, stop)``, ascending) as batches of up to ``batch_size``
     that never straddle a span, so a span's batches are the same whichever other spans are
@@ -961,7 +967,7 @@ class ChunkStream(IterableDataset):
         self.shards, self.process, self.spans, self.batch_size = shards, process, spans, batch_size
 
     def __len__(self) -> int:  # batches
-        return sum(-(-(b - a) // self.batch_size) for a, b in self.spans)
+        return len(span_batches(self.spans, self.batch_size))
 
     def __iter__(self):
         info = get_worker_info()
@@ -969,14 +975,14 @@ class ChunkStream(IterableDataset):
         mine = [self.spans[i] for i in np.array_split(np.arange(len(self.spans)), n)[w]]
         if not mine:
             return
-        starts = np.concatenate([np.arange(a, b, self.batch_size) for a, b in mine])
-        stops = np.concatenate([np.minimum(np.arange(a, b, self.batch_size) + self.batch_size, b) for a, b in mine])
+        bounds = span_batches(mine, self.batch_size)
+        starts = np.array([a for a, _ in bounds])
         rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in mine])
         batches: dict[int, list] = {}
         for row, value in _processed(self.shards.read_rows(rows), self.process):
             k = int(np.searchsorted(starts, row, side="right")) - 1
             batches.setdefault(k, []).append((row, value))
-            if len(batches[k]) == stops[k] - starts[k]:
+            if len(batches[k]) == bounds[k][1] - bounds[k][0]:
                 yield batches.pop(k)
         for k in sorted(batches):  # rows a broken shard never delivered: the batch goes without them
             yield batches.pop(k)

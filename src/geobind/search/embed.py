@@ -320,7 +320,8 @@ def _embed_chunks(
     from torch.utils.data import DataLoader
 
     from geobind.binding.cache import _ItemDataset
-    from geobind.data.shards import ChunkStream
+    from geobind.binding.prefetch import map_tensors, outputs_one_behind
+    from geobind.data.shards import ChunkStream, span_batches
     from geobind.model import autocast_for
 
     if not chunks:
@@ -335,10 +336,8 @@ def _embed_chunks(
         stream = ChunkStream(data, _ShardRows(data, prep), [(a, b) for _, a, b in chunks], batch_size)
         loader = DataLoader(stream, batch_size=None, **common)
     else:
-        batches = [list(range(s, min(s + batch_size, b))) for _, a, b in chunks for s in range(a, b, batch_size)]
+        batches = [list(range(a, b)) for a, b in span_batches([(a, b) for _, a, b in chunks], batch_size)]
         loader = DataLoader(_ItemDataset(data, modality, prep), batch_sampler=batches, **common)
-    from geobind.binding.prefetch import map_tensors, outputs_one_behind
-
     device = encoder.device
 
     def forward(item):
