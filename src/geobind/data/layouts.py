@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from geobind.data.errors import BadSampleError
-from geobind.data.manifest import Table, bad_coordinates, register_layout
+from geobind.data.manifest import Table, bad_coordinates, read_text_table, register_layout
 from geobind.data.media import stretch_bands
 from geobind.data.shards import ShardSchema, ShardSet, geobind_schema, open_shards
 from geobind.modality import AUDIO, GROUND, SATELLITE, TEXT
@@ -120,17 +120,8 @@ def read_soundingearth(
 ) -> Table:
     """SoundingEarth's CSV with its images and recordings (see the module docstring)."""
     csv = _find_csv(path)
-    try:
-        df = pd.read_csv(
-            csv,
-            dtype={"key": str, "long_key": str},
-            keep_default_na=False,
-            na_values={"latitude": [""], "longitude": [""]},
-        )
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{csv}: not UTF-8 text ({e}); save it as UTF-8") from None
-    except pd.errors.ParserError as e:
-        raise ValueError(f"{csv}: cannot read it as CSV ({e})") from None
+    df = read_text_table(csv, dtype={"key": str, "long_key": str}, keep_default_na=False,
+                         na_values={"latitude": [""], "longitude": [""]})
     need = ["key", "mp3name", "latitude", "longitude"]
     missing = [c for c in need if c not in df.columns]
     if missing:

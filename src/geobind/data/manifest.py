@@ -35,6 +35,7 @@ __all__ = [
     "layouts",
     "read_dataset",
     "read_manifest",
+    "read_text_table",
     "register_layout",
     "row_detail",
 ]
@@ -224,6 +225,17 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_text_table(path: Path, what: str = "CSV", **options: Any) -> pd.DataFrame:
+    """``pd.read_csv(path, **options)``, with a file that is not UTF-8 or does not parse as
+    ``what`` reported as a ``ValueError`` naming the file and the fix."""
+    try:
+        return pd.read_csv(path, **options)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8 (CSV UTF-8 in a spreadsheet)") from None
+    except pd.errors.ParserError as e:
+        raise ValueError(f"{path}: cannot read it as {what} ({e})") from None
+
+
 def drop_blank_rows(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` without rows whose every cell is empty (a spreadsheet's trailing blank rows are no
     places); what :func:`read_manifest` reads, row for row."""
@@ -259,17 +271,13 @@ def read_manifest(path: Path) -> Table:
         if suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         elif suffix in (".csv", ".tsv", ".txt"):
-            df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={"id": str},
-                             keep_default_na=False, na_values={"lat": [""], "lon": [""]})
+            df = read_text_table(path, suffix[1:].upper(), sep="\t" if suffix == ".tsv" else ",",
+                                 dtype={"id": str}, keep_default_na=False, na_values={"lat": [""], "lon": [""]})
         else:
             raise ValueError(f"{path}: a manifest must be .csv, .tsv or .parquet")
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is empty: a manifest needs a header row (id, lat, lon and one column "
                          "per modality) and a row per place") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); save it as UTF-8 (CSV UTF-8 in a spreadsheet)") from None
-    except pd.errors.ParserError as e:
-        raise ValueError(f"{path}: cannot read it as {suffix[1:].upper()} ({e})") from None
     df = drop_blank_rows(df)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
