@@ -159,13 +159,12 @@ def _profile_window(text: str) -> tuple[int, int]:
     return window
 
 
-def _shipped_config(name: str) -> Path:
-    return Path(__file__).parent / "configs" / f"{name}.yaml"
+CONFIGS = Path(__file__).parent / "configs"  # run configs that ship with geobind
 
 
 def shipped_configs() -> list[str]:
     """Names of the run configs that ship with geobind (``geobind train --show-config NAME``)."""
-    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 
 
 def cmd_train(args) -> int:
@@ -174,7 +173,7 @@ def cmd_train(args) -> int:
     from geobind.config import load_config
 
     if args.show_config:
-        sys.stdout.write(_shipped_config(args.show_config).read_text())
+        sys.stdout.write((CONFIGS / f"{args.show_config}.yaml").read_text())
         return 0
     if not args.config:
         print("geobind train: error: give a YAML run config (`geobind train --show-config paper > run.yaml` "

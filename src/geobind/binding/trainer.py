@@ -837,7 +837,7 @@ class Trainer:
                                         for r in set(table.bad_rows.values())}
                 raise ValueError(
                     f"stage {scfg.name}: {skipped} of {len(table)} samples in {table.source} are unusable "
-                    f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items())) or 'see train.log'}), "
+                    f"({_counts(reasons) or 'see train.log'}), "
                     f"leaving {n_valid}, fewer than one batch ({o.batch_size}). "
                     f"`geobind data check {scfg.data.train} --layout {scfg.data.layout}"
                     + "".join(f" --layout-option {k}={v}" for k, v in scfg.data.layout_options.items())
