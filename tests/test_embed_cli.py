@@ -541,3 +541,30 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_and_leaves_no_partial_output(mode
     assert main(["index", "build", str(out), "--out", str(tmp_path / "w.index")]) == 143
     assert "geobind index build: terminated" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.parquet"]
+
+
+def test_batch_size_auto_is_small_on_a_cpu_and_large_on_a_gpu(model_dir, tiny_data, tmp_path, capsys, monkeypatch):
+    """``--batch-size auto`` (the default of embed and map): the CPU defaults on a CPU; on a GPU
+    a batch that keeps the card busy, smaller for audio. A number is kept; 0 is refused."""
+    import torch
+
+    from geobind.cli_space import GPU_AUDIO_BATCH, GPU_BATCH, inference_batch_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert inference_batch_size("auto", cpu, "image", cpu=64) == 64
+    assert inference_batch_size("auto", gpu, "image", cpu=64) == GPU_BATCH
+    assert inference_batch_size("auto", gpu, "text", cpu=64) == GPU_BATCH
+    assert inference_batch_size("auto", gpu, "audio", cpu=64) == GPU_AUDIO_BATCH < GPU_BATCH
+    assert inference_batch_size(7, gpu, "image", cpu=64) == 7
+    import geobind.search.embed as embed_mod
+
+    seen = []  # the command imports embed_dataset when it runs
+
+    monkeypatch.setattr(embed_mod, "embed_dataset", lambda *a, **kw: seen.append(kw["batch_size"]))
+    common = ["embed", "--model", str(model_dir), "--data", str(tiny_data["test"]), "--modality", "satellite",
+              "--no-progress", "--out", str(tmp_path / "x.parquet")]
+    assert main(common) == 0 and main([*common, "--batch-size", "5"]) == 0
+    assert seen == [64, 5]
+    with pytest.raises(SystemExit):
+        main([*common, "--batch-size", "0"])
+    assert "whole number of 1 or more" in capsys.readouterr().err
