@@ -390,7 +390,9 @@ def test_clip_window_decoding_equals_whole_decoding_and_crop(tmp_path, monkeypat
     """Only the clip's window of a long FLAC, WAV or MP3 is decoded, with the same random draw
     (the generator is left in the same state) as decoding the whole file and cropping: the same
     samples for FLAC and WAV at the encoder's rate, the same to within float rounding for MP3
-    and at other rates (resampled piece by piece). Ogg is decoded whole, as before."""
+    and at other rates (resampled piece by piece). Ogg, which does not seek exactly, has only a
+    window at its start read (evaluation's window: the same samples), and is decoded whole for
+    a window elsewhere."""
     import geobind.encoders.audio as audio_mod
     from geobind.data.audio_io import load_audio_window
     from geobind.encoders.audio import load_clip
@@ -421,13 +423,15 @@ def test_clip_window_decoding_equals_whole_decoding_and_crop(tmp_path, monkeypat
     for key, item in items.items():
         windowed = load_audio_window(item, SR, n, start=lambda frames: 0) is not None
         assert windowed == (key in same | resampled), key
+        at_start = load_audio_window(item, SR, n) is not None
+        assert at_start == (key in same | resampled | {"long.ogg"}), key
     for train in (False, True):
         for seed in range(4):
             for key, item in items.items():
                 torch.manual_seed(seed)
                 ref = fit_clip(torch.from_numpy(load_audio(item, SR)), n, train=train)
                 after_ref = torch.rand(1)
-                if key in same | resampled:  # no whole decoding on this path
+                if key in same | resampled or (key == "long.ogg" and not train):  # no whole decoding
                     monkeypatch.setattr(audio_mod, "load_audio", lambda *a, **k: pytest.fail("decoded whole"))
                 torch.manual_seed(seed)
                 got = load_clip(item, settings, train=train)
@@ -482,3 +486,26 @@ def test_windowed_reads_keep_the_reason_a_recording_is_bad(tmp_path, seconds, ra
     with pytest.raises(BadSampleError) as info:
         load_clip(str(path), make_encoder().audio, train=False)
     assert info.value.reason == "non-finite"
+
+
+def test_sample_rates_below_1_khz_are_refused_before_resampling(tmp_path, monkeypatch):
+    """A file or array at a few Hz (a damaged header, a mistaken argument) is a bad sample
+    ``bad-rate``, refused before resampling would blow it up by tens of thousands; 1 kHz is
+    accepted."""
+    import geobind.data.audio_io as audio_io
+    from geobind.encoders.audio import load_clip
+
+    settings = make_encoder().audio
+    wave = (0.1 * np.random.default_rng(0).standard_normal(3000)).astype(np.float32)
+    monkeypatch.setattr(audio_io, "resample", lambda *a: pytest.fail("resampled"))
+    for rate in (1, 999):
+        path = tmp_path / f"r{rate}.wav"
+        sf.write(path, wave, rate)
+        for item in (str(path), path.read_bytes(), (wave, rate)):
+            with pytest.raises(BadSampleError) as e:
+                load_audio(item, SR)
+            assert e.value.reason == "bad-rate" and f"{rate} Hz" in str(e.value)
+            with pytest.raises(BadSampleError, match="bad-rate"):
+                load_clip(item, settings)
+    monkeypatch.undo()
+    assert load_audio((wave, 1000), SR).shape == (48_000,)

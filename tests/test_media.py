@@ -56,3 +56,36 @@ def test_unreadable_items_say_what_an_image_is():
         load_image(np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(BadSampleError, match="no finite values"):
         load_image(np.full((4, 4, 3), np.nan, np.float32))
+
+
+def test_a_thin_strip_is_resized_from_its_centre_box_only(monkeypatch):
+    """A 1 x 300,000 pixel strip is brought to the encoder's square without the 64 x 19 million
+    intermediate image; at a ratio just above the limit the box path gives the exact path's
+    pixels to within bicubic rounding at the box edges, and at the limit the exact path runs."""
+    from geobind.encoders import images
+
+    strip = Image.new("RGB", (1, 300_000), (10, 200, 30))
+    real_resize = Image.Image.resize
+
+    def resize(self, size, *a, **kw):
+        assert size[0] * size[1] <= 64 * 64 * images.MAX_EXACT_ASPECT, size
+        return real_resize(self, size, *a, **kw)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    out = images.resize_center_crop(strip, 64)
+    assert out.size == (64, 64) and out.getpixel((5, 5)) == (10, 200, 30)
+    monkeypatch.undo()
+    # A smooth gradient image 20 times as tall as wide: box path against resize-then-crop.
+    y, x = np.mgrid[0:1000, 0:50]
+    arr = np.stack([y * 255 // 999, x * 5, (x + y) % 256], -1).astype(np.uint8)
+    img = Image.fromarray(arr)
+    got = np.asarray(images.resize_center_crop(img, 32), dtype=int)
+    nh = int(32 * 1000 / 50)
+    top = (nh - 32) // 2
+    ref = np.asarray(img.resize((32, nh), Image.BICUBIC).crop((0, top, 32, top + 32)), dtype=int)
+    assert np.abs(got - ref).max() <= 3 and np.abs(got - ref).mean() < 0.5
+    at_limit = Image.fromarray(arr[:800])  # 16 x 50 = 800: the exact path
+    nh = int(32 * 800 / 50)
+    top = (nh - 32) // 2
+    ref = np.asarray(at_limit.resize((32, nh), Image.BICUBIC).crop((0, top, 32, top + 32)))
+    assert np.array_equal(np.asarray(images.resize_center_crop(at_limit, 32)), ref)

@@ -262,6 +262,51 @@ def test_bad_uploads_get_a_clear_4xx(served, name, data, form, status, words):
     assert words in str(r.json()["detail"])
 
 
+def test_uploads_cost_only_what_the_encoder_reads(served, monkeypatch):
+    """A long recording (Ogg, which does not seek exactly, too) has only the clip the encoder
+    hears decoded, and searches as the Python API's path query does; a 1 Hz file is refused
+    before resampling; a 1 x 300,000 pixel strip (a 1 KB PNG) is searched without a huge
+    intermediate image."""
+    import geobind.data.audio_io as audio_io
+
+    client, model, index = served["client"], served["model"], served["index"]
+    rng = np.random.default_rng(5)
+    long = (0.2 * rng.standard_normal(16000 * 60)).astype(np.float32)  # a minute at 16 kHz
+    for fmt in ("OGG", "FLAC"):
+        buf = io.BytesIO()
+        sf.write(buf, long, 16000, format=fmt)
+        ref = model.search(index, audio=buf.getvalue(), k=3)
+        monkeypatch.setattr(audio_io, "_decode", lambda *a, **k: pytest.fail("decoded whole"))
+        r = upload(client, buf.getvalue(), f"minute.{fmt.lower()}", k=3)
+        monkeypatch.undo()
+        assert r.status_code == 200, r.text
+        assert [x["id"] for x in r.json()["results"]] == [h.id for h in ref], fmt
+        np.testing.assert_allclose([x["score"] for x in r.json()["results"]], [h.score for h in ref], atol=1e-5)
+    buf = io.BytesIO()
+    sf.write(buf, long[:30000], 1, format="WAV")
+    r = upload(client, buf.getvalue(), "one-hertz.wav")
+    assert r.status_code == 422 and "bad-rate" in r.json()["detail"] and "1 Hz" in r.json()["detail"]
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 300_000), (40, 120, 40)).save(buf, "PNG")
+    assert len(buf.getvalue()) < 5000
+    r = upload(client, buf.getvalue(), "strip.png", k=2)
+    assert r.status_code == 200 and len(r.json()["results"]) == 2
+
+
+def test_errors_are_json_and_never_echo_the_request(served, monkeypatch):
+    """FastAPI's own 422 says where and why without sending a field's value back (a 1 MB
+    field would come back whole); an unexpected failure is a JSON 500, not plain text."""
+    client = served["client"]
+    r = client.post("/api/search", data={"text": "forest", "k": "x" * 100_000})
+    assert r.status_code == 422 and len(r.content) < 1000
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", "k"] and "input" not in err
+    app = create_app(served["model"], served["index"])
+    monkeypatch.setattr(app.state.explorer, "search", lambda q, k: 1 / 0)
+    r = TestClient(app, raise_server_exceptions=False).post("/api/search", data={"text": "forest"})
+    assert r.status_code == 500 and "ZeroDivisionError" in r.json()["detail"]
+
+
 def test_a_json_body_is_told_to_send_form_fields(served):
     r = served["client"].post("/api/search", json={"text": "a forest"})
     assert r.status_code == 415 and "send form fields" in r.json()["detail"]
@@ -328,14 +373,36 @@ def test_serve_cli_binds_localhost_and_prints_the_url(served, monkeypatch, capsy
     # Bound first: --port 0 prints the port the system gave, the one the server listens on.
     assert calls["host"] == "127.0.0.1" and calls["name"] == "127.0.0.1" and calls["port"] > 0
     assert f"http://127.0.0.1:{calls['port']}/" in calls["printed"]
-    assert TestClient(calls["app"]).get("/api/health").json()["index"]["count"] == len(
-        served["index"]
-    )
+    local = TestClient(calls["app"], base_url=f"http://127.0.0.1:{calls['port']}")
+    assert local.get("/api/health").json()["index"]["count"] == len(served["index"])
+    # Bound to this machine only, it answers only requests addressed to it by a loopback name.
+    assert TestClient(calls["app"], base_url="http://localhost").get("/api/health").status_code == 200
+    r = TestClient(calls["app"], base_url="http://attacker.example").get("/api/health")
+    assert r.status_code == 400 and "attacker.example" in r.json()["detail"]
+    assert "no login" not in calls["printed"]
     # A missing index is an error message and exit status 2, not a traceback.
     assert (
         main(["serve", "--model", str(served["model_dir"]), "--index", "/nonexistent.index"]) == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_cli_on_all_addresses_says_anyone_can_reach_it(served, monkeypatch, capsys):
+    import uvicorn
+
+    from geobind.serve.app import loopback_hosts
+
+    calls = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: calls.update(app=server.config.app))
+    argv = ["serve", "--model", str(served["model_dir"]), "--index", str(served["index_dir"])]
+    assert main(argv + ["--port", "0", "--host", "0.0.0.0"]) == 0
+    assert "no login" in capsys.readouterr().out
+    assert TestClient(calls["app"], base_url="http://203.0.113.7").get("/api/health").status_code == 200
+    assert loopback_hosts("0.0.0.0") is None and loopback_hosts("192.0.2.1") is None
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert {"127.0.0.1", "localhost", "::1", host} <= set(loopback_hosts(host)), host
+    app = create_app(served["model"], served["index"], allowed_hosts=loopback_hosts("::1"))
+    assert TestClient(app, base_url="http://[::1]:8000").get("/api/health").status_code == 200
 
 
 def test_serve_cli_names_a_port_in_use(served, capsys):

@@ -52,35 +52,42 @@ def add_serve_parser(sub) -> None:
 
 def cmd_serve(args) -> int:
     """``geobind serve``: serve the web explorer over a model and an index; returns the exit code."""
-    from geobind.serve.app import SERVE_HINT, create_app
-
-    try:
-        import uvicorn
-    except ImportError:
-        raise ImportError(f"geobind serve needs uvicorn: {SERVE_HINT}") from None
-    from geobind.model import GeoBind
-    from geobind.search.index import Index
-
     if args.max_upload_mb <= 0:
         raise ValueError("--max-upload-mb must be positive")
-    from geobind.distributed import parse_device
-
-    # Bound before the model loads: a taken port fails at once, and --port 0 gets its real port.
+    # Bound before anything heavy is imported or loaded: a taken port fails at once, and
+    # --port 0 gets its real port.
     sock = bind_socket(args.host, args.port)
     try:
+        from geobind.serve.app import SERVE_HINT, create_app, loopback_hosts
+
+        try:
+            import uvicorn
+        except ImportError:
+            raise ImportError(f"geobind serve needs uvicorn: {SERVE_HINT}") from None
+        from geobind.distributed import parse_device
+        from geobind.model import GeoBind
+        from geobind.search.index import Index
+
         model = GeoBind.from_pretrained(args.model, device=parse_device(args.device))
         index = Index.load(args.index)
-        app = create_app(model, index, max_upload_mb=args.max_upload_mb)
+        # Bound to this machine only: requests must name it (a page elsewhere cannot reach the
+        # server through a DNS name that resolves to 127.0.0.1).
+        allowed = loopback_hosts(args.host)
+        app = create_app(model, index, max_upload_mb=args.max_upload_mb, allowed_hosts=allowed)
         sock.listen(2048)  # from here on connections wait in the queue until the server serves them
         port = sock.getsockname()[1]
         host = f"[{args.host}]" if ":" in args.host else args.host
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
         print(f"{len(index)} places ({index.modality} embeddings) from {args.index}")
+        if allowed is None:
+            print(f"note: bound to {args.host}: anyone who can reach this machine on port {port} can use "
+                  "the explorer and its API (there is no login)")
         print(
             f"GeoBind explorer: http://{shown}:{port}/   (API docs: /docs; Ctrl-C stops)",
             flush=True,
         )
-        config = uvicorn.Config(app, host=args.host, port=port, log_level="warning")
+        # A stop waits at most this long for searches still running.
+        config = uvicorn.Config(app, host=args.host, port=port, log_level="warning", timeout_graceful_shutdown=5)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

@@ -28,6 +28,9 @@ _EXACT_SEEK = frozenset({"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF"})
 _WINDOWED = _EXACT_SEEK | {"MP3"}
 # More channels than this in a 2-D waveform array: not a recording (ambisonics stays below it).
 MAX_CHANNELS = 64
+# Below this rate a "recording" is a damaged header or a mistaken argument, and resampling it
+# would multiply its samples by tens of thousands (a 60 KB file at 1 Hz: gigabytes at 16 kHz).
+MIN_SAMPLE_RATE = 1000
 
 
 # Pieces are resampled on the whole recording's grid only where the two rates' grids meet every
@@ -81,7 +84,14 @@ def _to_float(wave: np.ndarray) -> np.ndarray:
     return wave.astype(np.float32, copy=False)
 
 
+def _check_rate(rate: int, name: str) -> None:
+    if rate < MIN_SAMPLE_RATE:
+        raise BadSampleError(name, "bad-rate", f"sample rate {rate} Hz: audio is recorded at "
+                             f"{MIN_SAMPLE_RATE} Hz or more (a damaged header, or the wrong rate given?)")
+
+
 def _finish(wave: np.ndarray, rate: int, sample_rate: int, name: str) -> np.ndarray:
+    _check_rate(rate, name)
     if wave.size == 0:
         raise BadSampleError(name, "silent-zero-length", "audio has no samples")
     if not np.isfinite(wave).all():
@@ -157,12 +167,12 @@ def _file_source(item: Any, name: str | None) -> tuple[str | io.BytesIO, str] | 
 
 
 def load_audio_window(
-    item: Any, sample_rate: int, n: int, *, start: Callable[[int], int], name: str | None = None
+    item: Any, sample_rate: int, n: int, *, start: Callable[[int], int] | None = None, name: str | None = None
 ) -> np.ndarray | None:
     """Decode only the part of a file (or bytes) that ``n`` samples at ``sample_rate`` Hz need:
     the window of :func:`load_audio`'s waveform that starts at ``start(length)`` (``length``: the
-    whole waveform's samples at ``sample_rate``; called only when it exceeds ``n``), or the whole
-    waveform when it has ``n`` samples or fewer.
+    whole waveform's samples at ``sample_rate``; called only when it exceeds ``n``; ``None``:
+    the window at the start), or the whole waveform when it has ``n`` samples or fewer.
 
     * Already at ``sample_rate``, in a container that seeks exactly (WAV, FLAC, AIFF, ...): the
       same samples, bit for bit.
@@ -171,11 +181,14 @@ def load_audio_window(
     * MP3: its decoder restarts a few frames before the seek point, which is also within float
       rounding of decoding from the start. The window is drawn over the length libsndfile
       reports: exact with a LAME/Xing header (what most encoders write), estimated without.
+    * Ogg and other containers that do not seek exactly: only the window at the start
+      (``start=None``, what evaluation reads), read without seeking; the same samples as
+      decoding from the start.
 
-    Returns ``None`` when the item is not such a file (Ogg, in-memory waveforms, rates whose
-    sample grids meet only every thousand samples or more, a file shorter than its header
-    says): decode it whole then. A long recording costs the decoding of one
-    clip, not of all of it."""
+    Returns ``None`` when the item is not such a file (in-memory waveforms, a ``start`` given
+    for an Ogg file, rates whose sample grids meet only every thousand samples or
+    more, a file shorter than its header says): decode it whole then. A long recording costs
+    the decoding of one clip, not of all of it."""
     src = _file_source(item, name)
     if src is None:
         return None
@@ -185,8 +198,9 @@ def load_audio_window(
     try:
         with sf.SoundFile(source) as f:
             rate, frames = int(f.samplerate), int(f.frames)
-            if f.format not in _WINDOWED or not f.seekable() or frames <= 0 or rate <= 0:
+            if not f.seekable() or frames <= 0 or rate <= 0:
                 return None
+            _check_rate(rate, label)
             exact = rate == int(sample_rate)
             if not exact and rate // math.gcd(rate, int(sample_rate)) > _MAX_GRID:
                 return None
@@ -195,12 +209,19 @@ def load_audio_window(
             if whole:
                 data = f.read(dtype="float32", always_2d=True)
             else:
-                s = start(length)
+                # A window at the start is read without seeking, which is exact in any container
+                # (Ogg too); a window elsewhere only where seeking is (checked before ``start``
+                # makes its draw, which whole decoding makes again).
+                if f.format not in _WINDOWED and start is not None:
+                    return None
+                s = 0 if start is None else start(length)
                 first, stop, offset = (s, s + n, 0) if exact else _window_span(s, n, frames, rate, int(sample_rate))
                 f.seek(first)
                 data = f.read(stop - first, dtype="float32", always_2d=True)
                 if data.shape[0] != stop - first:  # a header that promises more than the file holds
                     return None
+    except BadSampleError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, EOFError) as e:
         raise BadSampleError(label, "undecodable", f"cannot decode audio: {e}") from None
     # Outside the try: its checks raise their own reasons (silent, non-finite), not "undecodable".
@@ -224,7 +245,8 @@ def load_audio(item: Any, sample_rate: int, *, name: str | None = None) -> np.nd
 
     Multi-channel audio is averaged to mono; other rates are resampled with soxr (HQ).
     Raises :class:`BadSampleError` with reason ``"missing"``, ``"empty"``, ``"undecodable"``,
-    ``"silent-zero-length"``, ``"non-finite"`` or ``"bad-shape"``, naming the sample.
+    ``"silent-zero-length"``, ``"non-finite"``, ``"bad-shape"`` or ``"bad-rate"`` (below
+    :data:`MIN_SAMPLE_RATE`), naming the sample.
     """
     src = _file_source(item, name)
     if src is not None:

@@ -565,10 +565,12 @@ def load_clip(item: Any, audio: AudioSettings, *, train: bool = False) -> torch.
     resampled, at other rates), with the same random draw as decoding the whole recording and
     cropping it: the same samples for lossless files at the sample rate (e.g. shards packed with
     ``--audio-rate``), within float rounding otherwise (see
-    :func:`~geobind.data.audio_io.load_audio_window`)."""
+    :func:`~geobind.data.audio_io.load_audio_window`). Evaluation's window (the start) is read
+    alone from Ogg files too."""
     n = audio.clip_samples
+    # Evaluation's window is the start (``start=None``), which any container reads exactly.
     window = load_audio_window(item, audio.sample_rate, n,
-                               start=lambda length: crop_start(length, n, random=train))
+                               start=(lambda length: crop_start(length, n, random=True)) if train else None)
     wave = torch.from_numpy(window if window is not None else load_audio(item, audio.sample_rate))
     clip = fit_clip(wave, n, train=train)
     if clip.untyped_storage().nbytes() != clip.numel() * clip.element_size():

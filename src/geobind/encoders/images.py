@@ -27,15 +27,29 @@ def _to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
+# Above this ratio of long to short side, resize_center_crop resizes only the centre square's
+# source box: a 1 x 300,000 pixel strip (a 1 KB PNG) would otherwise become a 224 x 67 million
+# pixel intermediate image (45 GB).
+MAX_EXACT_ASPECT = 16
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """CLIP's evaluation transform: shortest side to ``size`` (bicubic), then a centre crop.
     The long side is ``int(size * long / short)``, as in the torchvision ``Resize`` CLIP was
-    trained with and in transformers' ``CLIPImageProcessor``."""
+    trained with and in transformers' ``CLIPImageProcessor``.
+
+    An image more than :data:`MAX_EXACT_ASPECT` times as long as it is wide has only the box
+    that becomes the centre square resized (the same geometry; the bicubic weights at the
+    box's edges differ by rounding), so that a thin strip never becomes a huge image."""
     w, h = img.size
     if (w, h) != (size, size):
         nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        img = img.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
+        if max(w, h) > MAX_EXACT_ASPECT * min(w, h):
+            sx, sy = w / nw, h / nh
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            return img.resize((size, size), Image.BICUBIC, box=box)
+        img = img.resize((nw, nh), Image.BICUBIC)
         img = img.crop((left, top, left + size, top + size))
     return img
 

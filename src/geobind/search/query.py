@@ -93,7 +93,7 @@ class Query:
 
 
 def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, (str, Path)):
+    if isinstance(value, (str, Path, bytes, bytearray)):  # one file's bytes, not a list of numbers
         return [value]
     if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], (str, Path)):
         return [value]  # one (waveform, sample_rate) pair

@@ -8,12 +8,16 @@ Endpoints (OpenAPI at ``/docs``):
   plus its lat/lon bounds and score range).
 * ``GET /api/thumbnail/{id}``: the JPEG thumbnail of an indexed place, looked up by id in the
   index (no request path ever reaches the filesystem).
+* ``GET /api/coverage``: where the indexed places are (a grey overlay of grid cells).
 * ``GET /api/health``: model identity, index size.
 * ``GET /``: the page (Leaflet, vendored under ``static/``; nothing is loaded from the internet).
 
 Safety: uploads are capped (``max_upload_mb``, checked on the raw request body before it is
-parsed, and again on the file) and decoded as image or audio before use; anything else is a 4xx
-with a message. Model and index are shared read-only; model calls run in the thread pool under
+parsed, and again on the file) and decoded as image or audio before use, at most
+``MAX_DECODING`` at a time; audio only for the clip the encoder hears. Anything else is a 4xx
+with a message, and an unexpected failure a JSON 500. Bound to this machine only, the app
+answers only requests addressed to it by a loopback name (``allowed_hosts``): a web page
+elsewhere cannot reach it through a DNS name that resolves to 127.0.0.1. Model and index are shared read-only; model calls run in the thread pool under
 one lock (``GeoBind.embed`` toggles the encoder's train/eval flag, so concurrent calls on one
 encoder are not safe without it).
 """
@@ -45,6 +49,8 @@ MAX_K = 100
 # A query photo larger than this is refused before decoding: the encoder sees a few hundred
 # pixels a side, and a 20 MB upload can hold hundreds of megapixels (gigabytes once decoded).
 MAX_UPLOAD_PIXELS = 40_000_000
+# Uploads decoded at once; more wait. A 40-megapixel photo takes about 300 MB while decoded.
+MAX_DECODING = 4
 # Multipart framing and small form fields on top of the file itself.
 FORM_OVERHEAD = 64 * 1024
 SCORE_HELP = (
@@ -134,6 +140,7 @@ class Explorer:
         self.max_upload_mb = max_upload_mb
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.lock = threading.Lock()
+        self.decoding = threading.BoundedSemaphore(MAX_DECODING)
         # Warm every lazy cache now so that request threads only ever read shared state.
         self.vectors = index.vectors_f32()
         if len(index):
@@ -147,7 +154,6 @@ class Explorer:
     # -- queries ---------------------------------------------------------------------------
     def decode_upload(self, data: bytes, filename: str, hint: str) -> tuple[str, Any]:
         """``(query keyword, decoded item)`` for an uploaded file; ``QueryError`` otherwise."""
-        from geobind.data.errors import BadSampleError
 
         name = filename or "upload"
         if not data:
@@ -175,6 +181,12 @@ class Explorer:
                 422,
                 f"this model has no {modality} encoder; it embeds {', '.join(self.model.modalities)}",
             )
+        with self.decoding:
+            return keyword, self._decode(data, name, kind, modality)
+
+    def _decode(self, data: bytes, name: str, kind: str, modality: str) -> Any:
+        from geobind.data.errors import BadSampleError
+
         try:
             if kind == "image":
                 from PIL import Image
@@ -189,17 +201,14 @@ class Explorer:
                     raise QueryError(413, f"{name!r} has more pixels than PIL decodes; {limit}") from None
                 if w * h > MAX_UPLOAD_PIXELS:
                     raise QueryError(413, f"{name!r} is {w} x {h} pixels; {limit}")
-                item = load_image(data)
-            else:
-                from geobind.data.audio_io import load_audio
-
-                rate = _audio_rate(self.model)
-                item = (load_audio(data, rate, name=name), rate)
+                return load_image(data)
+            # The encoder's own reading (outside the model lock): only the clip it hears is
+            # decoded, whatever the recording's length; a clip it takes back as it is.
+            return self.model.encoder(modality).load(data, train=False)
         except BadSampleError as e:
             raise QueryError(
                 422, f"{name!r} could not be decoded as {kind}: {e.reason} ({e.detail})"
             ) from None
-        return keyword, item
 
     def too_large_message(self) -> str:
         """The message of a 413 response: the upload limit in MB."""
@@ -354,12 +363,6 @@ def sniff_bytes(data: bytes) -> str | None:
         return None
 
 
-def _audio_rate(model) -> int:
-    enc = model.encoder("audio")
-    settings = getattr(enc, "audio", None)
-    return int(getattr(settings, "sample_rate", 48_000))
-
-
 def create_app(
     model: "GeoBind | str | Path",
     index: "Index | str | Path",
@@ -367,10 +370,13 @@ def create_app(
     max_upload_mb: float = 20,
     default_k: int = 10,
     title: str = "GeoBind explorer",
+    allowed_hosts: "list[str] | None" = None,
 ) -> "FastAPI":
     """The FastAPI app over ``model`` (a :class:`geobind.GeoBind` or a model directory) and
     ``index`` (a :class:`geobind.search.Index` or an index folder built with this model).
-    ``max_upload_mb`` caps uploads (413 above it)."""
+    ``max_upload_mb`` caps uploads (413 above it). ``allowed_hosts``: the host names requests
+    must be addressed to (the ``Host`` header, port aside; a 400 otherwise), e.g.
+    :func:`loopback_hosts`; ``None`` accepts any."""
     fastapi = import_fastapi()
     from fastapi import File, Form, HTTPException, Request, UploadFile
     from fastapi.responses import FileResponse, Response
@@ -394,6 +400,21 @@ def create_app(
         redoc_url=None,
     )
     app.state.explorer = ex
+
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_field(request, exc):
+        # FastAPI's own 422 echoes each bad field's value back: a 1 MB field, or a file sent
+        # as a plain field, would come back whole. Where, what and why is enough.
+        detail = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def failed(request, exc):
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server's log has "
+                                       "the details"}, status_code=500)
 
     def run(fn, *args, **kwargs):
         try:
@@ -445,7 +466,9 @@ def create_app(
         q, label = query(request, text, file, modality)
         return ex.heat_map(q, label)
 
-    @app.get("/api/thumbnail/{item_id:path}", summary="JPEG thumbnail of an indexed place")
+    @app.get("/api/thumbnail/{item_id:path}", summary="JPEG thumbnail of an indexed place",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}},
+                                                 404: {"description": "no such place, or no thumbnail"}})
     def api_thumbnail(item_id: str):
         try:
             index.position(item_id)
@@ -493,7 +516,47 @@ def create_app(
     app.add_middleware(
         BodyLimit, limit=ex.max_upload_bytes + FORM_OVERHEAD, message=ex.too_large_message()
     )
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, hosts=allowed_hosts)
     return app
+
+
+def loopback_hosts(host: str) -> list[str] | None:
+    """The names a server bound to ``host`` may be addressed by when ``host`` is this machine
+    only (127.0.0.1, ::1, localhost): the loopback names; ``None`` (any) for other addresses."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return sorted({"127.0.0.1", "localhost", "::1", host}) if loopback else None
+
+
+def _host_name(header: str) -> str:
+    """The name of a ``Host`` header without its port: ``[::1]:8000`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: a 400 for HTTP requests whose ``Host`` is not one of ``hosts``."""
+
+    def __init__(self, app, hosts: list[str]):
+        self.app, self.hosts = app, {h.lower() for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if _host_name(host) not in self.hosts:
+                from starlette.responses import JSONResponse
+
+                resp = JSONResponse({"detail": f"this server answers requests for {', '.join(sorted(self.hosts))} "
+                                               f"only, not {host!r}"}, status_code=400)
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _swagger_assets() -> Path | None:
@@ -510,4 +573,4 @@ def _swagger_assets() -> Path | None:
 # The overlay's grid: the point maps' own default.
 map_resolution = default_resolution
 
-__all__ = ["Explorer", "create_app", "map_resolution", "sniff_bytes"]
+__all__ = ["Explorer", "create_app", "loopback_hosts", "map_resolution", "sniff_bytes"]
