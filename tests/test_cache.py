@@ -218,6 +218,22 @@ def _cache_worker(r: int, port: int, tiny_data, cases, root) -> None:
         except Exception as e:
             out["full"] = f"{type(e).__name__}: {e}"
         cache_mod._write = real_write
+        both = root / "data" / "both.csv"
+        out["shared"] = cache_mod.embed_table_shared(model.encoder("ground"), read_dataset(both), "ground",
+                                                     batch_size=4)
+
+        class _Local(Exception):  # defined here: cannot be unpickled by the other rank
+            pass
+
+        real_rows = cache_mod._embed_rows
+        if r == 1:
+            cache_mod._embed_rows = lambda *a, **k: (_ for _ in ()).throw(_Local("only on rank 1"))
+        try:
+            cache_mod.embed_table_shared(model.encoder("ground"), read_dataset(both), "ground", batch_size=4)
+            out["unpicklable"] = "no error"
+        except Exception as e:
+            out["unpicklable"] = f"{type(e).__name__}: {e}"
+        cache_mod._embed_rows = real_rows
         torch.save(out, root / f"rank{r}.pt")
     finally:
         gbdist.cleanup()
@@ -280,10 +296,13 @@ def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, mon
     for r in range(WORLD):
         assert [i["hit"] for i in got[r]["nodes"]] == [False, True]
         assert len(list((tmp_path / f"node{r}").glob("*.safetensors"))) == 1
-    assert got[0]["strict"].startswith(
-        "RuntimeError: anchor cache: embedding failed on rank 1: BadSampleError")
-    assert got[1]["strict"].startswith("BadSampleError")
+    # One rank's error is every rank's: rank 0 reports rank 1's bad sample as a bad sample.
+    assert got[1]["strict"].startswith("BadSampleError") and got[0]["strict"] == got[1]["strict"]
     assert not list((tmp_path / "strict").glob("*.safetensors"))
-    assert got[0]["full"] == "OSError: No space left on device"
-    assert got[1]["full"] == (
-        "RuntimeError: anchor cache: writing the cache failed on rank 0: OSError: No space left on device")
+    assert got[0]["full"] == got[1]["full"] == "OSError: No space left on device"
+    # Validation's embedding shared over the ranks: the single process's numbers on each.
+    e32, v32, _ = embed_table(model.encoder("ground"), read_dataset(both), "ground", batch_size=4)
+    for r in range(WORLD):
+        emb, valid = got[r]["shared"]
+        assert torch.equal(valid, v32) and torch.allclose(emb, e32, atol=1e-6), r
+    assert got[0]["unpicklable"] == "RuntimeError: embedding failed on rank 1: _Local: only on rank 1"

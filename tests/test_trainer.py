@@ -1,5 +1,7 @@
+import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,14 +355,20 @@ def test_padding_rows_reach_neither_the_loss_nor_the_gradients_nor_the_queue(tin
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def _two_rank_train(rank: int, port: int, d: dict, cache: str) -> None:
+def _two_rank_train(rank: int, port: int, d: dict, cache: str, own_output: bool = False) -> None:
     from dist_helpers import rank_env
 
     from geobind import distributed as gbdist
 
     rank_env(rank, port, 2, GEOBIND_CACHE=cache)
+    if own_output:  # as on two machines that do not share output_dir
+        d = {**d, "output_dir": f"{d['output_dir']}-rank{rank}"}
     try:
         train(parse_config(d), progress=False, log=None)
+    except ValueError as e:
+        if not own_output:
+            raise
+        Path(f"{d['output_dir']}.error").write_text(str(e))
     finally:
         gbdist.cleanup()
 
@@ -374,9 +382,24 @@ def test_two_ranks_skip_a_bad_sample_once_and_train_on_every_other_sample(tiny_d
 
     monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
     d = one_epoch_with_a_broken_tile(tiny_data, tmp_path)
+    # Validation every 2 steps: each rank embeds its share of the validation rows.
+    d["stages"][0]["data"]["val"] = str(tiny_data["test"])
+    d["stages"][0]["optim"]["val_every"] = 2
     single = train(parse_config(d), progress=False, log=None)
     two = {**d, "output_dir": str(tmp_path / "two")}
     mp.spawn(_two_rank_train, args=(free_port(), two, str(tmp_path / "geobind-cache")), nprocs=2, join=True)
+    vals = {}
+    for out in (tmp_path / "run", tmp_path / "two"):
+        with open(out / "stages" / "01-satellite" / "metrics.csv") as f:
+            vals[out.name] = [(r["step"], float(r["val_n"])) for r in csv.DictReader(f) if r.get("val_n")]
+    assert vals["run"] == vals["two"] and [step for step, _ in vals["two"]] == ["2", "4"]
+    # Two machines that do not share output_dir: refused on both ranks, before anything trains.
+    mp.spawn(_two_rank_train, args=(free_port(), {**d, "output_dir": str(tmp_path / "own")},
+                                    str(tmp_path / "geobind-cache"), True), nprocs=2, join=True)
+    for r in (0, 1):
+        msg = (tmp_path / f"own-rank{r}.error").read_text()
+        assert "rank 1 cannot see the files rank 0 writes there" in msg and "shares" in msg, msg
+    assert not (tmp_path / "own-rank0" / "stages").exists()
 
     for out in (tmp_path / "run", tmp_path / "two"):
         done = json.loads((out / "stages" / "01-satellite" / "done.json").read_text())
@@ -673,6 +696,18 @@ def test_a_diverged_loss_stops_the_run_and_batch_sizes_are_checked_before_traini
     with pytest.raises(TrainingDiverged, match=r"the loss became nan by step 1; the model was not saved"):
         train(parse_config(d), progress=False, log=None)
     assert not (tmp_path / "nan" / "model").exists()
+    # NaN from step 3 on, read on log rows every 10 steps: the checkpoint due at step 4 is not
+    # written with diverged weights; step 2's stays, and is finite.
+    calls = []
+    monkeypatch.setattr("geobind.binding.step.total_loss",
+                        lambda out: real(out) * (float("nan") if calls.append(1) or len(calls) >= 3 else 1.0))
+    d = tiny_config(tiny_data, tmp_path / "nan-later", steps=8, audio=False)
+    d["eval"] = None
+    d["stages"][0]["optim"].update(ckpt_every=2, log_every=10)
+    with pytest.raises(TrainingDiverged, match=r"by step 4; the model was not saved, and neither was a checkpoint"):
+        train(parse_config(d), progress=False, log=None)
+    ck = torch.load(tmp_path / "nan-later" / "stages" / "01-satellite" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["stage"].values())
     monkeypatch.undo()
     # A later stage's batch larger than its data (36 places): said before stage 1 trains.
     d = tiny_config(tiny_data, tmp_path / "big")

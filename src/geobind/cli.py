@@ -181,9 +181,13 @@ def cmd_train(args) -> int:
         return 2
     cfg = load_config(args.config, args.overrides)
     final = train(cfg, resume=args.resume, progress=not args.no_progress, profile=args.profile)
-    from geobind.distributed import is_main
+    from geobind import distributed
 
-    if cfg.eval is not None and is_main():  # under torchrun: once, on rank 0
+    main_rank = distributed.is_main()
+    # Every rank has finished training: the ranks leave the process group together (on a clean
+    # exit only, as embed does), and rank 0 evaluates alone.
+    distributed.cleanup()
+    if cfg.eval is not None and main_rank:  # under torchrun: once, on rank 0
         from geobind.data.manifest import read_dataset
         from geobind.evaluate import evaluate
         from geobind.model import GeoBind
@@ -318,11 +322,20 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except TrainingOutOfMemory as e:
-        print(f"\ngeobind {_command_name(args)}: error: {e}", file=sys.stderr)
+        print(f"\ngeobind {_command_name(args)}: error{_rank_note()}: {e}", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-        print(f"geobind {_command_name(args)}: error: {cli_message(e)}", file=sys.stderr)
+        print(f"geobind {_command_name(args)}: error{_rank_note()}: {cli_message(e)}", file=sys.stderr)
         return 2
+
+
+def _rank_note() -> str:
+    """`` (rank N)`` under torchrun on ranks other than 0 (each rank reports its own error, and
+    an error one rank alone met is told from the others'); empty otherwise."""
+    import os
+
+    r, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    return f" (rank {r})" if r not in (None, "0") and world not in (None, "1") else ""
 
 
 def _stdout_reader_gone() -> bool:

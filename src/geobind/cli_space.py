@@ -390,33 +390,33 @@ def cmd_embed(args) -> int:
 
     info = distributed.init_distributed()
     device = info.device if info.distributed else _device(args.device)
-    try:
-        model = GeoBind.from_pretrained(args.model, device=device)
-        workers = distributed.loader_workers(args.workers, device)
-        embed_dataset(
-            model,
-            args.data,
-            args.modality,
-            args.out,
-            layout=args.layout,
-            layout_options=parse_layout_options(args.layout_options),
-            batch_size=inference_batch_size(args.batch_size, model.device,
-                                            model.encoder(args.modality).input_kind
-                                            if args.modality in model.modalities else None, cpu=64),
-            float16=args.float16,
-            chunk_rows=args.chunk_rows,
-            num_workers=workers,
-            compile=args.compile,
-            preprocess_on=args.preprocess_on,
-            thumbnails=False if args.no_thumbnails else None,
-            thumbnail_size=args.thumbnail_size,
-            force=args.force,
-            progress=not args.no_progress and info.is_main,
-            model_name=args.model,
-            log=print if info.is_main else None,
-        )
-    finally:
-        distributed.cleanup()
+    model = GeoBind.from_pretrained(args.model, device=device)
+    workers = distributed.loader_workers(args.workers, device)
+    embed_dataset(
+        model,
+        args.data,
+        args.modality,
+        args.out,
+        layout=args.layout,
+        layout_options=parse_layout_options(args.layout_options),
+        batch_size=inference_batch_size(args.batch_size, model.device,
+                                        model.encoder(args.modality).input_kind
+                                        if args.modality in model.modalities else None, cpu=64),
+        float16=args.float16,
+        chunk_rows=args.chunk_rows,
+        num_workers=workers,
+        compile=args.compile,
+        preprocess_on=args.preprocess_on,
+        thumbnails=False if args.no_thumbnails else None,
+        thumbnail_size=args.thumbnail_size,
+        force=args.force,
+        progress=not args.no_progress and info.is_main,
+        model_name=args.model,
+        log=print if info.is_main else None,
+    )
+    # Left on a clean exit only: after a failure another rank may be gone (its Ctrl-C, its error),
+    # and the barrier of leaving would bury this rank's own error under the process group's.
+    distributed.cleanup()
     return 0
 
 

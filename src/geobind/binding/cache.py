@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -218,6 +219,33 @@ def embed_table(
     return emb, valid, counts
 
 
+def embed_table_shared(
+    encoder: Encoder, table: Table | ShardSet, modality: str, *, batch_size: int = 64, num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`embed_table`'s ``(embeddings, valid)`` with the rows shared out over the ranks
+    (:func:`rank_bounds`: the batches one process would make) and exchanged, on every rank; the
+    same numbers as one process. Under ``torch.distributed`` every rank must call it; an error
+    on one rank stops every rank. Bad rows are zero vectors with ``valid=False``."""
+    world, r = gbdist.world_size(), gbdist.rank()
+    n = len(table)
+    bounds = rank_bounds(table, world, batch_size)
+    emb = torch.zeros(n, encoder.dim)
+    valid = torch.zeros(n, dtype=torch.bool)
+    error: Exception | None = None
+    try:
+        _embed_rows(encoder, table, modality, emb, valid, bounds[r], bounds[r + 1], batch_size=batch_size,
+                    num_workers=num_workers, progress=False, strict=False)
+    except Exception as e:  # raised below, once the other ranks have heard of it
+        if world == 1:
+            raise
+        error = e
+    if world > 1:
+        _agree(error, None, "embedding")
+        gbdist.all_gather_blocks(emb, bounds)
+        valid = gbdist.all_gather_blocks(valid.to(torch.uint8), bounds).bool()
+    return emb, valid
+
+
 def rank_bounds(table: Table | ShardSet, world: int, batch_size: int) -> list[int]:
     """Row bounds of each rank's contiguous share: ``world + 1`` ascending numbers from 0 to N.
 
@@ -275,15 +303,26 @@ def _write(path: Path, emb: torch.Tensor, valid: torch.Tensor, meta: dict) -> No
 
 
 def _agree(error: Exception | None, payload, what: str) -> list:
-    """Collective: every rank's ``payload``, or an error on every rank if any rank failed (its
-    own error on the rank that failed, a ``RuntimeError`` naming that rank elsewhere)."""
-    note = None if error is None else f"{type(error).__name__}: {error}"
+    """Collective: every rank's ``payload``, or an error on every rank if any rank failed: its
+    own error on the rank that failed and, elsewhere, the same error (a bad sample under
+    ``strict`` is then reported by every rank as a bad sample, not as a crash), or a
+    ``RuntimeError`` naming that rank where the error does not travel between processes."""
+    note = None
+    if error is not None:
+        try:
+            note = pickle.dumps(error)
+            pickle.loads(note)
+        except Exception:  # noqa: BLE001 - not every exception pickles
+            note = f"{type(error).__name__}: {error}"
     reports = gbdist.all_gather_object((payload, note))
     if error is not None:
         raise error
     failed = [(s, msg) for s, (_, msg) in enumerate(reports) if msg is not None]
     if failed:
-        raise RuntimeError(f"anchor cache: {what} failed on rank {failed[0][0]}: {failed[0][1]}")
+        s, msg = failed[0]
+        if isinstance(msg, bytes):
+            raise pickle.loads(msg)
+        raise RuntimeError(f"{what} failed on rank {s}: {msg}")
     return [p for p, _ in reports]
 
 
@@ -333,7 +372,7 @@ def cached_embeddings(
     if world > 1:
         # Agree on failures first, so one rank's error (e.g. a bad sample under strict) stops
         # every rank instead of leaving the others waiting in the exchange.
-        reports = _agree(error, dict(counts), "embedding")
+        reports = _agree(error, dict(counts), "anchor cache: embedding")
         counts = sum((Counter(c) for c in reports), Counter())
         gbdist.all_gather_blocks(emb, bounds, max_bytes=gather_bytes)
         mask = gbdist.all_gather_blocks(valid.to(torch.uint8), bounds, max_bytes=gather_bytes)
@@ -351,7 +390,7 @@ def cached_embeddings(
         error = e
     if world > 1:
         # Also the barrier: nobody looks for the file before rank 0 has finished writing it.
-        _agree(error, None, "writing the cache")
+        _agree(error, None, "anchor cache: writing the cache")
         if gbdist.local_rank() == 0 and not path.is_file():
             _write(path, emb, valid, meta)  # this machine does not share rank 0's filesystem
         gbdist.barrier()

@@ -39,7 +39,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from geobind import distributed as gbdist
-from geobind.binding.cache import cached_embeddings, embed_table
+from geobind.binding.cache import cached_embeddings, embed_table_shared
 from geobind.binding.prefetch import DevicePrefetcher, map_tensors
 from geobind.binding.profiling import StepProfiler
 from geobind.binding.stage import BindingStage
@@ -570,15 +570,24 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
-def _batch_problems(cfg: RunConfig, done: set[str], world: int, read: dict) -> list[str]:
+def _batch_problems(cfg: RunConfig, done: set[str], world: int, read: dict,
+                    resumed: frozenset[str] = frozenset()) -> list[str]:
     """Batch sizes the run cannot use, found before any stage trains: not divisible by the ranks,
-    or larger than a stage's training set (read by the preflight)."""
+    or larger than a stage's training set (read by the preflight). ``resumed``: stages resuming
+    from a checkpoint, whose batch cannot change (the number of ranks can)."""
     out = []
     for s in cfg.stages:
         if s.name in done:
             continue
         b = s.optim.batch_size
-        if b % world:
+        if b % world and s.name in resumed:
+            ranks = [k for k in range(1, min(b, 64) + 1) if b % k == 0]
+            out.append(f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks; a stage "
+                       f"resumes with its batch, so resume on a number of ranks that divides it "
+                       f"({', '.join(map(str, ranks[:-1]))} or {ranks[-1]})" if len(ranks) > 1 else
+                       f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks; a stage "
+                       "resumes with its batch, so resume on 1 rank")
+        elif b % world:
             near = sorted({max(world, b // world * world), (b // world + 1) * world})
             out.append(f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks (e.g. "
                        f"{' or '.join(map(str, near))})")
@@ -676,9 +685,15 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
+        if self.dist.distributed:
+            self._check_shared_output()
         try:
             return self._run_stages()
         except TrainingInterrupted:
+            raise
+        except Exception as e:
+            # The run log says why the run ended (the caller reports the error itself).
+            self._say(f"error: {type(e).__name__}: {e}", echo=False)
             raise
         except KeyboardInterrupt:
             # Outside a stage's training steps (building the space, the anchor cache, a stage's
@@ -686,6 +701,30 @@ class Trainer:
             msg = "interrupted; rerun with --resume to continue from the finished stages and the last checkpoint"
             self._say(msg, echo=False)
             raise TrainingInterrupted(self.out, written=False, message=msg) from None
+
+    def _check_shared_output(self, wait_s: float = 10.0) -> None:
+        """Every rank must see the files rank 0 writes in ``output_dir`` (the next stage loads
+        the last one's model from it; ``--resume`` reads rank 0's checkpoints): rank 0 writes a
+        probe file there and every rank looks for it, for up to ``wait_s`` seconds (a network
+        filesystem may show a new file late). A ``ValueError`` on every rank otherwise."""
+        import secrets
+
+        probe = self.out / f".rank0-{gbdist.broadcast_object(secrets.token_hex(8))}"
+        if self.main:
+            probe.write_text("")
+        gbdist.barrier()
+        until = time.monotonic() + wait_s
+        while not probe.is_file() and time.monotonic() < until:
+            time.sleep(0.5)
+        blind = [r for r, (seen,) in enumerate(gbdist.all_gather_ints([int(probe.is_file())])) if not seen]
+        if self.main:
+            probe.unlink(missing_ok=True)
+        if blind:
+            raise ValueError(
+                f"output_dir {self.out}: rank{'s' if len(blind) > 1 else ''} {', '.join(map(str, blind))} cannot "
+                "see the files rank 0 writes there. On several machines output_dir must be on a filesystem "
+                "every machine shares (each stage loads the model the last one saved there, and --resume reads "
+                "rank 0's checkpoints)")
 
     def _run_stages(self) -> Path:
         cfg = self.cfg
@@ -745,7 +784,9 @@ class Trainer:
         unreadable = _unreadable_data(cfg, done, self._read)
         if unreadable:  # read now, not after the stages before them have trained
             return "unreadable", "; ".join(unreadable)
-        batches = _batch_problems(cfg, done, self.dist.world_size, self._read)
+        resumed = frozenset(s.name for i, s in enumerate(cfg.stages)
+                            if self.resume and (self.out / "stages" / f"{i + 1:02d}-{s.name}" / CHECKPOINT).is_file())
+        batches = _batch_problems(cfg, done, self.dist.world_size, self._read, resumed)
         if batches:
             return "unreadable", "; ".join(batches)
         return None
@@ -909,12 +950,27 @@ class Trainer:
 
         saved = None  # where this session last wrote the checkpoint
 
+        # Whether any step's loss since the stage began was NaN or infinite: kept on the device
+        # (no host wait per step) and read on log rows and before every checkpoint, so that no
+        # checkpoint ever holds the weights of a diverged run.
+        nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+
+        def check_finite():
+            if bool(nonfinite):  # the loss is the global batch's: every rank agrees
+                value = float(last_loss_t) if last_loss_t is not None else float("nan")
+                raise TrainingDiverged(
+                    f"stage {scfg.name}: the loss became {value if not math.isfinite(value) else 'nan or inf'} "
+                    f"by step {step}; the model was not saved, and neither was a checkpoint after it (an "
+                    "earlier checkpoint, if any, stays). Lower optim.lr, check the data, or train in bf16 or "
+                    "fp32 instead of fp16")
+
         def save_ckpt():
             nonlocal saved, ckpt_step
             # The same point twice (an epoch's end, then a stop before the next step): one write.
             at = (step, epoch, step_in_epoch, val_due)
             if at == saved:
                 return
+            check_finite()
             if self.main:
                 trainable = {k: v for k, v in stage.state_dict().items() if not k.startswith("anchor.")}
                 _atomic_save(
@@ -932,7 +988,7 @@ class Trainer:
         # crash) are dropped, so that each step is logged once.
         writer = _MetricsWriter(metrics_path if self.main else None, after=ckpt_step)
         if val_due is not None and val is not None:
-            # Before the stop, the run owed this validation (every rank: rank 0 runs it).
+            # Before the stop, the run owed this validation (every rank takes part).
             self._validate(stage, val, scfg, writer, *val_due)
         val_due = None
         uncached_anchor = None if scfg.cache_anchor else anchor
@@ -1019,14 +1075,11 @@ class Trainer:
                     # would make the host wait for the device each step. Reading it on a log
                     # row waits for every queued step, so the window's time is wall time.
                     last_loss_t = loss
+                    nonfinite |= ~torch.isfinite(loss)
                     log_row = step % o.log_every == 0 or step == total
                     if log_row:
+                        check_finite()  # the weights are lost from a non-finite loss on
                         last_loss = float(last_loss_t)
-                        if not math.isfinite(last_loss):  # the weights are lost from here on
-                            raise TrainingDiverged(
-                                f"stage {scfg.name}: the loss became {last_loss} by step {step}; the model "
-                                "was not saved (an earlier checkpoint, if any, stays). Lower optim.lr, "
-                                "check the data, or train in bf16 or fp32 instead of fp16")
                     t1 = time.perf_counter()
                     window["step"] += t1 - t0
                     loop["step"] += t1 - t0
@@ -1196,15 +1249,18 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self, stage: BindingStage, val, scfg: StageConfig, writer, step: int, epoch: int):
-        if not self.main:
-            return None
         vt, v_anchor, v_valid = val
-        # Rank 0 only; its loader has a generator of its own, so training's RNG is not drawn on.
+        # Every rank embeds its share of the rows (the batches one process makes), so that no
+        # rank waits in a collective while another embeds it all; rank 0 scores and logs. The
+        # loader has a generator of its own, so training's RNG is not drawn on.
         with eagerly(stage.encoder):
-            emb, valid, _ = embed_table(stage.encoder, vt, scfg.train, batch_size=256)
+            emb, valid = embed_table_shared(stage.encoder, vt, scfg.train, batch_size=256)
+        stage.train()
+        if not self.main:
+            self._last_val = ((scfg.name, step), None)  # every rank knows which validations ran
+            return None
         keep = valid & v_valid
         m = retrieval_metrics(emb[keep], v_anchor[keep])
-        stage.train()
         row = {"step": step, "epoch": epoch + 1, **{f"val_{k}": v for k, v in m.items()}}
         writer.row(row)
         self._say(f"stage {scfg.name} step {step}: val {scfg.train}->{scfg.bind_to} "
