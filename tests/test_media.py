@@ -28,6 +28,14 @@ def test_deep_images_are_brought_to_8_bits_not_clipped():
     unit = rng.random((8, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(_rgb(load_image(unit)), np.round(unit * 255))
     np.testing.assert_array_equal(_rgb(load_image(Image.fromarray(unit[..., 0]))), np.round(unit[..., :1] * 255).repeat(3, -1))
+    # ... also when resampling overshoots them a little (clipped), not read as 8-bit values or
+    # stretched; a float image reaching 1.5 (reflectances) is stretched, not read as 8-bit.
+    over = unit.copy()
+    over[0, 0, 0], over[1, 1, 1] = 1.0001, -1e-6
+    np.testing.assert_array_equal(_rgb(load_image(over)), np.round(np.clip(over, 0, 1) * 255))
+    bright = unit * 1.5
+    np.testing.assert_array_equal(_rgb(load_image(bright)),
+                                  stretch_bands(bright.transpose(2, 0, 1), np.ones((3, 8, 8), bool)).transpose(1, 2, 0))
     # 8-bit values in wider types (np.asarray(img, float), an int64 array) are taken as they are.
     tinted = np.stack([np.full((8, 8), 203), rng.integers(100, 180, (8, 8)), np.full((8, 8), 30)], -1)
     for dtype in (np.int64, np.float64, np.float32, np.uint16):

@@ -198,6 +198,79 @@ def test_embed_names_the_bad_item(tiny_data):
         model.embed("text", 5)  # one item, not a sequence
     with pytest.raises(TypeError, match="got a dict; pass one item or a list"):
         model.embed("text", {"a": 1})
+    # Audio items of the wrong kind, or with a rate that is no rate, name their position too.
+    wave = np.zeros(1600, np.float32) + 0.1
+    with pytest.raises(BadSampleError, match=r"item 2 of 3: <list>: bad-type"):
+        model.embed("audio", [(wave, 16000), (wave, 16000), [1, 2]])
+    with pytest.raises(BadSampleError, match=r"item 1 of 2: <tuple>: bad-type .*positive integer rate"):
+        model.embed("audio", [(wave, 16000), (wave, 0)])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a whole number of 1 or more"):
+            model.embed("text", ["a forest"], batch_size=bad)
+
+
+def test_a_space_in_training_mode_embeds_from_several_threads_as_in_eval(tiny_data):
+    """``embed`` switches an encoder in training mode to eval and back; calls from several
+    threads at once each run it in eval mode (batch norm statistics untouched), and the
+    encoder is back in training mode after them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = build_space(tiny_data)
+    rng = np.random.default_rng(0)
+    clips = [((0.1 * rng.standard_normal(16000)).astype(np.float32), 16000) for _ in range(6)]
+    ref = model.embed("audio", clips, batch_size=2)
+    stats = {k: v.clone() for k, v in model.encoder("audio").state_dict().items() if "running" in k}
+    assert stats
+    model.train()
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: model.embed("audio", clips, batch_size=2), range(8)))
+    assert model.encoder("audio").training
+    for g in got:
+        torch.testing.assert_close(g, ref)
+    for k, v in model.encoder("audio").state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k
+
+
+def test_objects_print_as_summaries(tiny_data, tmp_path):
+    """A model, an embeddings file and an index print as one line each in a notebook, and the
+    package lists its lazily imported names."""
+    import geobind
+    import geobind.search
+    from geobind.search.embed import embed_dataset, read_embeddings
+    from geobind.search.index import build_index
+
+    model = build_space(tiny_data)
+    text = repr(model)
+    assert text.startswith("GeoBind(dim=32, encoders={") and "satellite: clip_vision" in text
+    assert "\n" not in text and model.stages == [] and model.logit_scales == {}
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "sat.parquet", log=None)
+    emb = read_embeddings(tmp_path / "sat.parquet")
+    assert repr(emb).startswith(f"Embeddings(n={len(emb)}, dim=32, modality='satellite'") and len(repr(emb)) < 200
+    index = build_index(tmp_path / "sat.parquet", tmp_path / "sat.index", "exact", log=None)
+    assert repr(index) == f"Index({str(tmp_path / 'sat.index')!r}, kind='exact', modality='satellite', " \
+                          f"n={len(emb)}, dim=32)"
+    with pytest.raises(ValueError, match="k must be a whole number of 1 or more, not 2.5"):
+        index.search(model.embed("text", "a forest"), k=2.5)
+    # A tuple of two images is two items in a query, as in embed; a (waveform, rate) pair is one.
+    img = Image.open(read_dataset(tiny_data["test"]).columns["satellite"][0])
+    hits = model.search(index, satellite=(img, img), k=3)
+    assert [h.id for h in hits] == [h.id for h in model.search(index, satellite=[img, img], k=3)]
+    assert "GeoBind" in dir(geobind) and "Index" in dir(geobind.search)
+
+
+def test_a_damaged_model_directory_names_the_file_that_fails(tiny_data, tmp_path):
+    model = build_space(tiny_data)
+    model.save_pretrained(tmp_path / "m")
+    meta = (tmp_path / "m" / "geobind.json").read_text()
+    (tmp_path / "m" / "geobind.json").write_text(meta[: len(meta) // 2])
+    with pytest.raises(ValueError, match=r"geobind.json is not a readable GeoBind model description .* damaged"):
+        GeoBind.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "geobind.json").write_text(meta)
+    weights = next((tmp_path / "m" / "audio").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(OSError, match=r"the audio encoder \(clap_audio, in .*audio\) could not be loaded"):
+        GeoBind.from_pretrained(tmp_path / "m")
 
 
 def test_tiny_tokenizer_vocabulary_is_refused(tmp_path):

@@ -219,7 +219,7 @@ def test_query_files_are_checked(space, tmp_path):
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(ValueError, match="is empty"):
         sniff_file(tmp_path / "empty.wav")
-    with pytest.raises(ValueError, match="is audio, not image; pass it with --audio"):
+    with pytest.raises(ValueError, match=r"is audio, not image; pass it as audio= \(--audio\)"):
         embed_query(space["model"], Query.build(image=str(wav)))
     with pytest.raises(ValueError, match="is image, not audio"):
         embed_query(space["model"], Query.build(audio=str(png)))

@@ -26,3 +26,8 @@ def __getattr__(name: str):
 
         return GeoBind
     raise AttributeError(f"module 'geobind' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazily imported names too, so that tab completion offers them.
+    return sorted(set(globals()) | set(__all__))

@@ -58,7 +58,8 @@ def pair_report(
 
 
 def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
-    """The report of DESIGN.md: ``{"pairs": {"a->b": {"R@1", "R@5", "R@10", "median_rank", "n"}}}``,
+    """The evaluation report: ``{"pairs": {"a->b": {"R@1", "R@5", "R@10", "median_rank",
+    "mean_rank", "n"}}}``,
     plus ``trained_pairs`` (the pairs trained together, as ``"a<->b"``; the others are emergent)
     and ``skipped`` (rows left out as unusable, per modality and reason). Raises ``ValueError``
     when no pair has two usable rows to rank."""

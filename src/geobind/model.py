@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = ["FORMAT_VERSION", "MODEL_FILE", "GeoBind", "autocast_for"]
 
 FORMAT_VERSION = 1
 MODEL_FILE = "geobind.json"
+# Held while an encoder in training mode is switched to eval for GeoBind.embed and back.
+_MODE_LOCK = threading.RLock()
 
 
 def _holds_cwd(directory: Path) -> bool:
@@ -92,6 +95,23 @@ class GeoBind(nn.Module):
         """Modalities this space can embed."""
         return list(self.encoders.keys())
 
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        """The binding stages that trained this space, in order (name, modalities, data, steps,
+        validation, ...), as ``geobind.json`` records them."""
+        return list(self.meta.get("stages", []))
+
+    @property
+    def logit_scales(self) -> dict[str, float]:
+        """Each trained pair's learned logit scale (``"satellite->ground": 35.2``, say): the
+        inverse temperature its scores were trained at."""
+        return {k: float(v) for k, v in self.meta.get("logit_scales", {}).items()}
+
+    def __repr__(self) -> str:
+        # A summary (``model.encoders`` prints the module tree).
+        encoders = ", ".join(f"{m}: {enc.type_name}" for m, enc in self.encoders.items())
+        return f"GeoBind(dim={self.dim}, encoders={{{encoders}}}, device={self.device})"
+
     def add_encoder(self, modality: str, encoder: Encoder) -> None:
         """Add (or replace) the encoder serving ``modality``; its dimension must match the space."""
         get_modality(modality)
@@ -136,19 +156,36 @@ class GeoBind(nn.Module):
         raises :class:`~geobind.data.errors.BadSampleError` (a ``ValueError``) naming its position.
         """
         enc = self.encoder(modality)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of 1 or more, not {batch_size!r}")
         if isinstance(items, dict):
             raise TypeError(f"embed({modality!r}, ...) got a dict; pass one item or a list of items "
                             "(one call per modality)")
         items = [items] if _single_item(items) or not isinstance(items, Iterable) else list(items)
 
         def load(j: int, item: Any):
+            where = f"item {j} of {len(items)}: " if len(items) > 1 else ""
             try:
                 return enc.load(item, train=False)
             except BadSampleError as e:
-                if len(items) == 1:
+                if not where:
                     raise
-                raise BadSampleError(f"item {j} of {len(items)}: {e.path}", e.reason, e.detail) from None
+                raise BadSampleError(f"{where}{e.path}", e.reason, e.detail) from None
+            except (TypeError, ValueError) as e:  # an item of the wrong kind or with a bad value
+                reason = "bad-type" if isinstance(e, TypeError) else "bad-value"
+                raise BadSampleError(f"{where}<{type(item).__name__}>", reason, str(e)) from None
 
+        # An encoder in eval mode is used as it is (concurrent calls are safe); one in training
+        # mode is switched to eval for the call and back, one call at a time, so that no call
+        # switches it back while another runs it. Its mode is read under the lock, which every
+        # switch holds.
+        with _MODE_LOCK:
+            if enc.training:
+                return self._embed_eval(enc, modality, items, load, batch_size, progress)
+        return self._embed_eval(enc, modality, items, load, batch_size, progress)
+
+    def _embed_eval(self, enc: Encoder, modality: str, items: list, load, batch_size: int,
+                    progress: bool) -> torch.Tensor:
         was_training = enc.training
         enc.eval()
         out = []
@@ -280,7 +317,13 @@ class GeoBind(nn.Module):
             hint = (f"; the model is in {inner}" if (inner / MODEL_FILE).is_file()
                     else " (train one with `geobind train` or `geobind demo`)")
             raise FileNotFoundError(f"{path} is not a GeoBind model directory: {MODEL_FILE} is missing{hint}")
-        cfg = json.loads(cfg_path.read_text())
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(cfg, dict) or not isinstance(cfg.get("modalities"), dict) or "dim" not in cfg:
+                raise ValueError("it lacks 'modalities' or 'dim'")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not a readable GeoBind model description ({e}); the model "
+                             "directory is damaged: save or copy it again") from None
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(
                 f"{cfg_path} has format version {cfg['format_version']}; this geobind reads up to "
@@ -292,9 +335,15 @@ class GeoBind(nn.Module):
         with quiet_transformers():
             for name, m in cfg["modalities"].items():
                 enc_cls = get_encoder_class(m["encoder"])
-                encoders[name] = enc_cls.from_saved(
-                    name, path / m["path"], m.get("settings", {}), cfg["dim"], shared
-                )
+                try:
+                    encoders[name] = enc_cls.from_saved(
+                        name, path / m["path"], m.get("settings", {}), cfg["dim"], shared
+                    )
+                except (FileNotFoundError, ImportError):
+                    raise
+                except Exception as e:  # a truncated weights file, say: name the part that failed
+                    raise OSError(f"{path}: the {name} encoder ({m['encoder']}, in {path / m['path']}) could "
+                                  f"not be loaded: {type(e).__name__}: {e}") from e
         meta = {k: v for k, v in cfg.items() if k not in ("modalities", "dim")}
         model = cls(cfg["dim"], encoders, meta)
         model.eval()

@@ -82,13 +82,18 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     return array_to_rgb(np.asarray(img), name)
 
 
+# Float images a little outside [0, 1] (resampling and gain overshoot) are still [0, 1] images.
+FLOAT_SLACK = 0.02
+
+
 def array_to_rgb(arr: np.ndarray, name: str = "<array>") -> Image.Image:
     """An ``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4`` array (alpha dropped) as an RGB image.
 
-    uint8 is taken as is, booleans as black and white, floats within ``[0, 1]`` scaled by 255,
-    other numbers within ``[0, 255]`` taken as 8-bit values (rounded), and anything else
-    (16-bit or float reflectances, say) stretched per band between its 2nd and 98th
-    percentile, as the ``geotiff`` layout does."""
+    uint8 is taken as is, booleans as black and white, floats within ``[0, 1]`` scaled by 255
+    (within :data:`FLOAT_SLACK` of it too, clipped: resampling overshoots a little), integers
+    within ``[0, 255]`` and floats within it that reach above 2 taken as 8-bit values
+    (rounded), and anything else (16-bit or float reflectances, say) stretched per band between
+    its 2nd and 98th percentile, as the ``geotiff`` layout does."""
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -107,9 +112,12 @@ def array_to_rgb(arr: np.ndarray, name: str = "<array>") -> Image.Image:
         if not valid.any():
             raise BadSampleError(name, "undecodable", "the image has no finite values")
         lo, hi = x[valid].min(), x[valid].max()
-        if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1:
-            out = np.round(np.nan_to_num(x) * 255).astype(np.uint8)
-        elif lo >= 0 and hi <= 255:  # 8-bit values in a wider type (np.asarray(img, float), say)
+        floating = np.issubdtype(arr.dtype, np.floating)
+        if floating and lo >= -FLOAT_SLACK and hi <= 1 + FLOAT_SLACK:
+            out = np.round(np.clip(np.nan_to_num(x), 0, 1) * 255).astype(np.uint8)
+        elif lo >= 0 and hi <= 255 and (not floating or hi > 2):
+            # 8-bit values in a wider type (np.asarray(img, float), say); a float image whose
+            # values stay below 2 is not one (reflectances up to 1.5, say): it is stretched.
             out = np.round(np.nan_to_num(x)).astype(np.uint8)
         else:
             out = stretch_bands(x.transpose(2, 0, 1), valid.transpose(2, 0, 1)).transpose(1, 2, 0)

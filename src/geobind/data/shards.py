@@ -110,7 +110,7 @@ class ShardSchema:
 
 
 def geobind_schema() -> ShardSchema:
-    """GeoBind's own shard keys (DESIGN.md): one member per registered modality."""
+    """GeoBind's own shard keys (the README's shard format): one member per registered modality."""
     members = {}
     for m in modalities():
         spec = get_modality(m)

@@ -60,3 +60,8 @@ __all__ = [
     "sniff_file",
     "write_embeddings",
 ]
+
+
+def __dir__() -> list[str]:
+    # The lazily imported names too, so that tab completion offers them.
+    return sorted(set(globals()) | set(__all__))

@@ -38,7 +38,7 @@ CAPTION_COLUMNS = ("caption", "description", "title")
 IMAGE_MODALITIES = ("satellite", "ground")
 
 
-@dataclass
+@dataclass(repr=False)
 class Embeddings:
     """Embeddings of one modality read back from Parquet (or built in memory)."""
 
@@ -60,6 +60,13 @@ class Embeddings:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __repr__(self) -> str:
+        # A summary: every id and thumbnail would make megabytes of text in a notebook.
+        extras = [name for name in ("captions", "items", "thumbnails") if getattr(self, name) is not None]
+        return (f"Embeddings(n={len(self)}, dim={self.dim if self.vectors.ndim == 2 else '?'}, "
+                f"modality={self.header.get('modality')!r}, dtype={self.vectors.dtype}, "
+                f"with={'+'.join(extras) or 'none'})")
 
     @property
     def dim(self) -> int:

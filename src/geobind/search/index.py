@@ -156,6 +156,10 @@ class Index:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __repr__(self) -> str:
+        return (f"Index({self.name!r}, kind={self.kind!r}, modality={self.modality!r}, n={len(self)}, "
+                f"dim={self.dim})")
+
     @property
     def kind(self) -> str:
         """The index kind: ``"exact"``, ``"hnsw"`` or ``"ivfpq"``."""
@@ -417,9 +421,9 @@ class Index:
             q = q[None]
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have {q.shape[1]} dims but index {self.name} has {self.dim}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a whole number of 1 or more, not {k!r}")
         k = int(k)
-        if k < 1:
-            raise ValueError("k must be at least 1")
         k = min(k, len(self))  # more would only pad with nothing found
         if exact or self.kind == "exact":
             s, i = exact_topk(self._exact_source(), q, k)

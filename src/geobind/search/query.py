@@ -86,17 +86,19 @@ class Query:
                         continue
                     kind = sniff_file(v)
                     if kind != expect:
-                        flag = "--audio" if kind == "audio" else "--image or --satellite"
+                        flag = ("audio= (--audio)" if kind == "audio"
+                                else "image= or satellite= (--image or --satellite)")
                         raise ValueError(
-                            f"query file {v} is {kind}, not {expect}; pass it with {flag}"
+                            f"query file {v} is {kind}, not {expect}; pass it as {flag}"
                         )
 
 
 def _as_list(value: Any) -> list[Any]:
     if isinstance(value, (str, Path, bytes, bytearray)):  # one file's bytes, not a list of numbers
         return [value]
-    if isinstance(value, tuple) and len(value) == 2 and not isinstance(value[0], (str, Path)):
-        return [value]  # one (waveform, sample_rate) pair
+    if (isinstance(value, tuple) and len(value) == 2 and not isinstance(value[1], bool)
+            and isinstance(value[1], (int, float, np.integer, np.floating))):
+        return [value]  # one (waveform, sample_rate) pair; a tuple of two items is two items
     if isinstance(value, np.ndarray) and value.ndim != 1:
         return [value]
     if isinstance(value, Sequence):
