@@ -4,9 +4,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# On machines without CUDA the CPU wheel is installed. GPU users: install your own CUDA
-# build of torch into .venv first (see README); it is kept.
+# torch==2.13.0 is installed when .venv has no torch; GPU users install their own CUDA build
+# of torch into .venv first (see README), and it is kept. TORCH_INDEX picks the wheel index:
+# PyPI's Linux torch is a CUDA build, so on a machine without a GPU and with PyPI as the index
+# use TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS ?= test,world
 DEMO_ARGS ?=
 
@@ -16,15 +19,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# One stamp per set of extras: `make install EXTRAS=serve` installs what it names.
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(STAMP): $(BIN)/python pyproject.toml
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "installing $(TORCH_SPEC)"; \
-		$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"; \
+		$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
 	fi
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	@touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 demo: install
 	$(BIN)/geobind demo $(DEMO_ARGS)
@@ -36,4 +43,4 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

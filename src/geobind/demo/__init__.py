@@ -168,7 +168,8 @@ def prepare_out(out: Path, force: bool) -> None:
     ``force`` only an earlier demo's folder is deleted, never a folder of other files."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; --out names a folder for the demo's outputs")
-    if out.exists() and any(out.iterdir()):
+    # A folder holding only the mark is a start that failed before it wrote anything.
+    if out.exists() and any(p.name != DEMO_FOLDER_MARK for p in out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it, or choose --out")
         config = out / "config.yaml"
@@ -200,11 +201,13 @@ def run_demo(
     from geobind.config import load_config
     from geobind.data.manifest import read_dataset
     from geobind.data.world import build_world
+    from geobind.data.world.geodata import check_world_data
     from geobind.demo.anchor import pretrain_clip
     from geobind.demo.report import evaluate_demo, write_markdown
 
     out = Path(out)
     p = PRESETS[preset or ("quick" if quick else "full")]
+    check_world_data()  # before the output folder is made: a failed start leaves nothing behind
     prepare_out(out, force)
     log = log or (lambda *_: None)
     log(NOTICE)

