@@ -279,3 +279,27 @@ def test_tiny_tokenizer_vocabulary_is_refused(tmp_path):
     train_tokenizer(["a b c"], vocab_size=10, out_dir=tmp_path / "tok")
     with pytest.raises(ValueError, match="implausibly|only .* tokens"):
         build_anchor({"config": TINY_CLIP, "tokenizer": str(tmp_path / "tok")})
+
+
+def test_a_point_map_from_python_writes_the_files_named_without_rasterio(tiny_data, tmp_path, monkeypatch):
+    """``model.map(embeddings=<index folder>, png=..., csv=...)`` writes those two, and needs no
+    rasterio for it (the GeoTIFF does: asking for one without it says which extra)."""
+    from geobind.search import maps
+    from geobind.search.embed import embed_dataset
+    from geobind.search.index import build_index
+
+    model = build_space(tiny_data)
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "sat.parquet", log=None)
+    build_index(tmp_path / "sat.parquet", tmp_path / "sat.index", "exact", log=None)
+
+    def no_rasterio():
+        raise ImportError("raster maps and GeoTIFF output need rasterio: pip install 'geobind[geo]'")
+
+    monkeypatch.setattr(maps, "import_rasterio", no_rasterio)
+    res = model.map(text="a forest", embeddings=tmp_path / "sat.index", png=tmp_path / "m.png",
+                    csv=tmp_path / "m.csv")
+    assert sorted(p.name for p in tmp_path.glob("m.*")) == ["m.csv", "m.png"] and set(res.paths) == {"png", "csv"}
+    with pytest.raises(ImportError, match=r"geobind\[geo\]"):
+        model.map(text="a forest", embeddings=str(tmp_path / "sat.index"), out=tmp_path / "g.tif")
+    with pytest.raises(FileExistsError):
+        model.map(text="a forest", embeddings=tmp_path / "sat.index", png=tmp_path / "m.png")

@@ -427,11 +427,14 @@ class GeoBind(nn.Module):
         ``embeddings`` (a ``geobind embed`` Parquet path, an :class:`~geobind.search.Embeddings`
         or an :class:`~geobind.search.Index`, built with this model).
 
+        ``embeddings`` may also be an index folder.
+
         Scores are cosine similarities; with ``prompts`` (texts), the softmax probability of the
         query over ``[query, *prompts]`` at logit ``scale`` (default: the model's learned scale,
         else 100). Returns a :class:`geobind.search.MapResult`; with ``out`` (``map.tif``) it
-        also writes the GeoTIFF and, unless given otherwise, ``map.png`` and ``map.csv``
-        (atomic; no overwrite without ``force``). See :mod:`geobind.search.maps`.
+        also writes the GeoTIFF and, unless given otherwise, ``map.png`` and ``map.csv``; without
+        ``out``, the ``png`` and ``csv`` given (a point map then needs no rasterio). All writes
+        are atomic, with no overwrite without ``force``. See :mod:`geobind.search.maps`.
 
         >>> result = model.map(text="a forest", raster="region.tif", tile_size=224, out="forest.tif")  # doctest: +SKIP
         """
@@ -446,7 +449,14 @@ class GeoBind(nn.Module):
         paths: dict[str, Path | None] = {}
         if out is not None:
             paths = maps.output_paths(out, png, csv)
+        elif png is not None or csv is not None:
+            paths = {"tif": None, "png": Path(png) if png else None, "csv": Path(csv) if csv else None}
+            if png and csv and paths["png"].resolve() == paths["csv"].resolve():
+                raise ValueError(f"png and csv name the same file, {png}")
+        if paths:
             check_writable(*paths.values(), force=force)
+        if isinstance(embeddings, (str, Path)) and Path(embeddings).is_dir():
+            embeddings = Index.load(embeddings)  # an index folder
         if scale is not None and not scale > 0:
             raise ValueError(f"scale={scale}: the softmax logit scale is a positive number (the model's "
                              "learned one when not given)")
@@ -471,7 +481,7 @@ class GeoBind(nn.Module):
                 vec, lat, lon, ids = emb.vectors, emb.lat, emb.lon, emb.ids
             result = maps.map_points(vec, lat, lon, ids, qvec, resolution=resolution, prompts=pvec, scale=scale,
                                      label=q.label)
-        if out is not None:
+        if paths:
             result.write(paths["tif"], png=paths["png"], csv=paths["csv"], force=force)
         return result
 
