@@ -178,6 +178,12 @@ def test_clear_errors(tiny_data, tmp_path, monkeypatch):
         GeoBind.from_pretrained(tmp_path / "run" / "model" / "geobind.json")
     with pytest.raises(FileNotFoundError, match=f"the model is in {tmp_path / 'run' / 'model'}"):
         GeoBind.from_pretrained(tmp_path / "run")
+    # A save stopped between moving the old model aside and moving the new one in.
+    (tmp_path / "run" / "model").rename(tmp_path / "run" / ".model.old.x1y2")
+    with pytest.raises(FileNotFoundError, match=r"a save into it was interrupted, and the model it replaced is at "
+                                                r".*\.model\.old\.x1y2: rename that folder back"):
+        GeoBind.from_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "run" / ".model.old.x1y2").rename(tmp_path / "run" / "model")
     small = GeoBind(16)
     with pytest.raises(ValueError, match="returns 32-d vectors but the space has 16"):
         small.add_encoder("satellite", model.encoder("satellite"))

@@ -295,6 +295,12 @@ class GeoBind(nn.Module):
         A local directory never touches the network."""
         path = Path(name_or_path).expanduser()
         if not path.exists():
+            # save_pretrained stopped between moving the old model aside and the new one in.
+            aside = sorted(p for p in path.parent.glob(f".{path.name}.old.*") if (p / MODEL_FILE).is_file())
+            if aside:
+                raise FileNotFoundError(f"model directory {name_or_path} does not exist; a save into it was "
+                                        f"interrupted, and the model it replaced is at {aside[-1]}: rename that "
+                                        "folder back, or save the model again")
             if names_local_path(name_or_path) or str(name_or_path).count("/") != 1:
                 raise FileNotFoundError(f"model directory {name_or_path} does not exist")
             from huggingface_hub import snapshot_download
