@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
+import pytest
 import torch
 
 
@@ -21,3 +23,22 @@ def rank_env(rank: int, port: int, world: int, **extra: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), **extra)
     torch.set_num_threads(1)
+
+
+def spawn_with_deadline(fn, args, nprocs: int, seconds: float) -> None:
+    """``mp.spawn(fn, args, nprocs)`` that fails (killing the ranks) when they have not all
+    ended in ``seconds``: a deadlock (e.g. ranks that disagree on a collective) fails the test
+    instead of hanging it. A rank's exception is raised here as ``mp.spawn`` raises it."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            for p in ctx.processes:
+                p.join(5)
+            pytest.fail(f"ranks {alive} did not end within {seconds:.0f} s (deadlock)")

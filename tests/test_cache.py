@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_helpers import free_port, rank_env
+from dist_helpers import free_port, rank_env, spawn_with_deadline
 from PIL import Image
 from test_model import build_space
 
@@ -50,6 +50,15 @@ def test_cache_is_reused_and_invalidated(tiny_data, tmp_path):
     assert not info5["hit"]
     assert len(list(cache.glob("*.safetensors"))) == 4
 
+    # Changed preprocessing (a setting encoder.settings() reports) with the same weights gives
+    # a new key: the same photos give other inputs, hence other embeddings.
+    before = ground.settings()
+    ground.transform.mean = (0.5, 0.5, 0.5)
+    assert ground.settings() != before
+    e6, _, info6 = cached_embeddings(ground, read_dataset(data / "stage1.csv"), "ground", cache)
+    assert not info6["hit"] and info6["path"] != info5["path"]
+    assert len(list(cache.glob("*.safetensors"))) == 5
+
 
 def test_bad_rows_are_marked_invalid_and_counted(tiny_data, tmp_path):
     import shutil
@@ -60,11 +69,12 @@ def test_bad_rows_are_marked_invalid_and_counted(tiny_data, tmp_path):
     (data / "ground" / "0001.png").write_bytes(b"")
     (data / "ground" / "0002.png").write_bytes(b"not a png at all")
     (data / "ground" / "0003.png").unlink()
+    (data / "ground" / "0005.png").unlink()  # a reason met twice is counted twice
     model = build_space(tiny_data)
     emb, valid, info = cached_embeddings(model.encoder("ground"), table, "ground", tmp_path / "c")
-    assert valid.tolist()[:5] == [True, False, False, False, True]
-    assert info["bad"] == {"empty": 1, "undecodable": 1, "missing": 1}
-    assert torch.all(emb[1:4] == 0)
+    assert valid.tolist()[:7] == [True, False, False, False, True, False, True]
+    assert info["bad"] == {"empty": 1, "undecodable": 1, "missing": 2}
+    assert torch.all(emb[[1, 2, 3, 5]] == 0) and valid.sum() == len(table) - 4
 
 
 def _mapped_from(t: torch.Tensor, path) -> bool:
@@ -241,7 +251,6 @@ def _cache_worker(r: int, port: int, tiny_data, cases, root) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, monkeypatch):
-    import torch.multiprocessing as mp
     from layout_fixtures import make_bad_shards
 
     monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
@@ -271,7 +280,7 @@ def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, mon
     finally:
         torch.set_num_threads(threads)
 
-    mp.spawn(_cache_worker, args=(free_port(), tiny_data, cases, tmp_path), nprocs=WORLD, join=True)
+    spawn_with_deadline(_cache_worker, (free_port(), tiny_data, cases, tmp_path), WORLD, seconds=300)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     for name in cases:

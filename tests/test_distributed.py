@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_helpers import free_port, rank_env
+from dist_helpers import free_port, rank_env, spawn_with_deadline
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -121,9 +121,8 @@ def _worker(r: int, port: int) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_gathered_loss_equals_global_single_process():
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
+    # A deadline: ranks that disagree on a collective would otherwise wait for each other forever.
+    spawn_with_deadline(_worker, (free_port(),), WORLD, seconds=180)
 
 
 def test_helpers_single_process(monkeypatch):
@@ -174,9 +173,7 @@ def _blocks_worker(r: int, port: int) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_all_gather_blocks_fills_every_rank():
-    import torch.multiprocessing as mp
-
-    mp.spawn(_blocks_worker, args=(free_port(),), nprocs=WORLD, join=True)
+    spawn_with_deadline(_blocks_worker, (free_port(),), WORLD, seconds=180)
 
 
 def test_block_helpers_single_process(monkeypatch):

@@ -117,6 +117,45 @@ def test_resume_after_interruption_embeds_only_missing_chunks(
     assert a.ids == b.ids and np.array_equal(a.vectors, b.vectors)
 
 
+def test_a_part_interrupted_while_written_is_not_taken_as_done(model, tiny_data, tmp_path, monkeypatch):
+    """Parts are written under a temporary name and renamed: a Ctrl-C after the Parquet writer
+    has put some bytes on disk for chunk 2 leaves no chunk-2 part (which a resume would take as
+    embedded), and the rerun embeds chunk 2 and gives the uninterrupted output."""
+    out = tmp_path / "sat.parquet"
+    real_write_table = pq.write_table
+
+    def torn(table, where, *args, **kw):
+        if "chunk-0000002" in str(where):
+            with open(where, "wb") as f:
+                f.write(b"PAR1 a partly written part")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of writing the third chunk
+        return real_write_table(table, where, *args, **kw)
+
+    monkeypatch.setattr(pq, "write_table", torn)
+    with pytest.raises(KeyboardInterrupt):
+        embed_dataset(model, tiny_data["test"], "satellite", out, chunk_rows=3, log=None)
+    monkeypatch.setattr(pq, "write_table", real_write_table)
+    parts = tmp_path / "sat.parquet.parts"
+    assert sorted(p.name for p in parts.glob("chunk-*.parquet")) == [
+        "chunk-0000000.parquet",
+        "chunk-0000001.parquet",
+    ]
+    asked = []
+    real_chunks = embed_mod._embed_chunks
+
+    def spy(encoder, data, modality, chunks, *args, **kw):
+        asked.extend(chunks)
+        return real_chunks(encoder, data, modality, chunks, *args, **kw)
+
+    monkeypatch.setattr(embed_mod, "_embed_chunks", spy)
+    embed_dataset(model, tiny_data["test"], "satellite", out, chunk_rows=3, log=None)
+    assert asked == [(2, 6, 9), (3, 9, 12)]
+    monkeypatch.setattr(embed_mod, "_embed_chunks", real_chunks)
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "ref.parquet", chunk_rows=3, log=None)
+    a, b = read_embeddings(out), read_embeddings(tmp_path / "ref.parquet")
+    assert a.ids == b.ids and np.array_equal(a.vectors, b.vectors)
+
+
 @pytest.mark.parametrize("source", ["manifest", "shards"])
 def test_one_loader_serves_every_chunk(model, tiny_data, tmp_path, monkeypatch, source):
     """The loader (and its workers) starts once for all chunks, so a GPU is not left idle while

@@ -107,6 +107,14 @@ def test_raster_map_georeferencing_and_values(model, tmp_path, stride):
     assert list(table.columns[:4]) == ["row", "col", "lat", "lon"] and len(table) == expect.size
     # tile centres in lat/lon: UTM 33N near 500 km easting is close to 15 E, ~42 N
     assert table["lon"].between(14.9, 15.1).all() and table["lat"].between(41.9, 42.1).all()
+    # x, y: the centre of tile (row, col) in the raster's CRS, which is also its cell's centre
+    px = table["col"].to_numpy() * stride + 16  # tile centre, pixels
+    py = table["row"].to_numpy() * stride + 16
+    np.testing.assert_allclose(table["x"], t.c + t.a * px, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(table["y"], t.f + t.e * py, rtol=0, atol=1e-6)
+    g = result.transform
+    np.testing.assert_allclose(table["x"], g.c + g.a * (table["col"].to_numpy() + 0.5), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(table["y"], g.f + g.e * (table["row"].to_numpy() + 0.5), rtol=0, atol=1e-6)
     np.testing.assert_allclose(table["score"].to_numpy(), expect.reshape(-1), atol=1e-5)
     png = (tmp_path / "forest.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -200,6 +208,13 @@ def test_point_map_grid_of_places_and_softmax():
     res = map_points(v, lat, lon, [str(i) for i in range(lat.size)], q)
     assert res.values.shape == (11, 11) and np.isfinite(res.values).all()
     np.testing.assert_allclose(np.sort(res.values.ravel()), np.sort(v @ q), atol=1e-6)
+    # Each place sits at its cell's centre: the grid starts half a cell west of the westmost
+    # place and half a cell north of the northmost one.
+    assert res.transform == Affine(2.0, 0.0, -1.0, 0.0, -2.0, 11.0)
+    for i in range(lat.size):
+        r, c = rasterio.transform.rowcol(res.transform, lon[i], lat[i])
+        assert (-1.0 + 2.0 * (c + 0.5), 11.0 - 2.0 * (r + 0.5)) == pytest.approx((lon[i], lat[i]))
+        assert res.values[r, c] == pytest.approx(float(v[i] @ q), abs=1e-6)
     sm = map_points(v, lat, lon, [str(i) for i in range(lat.size)], q, prompts=p, scale=100.0)
     logits = 100.0 * v @ np.vstack([q, p]).T
     expect = np.exp(logits - logits.max(1, keepdims=True))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from geobind.encoders.mel import ClapMelFrontEnd, crop, fit_clip, repeat_pad
+from geobind.encoders.mel import ClapMelFrontEnd, crop, crop_start, fit_clip, repeat_pad
 
 ClapFeatureExtractor = pytest.importorskip("transformers").ClapFeatureExtractor
 
@@ -151,6 +151,18 @@ def test_crop_and_fit_clip():
     assert fit_clip(wave, 10, train=False).tolist() == list(range(10))
     assert fit_clip(wave, 250).shape == (250,)
     assert fit_clip(wave, 100, train=True) is wave
+
+
+def test_a_random_crop_can_start_at_the_last_possible_sample():
+    """A clip one sample longer than the window has two windows; random crops draw both (the
+    end of ``randint`` is exclusive), and the last one ends at the clip's last sample."""
+    gen = torch.Generator().manual_seed(0)
+    starts = {crop_start(11, 10, random=True, generator=gen) for _ in range(200)}
+    assert starts == {0, 1}
+    assert crop_start(11, 10) == 0
+    wave = torch.arange(11.0)
+    firsts = {int(crop(wave, 10, random=True, generator=gen)[0]) for _ in range(200)}
+    assert firsts == {0, 1}
 
 
 def test_rejects_bad_settings():

@@ -121,3 +121,18 @@ def test_ks_must_be_whole_numbers_from_one(ks):
     with pytest.raises(ValueError, match="each k is a whole number >= 1"):
         retrieval_metrics(x, x, ks=ks)
     assert set(retrieval_metrics(x, x, ks=(1, 2.0, np.int64(3)))) >= {"R@1", "R@2", "R@3"}
+
+
+def test_median_rank_of_an_even_count_is_the_mean_of_the_two_middle_ranks():
+    """Ranks 1, 2, 3 and 10 give median_rank 2.5, not the lower (2) or upper (3) middle rank.
+    The gallery is the identity, so each query row holds its similarities to the 10 items."""
+    g = torch.eye(10)
+    q = torch.zeros(4, 10)
+    q[0, 0] = 1.0  # alone on top: rank 1
+    q[1, 1], q[1, 5] = 0.5, 0.9  # one item ahead: rank 2
+    q[2, 2], q[2, [6, 7]] = 0.5, 0.9  # two ahead: rank 3
+    q[3, 3], q[3, [0, 1, 2, 4, 5, 6, 7, 8, 9]] = 0.1, 0.9  # all nine others ahead: rank 10
+    assert retrieval_ranks(q, g).tolist() == [1, 2, 3, 10]
+    m = retrieval_metrics(q, g, ks=(1, 3))
+    assert m["median_rank"] == 2.5 and m["mean_rank"] == 4.0
+    assert (m["R@1"], m["R@3"]) == (0.25, 0.75)

@@ -144,3 +144,37 @@ def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path, monkeypatch):
     assert all(Path(p).is_file() for p in part.columns["satellite"])
     with pytest.raises(SystemExit):  # split reads only what it can write back
         main(["data", "split", str(csv), "--layout", "geotiff"])
+
+
+def _one_big_cell():
+    """1000 places: 600 in one 1-degree cell, the other 400 in 40 cells of 10."""
+    lat = np.concatenate([np.full(600, 0.5), np.repeat(10.5 + np.arange(40), 10)])
+    lon = np.concatenate([np.full(600, 0.5), np.full(400, 20.5)])
+    return lat, lon
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_cell_larger_than_a_share_is_never_held_out(seed):
+    """A cell is dealt to a held-out split only when it brings that split closer to its share:
+    the cell of 60% of the places stays in train whatever the shuffle, and test and val get their
+    10% each from the small cells."""
+    lat, lon = _one_big_cell()
+    labels = spatial_split(lat, lon, cell_deg=1.0, val=0.1, test=0.1, seed=seed)
+    assert (labels[:600] == "train").all()
+    share = pd.Series(labels).value_counts(normalize=True)
+    assert share["test"] == pytest.approx(0.1, abs=0.01) and share["val"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_coordinates_out_of_range_are_invalid():
+    """Latitudes beyond +-90 and longitudes beyond +-180 (as NaN) are set aside as ``invalid``
+    by both split methods, not clipped into an edge cell."""
+    lat, lon = _places(200)
+    lat, lon = lat.copy(), lon.copy()
+    lat[[3, 4]], lon[[5, 6]] = [95.0, -90.5], [200.0, -180.5]
+    lat[7] = np.nan
+    bad = [3, 4, 5, 6, 7]
+    for labels in (spatial_split(lat, lon, seed=0), random_split(200, seed=0, lat=lat, lon=lon)):
+        assert (labels[bad] == "invalid").all()
+        assert (np.delete(labels, bad) != "invalid").all()
+    edge = spatial_split(np.array([90.0, -90.0, 0.0]), np.array([180.0, -180.0, 0.0]), val=0, test=0)
+    assert edge.tolist() == ["train"] * 3  # the bounds themselves are valid

@@ -186,25 +186,6 @@ def _two_ranks_stop_on_rank_1(rank: int, port: int, d: dict, cache: str, out: st
         gbdist.cleanup()
 
 
-
-
-def _spawn_with_deadline(fn, args, nprocs: int, seconds: float) -> None:
-    """``mp.spawn`` that fails (killing the ranks) when they have not all ended in ``seconds``:
-    a deadlock fails the test instead of hanging it."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + seconds
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the ranks did not end within {seconds:.0f} s (deadlock)")
-
-
 @pytest.mark.slow
 def test_a_stop_on_one_rank_at_an_uneven_epoch_end_stops_both_with_one_checkpoint(tiny_data, tmp_path, monkeypatch):
     """2 ranks (gloo): the last batch of epoch 1 lacks a sample on rank 1, which alone is asked
@@ -212,7 +193,7 @@ def test_a_stop_on_one_rank_at_an_uneven_epoch_end_stops_both_with_one_checkpoin
     stop's checkpoint once, and resuming in one process reaches the uninterrupted run."""
     import shutil
 
-    from dist_helpers import free_port
+    from dist_helpers import free_port, spawn_with_deadline
 
     from geobind.binding.trainer import _EpochBatches
 
@@ -231,8 +212,8 @@ def test_a_stop_on_one_rank_at_an_uneven_epoch_end_stops_both_with_one_checkpoin
         return d
 
     single = train(parse_config(cfg(tmp_path / "single")), progress=False, log=None)
-    _spawn_with_deadline(_two_ranks_stop_on_rank_1,
-                         (free_port(), cfg(tmp_path / "two"), cache, str(tmp_path)), 2, seconds=120)
+    spawn_with_deadline(_two_ranks_stop_on_rank_1,
+                        (free_port(), cfg(tmp_path / "two"), cache, str(tmp_path)), 2, seconds=120)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["error"] and r1["error"]  # both stopped
     # Epoch 1 ends with its checkpoint; the stop adds none of the same state.

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -22,9 +23,16 @@ from geobind.modality import ModalitySpec, register_modality
 
 
 def test_anchor_is_bit_identical_after_a_training_step(tiny_data):
+    """The stage freezes its anchor at construction (no parameter requires grad, so none can
+    reach an optimiser built from the stage's parameters), keeps it in eval mode, and a
+    training step leaves it bit-identical while the trained tower moves."""
     model = build_space(tiny_data)
     ground, sat = model.encoder("ground"), model.encoder("satellite")
+    assert all(p.requires_grad for p in ground.parameters())
     stage = BindingStage(sat, ground, symmetric=False)
+    assert not any(p.requires_grad for p in ground.parameters())
+    assert not any(p.requires_grad for _, p in stage.anchor.named_parameters())
+    assert all(p.requires_grad for p in sat.parameters())
     stage.train()
     assert not ground.training and sat.training
     before = {k: v.clone() for k, v in ground.state_dict().items()}
@@ -252,6 +260,22 @@ def test_cli_two_stage_train_and_eval(tiny_data, tmp_path, capsys):
     assert "nothing to rank (unusable rows: satellite 12 (missing 12))" in capsys.readouterr().err
 
 
+def test_lr_schedule_warms_up_linearly_to_the_peak_then_decays_by_cosine_to_the_floor():
+    """``lr_lambda(total, warmup, floor)``: step s < warmup gives (s + 1) / warmup, so the first
+    step already trains and the last warmup step reaches the peak; then a cosine from 1 at step
+    ``warmup`` to ``floor`` at step ``total``, and ``floor`` after it. Values worked out by hand."""
+    from geobind.binding.trainer import lr_lambda
+
+    f = lr_lambda(10, 4, 0.1)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(4) == pytest.approx(1.0)  # the peak, where the cosine starts
+    assert f(7) == pytest.approx(0.55)  # half-way: floor + (1 - floor) / 2
+    assert f(5) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 6)))
+    assert f(10) == pytest.approx(0.1) and f(25) == pytest.approx(0.1)
+    g = lr_lambda(5, 0, 0.0)  # no warmup: the peak at once, zero at the end
+    assert [g(s) for s in (0, 1, 5)] == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 5)), 0.0])
+
+
 def test_metrics_csv_appends_and_grows_columns(tmp_path):
     import csv
 
@@ -377,8 +401,7 @@ def _two_rank_train(rank: int, port: int, d: dict, cache: str, own_output: bool 
 def test_two_ranks_skip_a_bad_sample_once_and_train_on_every_other_sample(tiny_data, tmp_path, monkeypatch):
     """A tile that cannot be decoded on one rank costs that one sample only (the other rank
     keeps its full batch), is counted once, and two ranks end with the single process's weights."""
-    import torch.multiprocessing as mp
-    from dist_helpers import free_port
+    from dist_helpers import free_port, spawn_with_deadline
 
     monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "geobind-cache"))
     d = one_epoch_with_a_broken_tile(tiny_data, tmp_path)
@@ -387,15 +410,15 @@ def test_two_ranks_skip_a_bad_sample_once_and_train_on_every_other_sample(tiny_d
     d["stages"][0]["optim"]["val_every"] = 2
     single = train(parse_config(d), progress=False, log=None)
     two = {**d, "output_dir": str(tmp_path / "two")}
-    mp.spawn(_two_rank_train, args=(free_port(), two, str(tmp_path / "geobind-cache")), nprocs=2, join=True)
+    spawn_with_deadline(_two_rank_train, (free_port(), two, str(tmp_path / "geobind-cache")), 2, seconds=300)
     vals = {}
     for out in (tmp_path / "run", tmp_path / "two"):
         with open(out / "stages" / "01-satellite" / "metrics.csv") as f:
             vals[out.name] = [(r["step"], float(r["val_n"])) for r in csv.DictReader(f) if r.get("val_n")]
     assert vals["run"] == vals["two"] and [step for step, _ in vals["two"]] == ["2", "4"]
     # Two machines that do not share output_dir: refused on both ranks, before anything trains.
-    mp.spawn(_two_rank_train, args=(free_port(), {**d, "output_dir": str(tmp_path / "own")},
-                                    str(tmp_path / "geobind-cache"), True), nprocs=2, join=True)
+    spawn_with_deadline(_two_rank_train, (free_port(), {**d, "output_dir": str(tmp_path / "own")},
+                                          str(tmp_path / "geobind-cache"), True), 2, seconds=300)
     for r in (0, 1):
         msg = (tmp_path / f"own-rank{r}.error").read_text()
         assert "rank 1 cannot see the files rank 0 writes there" in msg and "shares" in msg, msg
