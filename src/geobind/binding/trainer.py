@@ -1004,6 +1004,7 @@ class Trainer:
         bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
         stage.train()
         last_loss, last_loss_t = float("nan"), None
+        stand_in = None  # this rank's last batch (several ranks): run when a step leaves it none
         hinted = False  # the data-wait hint is given once per stage
         profiler = None
         if self.profile is not None:
@@ -1028,7 +1029,11 @@ class Trainer:
                     window["data"] += t0 - t_data
                     loop["data"] += t0 - t_data
                     n = len(idx)
-                    n_step, fewest, errors, stopping = self._agree_on_batch(n, bad_items, stop.requested)
+                    # A rank left with no good sample can still take part in the step (see below)
+                    # when it has an earlier batch to stand in and the anchors are cached.
+                    can_stand_in = n > 0 or (stand_in is not None and anchor_emb is not None)
+                    n_step, fewest, errors, stopping, stand_ins = self._agree_on_batch(
+                        n, bad_items, stop.requested, can_stand_in)
                     if stopping:  # before this batch counts: a resumed run loads it again
                         raise _AgreedStop
                     for e in errors:
@@ -1037,17 +1042,27 @@ class Trainer:
                         bad[e.reason] += 1
                         self._say(f"skipping bad sample {e}")
                     # Ranks may train on different numbers of samples after skips (the loss
-                    # gathers uneven batches), but a rank left with none has nothing to run:
-                    # then every rank skips the step together.
-                    if fewest < 1:
+                    # gathers uneven batches). A rank left with none runs its last batch as a
+                    # stand-in, in eval mode (batch norm statistics untouched) and with none of
+                    # its rows counted: it adds nothing to the loss and a zero gradient, and the
+                    # others train on their samples, as one process would. Where a rank cannot
+                    # (its first step of this session, or anchors that are not cached), every
+                    # rank skips the step together.
+                    if n_step < 1 or (fewest < 1 and not stand_ins):
                         step_in_epoch += 1
                         t_data = time.perf_counter()
                         continue
                     n_pad = None
-                    if o.compile and n < per_rank:
+                    standing_in = n == 0
+                    if standing_in:
+                        inputs, n_pad, idx = stand_in, 0, idx.new_zeros(0)
+                        stage.encoder.eval()
+                    elif o.compile and n < per_rank:
                         # A compiled encoder keeps its one graph: the batch is padded back to
                         # its full size and the stage drops the padding after the encoder.
                         inputs, n_pad = pad_batch(inputs, per_rank), n
+                    if self.dist.distributed and not standing_in:
+                        stand_in = inputs
                     keys = idx.to(dev, non_blocking=True)
                     a_emb = None
                     if anchor_emb is not None:
@@ -1066,6 +1081,9 @@ class Trainer:
                         raise TrainingOutOfMemory(_out_of_memory_message(
                             scfg.name, step + 1, per_rank, o.batch_size, world, dev, o.precision, o.compile,
                             o.grad_checkpointing, ckpt_path)) from e
+                    finally:
+                        if standing_in:
+                            stage.encoder.train()
                     samples += n_step
                     step += 1
                     if profiler is not None:
@@ -1222,21 +1240,23 @@ class Trainer:
             return requested
         return any(r[0] for r in gbdist.all_gather_ints([int(requested)]))
 
-    def _agree_on_batch(self, n: int, bad_items: list[BadSampleError],
-                        stop: bool = False) -> tuple[int, int, list[BadSampleError], bool]:
+    def _agree_on_batch(self, n: int, bad_items: list[BadSampleError], stop: bool = False,
+                        can_stand_in: bool = True) -> tuple[int, int, list[BadSampleError], bool, bool]:
         """``(samples over all ranks, fewest on one rank, every rank's skipped samples, whether
-        any rank asked to stop)`` for this step, the same on every rank: skips are counted once
-        for the whole run and checkpointed alike by every rank, and a stop is made by all
-        together. One small host-side exchange per step (two when a rank skipped something)."""
+        any rank asked to stop, whether every rank can take part)`` for this step, the same on
+        every rank: skips are counted once for the whole run and checkpointed alike by every
+        rank, and a stop is made by all together. One small host-side exchange per step (two
+        when a rank skipped something)."""
         if not self.dist.distributed:
-            return n, n, list(bad_items), stop
-        counts = gbdist.all_gather_ints([n, len(bad_items), int(stop)])
+            return n, n, list(bad_items), stop, n > 0
+        counts = gbdist.all_gather_ints([n, len(bad_items), int(stop), int(can_stand_in)])
         if any(c[2] for c in counts):
-            return 0, 0, [], True
+            return 0, 0, [], True, False
         errors = list(bad_items)
         if any(c[1] for c in counts):
             errors = [e for errs in gbdist.all_gather_object(list(bad_items)) for e in errs]
-        return sum(c[0] for c in counts), min(c[0] for c in counts), errors, False
+        return (sum(c[0] for c in counts), min(c[0] for c in counts), errors, False,
+                all(c[3] for c in counts))
 
     def _anchor_cache(self, anchor, table, scfg, workers: int):
         # Collective: every rank embeds its share of the rows and all end with the full float16
