@@ -25,7 +25,7 @@ ALLOWED_SKIPS = ("needs CUDA", "no Chromium at")
 
 
 def _strict_skip(report) -> None:
-    if os.environ.get("GEOBIND_STRICT_SKIPS") != "1" or not report.skipped:
+    if os.environ.get("GEOBIND_STRICT_SKIPS") != "1" or not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
     if not any(ok in reason for ok in ALLOWED_SKIPS):

@@ -399,6 +399,7 @@ def test_serve_cli_on_all_addresses_says_anyone_can_reach_it(served, monkeypatch
     assert "no login" in capsys.readouterr().out
     assert TestClient(calls["app"], base_url="http://203.0.113.7").get("/api/health").status_code == 200
     assert loopback_hosts("0.0.0.0") is None and loopback_hosts("192.0.2.1") is None
+    assert "localhost" in loopback_hosts("LOCALHOST")
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         assert {"127.0.0.1", "localhost", "::1", host} <= set(loopback_hosts(host)), host
     app = create_app(served["model"], served["index"], allowed_hosts=loopback_hosts("::1"))

@@ -441,6 +441,27 @@ def test_two_ranks_skip_a_bad_sample_once_and_train_on_every_other_sample(tiny_d
     assert diff.mean() < 1e-7
 
 
+def test_a_validation_without_usable_rows_is_skipped_and_said(tiny_data, tmp_path):
+    """A validation set none of whose tiles decode: each validation says it was skipped (on
+    every rank alike: the check uses what every rank holds), and training goes on."""
+    import csv as csv_mod
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["root"], data)
+    with open(data / "test.csv") as f:
+        for row in csv_mod.DictReader(f):
+            (data / row["satellite"]).write_bytes(b"\x89PNG truncated")
+    d = tiny_config({**tiny_data, "stage1": data / "stage1.csv"}, tmp_path / "run", steps=4, audio=False)
+    d["eval"] = None
+    d["stages"][0]["data"]["val"] = str(data / "test.csv")
+    d["stages"][0]["optim"]["val_every"] = 2
+    said = []
+    train(parse_config(d), progress=False, log=said.append)
+    skipped = [s for s in said if "validation skipped: none of the" in s]
+    assert len(skipped) == 2 and "has a usable satellite and ground" in skipped[0]
+    assert (tmp_path / "run" / "model" / "geobind.json").is_file()
+
+
 @pytest.mark.slow
 def test_a_rank_left_without_samples_stands_in_and_two_ranks_match_one_process(tiny_data, tmp_path, monkeypatch):
     """One sample per rank, and rank 1's sample of step 4 cannot be decoded: rank 1 runs its
@@ -763,6 +784,16 @@ def test_a_diverged_loss_stops_the_run_and_batch_sizes_are_checked_before_traini
         train(parse_config(d), progress=False, log=None)
     ck = torch.load(tmp_path / "nan-later" / "stages" / "01-satellite" / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["stage"].values())
+    # fp16: the grad scaler skips a step whose loss is NaN, weights intact, and the run goes on.
+    calls.clear()
+    monkeypatch.setattr("geobind.binding.step.total_loss",
+                        lambda out: real(out) * (float("nan") if calls.append(1) or len(calls) == 2 else 1.0))
+    d = tiny_config(tiny_data, tmp_path / "fp16", steps=4, audio=False)
+    d["eval"] = None
+    d["stages"][0]["optim"].update(precision="fp16", log_every=2)
+    final = train(parse_config(d), progress=False, log=None)
+    weights = load_file(str(final / "satellite" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
     monkeypatch.undo()
     # A later stage's batch larger than its data (36 places): said before stage 1 trains.
     d = tiny_config(tiny_data, tmp_path / "big")

@@ -348,8 +348,10 @@ class GeoBind(nn.Module):
                 except (FileNotFoundError, ImportError):
                     raise
                 except Exception as e:  # a truncated weights file, say: name the part that failed
-                    raise OSError(f"{path}: the {name} encoder ({m['encoder']}, in {path / m['path']}) could "
-                                  f"not be loaded: {type(e).__name__}: {e}") from e
+                    where = f"{path}: the {name} encoder ({m['encoder']}, in {path / m['path']}) could not be loaded"
+                    if isinstance(e, ValueError):  # settings that do not fit the weights, say
+                        raise ValueError(f"{where}: {e}") from e
+                    raise OSError(f"{where}: {type(e).__name__}: {e}") from e
         meta = {k: v for k, v in cfg.items() if k not in ("modalities", "dim")}
         model = cls(cfg["dim"], encoders, meta)
         model.eval()

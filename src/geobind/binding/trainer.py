@@ -956,10 +956,18 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
 
         def check_finite():
+            if scaler is not None:
+                # fp16: a step whose loss or gradients overflow is skipped by the grad scaler,
+                # weights intact; the run has diverged only when the weights are not finite.
+                # (Each rank's weights are the same under DDP, so every rank agrees.)
+                norms = torch.stack([p.detach().float().norm() for p in runner.params])
+                nonfinite.copy_(~torch.isfinite(norms).all())
             if bool(nonfinite):  # the loss is the global batch's: every rank agrees
                 value = float(last_loss_t) if last_loss_t is not None else float("nan")
+                what = ("the weights became nan or inf" if scaler is not None else
+                        f"the loss became {value if not math.isfinite(value) else 'nan or inf'}")
                 raise TrainingDiverged(
-                    f"stage {scfg.name}: the loss became {value if not math.isfinite(value) else 'nan or inf'} "
+                    f"stage {scfg.name}: {what} "
                     f"by step {step}; the model was not saved, and neither was a checkpoint after it (an "
                     "earlier checkpoint, if any, stays). Lower optim.lr, check the data, or train in bf16 or "
                     "fp32 instead of fp16")
@@ -1043,8 +1051,8 @@ class Trainer:
                         self._say(f"skipping bad sample {e}")
                     # Ranks may train on different numbers of samples after skips (the loss
                     # gathers uneven batches). A rank left with none runs its last batch as a
-                    # stand-in, in eval mode (batch norm statistics untouched) and with none of
-                    # its rows counted: it adds nothing to the loss and a zero gradient, and the
+                    # stand-in, with none of its rows counted (and its batch norm statistics
+                    # put back): it adds nothing to the loss and a zero gradient, and the
                     # others train on their samples, as one process would. Where a rank cannot
                     # (its first step of this session, or anchors that are not cached), every
                     # rank skips the step together.
@@ -1056,7 +1064,10 @@ class Trainer:
                     standing_in = n == 0
                     if standing_in:
                         inputs, n_pad, idx = stand_in, 0, idx.new_zeros(0)
-                        stage.encoder.eval()
+                        # Training mode stays (a mode switch would compile a second graph, on
+                        # this rank alone, and turn off the audio encoder's checkpointing); the
+                        # buffers its forward updates (batch norm statistics) are put back.
+                        buffers = [(b, b.detach().clone()) for b in stage.encoder.buffers()]
                     elif o.compile and n < per_rank:
                         # A compiled encoder keeps its one graph: the batch is padded back to
                         # its full size and the stage drops the padding after the encoder.
@@ -1083,7 +1094,9 @@ class Trainer:
                             o.grad_checkpointing, ckpt_path)) from e
                     finally:
                         if standing_in:
-                            stage.encoder.train()
+                            with torch.no_grad():
+                                for b, kept in buffers:
+                                    b.copy_(kept)
                     samples += n_step
                     step += 1
                     if profiler is not None:
@@ -1276,10 +1289,13 @@ class Trainer:
         with eagerly(stage.encoder):
             emb, valid = embed_table_shared(stage.encoder, vt, scfg.train, batch_size=256)
         stage.train()
-        if not self.main:
+        keep = valid & v_valid  # the same on every rank, so every rank takes the same way out
+        if not self.main or not keep.any():
+            if not keep.any():
+                self._say(f"stage {scfg.name} step {step}: validation skipped: none of the {len(vt)} rows of "
+                          f"{vt.source} has a usable {scfg.train} and {scfg.bind_to}")
             self._last_val = ((scfg.name, step), None)  # every rank knows which validations ran
             return None
-        keep = valid & v_valid
         m = retrieval_metrics(emb[keep], v_anchor[keep])
         row = {"step": step, "epoch": epoch + 1, **{f"val_{k}": v for k, v in m.items()}}
         writer.row(row)

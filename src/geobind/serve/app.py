@@ -526,6 +526,7 @@ def loopback_hosts(host: str) -> list[str] | None:
     only (127.0.0.1, ::1, localhost): the loopback names; ``None`` (any) for other addresses."""
     import ipaddress
 
+    host = host.lower()
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -542,7 +543,8 @@ def _host_name(header: str) -> str:
 
 
 class HostCheck:
-    """ASGI middleware: a 400 for HTTP requests whose ``Host`` is not one of ``hosts``."""
+    """ASGI middleware: a 400 for HTTP requests whose ``Host`` is not one of ``hosts`` (a
+    request without one, which only HTTP/1.0 may send, included)."""
 
     def __init__(self, app, hosts: list[str]):
         self.app, self.hosts = app, {h.lower() for h in hosts}
