@@ -182,11 +182,11 @@ def test_page_docs_and_static_files_are_local(served):
     ):
         assert client.get(path).status_code == 200, path
     assert "https://" not in client.get("/static/app.js").text
-    assert client.get("/openapi.json").json()["paths"].keys() >= {
-        "/api/search",
-        "/api/map",
-        "/api/health",
-    }
+    paths = client.get("/openapi.json").json()["paths"]
+    assert paths.keys() >= {"/api/search", "/api/map", "/api/health"}
+    # The error statuses a query can get are documented, and a thumbnail is a JPEG.
+    assert {"400", "413", "415", "422"} <= paths["/api/search"]["post"]["responses"].keys()
+    assert "image/jpeg" in paths["/api/thumbnail/{item_id}"]["get"]["responses"]["200"]["content"]
     docs = client.get("/docs")
     assert docs.status_code == 200
     try:

@@ -436,7 +436,16 @@ def create_app(
         return run(ex.query_vector, text=text, upload=upload)
 
     # Plain ``def`` endpoints run in the thread pool: embedding never blocks the event loop.
-    @app.post("/api/search", summary="Top places for a text, audio or image query")
+    # The errors a query can get, each a JSON {"detail": message} (FastAPI's own 422 for a
+    # malformed field has a list of {loc, msg, type} there instead).
+    errors = {
+        400: {"description": "no text and no file, an empty file, or a form that does not parse"},
+        413: {"description": "the upload is over the limit, or an image over 40 megapixels"},
+        415: {"description": "not an image or audio file, the wrong kind for `modality`, or a JSON body"},
+        422: {"description": "a file that does not decode, text too long, a bad field value"},
+    }
+
+    @app.post("/api/search", summary="Top places for a text, audio or image query", responses=errors)
     def api_search(
         request: Request,
         text: str | None = Form(None, description="text query"),
@@ -456,7 +465,7 @@ def create_app(
             out["map"] = ex.heat_map(q, label)
         return out
 
-    @app.post("/api/map", summary="Heat-map overlay of a query over every indexed place")
+    @app.post("/api/map", summary="Heat-map overlay of a query over every indexed place", responses=errors)
     def api_map(
         request: Request,
         text: str | None = Form(None, description="text query"),
