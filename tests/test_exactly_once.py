@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from dist_helpers import free_port, rank_env
+from dist_helpers import free_port, rank_env, spawn_with_deadline
 from fixtures import sigint_during_step, tiny_config
 
 from geobind import distributed as gbdist
@@ -112,38 +109,10 @@ def _worker(rank: int, port: int, paths: dict, cache: str) -> None:
         gbdist.cleanup()
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux ``/proc``; none elsewhere)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-    return out
-
-
-def _spawn_or_fail(mp, args: tuple) -> None:
-    """Run :func:`_worker` on every rank; fail (not block) when they have not finished after
-    ``HANG_S`` seconds, killing the ranks and their loader workers."""
-    ctx = mp.spawn(_worker, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + HANG_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            alive = [r for r, p in enumerate(ctx.processes) if p.is_alive()]
-            for p in ctx.processes:
-                for pid in [*_children(p.pid), p.pid]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"ranks {alive} still running after {HANG_S} s: killed (a rank or loader worker hung)")
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_every_sample_once_per_epoch_over_ranks_and_workers_and_resume_on_other_ranks(
     tiny_data, tmp_path, monkeypatch
 ):
-    import torch.multiprocessing as mp
 
     cache = str(tmp_path / "geobind-cache")
     monkeypatch.setenv("GEOBIND_CACHE", cache)
@@ -169,7 +138,7 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers_and_resume_on_other_
         "results": str(tmp_path / "results.json"),
     }
     Path(paths["config"]).write_text(json.dumps(cfg))
-    _spawn_or_fail(mp, args=(free_port(), paths, cache))
+    spawn_with_deadline(_worker, (free_port(), paths, cache), WORLD, HANG_S)
     res = json.loads(Path(paths["results"]).read_text())
 
     everyone = list(range(36))  # 36 rows, batches of 12: nothing left over
