@@ -307,6 +307,16 @@ def test_errors_are_json_and_never_echo_the_request(served, monkeypatch):
     assert r.status_code == 500 and "ZeroDivisionError" in r.json()["detail"]
 
 
+def test_a_text_of_unknown_words_only_is_refused(served):
+    """With a word-level vocabulary, a text none of whose words it knows would embed like any
+    other such text: refused with a 422 that says so (the Python API raises the same)."""
+    r = served["client"].post("/api/search", data={"text": "日本の雪山"})
+    assert r.status_code == 422 and "none of the words of the query" in r.json()["detail"]
+    with pytest.raises(ValueError, match="are in the model's vocabulary"):
+        served["model"].search(served["index"], text="🏔🏔", k=3)
+    assert served["client"].post("/api/search", data={"text": "a forest 🏔"}).status_code == 200
+
+
 def test_a_json_body_is_told_to_send_form_fields(served):
     r = served["client"].post("/api/search", json={"text": "a forest"})
     assert r.status_code == 415 and "send form fields" in r.json()["detail"]

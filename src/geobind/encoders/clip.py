@@ -234,6 +234,16 @@ class ClipTextEncoder(_ClipShared, Encoder):
             raise BadSampleError("<text>", "not-text", f"a caption is a string, not {type(item).__name__}")
         return item
 
+    def known_words(self, text: str) -> bool:
+        """Whether ``text`` has a token the tokenizer knows: False when every one is its unknown
+        token (a word-level vocabulary meeting other characters or words), which would make
+        every such text the same vector. Byte-level tokenizers know every text."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return True
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return any(i != unk for i in ids)
+
     def collate(self, samples: list[str]) -> dict[str, torch.Tensor]:
         return dict(
             self.tokenizer(

@@ -144,6 +144,11 @@ def embed_query(model: GeoBind, query: Query, *, batch_size: int = 32) -> torch.
     query.check_files()
     total = torch.zeros(model.dim)
     for modality, values in query.items.items():
+        known = getattr(model.encoder(modality), "known_words", None)
+        for v in values if known is not None else ():
+            if isinstance(v, str) and v.strip() and not known(v):
+                raise ValueError(f"none of the words of the query {v!r} are in the model's vocabulary, so it "
+                                 "would match as every such text does: rephrase it")
         total += model.embed(modality, values, batch_size=batch_size).sum(dim=0)
     norm = total.norm()
     if not torch.isfinite(norm) or norm < 1e-6:
