@@ -133,10 +133,14 @@ def init_distributed(backend: str | None = None) -> DistInfo:
 
 
 def barrier() -> None:
-    """Wait for every rank; a no-op when not distributed."""
+    """Wait for every rank; a no-op when not distributed. On the host group where there is one
+    (gloo beside NCCL): the ranks wait for each other's host work (rank 0 writing a file,
+    say), which NCCL's watchdog would cut off after its shorter timeout."""
     if not is_distributed():
         return
-    if dist.get_backend() == "nccl":
+    if _HOST_GROUP is not None:
+        dist.barrier(group=_HOST_GROUP)
+    elif dist.get_backend() == "nccl":
         # Without device_ids NCCL guesses the device from the rank, which is wrong on
         # multi-node jobs.
         dist.barrier(device_ids=[torch.cuda.current_device()])
@@ -252,7 +256,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    # On the host (see _small_int_group): the others may wait here a while (rank 0 checking
+    # the datasets, merging parts), longer than NCCL's watchdog allows.
+    dist.broadcast_object_list(box, src=src, group=_small_int_group()[0])
     return box[0]
 
 

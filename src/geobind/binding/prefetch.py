@@ -104,7 +104,8 @@ def outputs_one_behind(
             out = out.to("cpu", non_blocking=True)
             if cuda:
                 ready = torch.cuda.Event()
-                ready.record()
+                # On the model's device's stream: the current device may be another GPU.
+                ready.record(torch.cuda.current_stream(device))
         if held is not None:
             yield _settled(held)
         held = (item, out, ready)

@@ -433,7 +433,9 @@ def _set_rng_state(st: dict) -> None:
     np.random.set_state(st["numpy"])
     torch.random.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        # As many as this machine shows: a checkpoint from a machine with more GPUs visible
+        # resumes too.
+        torch.cuda.set_rng_state_all(st["cuda"][: torch.cuda.device_count()])
 
 
 # Layouts whose dataset is a local file or folder (a registered layout may take other names).
@@ -645,7 +647,8 @@ class Trainer:
         self.profile = profile
         self.log = log
         self.out = Path(cfg.output_dir)
-        self.dist = gbdist.init_distributed()
+        # A run on the CPU under torchrun talks over gloo, also on a machine with GPUs.
+        self.dist = gbdist.init_distributed(backend="gloo" if str(cfg.device) == "cpu" else None)
         self.device = resolve_device(cfg.device, self.dist.device)
         self.main = self.dist.is_main
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
