@@ -100,8 +100,8 @@ def _out_of_memory_message(stage: str, step: int, per_rank: int, batch_size: int
         hints.append(f"spread the batch over the {torch.cuda.device_count()} GPUs with torchrun")
     msg += ". To fit: " + "; ".join(hints) + "."
     if checkpoint.is_file():
-        msg += (f" The checkpoint {checkpoint} is kept, but it resumes only this config: with another batch "
-                "size, train into a new output_dir.")
+        msg += (f" The checkpoint {checkpoint} is kept, but it resumes only this config: with any of these "
+                "changes, train into a new output_dir.")
     return msg
 
 
