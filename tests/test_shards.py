@@ -119,6 +119,9 @@ def test_pack_resumes_after_interruption_and_refuses_other_settings(
     with pytest.raises(KeyboardInterrupt):
         pack(tiny_data["stage1"], out, shard_size=8, image_size=16, progress=False, log=None)
     monkeypatch.setattr(pack_mod, "_write_shard", real)
+    # Unfinished, it is no dataset: reading it says so instead of giving 2 of its 5 shards.
+    with pytest.raises(ValueError, match=r"unfinished `geobind data pack` output \(2 shards written so far\)"):
+        read_dataset(out)
     said = []
     res = pack(
         tiny_data["stage1"], out, shard_size=8, image_size=16, progress=False, log=said.append
@@ -344,6 +347,47 @@ def test_plan_gives_every_usable_row_once_per_epoch(layout):
         bufsize=4,
     )
     assert [_emitted_batches(other, r) for r in range(world)] != per_rank
+
+
+_REAL_WRITE_SHARD = pack_mod._write_shard
+
+
+def _slow_write_shard(*a, **kw):
+    """A shard write that takes half a second more (module level: the workers unpickle it)."""
+    import time
+
+    time.sleep(0.5)
+    return _REAL_WRITE_SHARD(*a, **kw)
+
+
+def test_a_stopped_pack_with_workers_stops_at_once_and_resumes(tiny_data, tmp_path, monkeypatch):
+    """With worker processes, a stop drops the shards not started and ends the ones being
+    written (it used to wait for every queued shard); the rerun finishes to the same bytes."""
+    import concurrent.futures
+    import time
+
+    clean = tmp_path / "clean"
+    pack(tiny_data["stage1"], clean, shard_size=4, image_size=16, progress=False, log=None)
+    real_completed = concurrent.futures.as_completed
+
+    def stop_after_first(futs):
+        for i, fut in enumerate(real_completed(futs)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield fut
+
+    monkeypatch.setattr(pack_mod, "_write_shard", _slow_write_shard)
+    monkeypatch.setattr(concurrent.futures, "as_completed", stop_after_first)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        pack(tiny_data["stage1"], out, shard_size=4, image_size=16, workers=2, progress=False, log=None)
+    assert time.monotonic() - t0 < 3.0  # 9 shards of 0.5 s over 2 workers would take 2.5 s more
+    assert len(list(out.glob("*.tar"))) < 9
+    monkeypatch.undo()
+    pack(tiny_data["stage1"], out, shard_size=4, image_size=16, workers=2, progress=False, log=None)
+    for name in [f"shard-{k:06d}.tar" for k in range(9)] + ["index.parquet"]:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
 
 
 def test_plan_resumes_exactly_on_the_same_layout_and_once_on_another():

@@ -120,7 +120,7 @@ def test_cli_split_writes_manifests_that_train_reads(tiny_data, tmp_path, capsys
     assert json.loads((out / "stage1.split.json").read_text())["method"] == "random"
 
 
-def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path, monkeypatch):
+def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path, monkeypatch, capsys):
     csv = make_soundingearth(tmp_path / "se", n=24)
     assert main(["data", "split", str(csv), "--layout", "soundingearth", "--cell-deg", "30"]) == 0
     parts = [
@@ -142,8 +142,9 @@ def test_split_of_a_soundingearth_csv_keeps_its_format(tmp_path, monkeypatch):
     assert Path(root).is_absolute() and Path(root) == csv.parent.resolve()
     part = read_dataset(out / f"{csv.stem}.test.csv", "soundingearth", root=root)
     assert all(Path(p).is_file() for p in part.columns["satellite"])
-    with pytest.raises(SystemExit):  # split reads only what it can write back
-        main(["data", "split", str(csv), "--layout", "geotiff"])
+    # Split reads only what it can write back, and says what to do instead.
+    assert main(["data", "split", str(csv), "--layout", "geotiff"]) == 2
+    assert "list the tiles in a manifest" in capsys.readouterr().err
 
 
 def _one_big_cell():

@@ -82,7 +82,7 @@ def add_data_parser(subparsers) -> None:
     )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=_size_arg,
         default=256,
         metavar="S",
         help="shorter image side after resizing, never upscaled; 0 keeps the size (default: 256)",
@@ -109,7 +109,7 @@ def add_data_parser(subparsers) -> None:
         "sample, where FLAC's size depends on the audio)",
     )
     p.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="processes writing shards in parallel"
+        "--workers", type=_workers_arg, default=1, metavar="N", help="processes writing shards in parallel"
     )
     add_layout_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -152,7 +152,7 @@ def add_data_parser(subparsers) -> None:
     )
     s.add_argument("--out", help="folder for the split files (default: beside the manifest)")
     s.add_argument("--force", action="store_true", help="overwrite existing split files")
-    add_layout_arguments(s, choices=["manifest", "soundingearth"])
+    add_layout_arguments(s)  # split itself says what to do with a layout it does not write
     s.set_defaults(func=cmd_split)
 
     c = sub.add_parser(
@@ -169,7 +169,7 @@ def add_data_parser(subparsers) -> None:
     c.add_argument("--strict", action="store_true",
                    help="exit with status 1 if any sample is bad (without it: only if none is usable)")
     c.add_argument(
-        "--workers", type=int, default=0, metavar="N", help="decoding worker processes (default: 0)"
+        "--workers", type=_count_arg, default=0, metavar="N", help="decoding worker processes (default: 0)"
     )
     c.add_argument(
         "--examples",
@@ -182,6 +182,32 @@ def add_data_parser(subparsers) -> None:
     c.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     add_layout_arguments(c)
     c.set_defaults(func=cmd_check)
+
+
+def _count_arg(text: str, least: int = 0) -> int:
+    """argparse type: a whole number of ``least`` or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number of {least} or more, got {text!r}")
+    return value
+
+
+def _workers_arg(text: str) -> int:
+    return _count_arg(text, 1)
+
+
+def _size_arg(text: str) -> int:
+    """argparse type: an image side of 0 (keep the size) or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (keep the size) or a side in pixels, got {text!r}")
+    return value
 
 
 def add_layout_arguments(p: argparse.ArgumentParser, choices: list[str] | None = None) -> None:

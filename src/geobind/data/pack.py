@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -244,6 +245,9 @@ _TABLE: Table | None = None
 def _init_worker(table: Table) -> None:
     global _TABLE
     _TABLE = table
+    # Ctrl-C reaches the whole process group: the parent stops the pack (and ends the workers);
+    # a worker interrupted inside a tar write would only print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_shard(
@@ -408,15 +412,23 @@ def pack(
         if workers > 1 and len(todo) > 1:
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            with ProcessPoolExecutor(
-                max_workers=workers, initializer=_init_worker, initargs=(table,)
-            ) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(table,))
+            try:
                 futs = {pool.submit(_write_shard, k, rows_of[k], str(out), s): k for k in todo}
                 for fut in as_completed(futs):
                     rec = fut.result()
                     done[rec["shard"]] = rec
                     if pbar is not None:
                         pbar.update(rec["rows"])
+            except BaseException:
+                # A stop (Ctrl-C, SIGTERM) or a failed shard: the shards not started are dropped
+                # and the ones being written end with their workers (their temporary files are
+                # removed by the next run, which writes them again); finished shards are kept.
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+                raise
+            pool.shutdown()
         else:
             for k in todo:
                 rec = _write_shard(k, rows_of[k], str(out), s, table)

@@ -682,6 +682,19 @@ def _read_index(
     return listed, index, counts, list(g.get("suffixes", [])), errors
 
 
+def _refuse_unfinished_pack(folder: Path) -> None:
+    """A ``geobind data pack`` output that was stopped before it finished holds only some of its
+    shards: read as a dataset it would silently lack the rest."""
+    try:
+        state = json.loads((folder / "pack.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(state, dict) and state.get("complete") is False:
+        written = len(list(folder.glob("*.tar")))
+        raise ValueError(f"{folder} is an unfinished `geobind data pack` output ({written} shards written so far): "
+                         "rerun the same pack command to finish it")
+
+
 def open_shards(
     spec: str,
     schema: ShardSchema | None = None,
@@ -696,6 +709,8 @@ def open_shards(
     spec = str(spec)
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     p = Path(spec).expanduser()
+    if not _is_remote(spec) and p.is_dir():
+        _refuse_unfinished_pack(p)
     if not _is_remote(spec) and p.is_dir() and (p / SHARDS_FILE).is_file():
         got = _read_index(p, p / SHARDS_FILE, p / INDEX_FILE, None, schema)
         if got is not None:
