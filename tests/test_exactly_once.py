@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from geobind import distributed as gbdist
 from geobind.binding.trainer import (
     TrainingInterrupted,
     _CollateTrain,
+    fork_may_hang,
     train,
     train_items,
     train_loader,
@@ -28,8 +31,8 @@ from geobind.data.manifest import read_dataset
 from geobind.data.pack import pack
 
 WORLD, WORKERS, BATCH = 2, 2, 12
-# The spawn takes 10-60 s; past this the ranks are taken to hang and the test fails.
-HANG_S = 300
+# The spawn takes 10-60 s; past this the ranks are taken to hang.
+HANG_S = 150
 
 
 class _Marker:
@@ -138,7 +141,17 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers_and_resume_on_other_
         "results": str(tmp_path / "results.json"),
     }
     Path(paths["config"]).write_text(json.dumps(cfg))
-    spawn_with_deadline(_worker, (free_port(), paths, cache), WORLD, HANG_S)
+    # A CPython with the fork deadlock (gh-112275, which the README warns of) can hang a loader
+    # worker as it is forked: there a hang gets one fresh try before it counts as a failure.
+    for attempt in (1, 2):
+        try:
+            spawn_with_deadline(_worker, (free_port(), paths, cache), WORLD, HANG_S)
+            break
+        except pytest.fail.Exception as e:
+            if attempt == 2 or "did not end" not in str(e) or not fork_may_hang():
+                raise
+            shutil.rmtree(tmp_path / "run", ignore_errors=True)
+            Path(paths["results"]).unlink(missing_ok=True)
     res = json.loads(Path(paths["results"]).read_text())
 
     everyone = list(range(36))  # 36 rows, batches of 12: nothing left over
@@ -165,10 +178,6 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers_and_resume_on_other_
     # The trainer: both ranks stopped together, rank 0 wrote the checkpoint; resume on 1 rank.
     assert res["ranks_interrupted"] == [True, True]
     # On a Python with the fork deadlock, the run log warns once (rank 0).
-    import sys
-
-    from geobind.binding.trainer import fork_may_hang
-
     warned = (tmp_path / "run" / "train.log").read_text().count("can hang while forking loader workers")
     assert warned == (1 if fork_may_hang(tuple(sys.version_info[:3])) else 0)
     stage = tmp_path / "run" / "stages" / "01-satellite"

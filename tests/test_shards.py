@@ -472,11 +472,21 @@ def test_training_from_shards_resumes_exactly(tiny_data, tmp_path, workers):
     assert done["steps"] == 6 and done["bad_samples"] == {}
 
 
-def test_stale_index_is_rebuilt(tiny_data, tmp_path):
+def test_a_changed_shard_of_a_pack_is_refused_and_a_stale_index_rebuilt(tiny_data, tmp_path, monkeypatch):
+    """A shard of a finished pack whose size changed (cut short by an interrupted copy, or
+    replaced) would lose samples without a word: refused, naming the shard and the way out.
+    Without the pack's records, a stored index that no longer fits is rebuilt."""
+    monkeypatch.setenv("GEOBIND_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "shards"
     pack(tiny_data["stage1"], out, shard_size=10, image_size=16, progress=False, log=None)
-    # Replace one shard by a shorter one: its size changes, so the stored index is not trusted.
-    shutil.copy(out / "shard-000003.tar", out / "shard-000000.tar")
+    tar = out / "shard-000000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError, match=r"shard-000000.tar is \d+ bytes where `geobind data pack` wrote \d+ bytes "
+                                         r"\(10 samples\): it was cut short or replaced"):
+        read_dataset(out)
+    # Replace one shard by a shorter one in a folder without pack.json: the index is rebuilt.
+    shutil.copy(out / "shard-000003.tar", tar)
+    (out / "pack.json").unlink()
     with pytest.warns(UserWarning, match="re-indexing"):
         shards = read_dataset(out)
     assert len(shards) == 6 + 10 + 10 + 6

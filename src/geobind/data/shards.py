@@ -684,7 +684,8 @@ def _read_index(
 
 def _refuse_unfinished_pack(folder: Path) -> None:
     """A ``geobind data pack`` output that was stopped before it finished holds only some of its
-    shards: read as a dataset it would silently lack the rest."""
+    shards, and one whose shard changed size lost samples: read as a dataset either would
+    silently lack them."""
     try:
         state = json.loads((folder / "pack.json").read_text())
     except (OSError, ValueError):
@@ -693,6 +694,23 @@ def _refuse_unfinished_pack(folder: Path) -> None:
         written = len(list(folder.glob("*.tar")))
         raise ValueError(f"{folder} is an unfinished `geobind data pack` output ({written} shards written so far): "
                          "rerun the same pack command to finish it")
+    # A finished pack recorded each shard's size: one that differs was cut short (an
+    # interrupted copy, say) or replaced, and would lose its samples without a word.
+    try:
+        listed = json.loads((folder / SHARDS_FILE).read_text())["shardlist"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for e in listed:
+        url, size = e.get("url"), e.get("filesize")
+        if not url or size is None or _is_remote(url):
+            continue
+        now = _size(str(folder / url))
+        if now != size:
+            raise ValueError(
+                f"{folder / url} is {now if now is not None else 'missing'}{' bytes' if now is not None else ''} where "
+                f"`geobind data pack` wrote {size} bytes ({e.get('nsamples', '?')} samples): it was cut short or "
+                "replaced. Pack again (or copy it again); to read the shards as they are now, delete "
+                f"{SHARDS_FILE} and {INDEX_FILE} from {folder}")
 
 
 def open_shards(
