@@ -493,7 +493,7 @@ def test_embed_cli_compile_workers_and_thumbnail_options(model, model_dir, tiny_
     assert eager.thumbnails is not None and compiled.thumbnails is None
     with pytest.raises(SystemExit):
         main([*common, "--out", str(tmp_path / "x.parquet"), "--workers", "many"])
-    assert "use auto or a number" in capsys.readouterr().err
+    assert "expected auto or a number >= 0" in capsys.readouterr().err
     # The Python API hands the model back uncompiled.
     embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "api.parquet", compile=True, log=None)
     assert getattr(model.encoder("satellite"), "_compiled_call_impl", None) is None

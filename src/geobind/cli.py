@@ -119,15 +119,21 @@ def _wrap_descriptions(parser: argparse.ArgumentParser, width: int = 88) -> None
                 _wrap_descriptions(sub, width)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of 1 or more."""
+def whole_number(text: str, least: int = 1, expected: str | None = None) -> int:
+    """``text`` as an integer of ``least`` or more, or argparse's error saying what was
+    ``expected`` (by default "a whole number of <least> or more")."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {expected or f'a whole number of {least} or more'}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more."""
+    return whole_number(text, 1)
 
 
 def positive_float(text: str) -> float:

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from geobind.cli import whole_number
+
 EPILOG_DATA = """\
 examples:
   geobind data check data/train.csv                      # what would training skip, and why?
@@ -184,30 +186,16 @@ def add_data_parser(subparsers) -> None:
     c.set_defaults(func=cmd_check)
 
 
-def _count_arg(text: str, least: int = 0) -> int:
-    """argparse type: a whole number of ``least`` or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise argparse.ArgumentTypeError(f"expected a whole number of {least} or more, got {text!r}")
-    return value
+def _count_arg(text: str) -> int:
+    return whole_number(text, 0)
 
 
 def _workers_arg(text: str) -> int:
-    return _count_arg(text, 1)
+    return whole_number(text, 1)
 
 
 def _size_arg(text: str) -> int:
-    """argparse type: an image side of 0 (keep the size) or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (keep the size) or a side in pixels, got {text!r}")
-    return value
+    return whole_number(text, 0, "0 (keep the size) or a side in pixels")
 
 
 def add_layout_arguments(p: argparse.ArgumentParser, choices: list[str] | None = None) -> None:

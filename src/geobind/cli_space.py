@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from geobind.cli import _device, positive_float, positive_int
+from geobind.cli import _device, positive_float, positive_int, whole_number
 from geobind.cli_data import add_layout_arguments, parse_layout_options
 
 if TYPE_CHECKING:
@@ -355,15 +355,7 @@ def inference_batch_size(setting: int | str, device: torch.device, input_kind: s
 
 
 def _workers_arg(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: use auto or a number >= 0")
-    return n
+    return value if value == "auto" else whole_number(value, 0, "auto or a number >= 0")
 
 
 def cmd_embed(args) -> int:
