@@ -24,6 +24,11 @@ def test_unreadable_manifests_name_the_file_and_the_fix(tmp_path):
     t = read_dataset(_write(tmp_path / "ok.csv", "id,lat,lon,text\na,1,2,x\n"))
     with pytest.raises(ValueError, match="Add an 'audio' column"):
         t.require("audio")
+    # A column that means a modality under another name is kept as metadata; the error names it.
+    t = read_dataset(_write(tmp_path / "sat.csv", "id,lat,lon,sat,text\na,1,2,t.png,x\n"))
+    with pytest.raises(ValueError, match=r"no 'satellite' column \(modality columns: text; others: sat\)\. "
+                                         r"The column 'sat' looks like it: .*rename it to 'satellite'"):
+        t.require("satellite")
 
 
 def _write(path, text):

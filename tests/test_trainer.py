@@ -809,3 +809,22 @@ def test_a_diverged_loss_stops_the_run_and_batch_sizes_are_checked_before_traini
     said = []
     train(parse_config(d), progress=False, log=said.append)
     assert any("warmup_steps (100) is not below the stage's 2 steps" in s for s in said)
+
+
+def test_manifest_paths_written_from_the_working_folder_get_a_hint(tiny_data, tmp_path, monkeypatch):
+    """Paths in a manifest are read relative to its folder; written relative to the working
+    folder instead (ds/tiles/0.png in ds/m.csv), the preflight says so."""
+    from PIL import Image
+
+    from geobind.binding.trainer import _unreadable_data
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds" / "tiles").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 40, 100, 50)).save(tmp_path / "ds" / "tiles" / f"{i}.png")
+    (tmp_path / "ds" / "m.csv").write_text(
+        "id,lat,lon,satellite,ground\n" + "".join(f"p{i},{i},{i},ds/tiles/{i}.png,ds/tiles/{i}.png\n" for i in range(3)))
+    d = tiny_config({**tiny_data, "stage1": tmp_path / "ds" / "m.csv"}, tmp_path / "run", audio=False)
+    d["eval"] = None
+    problems = _unreadable_data(parse_config(d))
+    assert len(problems) == 2 and all("ds/tiles/0.png exists relative to the working folder" in p for p in problems)

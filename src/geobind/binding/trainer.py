@@ -563,8 +563,22 @@ def _unreadable_data(cfg: RunConfig, done: set[str] = frozenset(), read: dict | 
             probe = [col[i] for i in rows if isinstance(col[i], str)]
             if probe and not any(Path(v).exists() for v in probe):
                 out.append(f"{where}: none of {len(probe)} {m} files spread over the dataset exists "
-                           f"(e.g. {probe[0]}); check the paths, or the layout's path options")
+                           f"(e.g. {probe[0]}); check the paths, or the layout's path options"
+                           + _cwd_hint(probe[0], Path(str(path)).expanduser().parent))
     return out
+
+
+def _cwd_hint(missing: str, folder: Path) -> str:
+    """A hint when a manifest's path was written relative to the working folder: read relative
+    to the manifest's ``folder`` it is missing, but it exists from where the command runs."""
+    try:
+        raw = os.path.relpath(missing, folder)
+    except ValueError:  # another drive (Windows)
+        return ""
+    if raw.startswith("..") or not Path(raw).exists():
+        return ""
+    return (f". Paths are read relative to the manifest's folder ({folder}); {raw} exists relative to the "
+            "working folder: write them relative to the manifest, or absolute")
 
 
 def _counts(counts: dict[str, int]) -> str:

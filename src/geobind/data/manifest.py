@@ -41,6 +41,13 @@ __all__ = [
 ]
 
 REQUIRED = ("id", "lat", "lon")
+# Column names that mean a modality but are kept as metadata (modality columns are named exactly).
+_SYNONYMS = {
+    "satellite": ("sat", "satellite_image", "satellite_path", "tile", "tiles", "overhead", "aerial", "sat_image"),
+    "ground": ("ground_image", "ground_path", "photo", "image", "img", "groundlevel", "ground_level", "street"),
+    "text": ("caption", "captions", "description", "label", "prompt"),
+    "audio": ("sound", "audio_path", "audio_file", "wav", "mp3", "flac", "recording", "clip"),
+}
 
 
 @dataclass
@@ -77,13 +84,19 @@ class Table:
         return modality in self.columns or get_modality(modality).source == "latlon"
 
     def require(self, *modalities: str) -> None:
-        """Raise a clear error if a needed modality column is missing."""
+        """Raise a clear error if a needed modality column is missing (naming a metadata column
+        that looks like it: ``sat`` for ``satellite``, say)."""
         for m in modalities:
             if self.has(m):
                 continue
+            other = [str(c) for c in self.meta.columns] if self.meta is not None else []
+            like = [c for c in other if c.strip().lower() in _SYNONYMS.get(m, ())]
+            hint = (f" The column {like[0]!r} looks like it: modality columns are named exactly, so rename it "
+                    f"to {m!r}." if like else
+                    f" Add {'an' if m[:1] in 'aeiou' else 'a'} {m!r} column with a path or value per row.")
             raise ValueError(
-                f"{self.source}: no {m!r} column (columns: {', '.join(self.columns)}). "
-                f"Add {'an' if m[:1] in 'aeiou' else 'a'} {m!r} column with a path or value per row."
+                f"{self.source}: no {m!r} column (modality columns: {', '.join(self.columns) or 'none'}"
+                f"{'; others: ' + ', '.join(other[:12]) if other else ''}).{hint}"
             )
 
     def item(self, modality: str, i: int) -> Any:
