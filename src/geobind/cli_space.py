@@ -364,8 +364,8 @@ def cmd_embed(args) -> int:
     from geobind.model import GeoBind
     from geobind.search.embed import embed_dataset
 
-    info = distributed.init_distributed(backend="gloo" if args.device == "cpu" else None)
-    device = info.device if info.distributed and args.device != "cpu" else _device(args.device)
+    info = distributed.init_distributed(device=args.device)
+    device = info.device if info.distributed else _device(args.device)
     model = GeoBind.from_pretrained(args.model, device=device)
     workers = distributed.loader_workers(args.workers, device)
     embed_dataset(

@@ -91,14 +91,15 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+def init_distributed(backend: str | None = None, device: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment.
 
     Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``. With ``WORLD_SIZE`` unset or 1 nothing is
     initialised and a single-process :class:`DistInfo` comes back, so the same entry point serves
     ``python -m geobind train`` and ``torchrun ... geobind train``. The backend is NCCL when CUDA
-    is available and Gloo otherwise, unless ``backend`` names one. Calling it again after the group
-    exists just describes the existing group.
+    is available and Gloo otherwise (also for a run the command or config puts on the CPU:
+    ``device="cpu"``, whose rank device is then the CPU), unless ``backend`` names one. Calling
+    it again after the group exists just describes the existing group.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     lrank = local_rank()
@@ -106,7 +107,8 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         # Set before the process group exists, so NCCL binds each rank to its own GPU rather
         # than all ranks piling onto cuda:0.
         torch.cuda.set_device(lrank % torch.cuda.device_count())
-    device = _default_device()
+    on_cpu = str(device) == "cpu"
+    device = torch.device("cpu") if on_cpu else _default_device()
 
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), lrank, device, is_distributed())
@@ -116,7 +118,7 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
 
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and not on_cpu else "gloo"
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = device

@@ -454,13 +454,7 @@ class GeoBind(nn.Module):
 
         if (raster is None) == (embeddings is None):
             raise ValueError("give exactly one of raster= (with tile_size=) or embeddings=")
-        paths: dict[str, Path | None] = {}
-        if out is not None:
-            paths = maps.output_paths(out, png, csv)
-        elif png is not None or csv is not None:
-            paths = {"tif": None, "png": Path(png) if png else None, "csv": Path(csv) if csv else None}
-            if png and csv and paths["png"].resolve() == paths["csv"].resolve():
-                raise ValueError(f"png and csv name the same file, {png}")
+        paths = maps.output_paths(out, png, csv) if out is not None or png or csv else {}
         if paths:
             check_writable(*paths.values(), force=force)
         if isinstance(embeddings, (str, Path)) and Path(embeddings).is_dir():

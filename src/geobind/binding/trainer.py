@@ -498,6 +498,11 @@ def _run_changes(cfg: RunConfig, out: Path) -> list[str]:
     return _changed_keys({k: old[k] for k in _RUN_KEYS if k in old}, _as_saved(cfg.to_dict()), "")
 
 
+def _stage_folder(out: Path, i: int, name: str) -> Path:
+    """The folder of stage ``i`` (0-based) named ``name`` in the run folder ``out``."""
+    return out / "stages" / f"{i + 1:02d}-{name}"
+
+
 def _resume_changes(cfg: RunConfig, out: Path) -> list[str]:
     """The settings a resumed run changes for what the run has already trained: the run's
     initial space and seed (once any stage has a checkpoint or has finished), and every stage
@@ -509,7 +514,7 @@ def _resume_changes(cfg: RunConfig, out: Path) -> list[str]:
     if any(trained(d) for d in out.glob("stages/*")):
         changed += _run_changes(cfg, out)
     for i, s in enumerate(cfg.stages):
-        d = out / "stages" / f"{i + 1:02d}-{s.name}"
+        d = _stage_folder(out, i, s.name)
         if trained(d):
             changed += _stage_changes(s, d) or []
     return changed
@@ -596,17 +601,15 @@ def _batch_problems(cfg: RunConfig, done: set[str], world: int, read: dict,
         if s.name in done:
             continue
         b = s.optim.batch_size
+        head = f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks"
         if b % world and s.name in resumed:
             ranks = [k for k in range(1, min(b, 64) + 1) if b % k == 0]
-            out.append(f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks; a stage "
-                       f"resumes with its batch, so resume on a number of ranks that divides it "
-                       f"({', '.join(map(str, ranks[:-1]))} or {ranks[-1]})" if len(ranks) > 1 else
-                       f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks; a stage "
-                       "resumes with its batch, so resume on 1 rank")
+            which = (f"a number of ranks that divides it ({', '.join(map(str, ranks[:-1]))} or {ranks[-1]})"
+                     if len(ranks) > 1 else "1 rank")
+            out.append(f"{head}; a stage resumes with its batch, so resume on {which}")
         elif b % world:
             near = sorted({max(world, b // world * world), (b // world + 1) * world})
-            out.append(f"stages.{s.name}.optim.batch_size: {b} is not divisible by {world} ranks (e.g. "
-                       f"{' or '.join(map(str, near))})")
+            out.append(f"{head} (e.g. {' or '.join(map(str, near))})")
         data = read.get(_dataset_key(s.data.train, s.data))
         if data is not None and len(data) < b:
             out.append(f"stages.{s.name}.optim.batch_size: {b} is more than the {len(data)} samples of "
@@ -661,8 +664,7 @@ class Trainer:
         self.profile = profile
         self.log = log
         self.out = Path(cfg.output_dir)
-        # A run on the CPU under torchrun talks over gloo, also on a machine with GPUs.
-        self.dist = gbdist.init_distributed(backend="gloo" if str(cfg.device) == "cpu" else None)
+        self.dist = gbdist.init_distributed(device=cfg.device)
         self.device = resolve_device(cfg.device, self.dist.device)
         self.main = self.dist.is_main
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
@@ -748,7 +750,7 @@ class Trainer:
         model = self._initial_space()
         prev_dir, stopped = None, None
         for i, scfg in enumerate(cfg.stages):
-            stage_dir = self.out / "stages" / f"{i + 1:02d}-{scfg.name}"
+            stage_dir = _stage_folder(self.out, i, scfg.name)
             if (stage_dir / DONE).is_file() and self.resume:
                 self._say(f"stage {scfg.name}: already finished, loading {stage_dir / 'model'}")
             else:
@@ -794,7 +796,7 @@ class Trainer:
                                f"gives: {'; '.join(changed)}. Resume with the settings it was started "
                                "with, or choose another output_dir to train with the new ones")
         done = {s.name for i, s in enumerate(cfg.stages)
-                if self.resume and (self.out / "stages" / f"{i + 1:02d}-{s.name}" / DONE).is_file()}
+                if self.resume and (_stage_folder(self.out, i, s.name) / DONE).is_file()}
         missing = _missing_data(cfg, done)
         if missing:  # all of them at once, before the anchor loads
             return "missing", "data not found: " + "; ".join(missing)
@@ -802,7 +804,7 @@ class Trainer:
         if unreadable:  # read now, not after the stages before them have trained
             return "unreadable", "; ".join(unreadable)
         resumed = frozenset(s.name for i, s in enumerate(cfg.stages)
-                            if self.resume and (self.out / "stages" / f"{i + 1:02d}-{s.name}" / CHECKPOINT).is_file())
+                            if self.resume and (_stage_folder(self.out, i, s.name) / CHECKPOINT).is_file())
         batches = _batch_problems(cfg, done, self.dist.world_size, self._read, resumed)
         if batches:
             return "unreadable", "; ".join(batches)
@@ -969,14 +971,13 @@ class Trainer:
 
         # Whether any step's loss since the stage began was NaN or infinite: kept on the device
         # (no host wait per step) and read on log rows and before every checkpoint, so that no
-        # checkpoint ever holds the weights of a diverged run.
+        # checkpoint ever holds the weights of a diverged run. Under fp16 a step whose loss or
+        # gradients overflow is skipped by the grad scaler, weights intact: there the run has
+        # diverged only when the weights are not finite (the same on every rank under DDP).
         nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
 
         def check_finite():
             if scaler is not None:
-                # fp16: a step whose loss or gradients overflow is skipped by the grad scaler,
-                # weights intact; the run has diverged only when the weights are not finite.
-                # (Each rank's weights are the same under DDP, so every rank agrees.)
                 norms = torch.stack([p.detach().float().norm() for p in runner.params])
                 nonfinite.copy_(~torch.isfinite(norms).all())
             if bool(nonfinite):  # the loss is the global batch's: every rank agrees
@@ -1123,7 +1124,8 @@ class Trainer:
                     # would make the host wait for the device each step. Reading it on a log
                     # row waits for every queued step, so the window's time is wall time.
                     last_loss_t = loss
-                    nonfinite |= ~torch.isfinite(loss)
+                    if scaler is None:  # under fp16 check_finite looks at the weights instead
+                        nonfinite |= ~torch.isfinite(loss)
                     log_row = step % o.log_every == 0 or step == total
                     if log_row:
                         check_finite()  # the weights are lost from a non-finite loss on
@@ -1307,10 +1309,11 @@ class Trainer:
             emb, valid = embed_table_shared(stage.encoder, vt, scfg.train, batch_size=256)
         stage.train()
         keep = valid & v_valid  # the same on every rank, so every rank takes the same way out
-        if not self.main or not keep.any():
-            if not keep.any():
-                self._say(f"stage {scfg.name} step {step}: validation skipped: none of the {len(vt)} rows of "
-                          f"{vt.source} has a usable {scfg.train} and {scfg.bind_to}")
+        usable = bool(keep.any())
+        if not usable:  # said by rank 0 (_say)
+            self._say(f"stage {scfg.name} step {step}: validation skipped: none of the {len(vt)} rows of "
+                      f"{vt.source} has a usable {scfg.train} and {scfg.bind_to}")
+        if not self.main or not usable:
             self._last_val = ((scfg.name, step), None)  # every rank knows which validations ran
             return None
         m = retrieval_metrics(emb[keep], v_anchor[keep])

@@ -682,7 +682,7 @@ def _read_index(
     return listed, index, counts, list(g.get("suffixes", [])), errors
 
 
-def _refuse_unfinished_pack(folder: Path) -> None:
+def _check_pack_folder(folder: Path) -> None:
     """A ``geobind data pack`` output that was stopped before it finished holds only some of its
     shards, and one whose shard changed size lost samples: read as a dataset either would
     silently lack them."""
@@ -728,7 +728,7 @@ def open_shards(
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     p = Path(spec).expanduser()
     if not _is_remote(spec) and p.is_dir():
-        _refuse_unfinished_pack(p)
+        _check_pack_folder(p)
     if not _is_remote(spec) and p.is_dir() and (p / SHARDS_FILE).is_file():
         got = _read_index(p, p / SHARDS_FILE, p / INDEX_FILE, None, schema)
         if got is not None:

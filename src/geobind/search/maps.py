@@ -708,10 +708,17 @@ def default_outputs(out: str | Path) -> dict[str, Path]:
     }
 
 
-def output_paths(out: str | Path, png: str | Path | None = None, csv: str | Path | None = None, *,
-                 hint: str = "") -> dict[str, Path]:
-    """:func:`default_outputs` of ``out``, with ``png`` and ``csv`` where given; raises
-    ``ValueError`` (ending in ``hint``) unless they are three different files."""
+def output_paths(out: str | Path | None, png: str | Path | None = None, csv: str | Path | None = None, *,
+                 hint: str = "") -> dict[str, Path | None]:
+    """:func:`default_outputs` of ``out``, with ``png`` and ``csv`` where given; without ``out``,
+    only the ``png`` and ``csv`` given (the others ``None``). Raises ``ValueError`` (ending in
+    ``hint``) when two outputs are one file."""
+    if out is None:
+        paths: dict[str, Path | None] = {"tif": None, "png": Path(png) if png else None,
+                                         "csv": Path(csv) if csv else None}
+        if png and csv and paths["png"].resolve() == paths["csv"].resolve():
+            raise ValueError(f"the PNG and CSV outputs must be two different files; got {png} and {csv}{hint}")
+        return paths
     paths = default_outputs(out)
     paths["png"] = Path(png) if png else paths["png"]
     paths["csv"] = Path(csv) if csv else paths["csv"]

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -94,16 +93,14 @@ class Query:
 
 
 def _as_list(value: Any) -> list[Any]:
-    if isinstance(value, (str, Path, bytes, bytearray)):  # one file's bytes, not a list of numbers
+    """A query keyword's items: one item as ``GeoBind.embed`` tells one (a path, a file's bytes,
+    an image or array, a ``(waveform, sample_rate)`` pair), or a sequence's items (a tuple of
+    two images is two items)."""
+    from geobind.model import _single_item
+
+    if _single_item(value) or isinstance(value, bytearray) or not isinstance(value, Sequence):
         return [value]
-    if (isinstance(value, tuple) and len(value) == 2 and not isinstance(value[1], bool)
-            and isinstance(value[1], (int, float, np.integer, np.floating))):
-        return [value]  # one (waveform, sample_rate) pair; a tuple of two items is two items
-    if isinstance(value, np.ndarray) and value.ndim != 1:
-        return [value]
-    if isinstance(value, Sequence):
-        return list(value)
-    return [value]
+    return list(value)
 
 
 def sniff_file(path: str | Path) -> str:

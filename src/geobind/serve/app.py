@@ -17,9 +17,10 @@ parsed, and again on the file) and decoded as image or audio before use, at most
 ``MAX_DECODING`` at a time; audio only for the clip the encoder hears. Anything else is a 4xx
 with a message, and an unexpected failure a JSON 500. Bound to this machine only, the app
 answers only requests addressed to it by a loopback name (``allowed_hosts``): a web page
-elsewhere cannot reach it through a DNS name that resolves to 127.0.0.1. Model and index are shared read-only; model calls run in the thread pool under
-one lock (``GeoBind.embed`` toggles the encoder's train/eval flag, so concurrent calls on one
-encoder are not safe without it).
+elsewhere cannot reach it through a DNS name that resolves to 127.0.0.1. Model and index are
+shared read-only; model calls run in the thread pool under one lock (``GeoBind.embed``
+toggles the encoder's train/eval flag, so concurrent calls on one encoder are not safe
+without it).
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the endpoint annotations
@@ -154,7 +155,6 @@ class Explorer:
     # -- queries ---------------------------------------------------------------------------
     def decode_upload(self, data: bytes, filename: str, hint: str) -> tuple[str, Any]:
         """``(query keyword, decoded item)`` for an uploaded file; ``QueryError`` otherwise."""
-
         name = filename or "upload"
         if not data:
             raise QueryError(400, f"the uploaded file {name!r} is empty")
