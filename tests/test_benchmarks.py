@@ -272,9 +272,13 @@ def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
     checks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(checks)
     r = checks.main(["--device", "cpu", "--only", "vit", "window_attention", "mel_resize", "device_augment",
-                     "prefetch", "--out", str(tmp_path / "c.json")])
-    assert r["ok"] and set(r["checks"]) == {"vit", "window_attention", "mel_resize", "device_augment", "prefetch"}
+                     "prefetch", "attention_backends", "--out", str(tmp_path / "c.json")])
+    assert r["ok"] and set(r["checks"]) == {"vit", "window_attention", "mel_resize", "device_augment", "prefetch",
+                                            "attention_backends"}
     assert json.loads((tmp_path / "c.json").read_text())["checks"]["vit"]["fp32_out_rel"] < 1e-4
+    # Every kernel that runs here is timed and checked against the math kernel.
+    att = r["checks"]["attention_backends"]
+    assert att["math_ms"] > 0 and att["flash_ms"] > 0 and att["min_cosine_vs_math"] > 0.999
 
     from geobind.encoders import audio
 

@@ -9,6 +9,8 @@ The test suite checks the same things on a CPU; here each check runs where it ma
   broadcast over the batch) against the eager form: outputs and every gradient.
 * ``mel_resize``: the audio tower's mel resize as a product with an interpolation matrix against
   transformers' bicubic ``interpolate``: outputs and every gradient (batch norm's included).
+* ``attention_backends``: the satellite ViT's attention through each SDPA kernel (flash,
+  memory-efficient, cuDNN, math): time per layer and agreement with the math kernel.
 * ``compile_once``: tiny satellite and audio encoders compiled with inductor train 3 steps
   without recompiling, and match the eager encoder.
 * ``device_augment``: the batched overhead augmentation on the GPU against the same on the CPU.
@@ -267,11 +269,64 @@ def check_one_behind(device, size: str) -> dict:
     return out
 
 
+def check_attention_backends(device, size: str) -> dict:
+    """The satellite ViT's attention (no mask; queries, keys and values laid out as the lean
+    forward makes them) through each of PyTorch's SDPA kernels: forward + backward time of one
+    layer (``<kernel>_ms``) and agreement with the plain math kernel. At ViT-B/32's 50 tokens
+    FlashAttention pads its blocks, so another kernel may be the faster one; this measures it."""
+    import time
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = device.type == "cuda"
+    b, t, heads, hd = (1024, 50, 12, 64) if size == "full" else (8, 17, 2, 16)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator().manual_seed(0)
+    # (B, T, 3 * D) as the projections write it, viewed (B, heads, T, head_dim) per tensor.
+    qkv = torch.randn(b, t, 3 * heads * hd, generator=g).to(device, dtype).requires_grad_(True)
+    grad = torch.randn(b, heads, t, hd, generator=g).to(device, dtype)
+
+    def run(backend, steps: int):
+        q, k, v = (x.view(b, t, heads, hd).transpose(1, 2) for x in qkv.split(heads * hd, dim=-1))
+        with sdpa_kernel([backend]):
+            out = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)
+            (dx,) = torch.autograd.grad(out, qkv, grad)
+            o = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)  # a second warm-up
+            torch.autograd.grad(o, qkv, grad)
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                o = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)
+                torch.autograd.grad(o, qkv, grad)
+            if cuda:
+                torch.cuda.synchronize()
+        return out.detach().float(), dx.float(), (time.perf_counter() - start) / steps * 1e3
+
+    ref_out, ref_dx, ms = run(SDPBackend.MATH, 10)
+    out: dict = {"math_ms": ms}
+    worst = 1.0
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        name = backend.name.lower().replace("_attention", "")
+        try:
+            o, dx, ms = run(backend, 10)
+        except RuntimeError as e:  # a kernel that does not take these inputs on this device
+            out[f"{name}_refused"] = str(e).splitlines()[0][:120]
+            continue
+        out[f"{name}_ms"] = ms
+        worst = min(worst, float(F.cosine_similarity(o.flatten(), ref_out.flatten(), dim=0)),
+                    float(F.cosine_similarity(dx.flatten(), ref_dx.flatten(), dim=0)))
+    out["min_cosine_vs_math"] = worst
+    out["ok"] = worst > 0.999
+    return out
+
+
 # compile_once last: its cold compilations take the most time, and a part stopped at its time
 # limit keeps the checks before it.
 CHECKS = {"vit": check_vit, "window_attention": check_window_attention, "mel_resize": check_mel_resize,
           "device_augment": check_device_augment, "prefetch": check_prefetch, "one_behind": check_one_behind,
-          "compile_once": check_compile_once}
+          "attention_backends": check_attention_backends, "compile_once": check_compile_once}
 
 
 def main(argv=None) -> dict:

@@ -125,14 +125,14 @@ def forward_rate(model, batch: int, px: int, device, steps: int = 20) -> float:
     """The compiled encoder alone: uint8 tiles at the encoder's size, as the loader hands them."""
     import torch
 
-    from geobind.encoders.base import uncompile
+    from geobind.encoders.base import compile_for_inference, uncompile
     from geobind.model import autocast_for
 
     enc = model.encoder("satellite")
     # channels-last, as the loader collates them (the compiled graph is then reused by the runs).
     pixels = torch.randint(0, 256, (batch, 3, px, px), dtype=torch.uint8, device=device)
     tiles = {"pixels": pixels.contiguous(memory_format=torch.channels_last)}
-    enc.compile()
+    compile_for_inference(enc)  # as `geobind embed --compile` does
     try:
         with torch.no_grad(), autocast_for(device):
             for _ in range(3):

@@ -70,7 +70,8 @@ part() {  # part NAME SECONDS COMMAND...
 }
 
 # GPU-only correctness of the fast paths first (a failure there makes the timings moot).
-CHECKS_ONLY=(); [ -n "${SMOKE:-}" ] && CHECKS_ONLY=(--only vit window_attention mel_resize device_augment prefetch one_behind)
+CHECKS_ONLY=(); [ -n "${SMOKE:-}" ] && CHECKS_ONLY=(--only vit window_attention mel_resize device_augment prefetch one_behind
+    attention_backends)
 part checks 120 "$PY" benchmarks/gpu/checks.py "${CHECKS_ONLY[@]}" --out "$OUT/checks.json"
 # Most important first: stage 1 at ViT-B/32, then stage 2, then ViT-B/16 (fewer variants).
 part train-b32 240 "$PY" benchmarks/train_throughput.py --size "$B32" --steps "$STEPS" --warmup "$WARMUP" \

@@ -961,8 +961,11 @@ class Trainer:
                       "step takes longer")
         ddp_stage = stage
         if self.dist.distributed:
+            # Gradients as views into DDP's buckets: no copy of every gradient into the buckets
+            # and back each step (2 x 351 MB read + written at ViT-B/32), and one gradient-sized
+            # buffer less. Same values (the optimiser reads the same numbers).
             ddp_stage = torch.nn.parallel.DistributedDataParallel(
-                stage, device_ids=[dev.index] if dev.type == "cuda" else None
+                stage, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True
             )
         runner = StepRunner(stage, optim, sched, autocast=autocast, scaler=scaler, grad_clip=o.grad_clip,
                             module=ddp_stage)

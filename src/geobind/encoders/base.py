@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "Encoder",
+    "compile_for_inference",
     "eagerly",
     "encoder_types",
     "get_encoder_class",
@@ -177,6 +178,17 @@ def quiet_transformers():
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def compile_for_inference(module: nn.Module) -> None:
+    """:meth:`torch.nn.Module.compile` for embedding with weights that stay as they are.
+
+    Inductor's freezing treats the weights as constants of the graph, so the bf16 casts that
+    autocast makes of them on every call are made once, and a layer's query, key and value
+    products run as one (CUDA). Vectors are the eager ones up to float rounding. The frozen graph
+    does not see later changes to the weights: call :func:`uncompile` before training on.
+    """
+    module.compile(options={"freezing": True})
 
 
 def uncompile(module: nn.Module) -> None:

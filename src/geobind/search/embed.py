@@ -498,7 +498,9 @@ def embed_dataset(
 
         bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"embed {modality}", unit="row")
     if compile and todo:
-        encoder.compile()
+        from geobind.encoders.base import compile_for_inference
+
+        compile_for_inference(encoder)
     if preprocess_on == "device":
         transform.eval_on_device = True
     try:
