@@ -413,3 +413,102 @@ def test_map_outputs_keep_their_precision_and_checks_of_the_api(model, tmp_path)
     assert not (tmp_path / "a.tif").exists()
     with pytest.raises(ValueError, match="scale=-5.0: the softmax logit scale is a positive number"):
         model.map(text="a forest", raster=tmp_path / "r.tif", tile_size=32, prompts=["a lake"], scale=-5.0)
+
+
+def _unit(rng, n, d=8):
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_point_map_across_the_antimeridian_is_gridded_across_it():
+    """Places on both sides of 180 degrees (Fiji) get a grid over their own few degrees, with
+    longitudes running past 180, not one over the whole world; the CSV keeps their longitudes."""
+    from geobind.search.maps import unwrap_longitudes
+
+    lat, lon = np.meshgrid(np.arange(-20, -14.9, 1.0), np.array([176.0, 177, 178, 179, -180, -179, -178]),
+                           indexing="ij")
+    lat, lon = lat.ravel(), lon.ravel()
+    v = _unit(np.random.default_rng(0), lat.size)
+    res = map_points(v, lat, lon, [str(i) for i in range(lat.size)], v[0])
+    assert res.values.shape == (6, 7) and np.isfinite(res.values).all()
+    assert res.transform == Affine(1.0, 0.0, 175.5, 0.0, -1.0, -14.5)
+    for i in range(lat.size):  # each place's score in the cell at its longitude (+360 west of 180)
+        r, c = rasterio.transform.rowcol(res.transform, lon[i] % 360, lat[i])
+        assert res.values[r, c] == pytest.approx(float(v[i] @ v[0]), abs=1e-6)
+    np.testing.assert_array_equal(res.table["lon"], lon)
+    # Places spread over the world, or already on one side, keep the -180..180 frame.
+    world = np.array([-170.0, -60.0, 10.0, 100.0, 170.0])
+    np.testing.assert_array_equal(unwrap_longitudes(world), world)
+    np.testing.assert_array_equal(unwrap_longitudes(np.array([10.0, 12.0])), [10.0, 12.0])
+
+
+def test_point_map_png_colours_span_the_places_own_scores(monkeypatch, tmp_path):
+    """A point map's PNG draws each place's own score, so its colour scale spans those scores,
+    not the (narrower) range of the cell means."""
+    import matplotlib.axes
+
+    rng = np.random.default_rng(0)
+    lat, lon = rng.uniform(0, 10, 400), rng.uniform(0, 10, 400)
+    v = _unit(rng, 400)
+    res = map_points(v, lat, lon, [str(i) for i in range(400)], v[0], resolution=5.0)
+    seen = {}
+    real = matplotlib.axes.Axes.scatter
+
+    def scatter(self, *args, **kw):
+        seen.update(vmin=kw["vmin"], vmax=kw["vmax"])
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", scatter)
+    res.write(png=tmp_path / "m.png")
+    scores = res.table["score"].to_numpy()
+    inside = ((scores >= seen["vmin"] - 1e-9) & (scores <= seen["vmax"] + 1e-9)).mean()
+    assert inside > 0.9  # the 2-98 % limits of the places' scores
+    assert seen["vmax"] - seen["vmin"] > np.nanmax(res.values) - np.nanmin(res.values)
+
+
+def test_point_map_checks_coordinates_and_a_softmax_map_records_its_prompts(model, tiny_data, tmp_path):
+    from geobind.search import embed_dataset
+
+    rng = np.random.default_rng(0)
+    v = _unit(rng, 3, model.dim)
+    with pytest.raises(ValueError, match="NaN latitude or longitude"):
+        map_points(v, np.array([1.0, np.nan, 2.0]), np.array([1.0, 2.0, 3.0]), ["a", "b", "c"], v[0])
+    embed_dataset(model, tiny_data["test"], "satellite", tmp_path / "sat.parquet", log=None)
+    model.map(text="a forest", embeddings=tmp_path / "sat.parquet", prompts=["a city", "the sea"], scale=50,
+              out=tmp_path / "s.tif")
+    with rasterio.open(tmp_path / "s.tif") as ds:
+        tags = ds.tags()
+    assert tags["prompts"] == '["a city", "the sea"]' and tags["logit_scale"] == "50"
+
+
+def test_raster_bands_must_be_one_or_three(model, tmp_path):
+    write_raster(tmp_path / "r.tif")
+    with pytest.raises(ValueError, match="give 1 band .grey. or 3"):
+        model.map(text="forest", raster=tmp_path / "r.tif", tile_size=32, bands=[1, 2])
+
+
+def test_16_bit_raster_tiles_are_scaled_as_the_geotiff_layout_scales_them(model, tmp_path):
+    """``pixel_scale`` gives the map the tiles training and ``embed`` see: per tile by default
+    (the layout's ``scale: auto``), a fixed white value, or one stretch over the raster."""
+    from geobind.data.layouts import read_raster_rgb
+    from geobind.search.maps import open_georeferenced, raster_tiles
+
+    data = write_raster(tmp_path / "r16.tif", dtype="uint16")
+    # Each tile cut out as its own GeoTIFF, read as the geotiff layout reads a tile.
+    with rasterio.open(tmp_path / "r16.tif") as src:
+        profile = src.profile
+    for scale in ("auto", 3000):
+        with open_georeferenced(tmp_path / "r16.tif") as src:
+            tiles = list(raster_tiles(src, 32, 32, pixel_scale=scale))
+        for r, c, tile in tiles:
+            path = tmp_path / f"t{r}{c}.tif"
+            with rasterio.open(path, "w", **{**profile, "width": 32, "height": 32}) as dst:
+                dst.write(data[:, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32])
+            np.testing.assert_array_equal(tile, read_raster_rgb(str(path), scale=scale))
+    with open_georeferenced(tmp_path / "r16.tif") as src:
+        whole = [t for _, _, t in raster_tiles(src, 32, 32, pixel_scale="raster")]
+    assert not np.array_equal(whole[0], tiles[0][2])  # one stretch for the raster is another input
+    with pytest.raises(ValueError, match="pixel scale 'bright'"):
+        model.map(text="forest", raster=tmp_path / "r16.tif", tile_size=32, pixel_scale="bright")
+    with pytest.raises(ValueError, match="pixel scale -1"):
+        model.map(text="forest", raster=tmp_path / "r16.tif", tile_size=32, pixel_scale=-1)

@@ -63,3 +63,38 @@ def test_png_written(tmp_path):
         )
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_world_maps_of_scattered_places_stay_small_and_cells_land_where_they_are(tmp_path, monkeypatch):
+    """Scattered places (a tiny smallest gap) get a grid a PNG can show, not one of terabytes; a
+    grid finer than that is refused; a cell size that does not divide 360 is drawn at its own
+    place; GeoTIFF tags say what the values are."""
+    import matplotlib.axes
+
+    rng = np.random.default_rng(0)
+    lats, lons = rng.uniform(-60, 60, 2000), rng.uniform(-170, 170, 2000)
+    lons[1] = lons[0] + 1e-5  # two places almost on top of each other
+    extents = []
+    real = matplotlib.axes.Axes.imshow
+
+    def imshow(self, values, *args, **kw):
+        extents.append((values.shape, kw["extent"]))
+        return real(self, values, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", imshow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plot_world_map(lats, lons, rng.random(2000), tmp_path / "m.png", "scattered")
+        plot_world_map([10.0], [103.5], [1.0], tmp_path / "c.png", "one cell", cell_deg=7.0)
+    (h, w), _ = extents[0]
+    assert h * w <= 2048 * 1024
+    assert extents[1] == ((26, 52), (-180, -180 + 52 * 7.0, 90 - 26 * 7.0, 90))
+    with pytest.raises(ValueError, match="use 0.0439453 degrees or more"):
+        world_raster([0.0], [0.0], [1.0], 0.01)
+    if importlib.util.find_spec("rasterio") is not None:
+        import rasterio
+
+        out = write_points_geotiff([1.0], [2.0], [0.5], tmp_path / "t.tif", cell_deg=2.0,
+                                   tags={"query": "text query: forest", "score": "cosine"})
+        with rasterio.open(out) as ds:
+            assert ds.tags()["query"] == "text query: forest" and ds.tags()["software"] == "geobind"

@@ -300,6 +300,12 @@ def add_space_parsers(sub) -> None:
     src.add_argument(
         "--bands", help="raster bands to use as RGB, 1-based (default 1,2,3, or 1 as grey)"
     )
+    src.add_argument(
+        "--pixel-scale", default="auto", metavar="auto|raster|N",
+        help="raw raster values to 8-bit pixels, as the geotiff layout's `scale` does in training and "
+        "embed: auto (8-bit as is, other rasters stretched per tile), N (the value shown as white, "
+        "e.g. 3000 for Sentinel-2) or raster (one stretch over the whole raster) (default: auto)",
+    )
     src.add_argument("--embeddings", help="`geobind embed` Parquet or an index folder (point map)")
     src.add_argument(
         "--resolution", type=positive_float, help="point map grid step in degrees (default: from the points)"
@@ -541,6 +547,7 @@ def cmd_map(args) -> int:
         tile_size=args.tile_size,
         stride=args.stride,
         bands=bands,
+        pixel_scale=args.pixel_scale,
         embeddings=embeddings,
         resolution=args.resolution,
         prompts=args.prompts,

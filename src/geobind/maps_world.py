@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 ArrayLike = Sequence[float] | np.ndarray
+# Finest world grid: 4096 x 8192 cells (a float32 grid of 128 MiB; a PNG shows far fewer).
+MIN_CELL_DEG = 180.0 / 4096
 # GDAL/affine order: x = a * col + b * row + c, y = d * col + e * row + f.
 Transform = tuple[float, float, float, float, float, float]
 
@@ -43,8 +45,11 @@ def world_raster(
     ``transform`` maps (col, row) to (lon, lat) of the cell's top-left corner
     (``affine.Affine(*transform)``).
     """
-    if cell_deg <= 0:
+    if not cell_deg > 0:
         raise ValueError(f"cell_deg must be positive, got {cell_deg}")
+    if cell_deg < MIN_CELL_DEG:
+        raise ValueError(f"cell_deg={cell_deg:g} makes a world grid of {np.ceil(180 / cell_deg):.0f} x "
+                         f"{np.ceil(360 / cell_deg):.0f} cells; use {MIN_CELL_DEG:g} degrees or more")
     lat = np.asarray(lats, dtype=np.float64).ravel()
     lon = np.asarray(lons, dtype=np.float64).ravel()
     val = np.asarray(scores, dtype=np.float64).ravel()
@@ -109,8 +114,10 @@ def plot_world_map(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    cell = cell_deg or infer_cell_deg(lats, lons)
+    # scattered places have a tiny smallest gap: never a grid finer than the PNG can show
+    cell = cell_deg or max(infer_cell_deg(lats, lons), 360.0 / 2048)
     values, _ = world_raster(lats, lons, scores, cell)
+    h, w = values.shape
     # A Figure with its own Agg canvas: no pyplot global state, no GUI backend.
     fig = Figure(figsize=(10, 5.4), dpi=100)
     FigureCanvasAgg(fig)
@@ -120,7 +127,8 @@ def plot_world_map(
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     im = ax.imshow(
         np.ma.masked_invalid(values),
-        extent=(-180, 180, -90, 90),
+        # the grid's own extent: it ends past 180 / -90 when cell does not divide 360 / 180
+        extent=(-180, -180 + w * cell, 90 - h * cell, 90),
         origin="upper",
         cmap=cmap,
         vmin=vmin,
@@ -161,6 +169,7 @@ def write_points_geotiff(
     out_tif: str | os.PathLike,
     *,
     cell_deg: float,
+    tags: dict[str, str] | None = None,
 ) -> Path:
     """Write point scores as a float32 GeoTIFF in EPSG:4326 (NaN nodata), atomically.
 
@@ -191,6 +200,8 @@ def write_points_geotiff(
             compress="deflate",
         ) as dst:
             dst.write(values, 1)
+            if tags:  # e.g. the query and what the scores are, for whoever opens the file
+                dst.update_tags(software="geobind", **tags)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

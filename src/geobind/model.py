@@ -428,14 +428,17 @@ class GeoBind(nn.Module):
         stride: int | None = None, bands: Sequence[int] | None = None, embeddings: Any = None,
         resolution: float | None = None, prompts: Sequence[str] | None = None, scale: float | None = None,
         out: str | Path | None = None, png: str | Path | None = None, csv: str | Path | None = None,
-        force: bool = False, batch_size: int = 32, progress: bool = False,
+        force: bool = False, batch_size: int = 32, progress: bool = False, pixel_scale: str | float = "auto",
     ) -> Any:
         """A zero-shot map of the query (combined as in :meth:`embed_query`) over a ``raster``
         (tiles of ``tile_size`` px every ``stride`` px, embedded as ``satellite``) or over point
         ``embeddings`` (a ``geobind embed`` Parquet path, an :class:`~geobind.search.Embeddings`
         or an :class:`~geobind.search.Index`, built with this model).
 
-        ``embeddings`` may also be an index folder.
+        ``embeddings`` may also be an index folder. ``pixel_scale`` turns a raster's raw values
+        into 8-bit pixels as the ``geotiff`` layout's ``scale`` does for training and embedding:
+        ``"auto"`` (8-bit as is, other rasters stretched per tile), a number (the value shown as
+        white, e.g. 3000 for Sentinel-2) or ``"raster"`` (one stretch over the whole raster).
 
         Scores are cosine similarities; with ``prompts`` (texts), the softmax probability of the
         query over ``[query, *prompts]`` at logit ``scale`` (default: the model's learned scale,
@@ -459,6 +462,8 @@ class GeoBind(nn.Module):
             check_writable(*paths.values(), force=force)
         if isinstance(embeddings, (str, Path)) and Path(embeddings).is_dir():
             embeddings = Index.load(embeddings)  # an index folder
+        if raster is not None:
+            pixel_scale = maps.check_pixel_scale(pixel_scale)
         if scale is not None and not scale > 0:
             raise ValueError(f"scale={scale}: the softmax logit scale is a positive number (the model's "
                              "learned one when not given)")
@@ -471,7 +476,8 @@ class GeoBind(nn.Module):
             if not tile_size:
                 raise ValueError("a raster map needs tile_size (pixels per tile)")
             result = maps.map_raster(self, qvec, raster, tile_size, stride, bands=bands, prompts=pvec,
-                                     scale=scale, label=q.label, batch_size=batch_size, progress=progress)
+                                     scale=scale, label=q.label, batch_size=batch_size, progress=progress,
+                                     pixel_scale=pixel_scale)
         else:
             if isinstance(embeddings, Index):
                 embeddings.verify(self)
@@ -483,6 +489,8 @@ class GeoBind(nn.Module):
                 vec, lat, lon, ids = emb.vectors, emb.lat, emb.lon, emb.ids
             result = maps.map_points(vec, lat, lon, ids, qvec, resolution=resolution, prompts=pvec, scale=scale,
                                      label=q.label)
+        if prompts:
+            result.prompts, result.logit_scale = list(prompts), float(scale)
         if paths:
             result.write(paths["tif"], png=paths["png"], csv=paths["csv"], force=force)
         return result

@@ -77,7 +77,8 @@ def draw_maps(model: GeoBind, world_dir: Path, out_dir: Path, test, names: list[
         png, tif = out_dir / f"{slug}.png", out_dir / f"{slug}.tif"
         title = f'{kind} query: "{q}"'
         plot_world_map(lat.numpy(), lon.numpy(), scores.numpy(), png, title)
-        write_points_geotiff(lat.numpy(), lon.numpy(), scores.numpy(), tif, cell_deg=cell)
+        write_points_geotiff(lat.numpy(), lon.numpy(), scores.numpy(), tif, cell_deg=cell,
+                             tags={"query": title, "score": "cosine", "score_meaning": "cosine similarity to the query"})
         maps.append({"kind": kind, "query": q, "png": str(png.relative_to(out_dir.parent)),
                      "geotiff": str(tif.relative_to(out_dir.parent)), "min": float(scores.min()),
                      "max": float(scores.max())})

@@ -4,7 +4,8 @@ Two sources:
 
 * a **raster** (GeoTIFF or any georeferenced image rasterio reads): cut into ``tile_size``
   pixel tiles every ``stride`` pixels (only whole tiles), each embedded with the satellite
-  encoder. Tiles are read window by window, so rasters larger than memory work. The output
+  encoder; raw values become 8-bit pixels as the ``geotiff`` layout makes them for training
+  (``pixel_scale``: 8-bit as is, other rasters stretched per tile, or a fixed white value). Tiles are read window by window, so rasters larger than memory work. The output
   grid has one cell per tile, centred on the tile's centre and ``stride`` source pixels wide,
   in the raster's CRS: ``transform = raster.transform * translation((T - S) / 2) * scale(S)``
   (with ``stride == tile_size`` a cell is exactly its tile's footprint). Tiles that are entirely
@@ -31,6 +32,7 @@ Each is written atomically and never overwrites an existing file without ``force
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from geobind.data.media import stretch_bands
 from geobind.search.common import atomic_path, check_writable
 
 if TYPE_CHECKING:
@@ -132,6 +135,9 @@ class MapResult:
     n_prompts: int = 0
     # Files written by :meth:`write` (kind -> path).
     paths: dict[str, Path] = field(default_factory=dict)
+    # The prompts (texts) and logit scale of a softmax map, recorded in the GeoTIFF's tags.
+    prompts: list[str] = field(default_factory=list)
+    logit_scale: float | None = None
 
     @property
     def score_label(self) -> str:
@@ -240,6 +246,11 @@ def write_geotiff(result: MapResult, path: str | Path, *, force: bool = False) -
                 score_meaning=result.score_label,
                 source=result.source,
                 software="geobind",
+                **(
+                    {"prompts": json.dumps(result.prompts), "logit_scale": f"{result.logit_scale:g}"}
+                    if result.score == "softmax" and result.prompts
+                    else {}
+                ),
             )
             dst.set_band_description(1, f"{result.score}: {result.query}")
     return Path(path)
@@ -268,9 +279,12 @@ def write_png(
     lo, hi = _limits(result.values, None, None)
     t = result.table
     if result.source == "points" and len(t) <= 50_000:
+        # the dots show each place's own score: the colour scale spans those, not the cell means
+        lo, hi = _limits(t["score"].to_numpy(dtype=np.float64), None, None)
         size = max(2.0, min(40.0, 20000.0 / max(len(t), 1)))
+        lon = unwrap_longitudes(t["lon"].to_numpy(dtype=np.float64))  # as gridded (antimeridian)
         art = ax.scatter(
-            t["lon"], t["lat"], c=t["score"], s=size, cmap=cmap, vmin=lo, vmax=hi, linewidths=0
+            lon, t["lat"], c=t["score"], s=size, cmap=cmap, vmin=lo, vmax=hi, linewidths=0
         )
         pad = 0.03 * max(east - west, north - south)
         ax.set_xlim(west - pad, east + pad)
@@ -350,16 +364,47 @@ def open_georeferenced(path: str | Path):
     return src
 
 
-def _scaler(src, bands: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
-    """Map raw band values to uint8: unchanged for 8-bit rasters; otherwise a 2-98 percentile
-    stretch per band, estimated once from a decimated read of the whole raster (so every tile
-    is scaled the same way)."""
-    if all(src.dtypes[b - 1] == "uint8" for b in bands):
-        return lambda x: x
-    scale = max(1, int(np.ceil(max(src.width, src.height) / 1024)))
+PIXEL_SCALES = ("auto", "raster")
+
+
+def check_pixel_scale(pixel_scale: str | float) -> str | float:
+    """``pixel_scale`` as :func:`raster_tiles` takes it: ``"auto"``, ``"raster"`` or a positive
+    number (a string such as ``"3000"`` is read as one); a ``ValueError`` otherwise."""
+    if isinstance(pixel_scale, str) and pixel_scale in PIXEL_SCALES:
+        return pixel_scale
+    try:
+        value = float(pixel_scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or not np.isfinite(value):
+        raise ValueError(f"pixel scale {pixel_scale!r}: give auto (as the geotiff layout: 8-bit as is, other "
+                         "rasters stretched per tile), raster (one stretch over the whole raster) or the "
+                         "value shown as white, e.g. 3000 for Sentinel-2 reflectances")
+    return value
+
+
+def _scaler(src, bands: Sequence[int], pixel_scale: str | float = "auto") -> Callable[[np.ma.MaskedArray], np.ndarray]:
+    """Map a tile's raw band values (no data masked) to uint8, as the ``geotiff`` layout reads
+    its tiles for training and ``geobind embed`` (``pixel_scale`` is that layout's ``scale``):
+
+    * ``"auto"``: 8-bit rasters as they are; other types stretched per tile and band between
+      the 2nd and 98th percentiles of the valid values;
+    * a number: the value shown as white (``x / pixel_scale * 255``, clipped);
+    * ``"raster"``: one 2-98 percentile stretch per band for the whole raster, estimated from a
+      decimated read (every tile scaled the same way; 8-bit rasters as they are).
+    """
+    pixel_scale = check_pixel_scale(pixel_scale)
+    eight_bit = all(src.dtypes[b - 1] == "uint8" for b in bands)
+    if isinstance(pixel_scale, float):
+        return lambda x: np.clip(np.ma.filled(x.astype(np.float64), 0) / pixel_scale * 255.0, 0, 255).astype(np.uint8)
+    if eight_bit:
+        return lambda x: np.ma.filled(x, 0)
+    if pixel_scale == "auto":
+        return lambda x: stretch_bands(np.ma.filled(x.astype(np.float64), 0), ~np.ma.getmaskarray(x))
+    step = max(1, int(np.ceil(max(src.width, src.height) / 1024)))
     small = src.read(
         list(bands),
-        out_shape=(len(bands), max(1, src.height // scale), max(1, src.width // scale)),
+        out_shape=(len(bands), max(1, src.height // step), max(1, src.width // step)),
         masked=True,
     ).astype(np.float64)
     lo, hi = [], []
@@ -370,11 +415,13 @@ def _scaler(src, bands: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
         hi.append(np.percentile(v, 98) if v.size else 1.0)
     lo_a = np.array(lo)[:, None, None]
     span = np.maximum(np.array(hi)[:, None, None] - lo_a, 1e-12)
-    return lambda x: np.clip((x.astype(np.float64) - lo_a) / span * 255.0, 0, 255).astype(np.uint8)
+    return lambda x: np.clip((np.ma.filled(x.astype(np.float64), 0) - lo_a) / span * 255.0, 0, 255).astype(np.uint8)
 
 
 def _bands(src, bands: Sequence[int] | None) -> list[int]:
     if bands:
+        if len(bands) not in (1, 3):
+            raise ValueError(f"bands {list(bands)}: give 1 band (grey) or 3 (red, green, blue), e.g. --bands 4,3,2")
         bad = [b for b in bands if not 1 <= b <= src.count]
         if bad:
             raise ValueError(f"band(s) {bad} out of range: the raster has {src.count} band(s)")
@@ -384,14 +431,16 @@ def _bands(src, bands: Sequence[int] | None) -> list[int]:
     return [1]
 
 
-def raster_tiles(src, tile_size: int, stride: int, bands: Sequence[int] | None = None):
-    """Yield ``(row, col, tile)`` for every whole tile, ``tile`` an ``H x W x 3`` uint8 array or
-    ``None`` when the tile is entirely nodata. Reads one window per tile."""
+def raster_tiles(src, tile_size: int, stride: int, bands: Sequence[int] | None = None,
+                 pixel_scale: str | float = "auto"):
+    """Yield ``(row, col, tile)`` for every whole tile, ``tile`` an ``H x W x 3`` uint8 array
+    (values scaled as :func:`_scaler` says for ``pixel_scale``) or ``None`` when the tile is
+    entirely nodata. Reads one window per tile."""
     from rasterio.windows import Window
 
     bands = _bands(src, bands)
     rows, cols = tile_grid(src.width, src.height, tile_size, stride)
-    to8 = _scaler(src, bands)
+    to8 = _scaler(src, bands, pixel_scale)
     for r in range(rows):
         for c in range(cols):
             w = Window(c * stride, r * stride, tile_size, tile_size)
@@ -400,7 +449,7 @@ def raster_tiles(src, tile_size: int, stride: int, bands: Sequence[int] | None =
             if np.ma.getmaskarray(data).all():
                 yield r, c, None
                 continue
-            arr = to8(np.ma.filled(data, 0))
+            arr = to8(data)
             if arr.shape[0] == 1:
                 arr = np.repeat(arr, 3, axis=0)
             yield r, c, np.ascontiguousarray(arr.transpose(1, 2, 0))
@@ -436,11 +485,14 @@ def map_raster(
     label: str = "",
     batch_size: int = 32,
     progress: bool = False,
+    pixel_scale: str | float = "auto",
 ) -> MapResult:
     """Score every tile of ``raster`` against the unit query vector ``query``; see the module
-    doc for the grid, the transform and the scores."""
+    doc for the grid, the transform and the scores. ``pixel_scale`` turns raw values into
+    8-bit pixels as the ``geotiff`` layout's ``scale`` does (:func:`_scaler`)."""
     stride = int(stride or tile_size)
     tile_size = int(tile_size)
+    pixel_scale = check_pixel_scale(pixel_scale)
     src = open_georeferenced(raster)
     try:
         rows, cols = tile_grid(src.width, src.height, tile_size, stride)
@@ -462,7 +514,7 @@ def map_raster(
                     bar.update(len(pending))
                 pending.clear()
 
-        for r, c, tile in raster_tiles(src, tile_size, stride, bands):
+        for r, c, tile in raster_tiles(src, tile_size, stride, bands, pixel_scale):
             if tile is None:
                 if bar is not None:
                     bar.update(1)
@@ -601,8 +653,14 @@ def map_points_many(
     lon = np.asarray(lon, dtype=np.float64)
     if len(lat) == 0:
         raise ValueError("no places to map: the embeddings are empty")
+    if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
+        raise ValueError("some places have no coordinates (NaN latitude or longitude): drop them before mapping")
+    # Places on both sides of the antimeridian (Fiji, the Aleutians) are gridded in longitudes
+    # that run on past 180 (GDAL and QGIS read EPSG:4326 grids beyond 180 degrees), not over the
+    # whole world; the table keeps the places' own longitudes.
+    glon = unwrap_longitudes(lon)
     # The grid first: a resolution too fine for memory is refused before any work.
-    cell, rows, cols, transform = points_grid(lat, lon, float(resolution or default_resolution(lat, lon)))
+    cell, rows, cols, transform = points_grid(lat, glon, float(resolution or default_resolution(lat, glon)))
     q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
     q = q.reshape(-1, q.shape[-1])
     nq = q.shape[0]
@@ -636,6 +694,23 @@ def map_points_many(
             )
         )
     return out
+
+
+def unwrap_longitudes(lon: np.ndarray) -> np.ndarray:
+    """``lon`` shifted by 360 degrees when the places lie on both sides of the antimeridian
+    within less than half the world: the grid then starts after the places' largest gap in
+    longitude (unchanged when that gap already spans the antimeridian, or the places span
+    more than 180 degrees)."""
+    u = np.unique(np.asarray(lon, dtype=np.float64))
+    if u.size < 2:
+        return lon
+    gaps = np.diff(u)
+    i = int(np.argmax(gaps))
+    # only places within half the world: a world-wide set keeps its -180..180 frame
+    if gaps[i] <= max(360.0 - (u[-1] - u[0]), 180.0):
+        return lon
+    start = u[i + 1]
+    return np.where(lon < start, lon + 360.0, lon)
 
 
 def points_grid(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[np.ndarray, int, int, Any]:
