@@ -136,3 +136,16 @@ def test_median_rank_of_an_even_count_is_the_mean_of_the_two_middle_ranks():
     m = retrieval_metrics(q, g, ks=(1, 3))
     assert m["median_rank"] == 2.5 and m["mean_rank"] == 4.0
     assert (m["R@1"], m["R@3"]) == (0.25, 0.75)
+
+
+def test_eval_tables_say_when_recall_is_full_by_construction_and_which_pairs_went_unranked():
+    from geobind.evaluate import format_pairs, format_skipped
+
+    m = {"R@1": 0.5, "R@5": 1.0, "R@10": 1.0, "median_rank": 1.5, "mean_rank": 2.0}
+    text = format_pairs({"audio->text": {**m, "n": 8}, "text->audio": {**m, "n": 40}})
+    assert "note: R@10 is 1.0 by construction for a pair of n <= 10 rows" in text
+    assert "by construction" not in format_pairs({"audio->text": {**m, "n": 40}})
+    line = format_skipped({"skipped": {"audio": {"undecodable": 3}}, "unranked_pairs": ["audio->text", "text->audio"]})
+    assert line.splitlines() == ["skipped unusable rows: audio 3 (undecodable 3)",
+                                 "not ranked (fewer than 2 rows usable in both): audio->text, text->audio"]
+    assert format_skipped({"skipped": {}}) == ""

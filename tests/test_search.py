@@ -106,9 +106,9 @@ def test_approximate_index_recall_check(tmp_path, kind):
     a, b = rng.integers(0, 4000, 1000), rng.integers(0, 4000, 1000)
     q = vec[a] + vec[b]
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    _, truth = exact_topk(vec, q, 10)
+    truth_s, truth = exact_topk(vec, q, 10)
     s, got = loaded.search(q, 10)
-    assert recall_at_k(got, truth) == pytest.approx(check["recall@10"], abs=1e-4)
+    assert recall_at_k(got, truth, s, truth_s) == pytest.approx(check["recall@10"], abs=1e-4)
     # Scores of approximate results are exact cosines of the returned items.
     np.testing.assert_allclose(s[:, 0], np.einsum("qd,qd->q", vec[got[:, 0]], q), atol=1e-5)
     # exact=True bypasses FAISS.
@@ -441,7 +441,13 @@ def test_check_keeps_a_search_setting_given_and_tunes_one_not_given(tmp_path, ca
     assert main(build + ["--out", str(tmp_path / "b.index")]) == 0
     out = capsys.readouterr().out
     tuned = Index.load(tmp_path / "b.index").header["search"]["ef_search"]
-    assert tuned < 128 and f"ef_search set to {tuned} (was 128)" in out and "--ef-search" in out
+    # Easy midpoint probes reach the target at the default: kept, never lowered.
+    assert tuned == 128 and "ef_search=128:" in out
+    # A target the default misses is tuned upward.
+    assert main(build + ["--out", str(tmp_path / "c.index"), "--target-recall", "1.0", "--hnsw-m", "2"]) == 0
+    out = capsys.readouterr().out
+    tuned = Index.load(tmp_path / "c.index").header["search"]["ef_search"]
+    assert tuned > 128 and f"ef_search set to {tuned} (was 128)" in out and "--ef-search" in out
 
 
 def test_ivfpq_check_scans_up_to_every_list_and_suggests_rerank():
@@ -507,3 +513,22 @@ def test_an_image_too_large_to_decode_is_a_bad_item_not_a_crash(space, tmp_path,
                  "--file", str(big)]) == 2
     err = capsys.readouterr().err
     assert "too-large" in err and "Traceback" not in err
+
+
+def test_recall_check_counts_a_duplicate_of_a_true_hit_as_found():
+    """Items tied with the k-th exact result (duplicate vectors) are as good an answer: the
+    check must not report low recall, and tune to the slowest setting, for perfect results."""
+    pytest.importorskip("faiss")
+    vec = np.repeat(clustered_unit_vectors(1000, 32), 4, axis=0)
+    vec = vec[np.random.default_rng(0).permutation(len(vec))]
+    index = Index.build(synthetic_embeddings(vec), "hnsw")
+    check = index.check(n_queries=300, target_recall=0.95)
+    assert check["recall@10"] >= 0.95 and check["ef_search"] < 1024
+
+
+def test_an_index_of_non_finite_rows_is_refused():
+    """A NaN row would rank first for every query; the build names the rows instead."""
+    vec = clustered_unit_vectors(20, 8)
+    vec[[3, 7]] = np.nan
+    with pytest.raises(ValueError, match=r"2 embedding row\(s\) are not finite .* ids 'p3', 'p7'"):
+        Index.build(synthetic_embeddings(vec), "exact")

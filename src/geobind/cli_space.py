@@ -46,7 +46,8 @@ Approximate kinds need FAISS: pip install 'geobind[faiss]'. Scores are always ex
 similarities; approximate kinds may miss some of the true top k (and ivfpq may return fewer
 than k: it scans only --nprobe of its lists). --check measures recall@10 against exact search
 (queries: midpoints of random pairs of indexed places) and, unless --nprobe / --ef-search is
-given, sets it to the smallest value that reaches --target-recall (nprobe up to all the lists);
+given, raises it from its default to the smallest value that reaches --target-recall (nprobe up to
+all the lists; never lowered below the default);
 a value given is measured and kept. Midpoints lie close to the data; queries far from every
 place (text, often) can see a lower recall: aim --target-recall higher if that matters.
 

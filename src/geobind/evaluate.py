@@ -77,8 +77,12 @@ def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bo
             f"{table.source}: no two modalities have 2 or more usable rows in common, so there is nothing "
             f"to rank (unusable rows: {_format_skipped(skipped) or 'none'}); `geobind data check` lists them"
         )
-    return {"data": table.source, "rows": len(table), "pairs": pairs, "skipped": skipped,
-            "trained_pairs": trained_pair_names(model)}
+    report = {"data": table.source, "rows": len(table), "pairs": pairs, "skipped": skipped,
+              "trained_pairs": trained_pair_names(model)}
+    unranked = [f"{a}->{b}" for a, b in permutations(emb, 2) if f"{a}->{b}" not in pairs]
+    if unranked:  # fewer than 2 rows usable in both modalities
+        report["unranked_pairs"] = unranked
+    return report
 
 
 def _format_skipped(skipped: dict[str, dict[str, int]]) -> str:
@@ -87,9 +91,13 @@ def _format_skipped(skipped: dict[str, dict[str, int]]) -> str:
 
 
 def format_skipped(report: dict[str, Any]) -> str:
-    """One line on the rows an evaluation left out, or ``""`` when it used every row."""
+    """One line on the rows an evaluation left out (and the pairs it could not rank), or ``""``
+    when it used every row."""
     skipped = report.get("skipped") or {}
-    return f"skipped unusable rows: {_format_skipped(skipped)}" if skipped else ""
+    lines = [f"skipped unusable rows: {_format_skipped(skipped)}"] if skipped else []
+    if report.get("unranked_pairs"):
+        lines.append(f"not ranked (fewer than 2 rows usable in both): {', '.join(report['unranked_pairs'])}")
+    return "\n".join(lines)
 
 
 def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = None) -> str:
@@ -108,6 +116,10 @@ def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = 
         )
     if emergent:
         lines.append("* emergent: these two modalities were never trained together")
+    small = sorted({k for m in pairs.values() for k in (1, 5, 10) if m["n"] <= k})
+    if small:
+        lines.append(f"note: R@{'/R@'.join(map(str, small))} is 1.0 by construction for a pair of n <= {small[-1]} "
+                     "rows (every row is within the top k)")
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ def exact_topk(
     """Exact top-``k`` by dot product: ``(scores [Q, k] float32, indices [Q, k] int64)``, best
     first. ``vectors`` is scanned in chunks of ``chunk_rows`` rows (float16 chunks are widened to
     float32), keeping a running top-k, so memory stays ``O(Q * chunk_rows)``; the result equals
-    ``torch.topk(queries @ vectors.T, k)``."""
+    ``torch.topk(queries @ vectors.T, k)`` but for the order among tied scores."""
     q = _as_f32_tensor(queries)
     if q.ndim == 1:
         q = q[None]
@@ -241,6 +241,12 @@ class Index:
         vectors = np.ascontiguousarray(emb.vectors)
         if vectors.dtype not in (np.float16, np.float32):
             vectors = vectors.astype(np.float32)
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            # A NaN row would rank first for every query (and make JSON output invalid).
+            bad = [emb.ids[i] for i in np.flatnonzero(~finite)[:3]]
+            raise ValueError(f"{int((~finite).sum())} embedding row(s) are not finite (NaN or infinite), e.g. "
+                             f"ids {', '.join(map(repr, bad))}: embed those places again, or drop them")
         header: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -413,8 +419,8 @@ class Index:
         unit length). ``exact=None`` uses the FAISS index when there is one; ``exact=True``
         always scans every vector. ``settings`` override the stored approximate search settings
         (``nprobe``, ``ef_search``, ``rerank``). Missing results come back as rows ``-1`` with
-        score ``-inf``: when the index has fewer than ``k`` items, and with ``ivfpq`` when the
-        ``nprobe`` lists it scans hold fewer than ``k`` items (exact search finds them all).
+        score ``-inf``: with ``ivfpq`` when the ``nprobe`` lists it scans hold fewer than ``k``
+        items (exact search finds them all).
         A ``k`` above the index size is taken as the index size (every item, ranked)."""
         q = _as_f32_tensor(queries)
         if q.ndim == 1:
@@ -566,8 +572,9 @@ class Index:
         q = np.asarray(self.vectors[a], np.float32) + np.asarray(self.vectors[b], np.float32)
         q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         t0 = time.perf_counter()
-        _, truth = exact_topk(self._exact_source(), q, k)
+        truth_s, truth = exact_topk(self._exact_source(), q, k)
         exact_s = time.perf_counter() - t0
+        truth_s = np.clip(truth_s, -1.0, 1.0)  # as search clips the scores it returns
         search = dict(self.header.get("search", {}))
         key = tuned_setting(self.kind)
         nlist = self.header["faiss"].get("nlist")
@@ -581,14 +588,20 @@ class Index:
             steps = [v for v in TUNE_NPROBE if v < nlist] + [nlist]
         else:
             steps = list(TUNE_EF)
+        if tuning:
+            # Never below the stored (default) setting: the probe queries are midpoints of stored
+            # places, far easier than real queries of another modality (text, audio), which
+            # lie far from every place; a setting lowered on them loses recall on real queries.
+            floor = search[key]
+            steps = [floor] + [v for v in steps if v > floor]
         result = {}
         for value in steps:
             settings = {**search, key: value}
             self.search(q[:1], k, **settings)  # warm up (loads FAISS, touches pages)
             t0 = time.perf_counter()
-            _, got = self.search(q, k, **settings)
+            got_s, got = self.search(q, k, **settings)
             approx_s = time.perf_counter() - t0
-            recall = recall_at_k(got, truth)
+            recall = recall_at_k(got, truth, got_s, truth_s)
             result = {
                 f"recall@{k}": round(recall, 4),
                 "queries": n_queries,
@@ -648,10 +661,24 @@ def speed_phrase(ratio: float) -> str:
     return f"{1 / ratio:.1f}x slower than exact search"
 
 
-def recall_at_k(got: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of each row of ``truth`` (exact top-k rows) found in the same row of ``got``."""
+def recall_at_k(got: np.ndarray, truth: np.ndarray, got_scores: np.ndarray | None = None,
+                truth_scores: np.ndarray | None = None, *, tol: float = 1e-6) -> float:
+    """Mean fraction of each row of ``truth`` (exact top-k rows) found in the same row of ``got``.
+
+    With the exact scores of both (``got_scores``, ``truth_scores``), a returned row that scores
+    as high as the k-th true one (within ``tol``) counts as found too: an item tied with a true
+    top-k item (a duplicate vector) is as good an answer, and exact search's own choice among
+    tied items is arbitrary."""
     k = truth.shape[1]
-    hits = [len(set(g[g >= 0].tolist()) & set(t.tolist())) for g, t in zip(got, truth)]
+    hits = []
+    for r, (g, t) in enumerate(zip(got, truth)):
+        valid = g >= 0
+        found = set(g[valid].tolist()) & set(t.tolist())
+        if got_scores is not None and truth_scores is not None:
+            kth = truth_scores[r, -1]
+            tied = g[valid][got_scores[r][valid] >= kth - tol]
+            found |= set(tied.tolist())
+        hits.append(min(len(found), k))
     return float(np.mean(hits) / k)
 
 
