@@ -97,3 +97,19 @@ def test_a_thin_strip_is_resized_from_its_centre_box_only(monkeypatch):
     top = (nh - 32) // 2
     ref = np.asarray(at_limit.resize((32, nh), Image.BICUBIC).crop((0, top, 32, top + 32)))
     assert np.array_equal(np.asarray(images.resize_center_crop(at_limit, 32)), ref)
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone photo stored sideways with an orientation tag is embedded as every viewer shows
+    it; a photo without the tag is read as stored."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # white on the left of the stored pixels
+    img = Image.fromarray(stored)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    img.save(tmp_path / "plain.jpg", quality=95)
+    upright = np.asarray(load_image(tmp_path / "phone.jpg"))
+    assert upright.shape == (40, 20, 3)
+    assert upright[:15].mean() > 200 and upright[25:].mean() < 50  # the left side now on top
+    assert np.asarray(load_image(tmp_path / "plain.jpg")).shape == (20, 40, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 
 import numpy as np
@@ -197,6 +198,24 @@ def test_page_docs_and_static_files_are_local(served):
         "cdn." not in docs.text
         and client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
     )
+    # The schema the docs page renders (OpenAPI 3.0) makes the upload a file picker, and an
+    # optional field nullable, as Swagger UI 4 reads them.
+    schema = client.get("/docs/openapi.json").json()
+    ref = schema["paths"]["/api/search"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[1]]["properties"]
+    assert form["file"]["format"] == "binary" and form["file"]["nullable"] is True
+    assert form["text"] == {**form["text"], "type": "string", "nullable": True}
+    assert "contentMediaType" not in json.dumps(schema) and '"type": "null"' not in json.dumps(schema)
+
+
+def test_a_text_longer_than_the_model_reads_is_said(served):
+    model = served["model"]
+    limit = model.encoder("text").max_length
+    long = " ".join(["forest"] * (limit + 20))
+    body = served["client"].post("/api/search", data={"text": long, "k": 2}).json()
+    assert body["notes"] == [f"the text is {limit + 22} tokens long; this model reads only its first {limit}, "
+                             "the rest was ignored"]
+    assert served["client"].post("/api/search", data={"text": "a forest", "k": 2}).json()["notes"] == []
 
 
 def test_concurrent_requests_agree(served):

@@ -60,6 +60,12 @@ def _decode(buf: io.BytesIO, name: str) -> Image.Image:
         img = Image.open(buf)
         # load() forces the full decode so truncated files fail here, not later in a worker.
         img.load()
+        # A phone photo is stored sideways with an EXIF orientation tag that every viewer
+        # (and the browser the user picked it in) applies: embed it the way it is seen.
+        if img.getexif().get(0x0112, 1) != 1:  # the orientation tag; most images have none
+            from PIL import ImageOps
+
+            img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
         raise BadSampleError(name, "undecodable", "not an image format PIL can read") from None
     except Image.DecompressionBombError:

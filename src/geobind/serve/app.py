@@ -240,6 +240,21 @@ class Explorer:
                 raise QueryError(422, str(e)) from None
         return q.numpy().astype(np.float32), " + ".join(labels)
 
+    def text_notes(self, text: str | None) -> list[str]:
+        """What the user should know about how the text was read: the text encoder reads at
+        most ``max_length`` tokens, the rest of a longer text is dropped without a word."""
+        text = (text or "").strip()
+        if not text or "text" not in self.model.modalities:
+            return []
+        enc = self.model.encoder("text")
+        tok, limit = getattr(enc, "tokenizer", None), getattr(enc, "max_length", None)
+        if tok is None or not limit:
+            return []
+        n = len(tok(text, verbose=False)["input_ids"])  # no truncation, no warning
+        if n <= limit:
+            return []
+        return [f"the text is {n} tokens long; this model reads only its first {limit}, the rest was ignored"]
+
     def search(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
         """The top ``k`` places for the unit query vector ``q`` [D], best first, as
         :meth:`geobind.search.Hit.to_dict` dicts plus a ``thumbnail_url`` (None where there is no thumbnail)."""
@@ -457,6 +472,7 @@ def create_app(
         q, label = query(request, text, file, modality)
         out: dict[str, Any] = {
             "query": label,
+            "notes": ex.text_notes(text),
             "score": "cosine",
             "score_help": SCORE_HELP.format(modality=index.modality),
             "results": ex.search(q, k),
@@ -510,7 +526,7 @@ def create_app(
         def docs_schema():
             # The packaged Swagger UI (4.x) refuses "openapi: 3.1.x", which FastAPI writes; the
             # schema it renders is labelled 3.0.3 (it displays fine). /openapi.json is unchanged.
-            return {**app.openapi(), "openapi": "3.0.3"}
+            return {**_openapi_30(app.openapi()), "openapi": "3.0.3"}
 
         @app.get("/docs", include_in_schema=False)
         def docs():
@@ -568,6 +584,27 @@ class HostCheck:
                                                f"only, not {host!r}"}, status_code=400)
                 return await resp(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def _openapi_30(node: Any) -> Any:
+    """FastAPI's OpenAPI 3.1 schema with the constructs Swagger UI 4 (OpenAPI 3.0) misreads
+    rewritten: an upload (``contentMediaType``) becomes ``format: binary`` (a file picker, not a
+    text box) and ``anyOf: [X, {type: null}]`` becomes ``X`` with ``nullable: true``."""
+    if isinstance(node, list):
+        return [_openapi_30(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _openapi_30(v) for k, v in node.items()}
+    if node.get("type") == "string" and "contentMediaType" in node:
+        node.pop("contentMediaType")
+        node["format"] = "binary"
+    any_of = node.get("anyOf")
+    if isinstance(any_of, list) and {"type": "null"} in any_of:
+        rest = [s for s in any_of if s != {"type": "null"}]
+        if len(rest) == 1:
+            node.pop("anyOf")
+            node = {**rest[0], **node, "nullable": True}
+    return node
 
 
 def _swagger_assets() -> Path | None:

@@ -26,10 +26,12 @@
 
   let coverageData = null;
   let asked = false; // a query was sent: the coverage no longer speaks in the status line
+  let framed = false; // the first view is fitted to where the places are
   const showCoverage = () => {
     if (!coverageData || coverage || overlay) return;
     const c = coverageData;
     coverage = L.imageOverlay(c.overlay, c.bounds, { opacity: 0.8, interactive: false }).addTo(map);
+    if (!framed) { framed = true; map.fitBounds(c.bounds, { padding: [20, 20], maxZoom: 6 }); }
     if (!asked) {
       status(`grey: the ${c.places} indexed places (${c.cells} cells of ${c.resolution_deg.toFixed(2)}°); ask a query`);
     }
@@ -83,15 +85,18 @@
         `<div class="score">#${r.rank} · score ${r.score.toFixed(4)}</div>` +
         (r.caption ? `<div>${esc(r.caption)}</div>` : "") +
         `<div class="muted small">${esc(r.id)} · ${r.lat.toFixed(2)}, ${r.lon.toFixed(2)}</div></div>`;
-      const mk = L.marker([r.lat, r.lon], { title: `#${r.rank} ${r.id}`, riseOnHover: true })
-        .bindPopup(html, { maxWidth: 240 }).addTo(results);
+      const label = `#${r.rank}: ${r.caption || r.id}, score ${r.score.toFixed(4)}`;
+      const mk = L.marker([r.lat, r.lon], { title: `#${r.rank} ${r.id}`, alt: label, riseOnHover: true })
+        .bindPopup(html, { maxWidth: 240, autoPanPaddingTopLeft: L.point(56, 10) }).addTo(results);
       markers.push(mk);
       const li = document.createElement("li");
       const where = `${r.lat.toFixed(2)}, ${r.lon.toFixed(2)}`;
       li.innerHTML = `<span class="score">${r.score.toFixed(4)}</span> ` +
         (r.caption ? esc(r.caption) : `${esc(r.id)} <span class="muted small">(${where})</span>`);
       li.tabIndex = 0; // reachable and usable from the keyboard, as the markers are
-      const show = () => { map.setView(mk.getLatLng(), Math.max(map.getZoom(), 4)); mk.openPopup(); };
+      // The popup opens once the map has stopped: opened during the move, Leaflet's auto-pan
+      // is computed for the old view and the popup can end up past the map's edge.
+      const show = () => { map.once("moveend", () => mk.openPopup()); map.setView(mk.getLatLng(), Math.max(map.getZoom(), 4)); };
       li.addEventListener("click", show);
       li.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); show(); } });
       list.appendChild(li);
@@ -100,7 +105,9 @@
       map.fitBounds(L.featureGroup(markers).getBounds().pad(0.3), { maxZoom: 5 });
       markers[0].openPopup();
     }
-    status(`${data.results.length} places for ${data.query}`);
+    const n = data.results.length, q = data.query.length > 120 ? data.query.slice(0, 117) + "…\"" : data.query;
+    status(`${n} ${n === 1 ? "place" : "places"} for ${q}`);
+    if (data.notes && data.notes.length) $("status").textContent += ` (${data.notes.join("; ")})`;
   }
 
   let asking = null; // the running request: Clear (or a newer query) abandons it
@@ -167,7 +174,7 @@
       status(`no microphone: ${e.message || e}`, true); return;
     }
     const chunks = [];
-    recorder = new MediaRecorder(stream);
+    const rec = recorder = new MediaRecorder(stream);
     recorder.ondataavailable = (e) => chunks.push(e.data);
     recorder.onstop = async () => {
       stream.getTracks().forEach((t) => t.stop());
@@ -182,12 +189,13 @@
         recording = new File([blob], "recording.webm", { type: blob.type });
         $("recinfo").textContent = "recording ready (undecoded); press Search";
       }
+      $("file").value = ""; // the recording is what is searched now, not a file chosen before
       fileChosen();
     };
     recorder.start();
     $("record").classList.add("recording"); $("record").textContent = "■ Stop";
     $("recinfo").textContent = "recording… (stops after 10 s)";
-    setTimeout(() => { if (recorder.state === "recording") recorder.stop(); }, 10000);
+    setTimeout(() => { if (rec.state === "recording") rec.stop(); }, 10000);
   });
 
   function wav(audio) {
