@@ -315,3 +315,38 @@ def test_two_ranks_share_the_work_and_match_one_process(tiny_data, tmp_path, mon
         emb, valid = got[r]["shared"]
         assert torch.equal(valid, v32) and torch.allclose(emb, e32, atol=1e-6), r
     assert got[0]["unpicklable"] == "RuntimeError: embedding failed on rank 1: _Local: only on rank 1"
+
+
+def test_a_damaged_cache_file_is_computed_again_and_files_are_readable_by_others(tiny_data, tmp_path):
+    model = build_space(tiny_data)
+    ground = model.encoder("ground")
+    table = read_dataset(tiny_data["stage1"])
+    cache = tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        e1, _, info = cached_embeddings(ground, table, "ground", cache)
+        e1 = e1.clone()  # not a view of the file damaged below
+    finally:
+        os.umask(old)
+    path = cache / os.path.basename(info["path"])
+    # safetensors writes 0600 whatever the umask; the cache is shared, so it gets the umask's mode.
+    assert path.stat().st_mode & 0o777 == 0o644
+    path.write_bytes(path.read_bytes()[:40])  # cut short, as a full disk or a killed copy leaves it
+    said = []
+    e2, _, info2 = cached_embeddings(ground, table, "ground", cache, say=said.append)
+    assert not info2["hit"] and torch.equal(e1, e2)
+    assert len(said) == 1 and f"anchor cache {path} cannot be read" in said[0] and "computing it again" in said[0]
+    assert cached_embeddings(ground, table, "ground", cache)[2]["hit"]
+
+
+def test_the_text_anchor_cache_key_covers_the_tokenizer(tiny_data, tmp_path):
+    """Another tokenizer of the same size gives other token ids, so other embeddings."""
+    from geobind.binding.cache import _cache_key, tokenizer_fingerprint
+
+    model = build_space(tiny_data)
+    text, ground = model.encoder("text"), model.encoder("ground")
+    table = read_dataset(tiny_data["stage1"])
+    assert tokenizer_fingerprint(ground) == ""  # encoders that read no text keep their keys
+    before = _cache_key(text, table, "text")
+    text.tokenizer.backend_tokenizer.add_tokens(["zzqq"])  # the same weights, another tokenizer
+    assert _cache_key(text, table, "text") != before

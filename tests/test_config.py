@@ -31,6 +31,10 @@ def test_relative_paths_are_relative_to_the_config_file(tiny_data, tmp_path):
     "mutate, message",
     [
         (lambda d: d["stages"][0]["optim"].update(learning_rate=1), "unknown key(s) learning_rate"),
+        (lambda d: d["stages"][0]["optim"].update(batchsize=8), "unknown key(s) batchsize (did you mean batch_size"),
+        (lambda d: d["stages"][0]["optim"].update(epochs=float("inf")), "optim.epochs: expected int, got inf"),
+        (lambda d: d["stages"][0].update(data=None), "0].data: empty; give a mapping"),
+        (lambda d: d["stages"][0].update(encoder=None), "0].encoder: empty; give a mapping"),
         (lambda d: d.update(epochs=3), "unknown key(s) epochs"),
         (lambda d: d["stages"][0].update(train="lidar"), "unknown modality 'lidar'"),
         (lambda d: d["stages"][0].update(bind_to="audio"), "not in the space yet"),
@@ -225,3 +229,13 @@ def test_settings_that_would_train_wrong_are_refused(tiny_data, tmp_path):
     ):
         with pytest.raises(ConfigError, match=said):
             parse_config(cfg(**{key: value}))
+
+
+def test_an_empty_optim_or_loss_section_takes_the_defaults(tiny_data, tmp_path):
+    """Every key of a section commented out leaves it empty (None in YAML): its defaults."""
+    d = tiny_config(tiny_data, tmp_path / "run")
+    d["stages"][0]["optim"] = None
+    d["stages"][0]["loss"] = None
+    cfg = parse_config(d)
+    assert cfg.stages[0].optim == type(cfg.stages[0].optim)()
+    assert cfg.stages[0].loss == type(cfg.stages[0].loss)()

@@ -309,3 +309,18 @@ def test_a_point_map_from_python_writes_the_files_named_without_rasterio(tiny_da
         model.map(text="a forest", embeddings=str(tmp_path / "sat.index"), out=tmp_path / "g.tif")
     with pytest.raises(FileExistsError):
         model.map(text="a forest", embeddings=tmp_path / "sat.index", png=tmp_path / "m.png")
+
+
+def test_saved_model_files_get_the_umask_mode(tiny_data, tmp_path):
+    """safetensors writes its files 0600 whatever the umask: others who may read the folder
+    could not load the model."""
+
+    model = build_space(tiny_data)
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    files = [f for f in (tmp_path / "m").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o644}

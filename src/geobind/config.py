@@ -133,8 +133,12 @@ def _build(cls, data: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
+        import difflib
+
+        guesses = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k), fields, n=1)) else str(k)
+                   for k in sorted(unknown, key=str)]
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(fields)}"
+            f"{where}: unknown key(s) {', '.join(guesses)}; valid keys: {', '.join(fields)}"
         )
     missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -143,6 +147,11 @@ def _build(cls, data: Any, where: str):
     kwargs = {}
     for name, value in data.items():
         sub = {"optim": OptimConfig, "loss": LossConfig, "data": DataConfig, "eval": EvalConfig}.get(name)
+        if value is None and cls is StageConfig and name in ("optim", "loss"):
+            value = {}  # an empty section (every key commented out): its defaults
+        if value is None and cls is StageConfig and name in ("data", "encoder"):
+            raise ConfigError(f"{where}.{name}: empty; give a mapping, e.g. "
+                              + ("{train: data/train.csv}" if name == "data" else "{type: clip_vision}"))
         if sub is not None and value is not None and cls in (StageConfig, RunConfig):
             if name == "data" and isinstance(value, str):
                 value = {"train": value}
@@ -186,7 +195,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             if value is None:
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"{where}: expected {t}, got {value!r}") from None
     return value
 

@@ -266,6 +266,12 @@ class GeoBind(nn.Module):
                 for enc in self.encoders.values():
                     enc.save_preprocessing(tmp / enc.backbone_key())
             write_json(tmp / MODEL_FILE, self.config_dict())
+            # safetensors 0.8 writes its files 0600 whatever the umask (safetensors#782): give
+            # every file the mode an ordinary one gets, so that others the umask lets read the
+            # folder can load the model.
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    f.chmod(0o666 & ~umask)
             if directory.exists() and (_holds_cwd(directory) or not not_clutter(directory)):
                 # An empty folder, or the process's own working folder (which must not be renamed
                 # away): the model's entries move into it, and the folder itself stays.

@@ -266,6 +266,18 @@ def rank_bounds(table: Table | ShardSet, world: int, batch_size: int) -> list[in
     return [int(b) for b in bounds]
 
 
+def tokenizer_fingerprint(encoder: Encoder) -> str:
+    """sha256 of a text encoder's tokenizer (its vocabulary and merges), which its weights and
+    settings do not cover: another tokenizer of the same size gives other token ids, so other
+    embeddings. Empty for encoders that read no text (their keys stay as they were)."""
+    tok = getattr(encoder, "tokenizer", None)
+    if tok is None or getattr(encoder, "input_kind", None) != "text":
+        return ""
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _cache_key(encoder: Encoder, table: Table | ShardSet, modality: str) -> str:
     # The storage dtype is not part of the key: a float32 file from an earlier version holds the
     # same embeddings and is read (and rounded to float16) in place of a recomputation.
@@ -273,20 +285,29 @@ def _cache_key(encoder: Encoder, table: Table | ShardSet, modality: str) -> str:
         (
             weights_fingerprint(encoder)
             + json.dumps(encoder.settings(), sort_keys=True)
+            + tokenizer_fingerprint(encoder)
             + dataset_fingerprint(table, modality)
         ).encode()
     ).hexdigest()[:24]
 
 
+class CacheFileError(ValueError):
+    """An anchor cache file that cannot be read (truncated or damaged)."""
+
+
 def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """``(float16 embeddings, bool valid, meta)`` of a cache file; float16 files stay mapped."""
-    data = load_file(str(path))
-    meta_path = path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    emb = data["embeddings"]
+    """``(float16 embeddings, bool valid, meta)`` of a cache file; float16 files stay mapped.
+    :class:`CacheFileError` if it is damaged."""
+    try:
+        data = load_file(str(path))
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        emb, valid = data["embeddings"], data["valid"]
+    except Exception as e:  # safetensors raises its own SafetensorError; a missing tensor, KeyError
+        raise CacheFileError(f"anchor cache {path} cannot be read ({type(e).__name__}: {e})") from e
     if emb.dtype != torch.float16:
         emb = emb.to(torch.float16)  # a float32 file from an earlier version
-    return emb, data["valid"].bool(), meta
+    return emb, valid.bool(), meta
 
 
 def _write(path: Path, emb: torch.Tensor, valid: torch.Tensor, meta: dict) -> None:
@@ -296,6 +317,9 @@ def _write(path: Path, emb: torch.Tensor, valid: torch.Tensor, meta: dict) -> No
     tag = f".tmp{gbdist.rank()}-{os.getpid()}"
     tmp = path.with_name(path.name + tag)
     save_file({"embeddings": emb.contiguous(), "valid": valid.to(torch.uint8).contiguous()}, str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors 0.8 writes 0600 whatever the umask (safetensors#782)
     mtmp = path.with_suffix(".json" + tag)
     mtmp.write_text(json.dumps(meta, indent=2))
     mtmp.replace(path.with_suffix(".json"))
@@ -337,8 +361,10 @@ def cached_embeddings(
     progress: bool = False,
     strict: bool = False,
     gather_bytes: int = 256 * 2**20,
+    say=None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Anchor embeddings of ``table`` from the cache, computing and storing them on a miss.
+    """Anchor embeddings of ``table`` from the cache, computing and storing them on a miss
+    (a damaged file too, with a warning through ``say``, default ``print``).
 
     Returns ``(embeddings [N, D] float16, valid [N] bool, info)``; ``info`` has ``path``,
     ``hit`` and ``bad`` counts (summed over ranks). Under ``torch.distributed`` every rank must
@@ -351,8 +377,14 @@ def cached_embeddings(
         # A hit only if every rank can read the file; otherwise all compute (collectives below).
         seen = bool(gbdist.all_reduce_min_int(int(seen)))
     if seen:
-        emb, valid, meta = _read(path)
-        return emb, valid, {"path": str(path), "hit": True, "bad": meta.get("bad", {})}
+        try:
+            emb, valid, meta = _read(path)
+        except CacheFileError as e:
+            if gbdist.is_distributed():  # every rank must take the same way: no recomputation here
+                raise CacheFileError(f"{e}; delete it to have it computed again") from None
+            (say or print)(f"warning: {e}; computing it again")
+        else:
+            return emb, valid, {"path": str(path), "hit": True, "bad": meta.get("bad", {})}
 
     world, r = gbdist.world_size(), gbdist.rank()
     n = len(table)

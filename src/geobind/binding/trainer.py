@@ -257,12 +257,28 @@ def train_loader(data: Table | ShardSet, items, *, valid: torch.Tensor, batch_si
     return loader, None
 
 
+# How long a loader worker outlives a SIGTERM sent to the whole job (see _worker_sigterm).
+WORKER_SIGTERM_GRACE_S = 60
+
+
+def _worker_sigterm(signum, frame) -> None:
+    """A SIGTERM in a loader worker. Slurm (at a time limit or ``scancel``), systemd and
+    ``kill -- -PGID`` signal every process of the job, the workers included: a worker that died
+    of it at once would fail the loader (``DataLoader worker ... is killed by signal``) before
+    its rank reaches the step boundary where it writes the stop's checkpoint. So the worker
+    keeps serving; its rank ends it as the loader closes. Should that not happen, it ends
+    itself after a grace period, and a second SIGTERM (a loader's own ``terminate()``) ends it
+    at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.alarm(WORKER_SIGTERM_GRACE_S)
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave Ctrl-C (which a terminal sends to every process of the job) to
-    their rank, which stops at the next step; a worker that died of it would fail the loader
-    before that. SIGTERM keeps its default: it is how a loader ends its workers."""
+    """Loader workers leave Ctrl-C (which a terminal sends to every process of the job) and a
+    job-wide SIGTERM to their rank, which stops at the next step; a worker that died of either
+    would fail the loader before that (see :func:`_worker_sigterm`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's own, inherited at the fork
+    signal.signal(signal.SIGTERM, _worker_sigterm)  # not the command's own, inherited at the fork
 
 
 class _AgreedStop(Exception):
@@ -690,6 +706,15 @@ class Trainer:
         """Run every stage (skipping finished ones on resume) and return the final model directory.
         Raises FileExistsError, FileNotFoundError or ValueError if the run cannot start, and
         :class:`TrainingInterrupted` when it is stopped or interrupted."""
+        try:
+            return self._run()
+        finally:
+            lock = getattr(self, "_lock_file", None)
+            if lock is not None:  # closing it releases the lock (a later run in this process may start)
+                lock.close()
+                self._lock_file = None
+
+    def _run(self) -> Path:
         cfg = self.cfg
         # Rank 0 checks, every rank raises: a refusal must not leave the others in a barrier.
         refusal = self._preflight() if self.main else None
@@ -701,6 +726,9 @@ class Trainer:
             raise {"exists": FileExistsError, "missing": FileNotFoundError, "changed": ValueError,
                    "unreadable": ValueError}[kind](message)
         if self.main:
+            if self.resume and not any(self.out.glob("stages/*/" + CHECKPOINT)) \
+                    and not any(self.out.glob("stages/*/" + DONE)):
+                self._say(f"--resume: {self.out} holds no checkpoint or finished stage; starting the run")
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
@@ -808,6 +836,36 @@ class Trainer:
         batches = _batch_problems(cfg, done, self.dist.world_size, self._read, resumed)
         if batches:
             return "unreadable", "; ".join(batches)
+        # Last, so that a run refused for another reason creates nothing.
+        busy = self._lock_output()
+        if busy:
+            return "exists", busy
+        return None
+
+    def _lock_output(self) -> str | None:
+        """Hold an exclusive lock on ``<output_dir>/.lock`` while the run lasts (released by the
+        operating system however the process ends, ``kill -9`` included). Two runs in one
+        output_dir (a ``--resume`` started while the first still trains, a requeued job) would
+        both write its checkpoints and metrics. Returns why the run cannot start, or ``None``."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            return (f"{self.out} is in use by another training process (pid {holder}); wait for it to "
+                    "end, or stop it, before training or resuming there")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock_file = f  # held until the process ends
         return None
 
     def _initial_space(self) -> GeoBind:
@@ -908,7 +966,7 @@ class Trainer:
                 f"({o.batch_size}); lower optim.batch_size"
             )
         total = o.max_steps or steps_per_epoch * o.epochs
-        if o.warmup_steps >= total:
+        if o.warmup_steps > total:
             self._say(f"warning: stage {scfg.name}: optim.warmup_steps ({o.warmup_steps}) is not below the "
                       f"stage's {total} steps, so the learning rate never reaches optim.lr ({o.lr:g}); lower "
                       "optim.warmup_steps")
@@ -924,6 +982,7 @@ class Trainer:
         ckpt_path = stage_dir / CHECKPOINT
         ckpt_step: int | None = None  # the step of the checkpoint on disk, when known
         fp = _stage_fingerprint(scfg)
+        resumed_loss = float("nan")
         if ckpt_path.is_file():
             if not self.resume:
                 raise FileExistsError(f"{ckpt_path} exists; pass --resume to continue, or use another output_dir")
@@ -949,7 +1008,12 @@ class Trainer:
             bad.clear()
             bad.update(ck.get("bad", {}))
             _set_rng_state(ck["rng"])
+            resumed_loss = ck.get("last_loss", float("nan"))
             self._say(f"stage {scfg.name}: resumed at step {step} (epoch {epoch + 1}, batch {step_in_epoch})")
+            if ck.get("data_identity") not in (None, table.identity):
+                self._say(f"warning: stage {scfg.name}: {scfg.data.train} changed since the checkpoint was "
+                          "written; the resumed stage trains on the new data, so it does not continue the "
+                          "interrupted run exactly (its epochs' order and length change)")
 
         if o.grad_checkpointing:
             encoder.set_grad_checkpointing(True)
@@ -1007,7 +1071,8 @@ class Trainer:
                      "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
                      "step_in_epoch": step_in_epoch, "samples": samples, "segments": segments,
                      "world_size": world, "rng": _rng_state(), "bad": dict(bad), "fingerprint": fp,
-                     "val_due": val_due},
+                     "val_due": val_due, "data_identity": table.identity,
+                     "last_loss": float(last_loss_t) if last_loss_t is not None else last_loss},
                     ckpt_path,
                 )
             saved, ckpt_step = at, step
@@ -1032,7 +1097,7 @@ class Trainer:
         loop = {"data": 0.0, "step": 0.0, "samples_before": samples}
         bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
         stage.train()
-        last_loss, last_loss_t = float("nan"), None
+        last_loss, last_loss_t = resumed_loss, None
         stand_in = None  # this rank's last batch (several ranks): run when a step leaves it none
         hinted = False  # the data-wait hint is given once per stage
         profiler = None
@@ -1300,7 +1365,7 @@ class Trainer:
         return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
                                  num_workers=workers,
                                  progress=self.progress and self.main,
-                                 strict=scfg.data.strict)
+                                 strict=scfg.data.strict, say=self._say)
 
     @torch.no_grad()
     def _validate(self, stage: BindingStage, val, scfg: StageConfig, writer, step: int, epoch: int):
