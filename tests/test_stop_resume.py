@@ -404,3 +404,169 @@ def test_log_lines_during_training_start_their_own_line_beside_the_progress_bar(
     starts = [i for i in range(len(err)) if err.startswith("stage satellite step ", i)]
     assert len(starts) >= 2  # validations at steps 2, 4 and 6
     assert all(err[i - 1] in "\r\n" for i in starts), [err[max(0, i - 40):i + 20] for i in starts]
+
+
+# `geobind train` (argv after the marker path) whose step 2 writes the marker file (the run is
+# training, its loader workers are up) and waits there for the SIGTERM the test sends to the
+# whole process group, then a second longer, as a longer step would: the workers have the
+# signal meanwhile. The wait is bounded, so a child that never gets the signal ends anyway.
+_STEP_WAITS_FOR_SIGTERM = """
+import os, signal, sys, time
+from pathlib import Path
+
+from geobind.binding.step import StepRunner
+from geobind.cli import main
+
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+real, calls = StepRunner.__call__, [0]
+
+
+def call(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == 2:
+        marker.write_text(str(os.getpid()))
+        until = time.monotonic() + 60
+        while not signal.getsignal(signal.SIGTERM).__self__.requested and time.monotonic() < until:
+            time.sleep(0.05)
+        time.sleep(1.0)
+    return real(self, *a, **k)
+
+
+StepRunner.__call__ = call
+sys.exit(main(argv))
+"""
+
+
+def test_a_sigterm_to_the_whole_job_with_loader_workers_stops_with_a_checkpoint(tiny_data, tmp_path, capsys):
+    """Slurm, systemd and ``kill -- -PGID`` signal every process of the job, the loader workers
+    too: the run still stops at the step boundary as a SIGTERM to the main process alone does
+    (exit 143, the stop's checkpoint written), rather than failing as its workers die, and
+    ``--resume`` completes it."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from dist_helpers import _children
+
+    from geobind.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(_cfg(tiny_data, tmp_path / "run").to_dict()))
+    args = ["train", str(cfg), "--no-progress", "--set", "stages.0.optim.num_workers=2"]
+    marker = tmp_path / "in-step-2"
+    proc = subprocess.Popen([sys.executable, "-c", _STEP_WAITS_FOR_SIGTERM, str(marker), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, which the test signals
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), f"the run never reached step 2 (exit {proc.poll()})"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers  # the loader's workers are up, and get the signal too
+        os.killpg(proc.pid, signal.SIGTERM)
+        said, _ = proc.communicate(timeout=120)
+    except BaseException as e:  # a hang (or a failed check) kills the job instead of blocking
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        said = proc.communicate(timeout=30)[0]
+        pytest.fail(f"{type(e).__name__}: {e}\n{said}")
+    assert proc.returncode == 143, said
+    assert "stopped after step 2" in said and "resumable checkpoint" in said, said
+    assert "killed by signal" not in said and "exited unexpectedly" not in said, said
+    ck = torch.load(tmp_path.joinpath("run", *STAGE, "checkpoint.pt"), weights_only=False)
+    assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (2, 0, 2)
+    assert main([*args, "--resume"]) == 0
+    done = json.loads(tmp_path.joinpath("run", *STAGE, "done.json").read_text())
+    assert done["resumed_at_step"] == 2 and done["steps"] == 6
+
+
+def test_a_run_is_refused_an_output_dir_another_training_process_holds(tiny_data, tmp_path, capsys):
+    """A ``--resume`` started while the run is still training (it holds ``<output_dir>/.lock``)
+    is refused, naming the holder, and changes nothing there; once the lock is released it
+    resumes, and a run that ended releases the lock."""
+    import fcntl
+
+    out = tmp_path / "run"
+    ckpt = out.joinpath(*STAGE, "checkpoint.pt")
+    with sigint_during_step(2):
+        assert _cli_train(tiny_data, tmp_path, capsys)[0] == 130
+    written = ckpt.stat().st_mtime_ns
+    with open(out / ".lock", "a+") as held:  # as the first run holds it while it trains
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the stopped run released it
+        held.truncate(0)
+        held.write(str(os.getpid()))
+        held.flush()
+        rc, said = _cli_train(tiny_data, tmp_path, capsys, "--resume")
+    assert rc == 2, said
+    assert f"{out} is in use by another training process (pid {os.getpid()})" in said, said
+    assert ckpt.stat().st_mtime_ns == written and not out.joinpath(*STAGE, "done.json").exists()
+    rc, said = _cli_train(tiny_data, tmp_path, capsys, "--resume")
+    assert rc == 0, said
+    assert json.loads(out.joinpath(*STAGE, "done.json").read_text())["resumed_at_step"] == 2
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the run ended
+
+
+def test_resume_of_an_output_dir_without_a_checkpoint_says_it_starts_the_run(tiny_data, tmp_path):
+    said = []
+    out = tmp_path / "run"
+    train(_cfg(tiny_data, out, max_steps=2), resume=True, progress=False, log=said.append)
+    assert f"--resume: {out} holds no checkpoint or finished stage; starting the run" in said, said
+    assert json.loads(out.joinpath(*STAGE, "done.json").read_text())["steps"] == 2
+
+
+def test_a_resume_after_the_training_data_changed_warns(tiny_data, tmp_path):
+    """The checkpoint records which data it trained on: a resume on a manifest edited since
+    (here one caption) says the resumed stage does not continue the interrupted run exactly."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data["root"], data)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(_cfg(tiny_data, out, data=data / "stage1.csv", max_steps=4), progress=False, log=None,
+              stop_at_step=2)
+    manifest = data / "stage1.csv"
+    text = manifest.read_text()
+    first = text.splitlines()[1]
+    manifest.write_text(text.replace(first, first.replace("a photo of a", "a picture of a"), 1))
+    said = []
+    train(_cfg(tiny_data, out, data=data / "stage1.csv", max_steps=4), resume=True, progress=False,
+          log=said.append)
+    warned = [s for s in said if "changed since the checkpoint was written" in s]
+    assert len(warned) == 1 and str(manifest) in warned[0], said
+
+
+def test_a_run_interrupted_after_its_last_checkpoint_records_its_final_loss(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C after the last step's checkpoint, before the stage's done.json: the resumed stage
+    has no step left to train, and records the loss of that last step (the checkpoint keeps
+    it), a number in valid JSON rather than NaN. The data did not change: no warning."""
+    from geobind.binding import trainer as trainer_mod
+
+    out = tmp_path / "run"
+
+    def interrupted(*a, **k):  # called as the stage's record is built, after its last checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "_throughput", interrupted)
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(_cfg(tiny_data, out, max_steps=4, ckpt_every=2), progress=False, log=None)
+    monkeypatch.undo()
+    assert torch.load(out.joinpath(*STAGE, "checkpoint.pt"), weights_only=False)["step"] == 4
+    assert not out.joinpath(*STAGE, "done.json").exists()
+    said = []
+    final = train(_cfg(tiny_data, out, max_steps=4, ckpt_every=2), resume=True, progress=False, log=said.append)
+    assert not any("changed since the checkpoint" in s for s in said), said
+
+    def strict(text):
+        def refuse(constant):
+            raise ValueError(f"not JSON: {constant}")
+        return json.loads(text, parse_constant=refuse)
+
+    done = strict(out.joinpath(*STAGE, "done.json").read_text())
+    assert done["resumed_at_step"] == 4 and done["steps"] == 4
+    last_logged = float(_metrics(out)[-1]["loss"])  # step 4's, rounded to 6 places
+    assert done["final_loss"] == pytest.approx(last_logged, abs=1e-6)
+    assert strict((final / "geobind.json").read_text())["stages"][0]["final_loss"] == done["final_loss"]

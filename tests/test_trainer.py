@@ -828,3 +828,18 @@ def test_manifest_paths_written_from_the_working_folder_get_a_hint(tiny_data, tm
     d["eval"] = None
     problems = _unreadable_data(parse_config(d))
     assert len(problems) == 2 and all("ds/tiles/0.png exists relative to the working folder" in p for p in problems)
+
+
+def test_a_warmup_as_long_as_the_stage_is_not_warned_about(tiny_data, tmp_path):
+    """Warmup step s trains at (s + 1) / warmup of optim.lr, so a warmup of the stage's length
+    reaches optim.lr in its last step: no warning. One step longer never does, and is warned."""
+    for warmup, warned in ((2, False), (3, True)):
+        d = tiny_config(tiny_data, tmp_path / f"warmup{warmup}", steps=2, audio=False)
+        d["eval"] = None
+        d["stages"][0]["optim"]["warmup_steps"] = warmup
+        said = []
+        train(parse_config(d), progress=False, log=said.append)
+        assert any(f"warmup_steps ({warmup}) is not below the stage's 2 steps" in s for s in said) == warned, said
+        with open(tmp_path / f"warmup{warmup}" / "stages" / "01-satellite" / "metrics.csv") as f:
+            last_lr = float(list(csv.DictReader(f))[-1]["lr"])
+        assert (last_lr == pytest.approx(1e-3)) != warned, last_lr
