@@ -159,7 +159,12 @@ def test_an_existing_output_error_pickles_with_its_path(tmp_path):
 
 
 def test_plugins_named_in_the_environment_are_imported_by_every_command(tmp_path, monkeypatch, capsys):
+    from geobind import modality
     from geobind.modality import get_modality
+
+    # The probe modality is gone after the test: a registered modality is part of every shard
+    # set's identity, which later tests' ranks (spawned without it) would compute otherwise.
+    monkeypatch.setattr(modality, "_REGISTRY", dict(modality._REGISTRY))
 
     (tmp_path / "geobind_probe_plugin.py").write_text(
         "from geobind.modality import ModalitySpec, register_modality\n"

@@ -545,8 +545,24 @@ def test_a_starved_model_gets_one_hint_on_feeding_it_faster(tiny_data, tmp_path,
         logs[workers] = (tmp_path / f"w{workers}" / "train.log").read_text()
     hint = "of the time waiting for the loader, so the input, not the model, sets the pace"
     assert logs[1].count(hint) == 1
-    assert "augment_on: device" in logs[1] and "geobind data pack` (`--image-size 256`" in logs[1]
+    # On a CPU, device augmentation would only move the loader's work into the training process.
+    assert "augment_on: device" not in logs[1] and "geobind data pack` (`--image-size 256`" in logs[1]
     assert hint not in logs[0]
+    from types import SimpleNamespace
+
+    from geobind.binding.trainer import _data_wait_hint
+
+    class Encoder:  # the parts of an encoder the hint reads
+        transform = SimpleNamespace(augment="overhead", on_device=False)
+
+        def __init__(self, cuda):
+            self.cuda = cuda
+
+        def parameters(self):
+            return iter([SimpleNamespace(is_cuda=self.cuda)])
+
+    assert "augment_on: device" in _data_wait_hint("s", 0.3, 2, 5, 1, Encoder(True), packed=True)
+    assert "augment_on: device" not in _data_wait_hint("s", 0.3, 2, 5, 1, Encoder(False), packed=True)
 
 
 def test_profile_records_the_chosen_steps_of_each_stage(tiny_data, tmp_path, capsys):
@@ -769,8 +785,9 @@ def test_a_diverged_loss_stops_the_run_and_batch_sizes_are_checked_before_traini
     d["eval"] = None
     real = stage_mod.total_loss
     monkeypatch.setattr("geobind.binding.step.total_loss", lambda out: real(out) * float("nan"))
-    with pytest.raises(TrainingDiverged, match=r"the loss became nan by step 1; the model was not saved"):
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan by step 1; the model was not saved") as e:
         train(parse_config(d), progress=False, log=None)
+    assert str(e.value).endswith("Lower optim.lr or check the data")  # fp16 is named only under fp16
     assert not (tmp_path / "nan" / "model").exists()
     # NaN from step 3 on, read on log rows every 10 steps: the checkpoint due at step 4 is not
     # written with diverged weights; step 2's stays, and is finite.

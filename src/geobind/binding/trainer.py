@@ -117,7 +117,9 @@ def _data_wait_hint(stage: str, wait: float, first: int, last: int, workers: int
     if workers < cpus - 1:
         hints.append(f"raise optim.num_workers (now {workers} per rank; {cpus} cores here)")
     transform = getattr(encoder, "transform", None)
-    if transform is not None and getattr(transform, "augment", None) == "overhead" and not transform.on_device:
+    on_gpu = any(p.is_cuda for p in encoder.parameters())  # on a CPU it would only move the work
+    if (transform is not None and getattr(transform, "augment", None) == "overhead" and not transform.on_device
+            and on_gpu):
         hints.append("set augment_on: device in the encoder (the loader then only decodes tiles)")
     if not packed:
         how = ("`--image-size 256` pre-resizes the tiles" if transform is not None
@@ -1054,8 +1056,9 @@ class Trainer:
                 raise TrainingDiverged(
                     f"stage {scfg.name}: {what} "
                     f"by step {step}; the model was not saved, and neither was a checkpoint after it (an "
-                    "earlier checkpoint, if any, stays). Lower optim.lr, check the data, or train in bf16 or "
-                    "fp32 instead of fp16")
+                    "earlier checkpoint, if any, stays). Lower optim.lr"
+                    + (", check the data, or train in bf16 or fp32 instead of fp16" if scaler is not None
+                       else " or check the data"))
 
         def save_ckpt():
             nonlocal saved, ckpt_step
