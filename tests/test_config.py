@@ -244,3 +244,11 @@ def test_an_empty_optim_or_loss_section_takes_the_defaults(tiny_data, tmp_path):
     cfg = parse_config(d)
     assert cfg.stages[0].optim == type(cfg.stages[0].optim)()
     assert cfg.stages[0].loss == type(cfg.stages[0].loss)()
+
+
+def test_set_without_an_equals_sign_says_key_equals_value(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(tmp_path / "run.yaml"), "--set", "seed", "3"])
+    assert e.value.code == 2
+    assert "expected KEY=VALUE, e.g. stages.satellite.optim.lr=1e-4 (no spaces around =), got 'seed'" in (
+        capsys.readouterr().err)

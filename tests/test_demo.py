@@ -53,9 +53,18 @@ def test_force_replaces_only_a_demo_folder(tmp_path):
         prepare_out(tmp_path / "file", force=True)
     demo = tmp_path / "demo"
     prepare_out(demo, force=False)
-    (demo / "partial.csv").write_text("an interrupted run")
+    (demo / "world").mkdir()
+    (demo / "world" / "partial.csv").write_text("an interrupted run")
     prepare_out(demo, force=True)
     assert sorted(p.name for p in demo.iterdir()) == [".geobind-demo"]
+    # A file the user added to a demo's folder is named, not deleted with the demo's outputs.
+    (demo / "report.md").write_text("the demo's")
+    (demo / "my_embeddings.parquet").write_text("the user's")
+    with pytest.raises(FileExistsError, match="my_embeddings.parquet, which the demo did not write"):
+        prepare_out(demo, force=True)
+    assert (demo / "my_embeddings.parquet").read_text() == "the user's"
+    (demo / "my_embeddings.parquet").unlink()
+    prepare_out(demo, force=True)
     # A folder holding only the mark (a start that failed) counts as empty.
     prepare_out(demo, force=False)
 

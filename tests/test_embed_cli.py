@@ -607,3 +607,15 @@ def test_batch_size_auto_is_small_on_a_cpu_and_large_on_a_gpu(model_dir, tiny_da
     with pytest.raises(SystemExit):
         main([*common, "--batch-size", "0"])
     assert "whole number of 1 or more" in capsys.readouterr().err
+
+
+def test_embed_refuses_to_write_over_the_dataset_it_reads(model_dir, tiny_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "test.csv"
+    shutil.copy(tiny_data["test"], data)
+    before = data.read_bytes()
+    assert main(["embed", "--model", str(model_dir), "--data", str(data), "--modality", "satellite",
+                 "--out", str(data), "--force", "--no-progress"]) == 2
+    assert "is the dataset being embedded (--data): name a new .parquet file" in capsys.readouterr().err
+    assert data.read_bytes() == before

@@ -512,3 +512,15 @@ def test_16_bit_raster_tiles_are_scaled_as_the_geotiff_layout_scales_them(model,
         model.map(text="forest", raster=tmp_path / "r16.tif", tile_size=32, pixel_scale="bright")
     with pytest.raises(ValueError, match="pixel scale -1"):
         model.map(text="forest", raster=tmp_path / "r16.tif", tile_size=32, pixel_scale=-1)
+
+
+def test_a_point_map_summary_ranges_over_places_as_its_best_place_does():
+    from geobind.search.maps import describe
+
+    rng = np.random.default_rng(0)
+    lat, lon = rng.uniform(0, 10, 300), rng.uniform(0, 10, 300)
+    v = _unit(rng, 300)
+    res = map_points(v, lat, lon, [str(i) for i in range(300)], v[0], resolution=5.0)
+    text = describe(res)
+    best = float((v @ v[0]).max())
+    assert f"max {best:.4f}" in text and "scores (per place)" in text

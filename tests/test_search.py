@@ -532,3 +532,17 @@ def test_an_index_of_non_finite_rows_is_refused():
     vec[[3, 7]] = np.nan
     with pytest.raises(ValueError, match=r"2 embedding row\(s\) are not finite .* ids 'p3', 'p7'"):
         Index.build(synthetic_embeddings(vec), "exact")
+
+
+def test_a_damaged_index_says_rebuild_it(tmp_path):
+    index = Index.build(synthetic_embeddings(clustered_unit_vectors(20, 8)), "exact")
+    index.save(tmp_path / "a.index")
+    (tmp_path / "a.index" / "vectors.npy").write_bytes(b"\x93NUMPY")  # cut short
+    with pytest.raises(ValueError, match=r"a.index is damaged .*rebuild it with `geobind index build`"):
+        Index.load(tmp_path / "a.index")
+    (tmp_path / "a.index" / "vectors.npy").unlink()
+    with pytest.raises(ValueError, match="is damaged: vectors.npy missing; rebuild it"):
+        Index.load(tmp_path / "a.index")
+    (tmp_path / "a.index" / "index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is damaged: index.json does not read"):
+        Index.load(tmp_path / "a.index")

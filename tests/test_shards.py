@@ -537,3 +537,10 @@ def test_data_throughput_benchmark_quick_run(tmp_path):
         json.loads((tmp_path / "r.json").read_text())["machine"]["gpu"] is None
         or torch.cuda.is_available()
     )
+
+
+def test_pack_refuses_a_sample_rate_below_one_before_making_its_folder(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "pack", str(tiny_data["stage2"]), str(tmp_path / "out"), "--audio-rate", "-5"])
+    assert e.value.code == 2 and "a sample rate in Hz, e.g. 48000" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML run config")
     t.add_argument("--show-config", metavar="NAME", choices=shipped_configs(),
                    help=f"print a config that ships with geobind ({', '.join(shipped_configs())}) and exit")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_override,
                    help="override a config value (dotted path; stages by index or name); repeatable")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its checkpoints")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass (default: 64)")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
 
     try:
@@ -151,6 +152,15 @@ def _device(name: str):
     from geobind.distributed import parse_device
 
     return parse_device(name)
+
+
+def _override(text: str) -> str:
+    """argparse type of ``--set``: ``KEY=VALUE``, checked here so that ``--set key value`` is
+    reported as what it is (not as an unrecognised argument ``value``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE, e.g. stages.satellite.optim.lr=1e-4 (no spaces around =), got {text!r}")
+    return text
 
 
 def _profile_window(text: str) -> tuple[int, int]:
@@ -238,7 +248,7 @@ def cmd_eval(args) -> int:
     check_writable(args.out, force=args.force)  # before the evaluation, which can take a while
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
     data = read_dataset(args.data, args.layout, **parse_layout_options(args.layout_options))
-    report = evaluate(model, data, batch_size=args.batch_size, progress=True)
+    report = evaluate(model, data, batch_size=args.batch_size, progress=not args.no_progress)
     print_report(report, model)
     if args.out:
         write_report(report, Path(args.out), force=args.force)

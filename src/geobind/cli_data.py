@@ -80,7 +80,7 @@ def add_data_parser(subparsers) -> None:
         "out", help="output folder for the shards (created; resumed if it holds an unfinished pack)"
     )
     p.add_argument(
-        "--shard-size", type=int, default=1000, metavar="N", help="rows per shard (default: 1000)"
+        "--shard-size", type=_workers_arg, default=1000, metavar="N", help="rows per shard (default: 1000)"
     )
     p.add_argument(
         "--image-size",
@@ -97,10 +97,10 @@ def add_data_parser(subparsers) -> None:
     )
     p.add_argument(
         "--audio-rate",
-        type=int,
+        type=_rate_arg,
         default=None,
         metavar="HZ",
-        help="decode, downmix and resample audio to this rate, stored as FLAC (default: copy files)",
+        help="decode, downmix and resample audio to this rate, stored as --audio-format (default: copy files)",
     )
     p.add_argument(
         "--audio-format",
@@ -111,7 +111,8 @@ def add_data_parser(subparsers) -> None:
         "sample, where FLAC's size depends on the audio)",
     )
     p.add_argument(
-        "--workers", type=_workers_arg, default=1, metavar="N", help="processes writing shards in parallel"
+        "--workers", type=_workers_arg, default=1, metavar="N",
+        help="processes writing shards in parallel (default: 1)"
     )
     add_layout_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -144,7 +145,7 @@ def add_data_parser(subparsers) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the cell assignment (default: 0)")
     s.add_argument(
         "--buffer-cells",
-        type=int,
+        type=_count_arg,
         default=0,
         metavar="K",
         help="also keep training samples out of cells within K cells of a val/test cell",
@@ -175,7 +176,7 @@ def add_data_parser(subparsers) -> None:
     )
     c.add_argument(
         "--examples",
-        type=int,
+        type=_count_arg,
         default=10,
         metavar="N",
         help="how many problems to list (default: 10)",
@@ -192,6 +193,10 @@ def _count_arg(text: str) -> int:
 
 def _workers_arg(text: str) -> int:
     return whole_number(text, 1)
+
+
+def _rate_arg(text: str) -> int:
+    return whole_number(text, 1, "a sample rate in Hz, e.g. 48000")
 
 
 def _size_arg(text: str) -> int:

@@ -188,10 +188,10 @@ def add_space_parsers(sub) -> None:
         "--no-thumbnails", action="store_true", help="do not store thumbnails of image items"
     )
     e.add_argument(
-        "--thumbnail-size", type=int, default=128, help="thumbnail size in px (default: 128)"
+        "--thumbnail-size", type=positive_int, default=128, help="thumbnail size in px (default: 128)"
     )
     e.add_argument(
-        "--chunk-rows", type=int, default=4096, help="rows per resumable part (default: 4096)"
+        "--chunk-rows", type=positive_int, default=4096, help="rows per resumable part (default: 4096)"
     )
     e.add_argument(
         "--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the rank's GPU)"
@@ -228,7 +228,7 @@ def add_space_parsers(sub) -> None:
         "--no-thumbnails", action="store_true", help="do not store thumbnails of image items"
     )
     b.add_argument(
-        "--thumbnail-size", type=int, default=128, help="thumbnail size in px (default: 128)"
+        "--thumbnail-size", type=positive_int, default=128, help="thumbnail size in px (default: 128)"
     )
     b.add_argument(
         "--nlist",
@@ -276,7 +276,7 @@ def add_space_parsers(sub) -> None:
     )
     s.add_argument("--index", required=True, help="index folder from `geobind index build`")
     _add_query_args(s)
-    s.add_argument("--k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument("--k", type=positive_int, default=10, help="number of results (default 10)")
     s.add_argument(
         "--exact", action="store_true", help="exact search even when the index is approximate"
     )
@@ -371,6 +371,8 @@ def cmd_embed(args) -> int:
     from geobind.model import GeoBind
     from geobind.search.embed import embed_dataset
 
+    if Path(args.data).is_file() and Path(args.out).resolve() == Path(args.data).resolve():
+        raise ValueError(f"--out {args.out} is the dataset being embedded (--data): name a new .parquet file")
     info = distributed.init_distributed(device=args.device)
     device = info.device if info.distributed else _device(args.device)
     model = GeoBind.from_pretrained(args.model, device=device)

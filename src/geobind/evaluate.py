@@ -116,6 +116,11 @@ def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = 
         )
     if emergent:
         lines.append("* emergent: these two modalities were never trained together")
+    ns = sorted({int(m["n"]) for m in pairs.values()})
+    if ns:  # what a random ranking scores, to read the table against
+        n = ns[-1]
+        lines.append(f"chance (random ranking{'' if len(ns) == 1 else f', n={n}'}): R@1 {1 / n:.3f}, "
+                     f"R@5 {min(1.0, 5 / n):.3f}, R@10 {min(1.0, 10 / n):.3f}, median rank {(n + 1) / 2:.1f}")
     small = sorted({k for m in pairs.values() for k in (1, 5, 10) if m["n"] <= k})
     if small:
         lines.append(f"note: R@{'/R@'.join(map(str, small))} is 1.0 by construction for a pair of n <= {small[-1]} "

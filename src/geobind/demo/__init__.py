@@ -161,6 +161,10 @@ def write_configs(out: Path, p: Preset, seed: int) -> tuple[Path, Path]:
 
 DEMO_MARK = "# GeoBind demo"
 DEMO_FOLDER_MARK = ".geobind-demo"
+# Everything a demo writes at the top of its folder: what --force may delete.
+DEMO_OUTPUTS = frozenset({DEMO_FOLDER_MARK, "world", "anchor", "run", "baseline", "model", "maps", "config.yaml",
+                          "baseline.yaml", "report.json", "report.md", "places.parquet", "places.parquet.parts",
+                          "places.index"})
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -180,6 +184,12 @@ def prepare_out(out: Path, force: bool) -> None:
         if not ours:
             raise FileExistsError(f"{out} holds files that are not an earlier demo's; not deleting them: "
                                   "choose another --out")
+        # Files the user added (embeddings, notes...) are named rather than deleted with the rest.
+        others = sorted(p.name for p in out.iterdir() if p.name not in DEMO_OUTPUTS)
+        if others:
+            raise FileExistsError(f"{out} is an earlier demo's folder but also holds {', '.join(others[:5])}"
+                                  f"{' ...' if len(others) > 5 else ''}, which the demo did not write: move "
+                                  "them out, or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     # Marks the folder as the demo's from the start, so --force can replace an interrupted run.

@@ -352,13 +352,25 @@ class Index:
             raise ValueError(
                 f"{path} is not a GeoBind index (no index.json); build one with `geobind index build`"
             )
-        header = json.loads(head.read_text())
+        try:
+            header = json.loads(head.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"index {path} is damaged: {head.name} does not read ({e}); rebuild it with "
+                             "`geobind index build`, or copy it again") from None
         if header.get("format") != FORMAT:
             raise ValueError(f"{path} is not a GeoBind index (format {header.get('format')!r})")
         if header.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} has index format {header['format_version']}; upgrade geobind")
-        items = pq.read_table(path / "items.parquet")
-        vectors = np.load(path / "vectors.npy", mmap_mode="r" if mmap else None)
+        lost = [n for n in ("items.parquet", "vectors.npy") if not (path / n).is_file()]
+        if lost:
+            raise ValueError(f"index {path} is damaged: {' and '.join(lost)} missing; rebuild it with "
+                             "`geobind index build`, or copy it again")
+        try:
+            items = pq.read_table(path / "items.parquet")
+            vectors = np.load(path / "vectors.npy", mmap_mode="r" if mmap else None)
+        except (OSError, ValueError, EOFError) as e:  # a missing or cut-short file
+            raise ValueError(f"index {path} is damaged ({e}); rebuild it with `geobind index build`, or "
+                             "copy it again") from None
         n = items.num_rows
         if vectors.shape != (n, header["dim"]) or n != header["count"]:
             raise ValueError(

@@ -806,14 +806,17 @@ def output_paths(out: str | Path | None, png: str | Path | None = None, csv: str
 def describe(result: MapResult) -> str:
     """A short summary for the command line: the query, what the scores mean, their range and
     the best tile or place."""
-    v = result.values[np.isfinite(result.values)]
+    t = result.table[np.isfinite(result.table["score"])]
+    points = "id" in t
+    # A point map's grid holds the mean score of the places in each cell: summarise the places
+    # themselves, so that the range agrees with the best place printed below.
+    v = t["score"].to_numpy() if points else result.values[np.isfinite(result.values)]
     lines = [f"query: {result.query}", f"score: {result.score_label}"]
     lines.append(
-        f"scores: min {v.min():.4f}, mean {v.mean():.4f}, max {v.max():.4f}"
+        f"scores{' (per place)' if points else ''}: min {v.min():.4f}, mean {v.mean():.4f}, max {v.max():.4f}"
         if v.size
         else "scores: no data"
     )
-    t = result.table[np.isfinite(result.table["score"])]
     if len(t):
         b = t.loc[t["score"].idxmax()]
         where = (
