@@ -359,6 +359,8 @@ def test_default_outputs_never_give_one_file_two_roles():
         assert len(set(outs.values())) == 3, name
     assert default_outputs("m.png") == {"tif": Path("m.tif"), "png": Path("m.png"), "csv": Path("m.csv")}
     assert default_outputs("m.tif")["png"] == Path("m.png") and default_outputs("m")["tif"] == Path("m.tif")
+    with pytest.raises(ValueError, match=r"m.jpg: a map is written as a GeoTIFF .*name the map m.tif"):
+        default_outputs("m.jpg")  # would otherwise be a GeoTIFF named .jpg
 
 
 def test_raster_is_read_window_by_window(model, tmp_path, monkeypatch):

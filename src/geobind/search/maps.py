@@ -764,12 +764,19 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
 
 
+# Suffixes of formats a map is not written in: a file so named would hold a GeoTIFF.
+OTHER_FORMATS = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".json", ".parquet", ".txt", ".npy", ".geojson")
+
+
 def default_outputs(out: str | Path) -> dict[str, Path]:
     """``map.tif`` -> ``{"tif": map.tif, "png": map.png, "csv": map.csv}``. A name ending in
     ``.png`` or ``.csv`` names that output, the others beside it (``map.png`` -> ``map.tif``,
     ``map.png``, ``map.csv``)."""
     out = Path(out)
     suffix = out.suffix.lower()
+    if suffix in OTHER_FORMATS:
+        raise ValueError(f"{out}: a map is written as a GeoTIFF (.tif), a PNG (.png) and a CSV (.csv), not "
+                         f"{suffix}; name the map {out.with_suffix('.tif')}, or one of its outputs")
     if suffix in (".png", ".csv"):
         stem = out.with_suffix("")
         paths = {"tif": stem.with_suffix(".tif"), "png": stem.with_suffix(".png"), "csv": stem.with_suffix(".csv")}
