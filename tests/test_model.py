@@ -324,3 +324,16 @@ def test_saved_model_files_get_the_umask_mode(tiny_data, tmp_path):
     files = [f for f in (tmp_path / "m").rglob("*") if f.is_file()]
     assert any(f.suffix == ".safetensors" for f in files)
     assert {f.stat().st_mode & 0o777 for f in files} == {0o644}
+
+
+def test_a_hub_id_that_cannot_be_downloaded_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection or see\nthe docs.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError) as e:
+        GeoBind.from_pretrained("someone/no-such-geobind-model")
+    msg = str(e.value)
+    assert "\n" not in msg and "could not be downloaded (OSError: We couldn't connect" in msg

@@ -314,9 +314,10 @@ class GeoBind(nn.Module):
             try:
                 path = Path(snapshot_download(str(name_or_path)))
             except Exception as e:  # offline, unknown repository, no access: all say the same
+                why = (str(e).strip().splitlines() or [""])[0]  # the hub's messages run to several lines
                 raise OSError(
                     f"{name_or_path} is not a local directory, and as a Hugging Face Hub id it could not "
-                    f"be downloaded ({type(e).__name__}: {e}). Check the path, or download it where "
+                    f"be downloaded ({type(e).__name__}: {why}). Check the path, or download it where "
                     "there is a network"
                 ) from e
         cfg_path = path / MODEL_FILE
