@@ -526,3 +526,24 @@ def test_a_point_map_summary_ranges_over_places_as_its_best_place_does():
     text = describe(res)
     best = float((v @ v[0]).max())
     assert f"max {best:.4f}" in text and "scores (per place)" in text
+
+
+def test_tile_centres_of_a_projected_grid_get_a_default_grid_without_holes():
+    """Tiles of a projected grid (2.56 km apart at 47 N: wider apart in longitude than in
+    latitude, and no two rows on the same longitudes) fill the default grid, where half their
+    spacing left three cells in four empty; scattered places keep their coarser cells."""
+    from geobind.search.maps import _interior_holes, default_resolution
+
+    i, j = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    lat = 47.0 + i * 0.023
+    lon = 15.0 + j * 0.023 / np.cos(np.radians(lat)) + 0.001 * i  # rows slightly sheared, as UTM's are
+    lat, lon = lat.ravel(), lon.ravel()
+    res = default_resolution(lat, lon)
+    assert _interior_holes(lat, lon, res) <= 0.03 and res < 0.05
+    v = _unit(np.random.default_rng(0), lat.size)
+    grid = map_points(v, lat, lon, [str(k) for k in range(lat.size)], v[0]).values
+    assert np.isnan(grid).mean() < 0.1
+    rng = np.random.default_rng(1)
+    lat_s, lon_s = rng.uniform(-60, 70, 790), rng.uniform(-170, 170, 790)
+    area = np.ptp(lat_s) * np.ptp(lon_s)
+    assert default_resolution(lat_s, lon_s) == pytest.approx(np.sqrt(area / 790) / 2)
