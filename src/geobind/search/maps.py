@@ -5,8 +5,9 @@ Two sources:
 * a **raster** (GeoTIFF or any georeferenced image rasterio reads): cut into ``tile_size``
   pixel tiles every ``stride`` pixels (only whole tiles), each embedded with the satellite
   encoder; raw values become 8-bit pixels as the ``geotiff`` layout makes them for training
-  (``pixel_scale``: 8-bit as is, other rasters stretched per tile, or a fixed white value). Tiles are read window by window, so rasters larger than memory work. The output
-  grid has one cell per tile, centred on the tile's centre and ``stride`` source pixels wide,
+  (``pixel_scale``: 8-bit as is, other rasters stretched per tile, or a fixed white value).
+  Tiles are read window by window, so rasters larger than memory work. The output grid has
+  one cell per tile, centred on the tile's centre and ``stride`` source pixels wide,
   in the raster's CRS: ``transform = raster.transform * translation((T - S) / 2) * scale(S)``
   (with ``stride == tile_size`` a cell is exactly its tile's footprint). Tiles that are entirely
   nodata get no score.
@@ -628,9 +629,7 @@ def _interior_holes(lat: np.ndarray, lon: np.ndarray, res: float) -> float:
     rows, cols = _grid_shape(lat, lon, res)
     if rows * cols > MAX_GRID_CELLS:  # finer than any map is made: not a candidate
         return 1.0
-    west, north = lon.min() - res / 2, lat.max() + res / 2
-    c = np.clip(np.floor((lon - west) / res).astype(np.int64), 0, cols - 1)
-    r = np.clip(np.floor((north - lat) / res).astype(np.int64), 0, rows - 1)
+    r, c, _, _ = _cells(lat, lon, res, rows, cols)
     filled = np.zeros((rows, cols), dtype=bool)
     filled[r, c] = True
     used = filled.any(axis=1)
@@ -767,10 +766,17 @@ def points_grid(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[np.ndarra
             f"(--resolution; {fits:g} or more here; leave it out to take one from the places), or map the "
             "embeddings of a smaller region"
         )
+    r, c, west, north = _cells(lat, lon, res, rows, cols)
+    return r * cols + c, rows, cols, _affine(res, 0.0, west, 0.0, -res, north)
+
+
+def _cells(lat: np.ndarray, lon: np.ndarray, res: float, rows: int, cols: int):
+    """``(row, col, west, north)``: each point's cell in the ``rows x cols`` grid of ``res``
+    degrees whose first cells are centred on the westmost and northmost points."""
     west, north = lon.min() - res / 2, lat.max() + res / 2
     c = np.clip(np.floor((lon - west) / res).astype(np.int64), 0, cols - 1)
     r = np.clip(np.floor((north - lat) / res).astype(np.int64), 0, rows - 1)
-    return r * cols + c, rows, cols, _affine(res, 0.0, west, 0.0, -res, north)
+    return r, c, west, north
 
 
 def _grid_shape(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[int, int]:
