@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from geobind.encoders.base import (
     get_encoder_class,
     names_local_path,
     quiet_transformers,
+    usual_mode,
     write_json,
 )
 from geobind.modality import get_modality
@@ -252,9 +252,7 @@ class GeoBind(nn.Module):
                     )
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # a folder like any other the user makes, not mkdtemp's 0700
+        usual_mode(tmp)  # a folder like any other the user makes, not mkdtemp's 0700
         try:
             saved: set[str] = set()
             with quiet_transformers():
@@ -266,12 +264,8 @@ class GeoBind(nn.Module):
                 for enc in self.encoders.values():
                     enc.save_preprocessing(tmp / enc.backbone_key())
             write_json(tmp / MODEL_FILE, self.config_dict())
-            # safetensors 0.8 writes its files 0600 whatever the umask (safetensors#782): give
-            # every file the mode an ordinary one gets, so that others the umask lets read the
-            # folder can load the model.
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    f.chmod(0o666 & ~umask)
+            for f in tmp.rglob("*"):  # so that others the umask lets read the folder can load it
+                usual_mode(f)
             if directory.exists() and (_holds_cwd(directory) or not not_clutter(directory)):
                 # An empty folder, or the process's own working folder (which must not be renamed
                 # away): the model's entries move into it, and the folder itself stays.

@@ -51,7 +51,7 @@ from geobind.binding.prefetch import map_tensors, outputs_one_behind
 from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table
 from geobind.data.shards import RowStream, ShardSet
-from geobind.encoders.base import Encoder
+from geobind.encoders.base import Encoder, usual_mode
 from geobind.model import autocast_for
 
 
@@ -317,9 +317,7 @@ def _write(path: Path, emb: torch.Tensor, valid: torch.Tensor, meta: dict) -> No
     tag = f".tmp{gbdist.rank()}-{os.getpid()}"
     tmp = path.with_name(path.name + tag)
     save_file({"embeddings": emb.contiguous(), "valid": valid.to(torch.uint8).contiguous()}, str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # safetensors 0.8 writes 0600 whatever the umask (safetensors#782)
+    usual_mode(tmp)  # a shared cache: safetensors alone would make it 0600
     mtmp = path.with_suffix(".json" + tag)
     mtmp.write_text(json.dumps(meta, indent=2))
     mtmp.replace(path.with_suffix(".json"))

@@ -36,6 +36,7 @@ __all__ = [
     "quiet_transformers",
     "register_encoder",
     "uncompile",
+    "usual_mode",
     "write_json",
 ]
 
@@ -222,6 +223,18 @@ def names_local_path(name: str | Path) -> bool:
     ``runs/modle`` beside ``runs/``)."""
     s = str(name)
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or ("/" in s and Path(s.split("/")[0]).is_dir())
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give ``path`` the mode a file (or folder) the user makes gets under the process's umask:
+    ``mkdtemp`` makes folders 0700, and safetensors 0.8 writes its files 0600 whatever the umask
+    (safetensors#782), so others the umask lets read them could not."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
