@@ -337,3 +337,32 @@ def test_a_hub_id_that_cannot_be_downloaded_is_one_line(monkeypatch):
         GeoBind.from_pretrained("someone/no-such-geobind-model")
     msg = str(e.value)
     assert "\n" not in msg and "could not be downloaded (OSError: We couldn't connect" in msg
+
+
+def test_a_model_folder_missing_an_encoder_never_asks_the_hub_and_each_tower_loads_alone(tiny_data, tmp_path,
+                                                                                         monkeypatch):
+    """A missing encoder folder is a missing folder, not a hub id named like it; the saved CLIP
+    loads as either tower with its projection in plain transformers; a format version that is
+    not a number is a damaged description."""
+    import shutil
+
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    model = build_space(tiny_data)
+    model.save_pretrained(tmp_path / "m")
+    text = CLIPTextModelWithProjection.from_pretrained(tmp_path / "m" / "clip", local_files_only=True)
+    ref = model.encoder("text")
+    ids = ref.tokenizer(["a forest"], return_tensors="pt")
+    with torch.no_grad():
+        plain = torch.nn.functional.normalize(text(**ids).text_embeds, dim=-1)
+    assert torch.allclose(plain, model.embed("text", ["a forest"]), atol=1e-5)
+    CLIPVisionModelWithProjection.from_pretrained(tmp_path / "m" / "clip", local_files_only=True)
+    shutil.copytree(tmp_path / "m", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "copy" / "clip")
+    monkeypatch.chdir(tmp_path / "copy")
+    with pytest.raises(FileNotFoundError, match="CLIP encoder directory .*clip does not exist"):
+        GeoBind.from_pretrained(".")
+    meta = json.loads((tmp_path / "m" / "geobind.json").read_text())
+    (tmp_path / "m" / "geobind.json").write_text(json.dumps({**meta, "format_version": "2"}))
+    with pytest.raises(ValueError, match="format_version is '2', not a number"):
+        GeoBind.from_pretrained(tmp_path / "m")

@@ -294,6 +294,8 @@ class GeoBind(nn.Module):
         """Load a model directory written by :meth:`save_pretrained` (or a hub id holding one).
         A local directory never touches the network."""
         path = Path(name_or_path).expanduser()
+        if path.exists():
+            path = path.resolve()  # encoder folders are joined to it: never a bare, hub-like name
         if not path.exists():
             # save_pretrained stopped between moving the old model aside and the new one in.
             aside = sorted(p for p in path.parent.glob(f".{path.name}.old.*") if (p / MODEL_FILE).is_file())
@@ -331,7 +333,11 @@ class GeoBind(nn.Module):
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_path} is not a readable GeoBind model description ({e}); the model "
                              "directory is damaged: save or copy it again") from None
-        if cfg.get("format_version", 0) > FORMAT_VERSION:
+        version = cfg.get("format_version", 0)
+        if isinstance(version, bool) or not isinstance(version, (int, float)):
+            raise ValueError(f"{cfg_path}: format_version is {version!r}, not a number; the model "
+                             "directory is damaged: save or copy it again")
+        if version > FORMAT_VERSION:
             raise ValueError(
                 f"{cfg_path} has format version {cfg['format_version']}; this geobind reads up to "
                 f"{FORMAT_VERSION}. Upgrade geobind."

@@ -99,7 +99,16 @@ def build_clip(config: dict[str, Any]) -> CLIPModel:
     """A randomly initialised ``CLIPModel`` from a config dict (``text_config``,
     ``vision_config``, ``projection_dim``, ...)."""
     cfg = CLIPConfig(**copy.deepcopy(config))
+    _sync_projection_dim(cfg)
     return CLIPModel(cfg)
+
+
+def _sync_projection_dim(cfg: CLIPConfig) -> None:
+    """Give the text and vision sub-configs the model's ``projection_dim``: CLIPModel reads only
+    the top-level one, but ``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``
+    loaded from the saved folder read the sub-config's (512 by default) and fail on the weights."""
+    for sub in (cfg.text_config, cfg.vision_config):
+        sub.projection_dim = cfg.projection_dim
 
 
 def _image_embeds(vision_model, projection, batch, transform: ImageTransform, device: torch.device,
@@ -120,6 +129,7 @@ class _ClipShared:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
+        _sync_projection_dim(self.clip.config)
         self.clip.save_pretrained(directory, safe_serialization=True)
         tok = getattr(self, "tokenizer", None)
         if tok is not None:
@@ -133,7 +143,10 @@ class _ClipShared:
 
     @staticmethod
     def _shared_clip(directory: str | Path, shared: dict[str, Any]):
-        key = str(Path(directory).resolve())
+        directory = Path(directory).resolve()  # a saved model's folder: never a hub id
+        if not directory.is_dir():
+            raise FileNotFoundError(f"CLIP encoder directory {directory} does not exist")
+        key = str(directory)
         if key not in shared:
             shared[key] = load_clip(directory)
         return shared[key]
@@ -395,6 +408,8 @@ class ClipVisionEncoder(Encoder):
 
     @classmethod
     def from_saved(cls, modality, directory, settings, dim, shared):
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"satellite encoder directory {directory} does not exist")
         model = CLIPVisionModelWithProjection.from_pretrained(
             str(directory), local_files_only=True, attn_implementation="sdpa"
         )
