@@ -113,3 +113,21 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     assert upright.shape == (40, 20, 3)
     assert upright[:15].mean() > 200 and upright[25:].mean() < 50  # the left side now on top
     assert np.asarray(load_image(tmp_path / "plain.jpg")).shape == (20, 40, 3)
+
+
+def test_in_memory_waveforms_in_bfloat16_and_many_channel_arrays():
+    """A bfloat16 tensor reads as its float32 values; more channels than surround sound are
+    averaged with a warning (more likely a batch of clips passed as one item)."""
+    from geobind.data.audio_io import load_audio
+
+    wave = torch.sin(torch.linspace(0, 400, 16000)).to(torch.bfloat16)
+    np.testing.assert_array_equal(load_audio((wave, 16000), 16000), load_audio((wave.float(), 16000), 16000))
+    stereo = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 16000)).astype(np.float32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_audio((stereo, 16000), 16000)  # no warning for stereo
+    batch = np.random.default_rng(0).uniform(-0.5, 0.5, (16, 16000)).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"averaging 16 channels .* pass each as its own item"):
+        load_audio((batch, 16000), 16000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ _EXACT_SEEK = frozenset({"WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF"})
 _WINDOWED = _EXACT_SEEK | {"MP3"}
 # More channels than this in a 2-D waveform array: not a recording (ambisonics stays below it).
 MAX_CHANNELS = 64
+# Above this (7.1 surround), an in-memory array averaged into one clip gets a warning: more
+# likely a batch of clips passed as one item than one recording.
+SURROUND_CHANNELS = 8
 # Below this rate a "recording" is a damaged header or a mistaken argument, and resampling it
 # would multiply its samples by tens of thousands (a 60 KB file at 1 Hz: gigabytes at 16 kHz).
 MIN_SAMPLE_RATE = 1000
@@ -106,7 +110,10 @@ def _finish(wave: np.ndarray, rate: int, sample_rate: int, name: str) -> np.ndar
 
 def _from_array(wave: Any, rate: int, sample_rate: int, name: str) -> np.ndarray:
     if hasattr(wave, "detach"):  # torch tensor, without importing torch here
-        wave = wave.detach().cpu().numpy()
+        wave = wave.detach().cpu()
+        if wave.is_floating_point() and wave.element_size() == 2:
+            wave = wave.float()  # bfloat16 has no numpy dtype (float16 would do; one rule for both)
+        wave = wave.numpy()
     original = np.asarray(wave)
     wave = _to_float(original)
     if wave.ndim == 1 and np.shares_memory(wave, original):
@@ -122,6 +129,11 @@ def _from_array(wave: Any, rate: int, sample_rate: int, name: str) -> np.ndarray
                 name, "bad-shape", f"a 2-D waveform is [channels, T] or [T, channels] with at most "
                 f"{MAX_CHANNELS} channels; got shape {wave.shape}"
             )
+        if wave.shape[channels_axis] > SURROUND_CHANNELS:
+            # More channels than surround sound has: perhaps a batch of clips given as one item.
+            warnings.warn(f"{name}: averaging {wave.shape[channels_axis]} channels of a waveform of shape "
+                          f"{wave.shape} into one clip; to embed several clips, pass each as its own item",
+                          stacklevel=2)
         wave = wave.mean(axis=channels_axis, dtype=np.float32)
     elif wave.ndim != 1:
         raise BadSampleError(
