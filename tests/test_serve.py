@@ -155,6 +155,34 @@ def test_coverage_overlay_shows_where_the_places_are(served):
     assert (alpha.reshape(-1)[cell] > 0).all() and c["places"] == len(index)
 
 
+def test_land_layer_is_the_world_extra_land_mask(served, monkeypatch):
+    """Land under the overlays (0.2-degree cells over the whole world, north up): Paris is land,
+    the middle of the Pacific is not; without the land mask the layer is a 404, once."""
+    pytest.importorskip("global_land_mask")
+    client = served["client"]
+    r = client.get("/api/land")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    alpha = np.asarray(Image.open(io.BytesIO(r.content)))[..., 3]
+    assert alpha.shape == (900, 1800)
+
+    def at(lat, lon):
+        return alpha[int((90 - lat) / 0.2), int((lon + 180) / 0.2)]
+
+    assert at(48.85, 2.35) == 255 and at(-5.0, -140.0) == 0 and at(-80.0, 30.0) == 255  # Paris, Pacific, Antarctica
+    assert 0.25 < (alpha > 0).mean() < 0.4
+    from geobind.serve.app import Explorer
+
+    ex = Explorer.__new__(Explorer)  # only its land layer
+    ex._land, ex._land_lock = None, threading.Lock()
+    import geobind.data.world.geodata as geodata
+
+    def missing():
+        raise ImportError("global-land-mask is not installed")
+
+    monkeypatch.setattr(geodata, "land_at_bm_pixels", missing)
+    assert ex.land() == b""
+
+
 def test_thumbnails_by_id_only(served):
     client, index = served["client"], served["index"]
     item = index.ids[0]

@@ -95,7 +95,11 @@ def test_text_query_shows_markers_overlay_and_popups(server, browser):
     page.goto(server["url"] + "/")
     page.wait_for_function("document.getElementById('info').textContent.includes('places')")
     # Before any query: grey cells where the indexed places are.
-    page.wait_for_selector("img.leaflet-image-layer", timeout=20_000)
+    page.wait_for_selector("img.leaflet-image-layer:not(.land)", timeout=20_000)
+    import importlib.util
+
+    if importlib.util.find_spec("global_land_mask"):  # the land layer under everything
+        page.wait_for_selector("img.leaflet-image-layer.land", state="attached", timeout=20_000)
     assert f"the {len(server['index'])} indexed places" in page.inner_text("#status")
     # The overlays are latitude/longitude grids: each latitude is drawn where the map puts it
     # (with Web Mercator, 60 degrees north would land some 60 px off at this size).
@@ -106,7 +110,7 @@ def test_text_query_shows_markers_overlay_and_popups(server, browser):
     for lat in (60.0, 20.0, -40.0):
         drawn, placed = page.evaluate(
             """([lat, south, north]) => {
-                const img = document.querySelector('img.leaflet-image-layer').getBoundingClientRect();
+                const img = document.querySelector('img.leaflet-image-layer:not(.land)').getBoundingClientRect();
                 const box = document.getElementById('map').getBoundingClientRect();
                 return [img.top + (north - lat) / (north - south) * img.height,
                         box.top + window.geobindMap.latLngToContainerPoint([lat, 0]).y];
@@ -117,10 +121,10 @@ def test_text_query_shows_markers_overlay_and_popups(server, browser):
     page.fill("#text", "a photo of a forest")
     page.fill("#k", "5")
     page.click("#submit")
-    page.wait_for_selector("img.leaflet-image-layer", timeout=20_000)
+    page.wait_for_selector("img.leaflet-image-layer:not(.land)", timeout=20_000)
     page.wait_for_function("document.querySelectorAll('.leaflet-marker-icon').length === 5")
-    assert page.locator("img.leaflet-image-layer").count() == 1  # the heat map replaced the coverage
-    overlay_src = page.get_attribute("img.leaflet-image-layer", "src")
+    assert page.locator("img.leaflet-image-layer:not(.land)").count() == 1  # the heat map replaced the coverage
+    overlay_src = page.get_attribute("img.leaflet-image-layer:not(.land)", "src")
     assert overlay_src.startswith("data:image/png;base64,")
     assert page.locator("#results li").count() == 5
     # The best place's popup opens with its thumbnail (served by id), caption and score.
@@ -131,11 +135,12 @@ def test_text_query_shows_markers_overlay_and_popups(server, browser):
     assert page.evaluate("document.querySelector('.leaflet-popup img').naturalWidth") > 0
     assert "cosine similarity" in page.inner_text("#legend")
     # Nothing was fetched from anywhere but this server (no CDN, no tiles).
-    assert all(u.startswith(server["url"]) or u.startswith("data:") for u in requests), requests
+    # The page's own images are data: or blob: URLs of what the server sent (the land layer).
+    assert all(u.startswith((server["url"], "data:", "blob:" + server["url"])) for u in requests), requests
     # Clear: back to the grey cells where the places are.
     page.click("#clear")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('grey:')")
-    assert page.locator("img.leaflet-image-layer").count() == 1 and page.locator(".leaflet-marker-icon").count() == 0
+    assert page.locator("img.leaflet-image-layer:not(.land)").count() == 1 and page.locator(".leaflet-marker-icon").count() == 0
     assert not errors, errors
     page.close()
 

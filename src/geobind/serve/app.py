@@ -52,6 +52,8 @@ MAX_K = 100
 MAX_UPLOAD_PIXELS = 40_000_000
 # Uploads decoded at once; more wait. A 40-megapixel photo takes about 300 MB while decoded.
 MAX_DECODING = 4
+# Land in the page's background layer (sea is the map's own colour).
+LAND_RGBA = (236, 231, 218, 255)
 # Multipart framing and small form fields on top of the file itself.
 FORM_OVERHEAD = 64 * 1024
 SCORE_HELP = (
@@ -151,6 +153,8 @@ class Explorer:
         self.identity = {m: model.identity(m) for m in model.modalities}
         self.resolution = map_resolution(index.lat, index.lon)
         self._coverage: dict[str, Any] | None = None
+        self._land: bytes | None = None
+        self._land_lock = threading.Lock()
 
     # -- queries ---------------------------------------------------------------------------
     def decode_upload(self, data: bytes, filename: str, hint: str) -> tuple[str, Any]:
@@ -326,6 +330,32 @@ class Explorer:
                 "cells": int(filled.sum()),
             }
         return self._coverage
+
+    def land(self) -> bytes:
+        """A PNG of the world's land on 0.2-degree cells (whole world, north up, plate carree),
+        drawn under the overlays so that places have coastlines around them; from the land mask
+        of the ``world`` extra, and empty without it. Made once, on first request."""
+        with self._land_lock:
+            if self._land is None:
+                try:
+                    from geobind.data.world.geodata import (
+                        FEAT_BLOCK,
+                        _block_mean,
+                        land_at_bm_pixels,
+                    )
+
+                    land = _block_mean(land_at_bm_pixels().astype(np.float32), FEAT_BLOCK) >= 0.5
+                except ImportError:
+                    self._land = b""
+                else:
+                    from PIL import Image
+
+                    rgba = np.zeros((*land.shape, 4), dtype=np.uint8)
+                    rgba[land] = LAND_RGBA
+                    buf = io.BytesIO()
+                    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", optimize=True)
+                    self._land = buf.getvalue()
+        return self._land
 
     def health(self) -> dict[str, Any]:
         """The ``/api/health`` payload: model modalities, dim and identities, index summary,
@@ -507,6 +537,15 @@ def create_app(
     @app.get("/api/coverage", summary="Overlay of where the indexed places are (grey cells)")
     def api_coverage() -> dict[str, Any]:
         return ex.coverage()
+
+    @app.get("/api/land", summary="PNG of the world's land (0.2 degree cells), drawn under the overlays",
+             response_class=Response, responses={200: {"content": {"image/png": {}}},
+                                                 404: {"description": "no land mask here (pip install 'geobind[world]')"}})
+    def api_land():
+        data = ex.land()
+        if not data:
+            raise HTTPException(404, "no land mask on this server: pip install 'geobind[world]' for coastlines")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/api/health", summary="Model identity and index size")
     def api_health() -> dict[str, Any]:

@@ -20,6 +20,11 @@
     L.polyline([[-90, lon], [90, lon]], { color: "#8fa3b3", weight: lon === 0 ? 1.5 : 0.7, interactive: false }).addTo(grid);
   }
 
+  // Land under everything, from the server's land mask (the world extra; a 404 without it).
+  fetch("/api/land").then((r) => (r.ok ? r.blob() : null)).then((b) => {
+    if (b) L.imageOverlay(URL.createObjectURL(b), [[-90, -180], [90, 180]], { interactive: false, className: "land" }).addTo(map).bringToBack();
+  }).catch(() => {});
+
   const results = L.layerGroup().addTo(map);
   let overlay = null;
   let coverage = null; // grey cells where the indexed places are, until the first heat map
