@@ -149,6 +149,14 @@ def test_raster_nodata_and_16_bit(model, tmp_path):
     result = model.map(text="a photo of a forest", raster=tmp_path / "r16.tif", tile_size=32)
     assert np.isnan(result.values[0, 0]) and np.isfinite(result.values[0, 1:]).all()
     assert np.isfinite(result.values[1]).all()
+    # A tile more than half nodata (a scene's edge) gets no score either; one under half does.
+    with rasterio.open(tmp_path / "r16.tif", "r+") as dst:
+        block = data.copy()
+        block[:, :20, 32:64] = 0  # 20 of 32 rows of the second tile
+        block[:, :12, 64:96] = 0  # 12 of 32 rows of the third
+        dst.write(block)
+    result = model.map(text="a photo of a forest", raster=tmp_path / "r16.tif", tile_size=32)
+    assert np.isnan(result.values[0, 1]) and np.isfinite(result.values[0, 2])
 
 
 def test_raster_without_georeferencing_is_refused(model, tmp_path):

@@ -9,8 +9,8 @@ Two sources:
   Tiles are read window by window, so rasters larger than memory work. The output grid has
   one cell per tile, centred on the tile's centre and ``stride`` source pixels wide,
   in the raster's CRS: ``transform = raster.transform * translation((T - S) / 2) * scale(S)``
-  (with ``stride == tile_size`` a cell is exactly its tile's footprint). Tiles that are entirely
-  nodata get no score.
+  (with ``stride == tile_size`` a cell is exactly its tile's footprint). Tiles that are more
+  than half nodata (a scene's edge) get no score.
 * **point embeddings** (``geobind embed`` output or an index): one score per place; the GeoTIFF
   grids them in EPSG:4326 at ``resolution`` degrees (the mean score of the places in each
   cell; empty cells are nodata).
@@ -366,6 +366,8 @@ def open_georeferenced(path: str | Path):
 
 
 PIXEL_SCALES = ("auto", "raster")
+# A raster tile with more of its pixels nodata than this gets no score (NaN).
+MAX_NODATA_SHARE = 0.5
 
 
 def check_pixel_scale(pixel_scale: str | float) -> str | float:
@@ -435,8 +437,8 @@ def _bands(src, bands: Sequence[int] | None) -> list[int]:
 def raster_tiles(src, tile_size: int, stride: int, bands: Sequence[int] | None = None,
                  pixel_scale: str | float = "auto"):
     """Yield ``(row, col, tile)`` for every whole tile, ``tile`` an ``H x W x 3`` uint8 array
-    (values scaled as :func:`_scaler` says for ``pixel_scale``) or ``None`` when the tile is
-    entirely nodata. Reads one window per tile."""
+    (values scaled as :func:`_scaler` says for ``pixel_scale``) or ``None`` when more than
+    ``MAX_NODATA_SHARE`` of its pixels are nodata. Reads one window per tile."""
     from rasterio.windows import Window
 
     bands = _bands(src, bands)
@@ -447,8 +449,8 @@ def raster_tiles(src, tile_size: int, stride: int, bands: Sequence[int] | None =
             w = Window(c * stride, r * stride, tile_size, tile_size)
             # NaN is no data too, declared or not (float rasters often leave nodata unset).
             data = np.ma.masked_invalid(src.read(bands, window=w, masked=True))
-            if np.ma.getmaskarray(data).all():
-                yield r, c, None
+            if np.ma.getmaskarray(data).any(axis=0).mean() > MAX_NODATA_SHARE:
+                yield r, c, None  # a scene's edge: the encoder would see mostly fill, not ground
                 continue
             arr = to8(data)
             if arr.shape[0] == 1:
