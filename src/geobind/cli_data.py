@@ -80,7 +80,7 @@ def add_data_parser(subparsers) -> None:
         "out", help="output folder for the shards (created; resumed if it holds an unfinished pack)"
     )
     p.add_argument(
-        "--shard-size", type=_workers_arg, default=1000, metavar="N", help="rows per shard (default: 1000)"
+        "--shard-size", type=_at_least_one, default=1000, metavar="N", help="rows per shard (default: 1000)"
     )
     p.add_argument(
         "--image-size",
@@ -111,7 +111,7 @@ def add_data_parser(subparsers) -> None:
         "sample, where FLAC's size depends on the audio)",
     )
     p.add_argument(
-        "--workers", type=_workers_arg, default=1, metavar="N",
+        "--workers", type=_at_least_one, default=1, metavar="N",
         help="processes writing shards in parallel (default: 1)"
     )
     add_layout_arguments(p)
@@ -191,7 +191,7 @@ def _count_arg(text: str) -> int:
     return whole_number(text, 0)
 
 
-def _workers_arg(text: str) -> int:
+def _at_least_one(text: str) -> int:
     return whole_number(text, 1)
 
 
