@@ -54,6 +54,8 @@ def test_embed_gives_unit_float32_rows_for_every_modality(tiny_data):
     two = model.embed("satellite", (img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
     assert two.shape == (2, 32) and torch.allclose(two[0], one[0])
     assert torch.allclose(model.embed("audio", (wave, 8000)), model.embed("audio", [(wave, 8000)]))
+    with pytest.raises(ValueError, match=r"takes the rate as a number, got '8000' \(a string\)"):
+        model.embed("audio", (wave, "8000"))  # not a waveform and a file named 8000
     texts = np.array(["a photo of a forest", "a photo of a desert"], dtype=object)  # df["text"].values
     assert torch.allclose(model.embed("text", texts), model.embed("text", list(texts)))
 

@@ -66,6 +66,11 @@ def _single_item(items: Any) -> bool:
         return items.dtype.kind in "biuf"
     if isinstance(items, (str, Path, bytes, Image.Image)) or hasattr(items, "detach"):
         return True
+    if (isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], str)
+            and (isinstance(items[0], np.ndarray) or hasattr(items[0], "detach"))):
+        # Else two items: the waveform (taken at the encoder's rate) and a path named "16000".
+        raise ValueError(f"a (waveform, sample_rate) pair takes the rate as a number, got {items[1]!r} (a "
+                         "string): pass (waveform, int(rate))")
     return (isinstance(items, tuple) and len(items) == 2 and not isinstance(items[1], bool)
             and isinstance(items[1], (int, float, np.integer, np.floating)))
 
