@@ -224,6 +224,9 @@ def test_cli_two_stage_train_and_eval(tiny_data, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tiny_data, tmp_path / "run", steps=3)))
     assert main(["train", str(cfg), "--no-progress", "--set", "stages.audio.optim.max_steps=2"]) == 0
+    # Without a bar (a batch job's log), each metrics row is one line.
+    trained = capsys.readouterr().out
+    assert "stage satellite: step 3/3 (epoch 1) loss " in trained and "stage audio: step 2/2 (epoch 1) loss " in trained
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert len(report["pairs"]) == 12
     for m in report["pairs"].values():

@@ -1219,6 +1219,9 @@ class Trainer:
                         windows_seen += 1
                         if pbar is not None:
                             pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{window['n'] / max(1e-9, el):.1f}")
+                        elif self.main and self.log:  # no bar (--no-progress, a batch job): one line a row
+                            self.log(f"stage {scfg.name}: step {step}/{total} (epoch {epoch + 1}) loss {last_loss:.4f} "
+                                     f"lr {step_lr:.3g} {window['n'] / max(1e-9, el):.1f} samples/s")
                         writer.row({"step": step, "epoch": epoch + 1, "loss": round(last_loss, 6),
                                     "lr": step_lr, "logit_scale": float(out["logit_scale"]),
                                     "samples_per_s": round(window["n"] / max(el, 1e-9), 2),
