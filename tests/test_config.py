@@ -33,6 +33,15 @@ def test_relative_paths_are_relative_to_the_config_file(tiny_data, tmp_path):
         (lambda d: d["stages"][0]["optim"].update(learning_rate=1), "unknown key(s) learning_rate"),
         (lambda d: d["stages"][0]["optim"].update(batchsize=8), "unknown key(s) batchsize (did you mean batch_size"),
         (lambda d: d["stages"][0]["optim"].update(epochs=float("inf")), "optim.epochs: expected int, got inf"),
+        # transformers would keep a misspelt field as an attribute, and build the default model.
+        (lambda d: d["anchor"].update(config={**d["anchor"]["config"], "vision_config": {
+            **d["anchor"]["config"].get("vision_config", {}), "num_hiden_layers": 1}}),
+         "anchor.config.vision_config: unknown CLIPVisionConfig field(s) num_hiden_layers (did you mean "
+         "num_hidden_layers"),
+        (lambda d: d["stages"][1]["encoder"]["config"].update(depth=[1, 1]),
+         "audio encoder spec: config: unknown ClapAudioConfig field(s) depth (did you mean depths"),
+        (lambda d: d["stages"][0]["encoder"].update(config={"hiden_size": 32}),
+         "encoder clip_vision: config: unknown CLIPVisionConfig field(s) hiden_size (did you mean hidden_size"),
         (lambda d: d["stages"][0].update(data=None), "0].data: empty; give a mapping"),
         (lambda d: d["stages"][0].update(encoder=None), "0].encoder: empty; give a mapping"),
         (lambda d: d.update(epochs=3), "unknown key(s) epochs"),

@@ -279,6 +279,15 @@ def validate(cfg: RunConfig) -> None:
         if not cfg.anchor.get("pretrained") and (cfg.anchor.get("config") is None or not cfg.anchor.get("tokenizer")):
             raise ConfigError("config.anchor: give `pretrained` (a CLIP folder or hub id, e.g. "
                               "openai/clip-vit-base-patch32), or `config` (random weights) and `tokenizer`")
+        if cfg.anchor.get("config") is not None:
+            from transformers import CLIPConfig
+
+            from geobind.encoders.base import check_config_keys
+
+            try:
+                check_config_keys(CLIPConfig, cfg.anchor["config"], "config.anchor.config")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         am = cfg.anchor_modalities
         if not isinstance(am, dict) or set(am) != {"image", "text"}:
             raise ConfigError("config.anchor_modalities: a mapping of the CLIP anchor's two towers to "

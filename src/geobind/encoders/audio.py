@@ -48,7 +48,13 @@ from transformers.models.clap.modeling_clap import (
 )
 
 from geobind.data.audio_io import load_audio, load_audio_window
-from geobind.encoders.base import Encoder, l2_normalize, quiet_transformers, register_encoder
+from geobind.encoders.base import (
+    Encoder,
+    check_config_keys,
+    l2_normalize,
+    quiet_transformers,
+    register_encoder,
+)
 from geobind.encoders.mel import ClapMelFrontEnd, crop_start, fit_clip
 
 __all__ = [
@@ -476,6 +482,10 @@ class ClapAudioEncoder(Encoder):
                 "audio encoder spec needs 'pretrained' (a local CLAP directory or a hub id such "
                 "as 'laion/clap-htsat-fused') or 'config' (ClapAudioConfig fields, random init)"
             )
+        if spec.get("config") is not None:
+            from transformers import ClapAudioConfig
+
+            check_config_keys(ClapAudioConfig, spec["config"], "audio encoder spec: config")
 
     @classmethod
     def create(

@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "Encoder",
+    "check_config_keys",
     "compile_for_inference",
     "eagerly",
     "encoder_types",
@@ -223,6 +224,29 @@ def names_local_path(name: str | Path) -> bool:
     ``runs/modle`` beside ``runs/``)."""
     s = str(name)
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or ("/" in s and Path(s.split("/")[0]).is_dir())
+
+
+def check_config_keys(config_class: type, config: Any, where: str) -> None:
+    """Raise ``ValueError`` for keys of ``config`` (a dict of ``transformers`` config fields) that
+    ``config_class`` does not have: transformers keeps an unknown keyword as a plain attribute,
+    so a misspelt field (``num_hiden_layers``) would be ignored without a word. Nested
+    ``text_config`` / ``vision_config`` / ``audio_config`` dicts are checked against their own
+    classes."""
+    import difflib
+
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: a mapping of {config_class.__name__} fields, got {config!r}")
+    fields = config_class().to_dict()
+    subs = getattr(config_class, "sub_configs", None) or {}
+    unknown = []
+    for key, value in config.items():
+        if key in subs and isinstance(value, dict):
+            check_config_keys(subs[key], value, f"{where}.{key}")
+        elif key not in fields:
+            guess = difflib.get_close_matches(str(key), list(fields), n=1)
+            unknown.append(f"{key} (did you mean {guess[0]}?)" if guess else str(key))
+    if unknown:
+        raise ValueError(f"{where}: unknown {config_class.__name__} field(s) {', '.join(unknown)}")
 
 
 def usual_mode(path: str | Path) -> None:

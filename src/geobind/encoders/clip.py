@@ -19,6 +19,7 @@ from transformers import (
 
 from geobind.encoders.base import (
     Encoder,
+    check_config_keys,
     l2_normalize,
     names_local_path,
     quiet_transformers,
@@ -357,6 +358,8 @@ class ClipVisionEncoder(Encoder):
         unknown = set(spec) - known
         if unknown:
             raise ValueError(f"encoder clip_vision: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        if spec.get("config") is not None:
+            check_config_keys(CLIPVisionConfig, spec["config"], "encoder clip_vision: config")
         augment_on = spec.get("augment_on", "loader")
         if augment_on not in AUGMENT_ON:
             raise ValueError(
