@@ -227,6 +227,10 @@ def test_cli_two_stage_train_and_eval(tiny_data, tmp_path, capsys):
     # Without a bar (a batch job's log), each metrics row is one line.
     trained = capsys.readouterr().out
     assert "stage satellite: step 3/3 (epoch 1) loss " in trained and "stage audio: step 2/2 (epoch 1) loss " in trained
+    # The run log says what each stage trains, from its start.
+    run_log = (tmp_path / "run" / "train.log").read_text()
+    assert "stage satellite: training satellite to match ground: 3 steps" in run_log
+    assert "stage audio: training audio to match satellite: 2 steps" in run_log
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert len(report["pairs"]) == 12
     for m in report["pairs"].values():

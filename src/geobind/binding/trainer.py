@@ -968,6 +968,10 @@ class Trainer:
                 f"({o.batch_size}); lower optim.batch_size"
             )
         total = o.max_steps or steps_per_epoch * o.epochs
+        self._say(f"stage {scfg.name}: training {scfg.train} to match {scfg.bind_to}: {total} steps "
+                  f"({steps_per_epoch} per epoch) of {o.batch_size} pairs on {dev}"
+                  + (f" (the batch over {self.dist.world_size} ranks)" if self.dist.world_size > 1 else ""),
+                  echo=False)
         if o.warmup_steps > total:
             self._say(f"warning: stage {scfg.name}: optim.warmup_steps ({o.warmup_steps}) is not below the "
                       f"stage's {total} steps, so the learning rate never reaches optim.lr ({o.lr:g}); lower "
