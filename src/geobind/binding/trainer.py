@@ -544,7 +544,8 @@ def _stage_changes(s: StageConfig, d: Path) -> list[str] | None:
         return None
     old, new = yaml.safe_load((d / "config.yaml").read_text()) or {}, _as_saved(dataclasses.asdict(s))
     for o in (old, new):
-        o.get("optim", {}).pop("num_workers", None)
+        for key in RESUMABLE_OPTIM:
+            o.get("optim", {}).pop(key, None)
     return _changed_keys(old, new, f"stages.{s.name}")
 
 
@@ -639,10 +640,15 @@ def _dataset_key(path: str, data_cfg) -> str:
     return json.dumps([path, data_cfg.layout, data_cfg.layout_options], sort_keys=True, default=str)
 
 
+# optim settings that change neither the batches nor the weights (loader workers, how often
+# metrics rows and checkpoints are written): a run may resume with others.
+RESUMABLE_OPTIM = ("num_workers", "log_every", "ckpt_every")
+
+
 def _stage_fingerprint(cfg: StageConfig) -> str:
     d = dataclasses.asdict(cfg)
-    # Loader workers change neither the batches nor the result, so a run may resume with others.
-    d["optim"].pop("num_workers", None)
+    for key in RESUMABLE_OPTIM:
+        d["optim"].pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
