@@ -179,7 +179,7 @@ def test_land_layer_is_the_world_extra_land_mask(served, monkeypatch):
     def missing():
         raise ImportError("global-land-mask is not installed")
 
-    monkeypatch.setattr(geodata, "land_at_bm_pixels", missing)
+    monkeypatch.setattr(geodata, "land_at_bm_pixels", missing)  # as without the world extra
     assert ex.land() == b""
 
 

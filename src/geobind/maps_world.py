@@ -78,19 +78,27 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def _coast_grid() -> np.ndarray | None:
-    """Land fraction on a 0.2-degree grid from global-land-mask, or None if not installed."""
+def land_fraction_grid() -> np.ndarray | None:
+    """Land fraction on a 0.2-degree grid of the whole world (north up, from -180 degrees) from
+    global-land-mask, or None if it is not installed."""
     try:
         from geobind.data.world.geodata import FEAT_BLOCK, _block_mean, land_at_bm_pixels
 
         land = land_at_bm_pixels()
     except ImportError:
+        return None
+    return _block_mean(land.astype(np.float32), FEAT_BLOCK)
+
+
+def _coast_grid() -> np.ndarray | None:
+    """:func:`land_fraction_grid`, with a warning when it is missing."""
+    land = land_fraction_grid()
+    if land is None:
         warnings.warn(
             "coastlines need global-land-mask: pip install 'geobind[world]'; drawing without",
             stacklevel=3,
         )
-        return None
-    return _block_mean(land.astype(np.float32), FEAT_BLOCK)
+    return land
 
 
 def plot_world_map(

@@ -337,21 +337,16 @@ class Explorer:
         of the ``world`` extra, and empty without it. Made once, on first request."""
         with self._land_lock:
             if self._land is None:
-                try:
-                    from geobind.data.world.geodata import (
-                        FEAT_BLOCK,
-                        _block_mean,
-                        land_at_bm_pixels,
-                    )
+                from geobind.maps_world import land_fraction_grid
 
-                    land = _block_mean(land_at_bm_pixels().astype(np.float32), FEAT_BLOCK) >= 0.5
-                except ImportError:
+                fraction = land_fraction_grid()
+                if fraction is None:
                     self._land = b""
                 else:
                     from PIL import Image
 
-                    rgba = np.zeros((*land.shape, 4), dtype=np.uint8)
-                    rgba[land] = LAND_RGBA
+                    rgba = np.zeros((*fraction.shape, 4), dtype=np.uint8)
+                    rgba[fraction >= 0.5] = LAND_RGBA
                     buf = io.BytesIO()
                     Image.fromarray(rgba, "RGBA").save(buf, format="PNG", optimize=True)
                     self._land = buf.getvalue()
