@@ -127,18 +127,27 @@ class ConfigError(ValueError):
     """A config problem, raised before any training starts."""
 
 
+def with_guesses(keys, known) -> list[str]:
+    """Each of ``keys`` as text, with the closest of ``known`` where one is close: ``"lrr (did
+    you mean lr?)"``."""
+    import difflib
+
+    out = []
+    for k in keys:
+        guess = difflib.get_close_matches(str(k), list(known), n=1)
+        out.append(f"{k} (did you mean {guess[0]}?)" if guess else str(k))
+    return out
+
+
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        import difflib
-
-        guesses = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k), fields, n=1)) else str(k)
-                   for k in sorted(unknown, key=str)]
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(guesses)}; valid keys: {', '.join(fields)}"
+            f"{where}: unknown key(s) {', '.join(with_guesses(sorted(unknown, key=str), fields))}; "
+            f"valid keys: {', '.join(fields)}"
         )
     missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

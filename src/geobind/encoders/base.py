@@ -232,7 +232,7 @@ def check_config_keys(config_class: type, config: Any, where: str) -> None:
     so a misspelt field (``num_hiden_layers``) would be ignored without a word. Nested
     ``text_config`` / ``vision_config`` / ``audio_config`` dicts are checked against their own
     classes."""
-    import difflib
+    from geobind.config import with_guesses
 
     if not isinstance(config, dict):
         raise ValueError(f"{where}: a mapping of {config_class.__name__} fields, got {config!r}")
@@ -243,10 +243,10 @@ def check_config_keys(config_class: type, config: Any, where: str) -> None:
         if key in subs and isinstance(value, dict):
             check_config_keys(subs[key], value, f"{where}.{key}")
         elif key not in fields:
-            guess = difflib.get_close_matches(str(key), list(fields), n=1)
-            unknown.append(f"{key} (did you mean {guess[0]}?)" if guess else str(key))
+            unknown.append(key)
     if unknown:
-        raise ValueError(f"{where}: unknown {config_class.__name__} field(s) {', '.join(unknown)}")
+        raise ValueError(f"{where}: unknown {config_class.__name__} field(s) "
+                         f"{', '.join(with_guesses(unknown, fields))}")
 
 
 def usual_mode(path: str | Path) -> None:

@@ -495,7 +495,6 @@ def map_raster(
     8-bit pixels as the ``geotiff`` layout's ``scale`` does (:func:`_scaler`)."""
     stride = int(stride or tile_size)
     tile_size = int(tile_size)
-    pixel_scale = check_pixel_scale(pixel_scale)
     src = open_georeferenced(raster)
     try:
         rows, cols = tile_grid(src.width, src.height, tile_size, stride)
