@@ -371,8 +371,6 @@ def cmd_embed(args) -> int:
     from geobind.model import GeoBind
     from geobind.search.embed import embed_dataset
 
-    if Path(args.data).is_file() and Path(args.out).resolve() == Path(args.data).resolve():
-        raise ValueError(f"--out {args.out} is the dataset being embedded (--data): name a new .parquet file")
     info = distributed.init_distributed(device=args.device)
     device = info.device if info.distributed else _device(args.device)
     model = GeoBind.from_pretrained(args.model, device=device)

@@ -438,6 +438,8 @@ def embed_dataset(
     rank = dist.rank() if rank is None else rank
     world_size = dist.world_size() if world_size is None else world_size
     out = Path(out)
+    if isinstance(data, (str, Path)) and Path(data).is_file() and out.resolve() == Path(data).resolve():
+        raise ValueError(f"--out {out} is the dataset being embedded (--data): name a new .parquet file")
     check_writable(out, force=force)
     encoder = model.encoder(modality)
     if preprocess_on not in ("loader", "device"):
