@@ -570,3 +570,25 @@ def test_a_run_interrupted_after_its_last_checkpoint_records_its_final_loss(tiny
     last_logged = float(_metrics(out)[-1]["loss"])  # step 4's, rounded to 6 places
     assert done["final_loss"] == pytest.approx(last_logged, abs=1e-6)
     assert strict((final / "geobind.json").read_text())["stages"][0]["final_loss"] == done["final_loss"]
+
+
+@pytest.mark.parametrize("val_every", [None, 0])
+def test_an_epochs_end_is_checkpointed_once_unless_a_validation_comes_between(tiny_data, tmp_path, monkeypatch,
+                                                                               val_every):
+    """ckpt_every divides the 3-step epoch: its last step is written with the epoch's end, once;
+    an epoch-end validation (val_every 0) keeps the step's own checkpoint before it runs."""
+    from geobind.binding import trainer as trainer_mod
+
+    saved, real = [], trainer_mod._atomic_save
+
+    def save(obj, path):
+        if path.name == "checkpoint.pt":
+            saved.append((obj["step"], obj["epoch"], obj["step_in_epoch"]))
+        real(obj, path)
+
+    monkeypatch.setattr(trainer_mod, "_atomic_save", save)
+    train(_cfg(tiny_data, tmp_path / "a", val_every=val_every, ckpt_every=3), progress=False, log=None)
+    if val_every is None:
+        assert saved == [(3, 1, 0), (6, 1, 3)]
+    else:
+        assert saved == [(3, 0, 3), (3, 1, 0), (6, 1, 3)]

@@ -1244,7 +1244,10 @@ class Trainer:
                             val_due = (step, epoch)
                             raise _AgreedStop
                         self._validate(stage, val, scfg, writer, step, epoch)
-                    if (o.ckpt_every and step % o.ckpt_every == 0) or step == total:
+                    # An epoch's last step is saved after the loop, with the epoch's end, unless
+                    # an epoch-end validation comes first (the steps are kept should it fail).
+                    epoch_save_next = step_in_epoch >= steps_per_epoch and (val is None or o.val_every)
+                    if step == total or (o.ckpt_every and step % o.ckpt_every == 0 and not epoch_save_next):
                         save_ckpt()
                     if self.stop_at_step is not None and step == self.stop_at_step:
                         stop.requested = True
