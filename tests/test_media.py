@@ -131,3 +131,25 @@ def test_in_memory_waveforms_in_bfloat16_and_many_channel_arrays():
     batch = np.random.default_rng(0).uniform(-0.5, 0.5, (16, 16000)).astype(np.float32)
     with pytest.warns(UserWarning, match=r"averaging 16 channels .* pass each as its own item"):
         load_audio((batch, 16000), 16000)
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients with blocky texture: a JPEG-friendly stand-in for a photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.sin(x / 40.0) * 60 + np.cos(y / 27.0) * 50 + 128
+    noise = np.kron(rng.normal(0, 12, (h // 8 + 1, w // 8 + 1)), np.ones((8, 8)))[:h, :w]
+    return np.clip(np.stack([base + noise, base * 0.8 + noise, 255 - base + noise], -1), 0, 255).astype(np.uint8)
+
+
+def test_min_side_decodes_a_large_jpeg_at_a_reduced_scale_that_keeps_both_sides(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(_photo(900, 1200)).save(path, quality=90)
+    assert load_image(path).size == (1200, 900)
+    assert load_image(path, min_side=128).size == (300, 225)  # 1/4: 1/8 would leave 112 rows
+    assert load_image(path, min_side=225).size == (300, 225)
+    assert load_image(path, min_side=226).size == (600, 450)
+    assert load_image(path.read_bytes(), min_side=128).size == (300, 225)
+    # Other formats decode at full size whatever min_side says.
+    Image.fromarray(_photo(300, 400)).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.png", min_side=32).size == (400, 300)

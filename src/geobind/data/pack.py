@@ -122,17 +122,22 @@ def _image_bytes(item: Any, size: int, fmt: str) -> bytes:
 
     from geobind.data.media import load_image
 
-    img = load_image(item)  # decodes (a bad file is a bad sample here, not in training)
-    w, h = img.size
     # Nothing to resize, and already in the target format: the file's own bytes, which the
     # reader decodes as it decodes the file (a re-encoded JPEG is larger, and lossier).
-    raw_ok = (
-        (size <= 0 or min(w, h) <= size)
-        and isinstance(item, (str, Path))
-        and Path(item).suffix.lower().lstrip(".") in (("jpg", "jpeg") if fmt == "jpg" else ("png",))
-    )
-    if raw_ok:
+    own_bytes = (isinstance(item, (str, Path))
+                 and Path(item).suffix.lower().lstrip(".") in (("jpg", "jpeg") if fmt == "jpg" else ("png",)))
+    if own_bytes and size > 0:
+        try:
+            with Image.open(item) as head:  # the header's size, before a reduced-scale decode
+                own_bytes = min(head.size) <= size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            pass  # load_image names what is wrong with the file
+    # Decodes (a bad file is a bad sample here, not in training); a large JPEG at a reduced
+    # scale no smaller than the target, then resized as a full decode would be.
+    img = load_image(item, min_side=0 if own_bytes else size)
+    if own_bytes:
         return Path(item).read_bytes()
+    w, h = img.size
     if size > 0 and min(w, h) > size:
         s = size / min(w, h)
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
