@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,11 @@ def test_two_by_two_closed_form():
 def test_an_empty_batch_is_refused():
     with pytest.raises(ValueError, match="at least one pair"):
         contrastive_loss(torch.zeros(0, 4), torch.zeros(0, 4), 10.0)
+
+
+def test_numpy_inputs_are_refused_with_the_conversion():
+    with pytest.raises(TypeError, match=r"takes torch tensors, got ndarray and ndarray \(numpy arrays: torch.from_numpy"):
+        contrastive_loss(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), 10.0)
 
 
 def test_queue_columns_and_mask():

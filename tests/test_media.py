@@ -113,6 +113,12 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
     assert upright.shape == (40, 20, 3)
     assert upright[:15].mean() > 200 and upright[25:].mean() < 50  # the left side now on top
     assert np.asarray(load_image(tmp_path / "plain.jpg")).shape == (20, 40, 3)
+    # Image.open keeps the tag: the PIL image is read upright too, and once turned, not again.
+    from PIL import ImageOps
+
+    opened = Image.open(tmp_path / "phone.jpg")
+    np.testing.assert_array_equal(np.asarray(load_image(opened)), upright)
+    np.testing.assert_array_equal(np.asarray(load_image(ImageOps.exif_transpose(opened))), upright)
 
 
 def test_in_memory_waveforms_in_bfloat16_and_many_channel_arrays():

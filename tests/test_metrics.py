@@ -121,6 +121,8 @@ def test_ks_must_be_whole_numbers_from_one(ks):
     with pytest.raises(ValueError, match="each k is a whole number >= 1"):
         retrieval_metrics(x, x, ks=ks)
     assert set(retrieval_metrics(x, x, ks=(1, 2.0, np.int64(3)))) >= {"R@1", "R@2", "R@3"}
+    one = retrieval_metrics(x, x, ks=2)  # a single k need not be a tuple
+    assert "R@2" in one and "R@1" not in one
 
 
 def test_median_rank_of_an_even_count_is_the_mean_of_the_two_middle_ranks():

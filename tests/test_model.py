@@ -163,6 +163,10 @@ def test_clear_errors(tiny_data, tmp_path, monkeypatch):
     model = build_space(tiny_data)
     with pytest.raises(ValueError, match="unknown modality 'lidar'"):
         model.embed("lidar", ["x"])
+    with pytest.raises(ValueError, match="unknown modality 'satelite' \\(did you mean 'satellite'\\?\\)"):
+        model.embed("satelite", ["x"])
+    with pytest.raises(TypeError, match="the modality is a name .*call embed\\(modality, items\\)"):
+        model.embed(["a forest"], "text")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         GeoBind.from_pretrained(tmp_path / "nope")
     # A mistyped folder beside an existing one is a missing folder, never a hub lookup.
@@ -180,6 +184,9 @@ def test_clear_errors(tiny_data, tmp_path, monkeypatch):
         GeoBind.from_pretrained(tmp_path / "run" / "model" / "geobind.json")
     with pytest.raises(FileNotFoundError, match=f"the model is in {tmp_path / 'run' / 'model'}"):
         GeoBind.from_pretrained(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=f"is one of its encoder folders: pass the model, "
+                                                f"{tmp_path / 'run' / 'model'}"):
+        GeoBind.from_pretrained(tmp_path / "run" / "model" / "clip")
     # A save stopped between moving the old model aside and moving the new one in.
     (tmp_path / "run" / "model").rename(tmp_path / "run" / ".model.old.x1y2")
     with pytest.raises(FileNotFoundError, match=r"a save into it was interrupted, and the model it replaced is at "
@@ -215,6 +222,31 @@ def test_embed_names_the_bad_item(tiny_data):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="batch_size must be a whole number of 1 or more"):
             model.embed("text", ["a forest"], batch_size=bad)
+    # A stacked batch of clips, an image folder, a batch of images: the message says what to pass.
+    with pytest.raises(BadSampleError, match=r"or list\(arr\) for a batch of clips"):
+        model.embed("audio", np.zeros((4, 1600), np.float32))
+    with pytest.raises(BadSampleError, match="is a directory, not an image file"):
+        model.embed("satellite", [tiny_data["test"].parent])
+    with pytest.raises(BadSampleError, match=r"for a batch of N images pass list\(arr\)"):
+        model.embed("satellite", [np.zeros((2, 8, 8, 3), np.uint8)])
+
+
+def test_texts_the_vocabulary_does_not_know_are_warned_of(tiny_data):
+    """Every text with no known word embeds to one vector: embed says so (search refuses them)."""
+    import warnings
+
+    model = build_space(tiny_data)
+    with pytest.warns(UserWarning, match=r"2 of 3 texts have no word the model's vocabulary knows \(item 0 "):
+        vecs = model.embed("text", ["森林", "a forest", "Москва"])
+    assert torch.allclose(vecs[0], vecs[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.embed("text", ["a forest"])
+    # An embed_query vector on either side of similarity gives a 1-D result, without warnings.
+    q = model.embed_query(text="a forest")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.similarity(vecs, q).shape == (3,)
 
 
 def test_a_space_in_training_mode_embeds_from_several_threads_as_in_eval(tiny_data):

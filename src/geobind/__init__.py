@@ -25,6 +25,10 @@ def __getattr__(name: str):
         from geobind.model import GeoBind
 
         return GeoBind
+    if name in ("losses", "metrics"):  # `import geobind; geobind.metrics...` as after an import of it
+        import importlib
+
+        return importlib.import_module(f"geobind.{name}")
     raise AttributeError(f"module 'geobind' has no attribute {name!r}")
 
 

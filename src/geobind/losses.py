@@ -77,6 +77,9 @@ def contrastive_loss(
         Scalar loss, computed in float32 (float64 if an input is float64), also under autocast. Distributed: its value is the global-batch loss on
         every rank, and DDP-averaged gradients equal the single-process global-batch gradients.
     """
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise TypeError(f"contrastive_loss takes torch tensors, got {type(x).__name__} and {type(y).__name__} "
+                        "(numpy arrays: torch.from_numpy(a))")
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must both be [B, D]; got {tuple(x.shape)} and {tuple(y.shape)}")
     b = x.shape[0]

@@ -87,7 +87,7 @@ def retrieval_metrics(
     where R@k is the fraction of queries whose match has rank <= k (rank 1 = best), and the
     median of an even count is the mean of the two middle ranks. Floats are Python floats.
     """
-    ks = list(ks)
+    ks = [ks] if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool) else list(ks)
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, float, np.integer, np.floating)) or k != int(k) or k < 1:
             raise ValueError(f"retrieval_metrics: ks holds {k!r}; each k is a whole number >= 1 (R@k)")

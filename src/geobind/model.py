@@ -81,10 +81,13 @@ class GeoBind(nn.Module):
     >>> model = GeoBind.from_pretrained("runs/demo/model")          # doctest: +SKIP
     >>> sat = model.embed("satellite", ["tile.png"])                 # doctest: +SKIP
     >>> txt = model.embed("text", ["a quiet pine forest"])           # doctest: +SKIP
-    >>> (sat @ txt.T).item()                                         # cosine similarity
+    >>> (sat @ txt.T).item()                                         # doctest: +SKIP
     """
 
     def __init__(self, dim: int, encoders: dict[str, Encoder] | None = None, meta: dict[str, Any] | None = None):
+        """A space of ``dim`` dimensions served by ``encoders`` (modality -> encoder), with
+        ``meta`` (stage history, logit scales) as ``geobind.json`` records it. Load a trained
+        one with :meth:`from_pretrained`."""
         super().__init__()
         self.dim = int(dim)
         self.encoders = nn.ModuleDict()
@@ -128,12 +131,21 @@ class GeoBind(nn.Module):
 
     def encoder(self, modality: str) -> Encoder:
         """The encoder serving ``modality``; a clear error if the space lacks it."""
+        if not isinstance(modality, str):
+            raise TypeError(f"the modality is a name ({', '.join(map(repr, self.modalities))}), not "
+                            f"{type(modality).__name__}: call embed(modality, items)")
         if modality not in self.encoders:
             try:
                 get_modality(modality)
             except ValueError:
+                import difflib
+
+                guess = difflib.get_close_matches(modality.lower(), self.modalities, n=1)
+                hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+                if not guess and modality.lower() in ("image", "photo", "images", "photos", "picture"):
+                    hint = " (ground-level photos are 'ground', overhead tiles 'satellite')"
                 raise ValueError(
-                    f"unknown modality {modality!r}; this model embeds {', '.join(self.modalities)}"
+                    f"unknown modality {modality!r}{hint}; this model embeds {', '.join(self.modalities)}"
                 ) from None
             raise ValueError(
                 f"this model has no {modality!r} encoder; it embeds {', '.join(self.modalities)}"
@@ -159,6 +171,11 @@ class GeoBind(nn.Module):
         ``[T, channels]``, and one given without its rate is taken to be at the encoder's rate.
         One item given alone (not in a list) counts as one item. An item that cannot be used
         raises :class:`~geobind.data.errors.BadSampleError` (a ``ValueError``) naming its position.
+
+        On a CUDA device the encoders run under bfloat16 autocast (vectors within about 1e-3 of
+        float32; a text's vector can move that much with the batch it is padded in); on the CPU
+        they run in float32. Texts with no word the vocabulary knows are warned of: each embeds
+        to the same vector.
         """
         enc = self.encoder(modality)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -200,19 +217,31 @@ class GeoBind(nn.Module):
                 from tqdm.auto import tqdm
 
                 rng = tqdm(rng, desc=f"embed {modality}", unit="batch")
+            known = getattr(enc, "known_words", None)
+            unknown: list[int] = []
             for i in rng:
-                batch = enc.collate([load(i + j, x) for j, x in enumerate(items[i : i + batch_size])])
+                loaded = [load(i + j, x) for j, x in enumerate(items[i : i + batch_size])]
+                if known is not None:
+                    unknown += [i + j for j, x in enumerate(loaded) if isinstance(x, str) and not known(x)]
+                batch = enc.collate(loaded)
                 with autocast_for(enc.device):
                     out.append(enc(batch).float().cpu())
         finally:
             enc.train(was_training)
+        if unknown:
+            import warnings
+
+            shown = ", ".join(f"item {j} ({items[j]!r})" for j in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+            warnings.warn(f"{len(unknown)} of {len(items)} texts have no word the model's vocabulary knows "
+                          f"({shown}): each embeds to the same vector as every such text", stacklevel=4)
         if not out:
             return torch.empty(0, self.dim)
         return torch.cat(out)
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity matrix of unit embeddings (``a @ b.T``)."""
-        return a @ b.T
+        """Cosine similarity matrix of unit embeddings (``a @ b.T``); a 1-D vector (an
+        :meth:`embed_query` result) on either side gives a 1-D result."""
+        return a @ (b.mT if b.ndim >= 2 else b)
 
     # -- persistence --------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -238,9 +267,10 @@ class GeoBind(nn.Module):
         """Write the model directory: ``geobind.json`` plus one ``transformers`` directory per
         encoder backbone (safetensors). Written to a temporary directory and moved into place.
 
-        An existing GeoBind model directory is replaced (``overwrite=True``, the default); a
-        folder holding anything else (other files, or files beside a model) is refused, so
-        saving never deletes what it did not write."""
+        An existing GeoBind model directory is replaced (``overwrite=True``, the default),
+        its encoder folders whole: files of your own inside them are deleted too (keep them
+        outside). A folder holding anything else (other files, or files beside a model) is
+        refused, and a file path too."""
         directory = Path(directory).expanduser().resolve()
         if directory.exists():
             if not directory.is_dir():
@@ -329,6 +359,8 @@ class GeoBind(nn.Module):
             # A run's or the demo's output folder holds the model in model/.
             inner = path / "model"
             hint = (f"; the model is in {inner}" if (inner / MODEL_FILE).is_file()
+                    else f"; {path} is one of its encoder folders: pass the model, {path.parent}"
+                    if (path.parent / MODEL_FILE).is_file()
                     else " (train one with `geobind train` or `geobind demo`)")
             raise FileNotFoundError(f"{path} is not a GeoBind model directory: {MODEL_FILE} is missing{hint}")
         try:

@@ -281,7 +281,8 @@ def load_audio(item: Any, sample_rate: int, *, name: str | None = None) -> np.nd
                 name or "<array>",
                 "bad-shape",
                 f"a bare array must be a 1-D waveform at {sample_rate} Hz, got shape "
-                f"{tuple(item.shape)}; pass (waveform, sample_rate) for [channels, T] audio",
+                f"{tuple(item.shape)}; pass (waveform, sample_rate) for [channels, T] audio (its channels are "
+                "averaged into one clip), or list(arr) for a batch of clips",
             )
         return _from_array(item, sample_rate, sample_rate, name or "<array>")
     raise TypeError(

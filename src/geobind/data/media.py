@@ -29,18 +29,23 @@ def load_image(item: Any, *, min_side: int = 0) -> Image.Image:
     at least ``min_side`` pixels; 0 decodes every image at full size.
     """
     if isinstance(item, Image.Image):
-        return _to_rgb(item, "<image>")
+        # Image.open(path) keeps the file's EXIF orientation: upright, as the path itself is read.
+        return _to_rgb(_upright(item), "<image>")
     if isinstance(item, np.ndarray):
         return array_to_rgb(item, "<array>")
     if isinstance(item, (bytes, bytearray)):
         return _decode(io.BytesIO(item), "<bytes>", min_side)
     if not isinstance(item, (str, Path)) and not hasattr(item, "__fspath__"):
-        hint = " (for a CxHxW tensor: t.permute(1, 2, 0).numpy())" if hasattr(item, "detach") else ""
+        hint = ""
+        if hasattr(item, "detach"):
+            hint = (" (for a batch of NxCxHxW images: list(t.permute(0, 2, 3, 1).cpu().numpy()))"
+                    if getattr(item, "ndim", 0) == 4 else " (for a CxHxW tensor: t.permute(1, 2, 0).numpy())")
         raise BadSampleError(f"<{type(item).__name__}>", "bad-type",
                              "an image is a path, encoded bytes, a PIL image or an HxWx3 numpy array" + hint)
     path = Path(item)
     if not path.is_file():
-        raise BadSampleError(str(path), "missing", "file does not exist")
+        raise BadSampleError(str(path), "missing", "is a directory, not an image file: pass the files in it "
+                             "(sorted(Path(folder).glob('*.png')), say)" if path.is_dir() else "file does not exist")
     if path.stat().st_size == 0:
         raise BadSampleError(str(path), "empty", "file is empty")
     if path.suffix.lower() in (".tif", ".tiff") and _have_rasterio():
@@ -66,12 +71,7 @@ def _decode(buf: io.BytesIO, name: str, min_side: int = 0) -> Image.Image:
             img.draft(img.mode, (min_side, min_side))  # a scale whose both sides reach min_side
         # load() forces the full decode so truncated files fail here, not later in a worker.
         img.load()
-        # A phone photo is stored sideways with an EXIF orientation tag that every viewer
-        # (and the browser the user picked it in) applies: embed it the way it is seen.
-        if img.getexif().get(0x0112, 1) != 1:  # the orientation tag; most images have none
-            from PIL import ImageOps
-
-            img = ImageOps.exif_transpose(img)
+        img = _upright(img)
     except UnidentifiedImageError:
         raise BadSampleError(name, "undecodable", "not an image format PIL can read") from None
     except Image.DecompressionBombError:
@@ -82,6 +82,17 @@ def _decode(buf: io.BytesIO, name: str, min_side: int = 0) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSampleError(name, "undecodable", f"cannot decode image ({e})") from None
     return _to_rgb(img, name)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    # A phone photo is stored sideways with an EXIF orientation tag that every viewer (and the
+    # browser the user picked it in) applies: embed it the way it is seen. The turned image
+    # drops the tag, so an image already turned is not turned again.
+    if img.getexif().get(0x0112, 1) != 1:  # the orientation tag; most images have none
+        from PIL import ImageOps
+
+        return ImageOps.exif_transpose(img)
+    return img
 
 
 _EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
@@ -110,7 +121,11 @@ def array_to_rgb(arr: np.ndarray, name: str = "<array>") -> Image.Image:
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or 0 in arr.shape:
-        raise BadSampleError(name, "bad-shape", f"expected an HxW, HxWx3 or HxWx4 image array, got shape {arr.shape}")
+        hint = ("; for a batch of N images pass list(arr)" if arr.ndim == 4 and arr.shape[-1] in (1, 3, 4)
+                else "; for CxHxW pass arr.transpose(1, 2, 0)" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4)
+                else "")
+        raise BadSampleError(name, "bad-shape",
+                             f"expected an HxW, HxWx3 or HxWx4 image array, got shape {arr.shape}{hint}")
     arr = arr[..., :3] if arr.shape[-1] >= 3 else np.repeat(arr, 3, axis=-1)
     if arr.dtype == np.uint8:
         out = arr

@@ -1,6 +1,6 @@
 """Encoders: one per modality, registered by type name."""
 
-from geobind.encoders import audio as _audio  # noqa: F401,E402  (registers clap_audio)
+from geobind.encoders.audio import ClapAudioEncoder  # registers clap_audio
 from geobind.encoders.base import (
     Encoder,
     encoder_types,
@@ -27,6 +27,7 @@ __all__ = [
     "ClipImageEncoder",
     "ClipTextEncoder",
     "ClipVisionEncoder",
+    "ClapAudioEncoder",
     "anchor_encoders",
     "build_anchor",
     "build_clip",
