@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,6 +268,165 @@ def test_concurrent_requests_agree(served):
         assert [x["id"] for x in got[i]] == [x["id"] for x in expected[t]]
 
 
+def test_results_play_the_places_recordings(served):
+    """The index's dataset has an audio column: each result links its recording, served by id
+    from the dataset's own files, with byte ranges (a player seeks without fetching it all)."""
+    from geobind.data.manifest import read_dataset
+
+    client, index = served["client"], served["index"]
+    h = client.get("/api/health").json()
+    assert h["index"]["audio"] == len(index) and "recordings of" in h["audio"]
+    body = client.post("/api/search", data={"text": "a photo of a forest", "k": 3}).json()
+    table = read_dataset(index.header["source"]["source"])
+    for hit in body["results"]:
+        assert hit["audio_url"] == f"/api/audio/{hit['id']}"
+        r = client.get(hit["audio_url"])
+        wav = Path(table.columns["audio"][table.ids.index(hit["id"])]).read_bytes()
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/wav" and r.content == wav
+    r = client.get(body["results"][0]["audio_url"], headers={"Range": "bytes=0-3"})
+    assert r.status_code == 206 and r.content == b"RIFF"
+    assert "no place with id 'nope'" in client.get("/api/audio/nope").json()["detail"]
+
+
+def media_index(model, manifest, **header):
+    """An in-memory satellite index of ``manifest``'s places (random vectors), recording it as
+    the dataset it was embedded from."""
+    from geobind.data.manifest import read_dataset
+
+    table = read_dataset(manifest)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((len(table), model.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    head = {
+        "kind": "exact",
+        "count": len(table),
+        "dim": model.dim,
+        "model": {"identity": model.identity("satellite"), "modality": "satellite"},
+        "source": {"source": str(manifest), "identity": table.identity, "layout": "manifest"},
+        **header,
+    }
+    return Index(head, table.ids, np.array(table.lat), np.array(table.lon), vectors)
+
+
+def test_recordings_are_served_only_from_inside_the_dataset(served, tmp_path):
+    """Only audio files inside the dataset's folder are ever read: a cell that climbs out with
+    ``..``, an absolute path elsewhere, a link that leads out, a file that is not audio and a
+    missing one are not served, nor is anything a request path names."""
+    import os
+    from urllib.parse import quote
+
+    model = served["model"]
+    root = tmp_path / "data"
+    (root / "audio").mkdir(parents=True)
+    outside = tmp_path / "outside.wav"
+    outside.write_bytes(wav_bytes(0.5))
+    secret = outside.read_bytes()
+    ok = wav_bytes(0.25)
+    (root / "audio" / "ok.wav").write_bytes(ok)
+    (root / "audio" / "notes.txt").write_text("not a recording")
+    os.symlink(outside, root / "audio" / "link.wav")
+    cells = {
+        "ok": "audio/ok.wav",
+        "abs-inside": str(root / "audio" / "ok.wav"),
+        "up": "../outside.wav",
+        "up-inside": "audio/../../outside.wav",
+        "abs-outside": str(outside),
+        "link": "audio/link.wav",
+        "text": "audio/notes.txt",
+        "gone": "audio/missing.wav",
+        "none": "",
+    }
+    manifest = root / "places.csv"
+    manifest.write_text("id,lat,lon,audio\n" + "".join(f"{k},{i},{i},{v}\n" for i, (k, v) in enumerate(cells.items())))
+    index = media_index(model, manifest)
+    client = TestClient(create_app(model, index))
+    served_ids = {"ok", "abs-inside"}
+    results = client.post("/api/search", data={"text": "a forest", "k": len(cells)}).json()["results"]
+    assert {r["id"] for r in results if r["audio_url"]} == served_ids
+    assert client.get("/api/health").json()["index"]["audio"] == 4  # link and gone fail when served
+    for item in cells:
+        r = client.get(f"/api/audio/{quote(item)}")
+        if item in served_ids:
+            assert r.status_code == 200 and r.content == ok, item
+        else:
+            assert r.status_code == 404 and secret not in r.content, item
+    # A request path is an id, never a file name.
+    for path in ("..%2Foutside.wav", "..%2F..%2Foutside.wav", quote(str(outside), safe=""), str(outside),
+                 "ok%2F..%2F..%2F..%2Foutside.wav", "audio%2Fok.wav", quote(str(root / "places.csv"), safe="")):
+        r = client.get(f"/api/audio/{path}")
+        assert r.status_code == 404 and secret not in r.content, path
+    # Another dataset at the recorded path (its rows may be other places), or media off: none.
+    changed = TestClient(create_app(model, media_index(model, manifest, source={
+        "source": str(manifest), "identity": "0" * 64, "layout": "manifest"})))
+    assert "changed since" in changed.get("/api/health").json()["audio"]
+    assert changed.get("/api/audio/ok").status_code == 404
+    off = TestClient(create_app(model, index, media=False))
+    assert off.get("/api/audio/ok").status_code == 404 and off.get("/api/health").json()["index"]["audio"] == 0
+    # A dataset named explicitly is used as it is.
+    named = TestClient(create_app(model, media_index(model, manifest, source={}), data=manifest))
+    assert named.get("/api/audio/ok").content == ok
+
+
+def test_head_answers_as_get_without_a_body(served):
+    client, index = served["client"], served["index"]
+    for path in ("/", "/api/health", "/static/app.js", f"/api/thumbnail/{index.ids[0]}", f"/api/audio/{index.ids[0]}"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+        assert int(head.headers["content-length"]) == len(get.content), path
+    assert client.head("/api/thumbnail/nope").status_code == 404
+    r = client.head("/api/search")  # POST only
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+def multipart(*parts: tuple, charset: str | None = None) -> dict:
+    """A hand-made multipart body: ``(name, bytes)`` fields and ``(name, bytes, filename)`` files,
+    as the keyword arguments of a test client's post."""
+    body = b""
+    for name, value, *filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename[0]}"' if filename else "")
+        body += f"--b\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    ctype = "multipart/form-data; boundary=b" + (f"; charset={charset}" if charset else "")
+    return {"content": body + b"--b--\r\n", "headers": {"content-type": ctype}}
+
+
+def test_form_fields_that_are_not_utf8_get_400(served):
+    """Text that is not UTF-8 is refused, naming the field, not read as Latin-1; a file's bytes
+    are its own, and a charset named in the Content-Type header is honoured."""
+    client = served["client"]
+    for path in ("/api/search", "/api/map"):
+        r = client.post(path, **multipart(("text", b"a forest caf\xe9")))
+        assert r.status_code == 400 and "'text' is not UTF-8" in r.json()["detail"], path
+    r = client.post("/api/search", **multipart(("file", wav_bytes(), "a.wav"), ("modality", b"aud\xedo")))
+    assert r.status_code == 400 and "'modality' is not UTF-8" in r.json()["detail"]
+    r = client.post("/api/search", content=b"text=a+forest+caf%E9",
+                    headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "'text' is not UTF-8" in r.json()["detail"]
+    # A file sent as a plain field is refused as not a file, whatever its bytes.
+    r = client.post("/api/search", **multipart(("file", b"\x89PNG\xff\xfe")))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "file"]
+    # The same text as UTF-8, or as Latin-1 said so, is read as written.
+    for form in (multipart(("text", "a forest café".encode())),
+                 multipart(("text", b"a forest caf\xe9"), charset="latin-1")):
+        r = client.post("/api/search", **form)
+        assert r.status_code == 200 and r.json()["query"] == '"a forest café"', r.text
+    r = client.post("/api/search", **multipart(("text", b"a forest"), ("file", wav_bytes(), "a.wav")))
+    assert r.status_code == 200 and r.json()["query"] == '"a forest" + audio upload'
+
+
+def test_a_field_given_twice_gets_400(served):
+    """Two files (or two texts) in one query are refused, not one of them silently dropped."""
+    client = served["client"]
+    r = client.post("/api/search", files=[("file", ("a.wav", wav_bytes())), ("file", ("b.png", png_bytes()))])
+    assert r.status_code == 400 and "more than one 'file' part" in r.json()["detail"]
+    r = client.post("/api/map", data={"text": ["a forest", "a desert"]})
+    assert r.status_code == 400 and "'text' more than once" in r.json()["detail"]
+    r = client.post("/api/search", content=b"text=a+forest&k=2&k=3",
+                    headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "'k' more than once" in r.json()["detail"]
+    assert client.post("/api/search", files={"file": ("a.wav", wav_bytes())}).status_code == 200
+
+
 # -- bad requests ----------------------------------------------------------------------------
 def scene_png_bytes(side: int = 15000) -> bytes:
     buf = io.BytesIO()
@@ -461,6 +621,28 @@ def test_serve_cli_on_all_addresses_says_anyone_can_reach_it(served, monkeypatch
         assert {"127.0.0.1", "localhost", "::1", host} <= set(loopback_hosts(host)), host
     app = create_app(served["model"], served["index"], allowed_hosts=loopback_hosts("::1"))
     assert TestClient(app, base_url="http://[::1]:8000").get("/api/health").status_code == 200
+
+
+def test_serve_cli_says_where_recordings_come_from_and_can_serve_none(served, monkeypatch, capsys):
+    import uvicorn
+
+    calls = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: calls.update(app=server.config.app))
+    argv = ["serve", "--model", str(served["model_dir"]), "--index", str(served["index_dir"]), "--port", "0"]
+    assert main(argv) == 0
+    assert f"recordings: recordings of {len(served['index'])} places from" in capsys.readouterr().out
+    assert main(argv + ["--no-media"]) == 0
+    assert "recordings: recordings are not served" in capsys.readouterr().out
+    h = TestClient(calls["app"], base_url="http://127.0.0.1").get("/api/health").json()
+    assert h["index"]["audio"] == 0
+    # --data names the manifest to take them from; it must exist, and cannot go with --no-media.
+    source = served["index"].header["source"]["source"]
+    assert main(argv + ["--data", source]) == 0
+    assert "recordings: recordings of" in capsys.readouterr().out
+    assert main(argv + ["--data", source, "--no-media"]) == 2
+    assert "give one" in capsys.readouterr().err
+    assert main(argv + ["--data", str(served["index_dir"]) + "-nope.csv"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_serve_cli_names_a_port_in_use(served, capsys):

@@ -22,6 +22,9 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--no-first-run",
+    # A fake microphone that needs no permission prompt: the recording test records from it.
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
 ]
 
 pytestmark = [
@@ -216,5 +219,121 @@ def test_stale_results_never_stay_up_and_the_page_works_from_the_keyboard_and_na
     page.set_viewport_size({"width": 400, "height": 800})
     box = page.locator("#map").bounding_box()
     assert box["width"] >= 390 and box["height"] >= 300
+    assert not errors, errors
+    page.close()
+
+
+def luminance(css: str) -> float:
+    r, g, b = (int(v) for v in css[css.index("(") + 1 : css.index(")")].split(",")[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_pins_show_rank_and_score_and_their_legend_reads_on_a_phone(server, browser):
+    """Pins are coloured by score (darker is closer), the best ten numbered, the best drawn on
+    top, rank and score in their title and tooltip; the map's legend says what the score is and
+    stays inside the map, legible, at 375 px, where it steps aside while a popup is open."""
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server["url"] + "/")
+    page.wait_for_function("document.getElementById('info').textContent.includes('places')")
+    page.fill("#text", "a photo of a forest")
+    page.fill("#k", "12")
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('.leaflet-marker-icon').length === 12")
+    page.wait_for_selector(".leaflet-popup")
+    pins = page.evaluate("""() => [...document.querySelectorAll('.leaflet-marker-icon.pin')].map((e) => ({
+        title: e.title, text: e.textContent, z: +e.style.zIndex, width: e.offsetWidth,
+        colour: getComputedStyle(e.firstElementChild).backgroundColor}))""")
+    by_rank = {int(p["title"].split(":")[0].lstrip("#")): p for p in pins}
+    assert sorted(by_rank) == list(range(1, 13))
+    ranked = [by_rank[r] for r in range(1, 13)]
+    assert [p["text"] for p in ranked] == [str(r) for r in range(1, 11)] + ["", ""]
+    assert ranked[0]["width"] > ranked[-1]["width"]  # numbered pins are the larger ones
+    z = [p["z"] for p in ranked]
+    assert z == sorted(z, reverse=True) and len(set(z)) == 12  # the best on top of the rest
+    shade = [luminance(p["colour"]) for p in ranked]
+    assert shade == sorted(shade) and shade[0] < shade[-1] - 50  # darker is closer
+    hits = server["model"].search(server["index"], text="a photo of a forest", k=12)
+    assert ranked[1]["title"].startswith("#2: ") and f"score {hits[1].score:.4f}" in ranked[1]["title"]
+    page.focus('.leaflet-marker-icon[title^="#2: "]')  # the tooltip opens from the keyboard too
+    page.wait_for_selector(".leaflet-tooltip")
+    assert page.inner_text(".leaflet-tooltip") == f"#2 · {hits[1].score:.4f}"
+    legend = page.inner_text(".pin-legend")
+    assert "cosine similarity of unit vectors" in legend and "higher = closer" in legend
+    assert f"{hits[-1].score:.3f}" in legend and f"{hits[0].score:.3f}" in legend and "top 12" in legend
+    # A phone: the legend inside the map, its text at 11 px or more and nothing cut off.
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.evaluate("window.geobindMap.closePopup()")
+    page.wait_for_timeout(300)
+    box = page.evaluate("""() => {
+        const l = document.querySelector('.pin-legend'), m = document.getElementById('map');
+        const a = l.getBoundingClientRect(), b = m.getBoundingClientRect();
+        return {inside: a.left >= b.left && a.right <= b.right && a.top >= b.top && a.bottom <= b.bottom,
+                width: a.width, height: a.height, map: [b.width, b.height],
+                font: parseFloat(getComputedStyle(l).fontSize), cut: l.scrollWidth > l.clientWidth,
+                pinFont: parseFloat(getComputedStyle(document.querySelector('.pin span')).fontSize)};
+    }""")
+    assert box["inside"] and not box["cut"], box
+    assert box["width"] <= 0.45 * box["map"][0] and box["height"] <= 0.35 * box["map"][1], box
+    assert box["font"] >= 11 and box["pinFont"] >= 11, box
+    page.focus('.leaflet-marker-icon[title^="#1: "]')
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".leaflet-popup")
+    assert page.is_hidden(".pin-legend")
+    page.evaluate("window.geobindMap.closePopup()")
+    assert page.is_visible(".pin-legend")
+    assert not errors, errors
+    page.close()
+
+
+def test_recordings_play_in_popups_and_query_clips_before_searching(server, browser):
+    """A result with a recording plays it from the server; a chosen sound file, and a recording
+    from the microphone, can be heard before they are searched (a photo has no player)."""
+    from test_serve import png_bytes, wav_bytes
+
+    page = browser.new_page(viewport={"width": 1100, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server["url"] + "/")
+    page.wait_for_function("document.getElementById('info').textContent.includes('places')")
+    assert f"{len(server['index'])} with a recording to play" in page.inner_text("#info")
+    page.fill("#text", "a photo of a forest")
+    page.fill("#k", "3")
+    page.click("#submit")
+    page.wait_for_function("document.querySelectorAll('#results li').length === 3")
+    assert page.locator("#results li .heard").count() == 3
+    page.wait_for_selector(".leaflet-popup audio")
+    best = server["model"].search(server["index"], text="a photo of a forest", k=1)[0]
+    assert page.get_attribute(".leaflet-popup audio", "src") == f"/api/audio/{best.id}"
+    page.evaluate("(() => { const a = document.querySelector('.leaflet-popup audio'); a.preload = 'metadata'; a.load(); })()")
+    page.wait_for_function("document.querySelector('.leaflet-popup audio').readyState >= 1")
+    assert abs(page.evaluate("document.querySelector('.leaflet-popup audio').duration") - 1.0) < 0.05
+    # A chosen sound file: its player appears, and plays the file itself (2 s), before Search.
+    player = "document.getElementById('queryaudio')"
+    assert page.is_hidden("#queryaudio")
+    page.set_input_files("#file", files=[{"name": "clip.wav", "mimeType": "audio/wav", "buffer": wav_bytes(2.0)}])
+    page.wait_for_function(f"{player}.readyState >= 1")
+    assert page.is_visible("#queryaudio") and page.evaluate(f"{player}.src").startswith("blob:")
+    assert abs(page.evaluate(f"{player}.duration") - 2.0) < 0.05
+    page.set_input_files("#file", files=[{"name": "a.png", "mimeType": "image/png", "buffer": png_bytes()}])
+    assert page.is_hidden("#queryaudio")
+    page.set_input_files("#file", files=[{"name": "clip.wav", "mimeType": "audio/wav", "buffer": wav_bytes(2.0)}])
+    assert page.is_visible("#queryaudio")
+    page.click("#nofile")
+    assert page.is_hidden("#queryaudio") and not page.evaluate(f"{player}.getAttribute('src')")
+    # A recording (Chromium's fake microphone): heard first, then searched.
+    page.wait_for_selector("#record", state="visible")
+    page.click("#record")
+    page.wait_for_function("document.getElementById('record').textContent.includes('Stop')")
+    time.sleep(1.0)
+    page.click("#record")
+    page.wait_for_function("document.getElementById('recinfo').textContent.includes('ready')", timeout=20_000)
+    page.wait_for_function(f"{player}.readyState >= 1")
+    assert page.is_visible("#queryaudio") and page.evaluate(f"{player}.duration") > 0.5
+    page.fill("#text", "")
+    page.click("#submit")
+    page.wait_for_function("document.getElementById('status').textContent.includes('audio upload')", timeout=20_000)
+    assert page.locator("#results li").count() == 3
     assert not errors, errors
     page.close()

@@ -13,11 +13,16 @@ recording, and shows the top places as markers and a heat map of every place's s
 are cosine similarities between the query and each place's embedding: compare them within one
 query. The JSON API is documented at /docs. Nothing is loaded from the internet.
 
+Places with a recording (the audio column of the dataset the index was embedded from, while
+that file is unchanged) get a player in their popup; only files inside that dataset's folder
+are served. --data names another manifest for them, --no-media serves none.
+
 examples:
   geobind demo --out demo && geobind serve --model demo/model --index demo/places.index
   geobind serve --model M --index tiles.index --port 8080
   geobind serve --model M --index tiles.index --host 0.0.0.0     # reachable from other machines
   geobind serve --model M --index tiles.index --max-upload-mb 5
+  geobind serve --model M --index tiles.index --data data/test.csv      # recordings from test.csv
 """
 
 
@@ -47,6 +52,11 @@ def add_serve_parser(sub) -> None:
         "--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20)"
     )
     s.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
+    s.add_argument("--data", help="manifest (CSV or Parquet) whose audio column holds the places' recordings, "
+                   "by id (default: the dataset the index was embedded from, if unchanged)")
+    s.add_argument("--layout", default="manifest", choices=("manifest", "soundingearth"),
+                   help="layout of --data (default: manifest)")
+    s.add_argument("--no-media", action="store_true", help="serve no recordings")
     s.set_defaults(func=cmd_serve)
 
 
@@ -73,15 +83,23 @@ def cmd_serve(args) -> int:
         # Bound to this machine only: requests must name it (a page elsewhere cannot reach the
         # server through a DNS name that resolves to 127.0.0.1).
         allowed = loopback_hosts(args.host)
-        app = create_app(model, index, max_upload_mb=args.max_upload_mb, allowed_hosts=allowed)
+        if args.data and args.no_media:
+            raise ValueError("--data names where recordings come from and --no-media serves none: give one")
+        if args.data and not os.path.exists(os.path.expanduser(args.data)):
+            raise FileNotFoundError(f"--data {args.data} does not exist")
+        app = create_app(model, index, max_upload_mb=args.max_upload_mb, allowed_hosts=allowed,
+                         media=not args.no_media, data=args.data, layout=args.layout)
         sock.listen(2048)  # from here on connections wait in the queue until the server serves them
         port = sock.getsockname()[1]
         host = f"[{args.host}]" if ":" in args.host else args.host
         shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else host
         print(f"{len(index)} places ({index.modality} embeddings) from {args.index}")
+        audio = app.state.explorer.audio
+        print(f"recordings: {audio.note}")
         if allowed is None:
             print(f"note: bound to {args.host}: anyone who can reach this machine on port {port} can use "
-                  "the explorer and its API (there is no login)")
+                  "the explorer and its API (there is no login)"
+                  + (", and play the recordings it serves" if len(audio) else ""))
         print(
             f"GeoBind explorer: http://{shown}:{port}/   (API docs: /docs; Ctrl-C stops)",
             flush=True,

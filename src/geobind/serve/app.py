@@ -8,25 +8,33 @@ Endpoints (OpenAPI at ``/docs``):
   plus its lat/lon bounds and score range).
 * ``GET /api/thumbnail/{id}``: the JPEG thumbnail of an indexed place, looked up by id in the
   index (no request path ever reaches the filesystem).
+* ``GET /api/audio/{id}``: the recording of an indexed place, from the ``audio`` column of the
+  dataset the index was embedded from, looked up by id (see :class:`PlaceAudio`: only files
+  inside that dataset's folder are served).
 * ``GET /api/coverage``: where the indexed places are (a grey overlay of grid cells).
 * ``GET /api/health``: model identity, index size.
 * ``GET /``: the page (Leaflet, vendored under ``static/``; nothing is loaded from the internet).
 
+Every GET endpoint also answers ``HEAD`` (the same status and headers, no body).
+
 Safety: uploads are capped (``max_upload_mb``, checked on the raw request body before it is
 parsed, and again on the file) and decoded as image or audio before use, at most
-``MAX_DECODING`` at a time; audio only for the clip the encoder hears. Anything else is a 4xx
-with a message, and an unexpected failure a JSON 500. Bound to this machine only, the app
-answers only requests addressed to it by a loopback name (``allowed_hosts``): a web page
-elsewhere cannot reach it through a DNS name that resolves to 127.0.0.1. Model and index are
-shared read-only; model calls run in the thread pool under one lock (``GeoBind.embed``
-toggles the encoder's train/eval flag, so concurrent calls on one encoder are not safe
-without it).
+``MAX_DECODING`` at a time; audio only for the clip the encoder hears. A query form takes
+each field once (one ``file``) and its fields as UTF-8 (unless its Content-Type names another
+charset): a repeated field or text that is not UTF-8 is a 400 naming the field, not a guess.
+Anything else is a 4xx with a message, and an unexpected failure a JSON 500. Bound to this
+machine only, the app answers only requests addressed to it by a loopback name
+(``allowed_hosts``): a web page elsewhere cannot reach it through a DNS name that resolves to
+127.0.0.1. Model and index are shared read-only; model calls run in the thread pool under one
+lock (``GeoBind.embed`` toggles the encoder's train/eval flag, so concurrent calls on one
+encoder are not safe without it).
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the endpoint annotations
 # (UploadFile, imported inside create_app) at runtime.
 import base64
 import io
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,64 +85,373 @@ def import_fastapi():
     return fastapi
 
 
-class UploadTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised into the app from ``receive`` once a :class:`BodyGuard` refuses a request body."""
+
+    def __init__(self, guard: "BodyGuard"):
+        super().__init__()
+        self.guard = guard
 
 
-class BodyLimit:
+async def _reply(send, status: int, message: str) -> None:
+    from starlette.responses import JSONResponse
+
+    await JSONResponse({"detail": message}, status_code=status)({"type": "http"}, None, send)
+
+
+class BodyGuard:
+    """ASGI middleware base: each chunk of a request body passes the check that ``checker`` makes
+    for the request (None lets the request through unchecked), which returns a refusal
+    ``(status, message)`` or None. Once it refuses, the app reads no more of the body, and
+    whatever it answers is replaced by the refusal: its form parser turns the exception it gets
+    from ``receive`` into a vaguer 400 of its own."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def checker(self, scope) -> "Any | None":
+        return None
+
+    async def __call__(self, scope, receive, send):
+        check = self.checker(scope) if scope["type"] == "http" else None
+        if check is None:
+            return await self.app(scope, receive, send)
+        refusal: tuple[int, str] | None = None
+        replied = False
+
+        async def checked_receive():
+            nonlocal refusal
+            msg = await receive()
+            if msg["type"] == "http.request" and refusal is None:
+                refusal = check(msg.get("body", b""), not msg.get("more_body", False))
+                if refusal is not None:
+                    raise _Refused(self)
+            return msg
+
+        async def guarded_send(msg):
+            nonlocal replied
+            if refusal is None:
+                return await send(msg)
+            if not replied:
+                replied = True
+                await _reply(send, *refusal)
+
+        try:
+            await self.app(scope, checked_receive, guarded_send)
+        except _Refused as e:
+            if e.guard is not self:
+                raise
+        if refusal is not None and not replied:
+            await _reply(send, *refusal)
+
+
+class BodyLimit(BodyGuard):
     """ASGI middleware: a request body over ``limit`` bytes gets a 413 before it is parsed
     (by its Content-Length, or by counting chunks when it has none)."""
 
     def __init__(self, app, limit: int, message: str):
-        self.app, self.limit, self.message = app, limit, message
+        super().__init__(app)
+        self.limit, self.message = limit, message
+
+    def checker(self, scope):
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None
+        seen = 0
+
+        def check(chunk: bytes, last: bool):
+            nonlocal seen
+            seen += len(chunk)
+            return (413, self.message) if seen > self.limit else None
+
+        return check
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._reject(send)
-        seen = 0
-        exceeded = rejected = False
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                return await _reply(send, 413, self.message)
+        return await super().__call__(scope, receive, send)
 
-        async def counting_receive():
-            nonlocal seen, exceeded
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    exceeded = True
-                    raise UploadTooLarge
-            return msg
 
-        async def guarded_send(msg):
-            # Once the body went over the limit, whatever the app answers (its form parser
-            # may turn our exception into a 400) is replaced by the 413.
-            nonlocal rejected
-            if not exceeded:
-                return await send(msg)
-            if not rejected:
-                rejected = True
-                await self._reject(send)
+def _multipart():
+    """python-multipart's parser module (named ``python_multipart`` from 0.0.13, ``multipart`` before)."""
+    try:
+        from python_multipart import multipart
+    except ImportError:
+        from multipart import multipart
+    return multipart
 
+
+class FormFields:
+    """Reads a form body as it streams in, beside the app's own parser, for what that parser lets
+    through without a word: a text field that is not UTF-8 (it reads it as Latin-1 instead) and a
+    field given more than once (it uses the last). :meth:`feed` takes the body chunk by chunk and
+    returns the first problem as a message. A body that does not parse is left to the app's
+    parser, which says so."""
+
+    def __init__(self, content_type: str):
+        import codecs
+
+        mp = _multipart()
+        kind, params = mp.parse_options_header(content_type)
+        charset = params.get(b"charset", b"utf-8").decode("latin-1")
         try:
-            await self.app(scope, counting_receive, guarded_send)
-        except UploadTooLarge:
-            pass
-        if exceeded and not rejected:
-            await self._reject(send)
+            # Another charset named in the header is honoured by the app's parser.
+            self.utf8 = codecs.lookup(charset).name == "utf-8"
+        except LookupError:
+            self.utf8 = False
+        self.problem: str | None = None
+        self.seen: dict[str, int] = {}
+        self._parser = None
+        self._urlencoded: bytearray | None = None
+        if kind == b"multipart/form-data" and params.get(b"boundary"):
+            self._parser = mp.MultipartParser(params[b"boundary"], {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+            })
+        elif kind == b"application/x-www-form-urlencoded":
+            self._urlencoded = bytearray()
+        self._part_begin()
 
-    async def _reject(self, send):
-        from starlette.responses import JSONResponse
+    @classmethod
+    def for_request(cls, content_type: str) -> "FormFields | None":
+        """A reader for a multipart or URL-encoded form body; None for any other body."""
+        fields = cls(content_type)
+        return fields if fields._parser is not None or fields._urlencoded is not None else None
 
-        resp = JSONResponse({"detail": self.message}, status_code=413)
-        await resp({"type": "http"}, None, send)
+    def feed(self, chunk: bytes, last: bool) -> str | None:
+        if self._parser is not None:
+            try:
+                self._parser.write(chunk)
+                if last:
+                    self._parser.finalize()
+            except ValueError:  # python-multipart's parse errors: the app's parser reports them
+                self._parser = None
+        elif self._urlencoded is not None:
+            self._urlencoded += chunk
+            if last:
+                self._check_urlencoded(bytes(self._urlencoded))
+        return self.problem
+
+    def _field(self, name: str) -> None:
+        self.seen[name] = self.seen.get(name, 0) + 1
+        if self.seen[name] == 2 and self.problem is None:
+            self.problem = (
+                "the form has more than one 'file' part: a query takes one file (send each file as a "
+                "query of its own)" if name == "file" else
+                f"the form gives the field {name!r} more than once: give each field once"
+            )
+
+    def _not_utf8(self, name: str) -> None:
+        if self.problem is None:
+            self.problem = (f"the form field {name!r} is not UTF-8 text: send form fields encoded as UTF-8 "
+                            "(as browsers and curl do), or name their charset in the Content-Type header")
+
+    # -- multipart callbacks ---------------------------------------------------------------
+    def _part_begin(self) -> None:
+        self._name, self._disposition, self._decoder = "", b"", None
+        self._header, self._value = b"", b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header.strip().lower() == b"content-disposition":
+            self._disposition = self._value
+        self._header, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        import codecs
+
+        _, options = _multipart().parse_options_header(self._disposition)
+        self._name = options.get(b"name", b"").decode("utf-8", "replace")
+        self._field(self._name)
+        # A file's bytes are its own business, and so is a ``file`` sent as a plain field: the
+        # app refuses that as not a file, which says more than "not UTF-8" would.
+        if self.utf8 and b"filename" not in options and self._name != "file":
+            self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._decoder is not None:
+            try:
+                self._decoder.decode(data[start:end])
+            except UnicodeDecodeError:
+                self._decoder = None
+                self._not_utf8(self._name)
+
+    def _part_end(self) -> None:
+        if self._decoder is not None:
+            try:
+                self._decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                self._not_utf8(self._name)
+
+    def _check_urlencoded(self, body: bytes) -> None:
+        from urllib.parse import unquote_to_bytes
+
+        for pair in body.split(b"&"):
+            if not pair:
+                continue
+            raw_name, _, raw_value = pair.partition(b"=")
+            name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("utf-8", "replace")
+            self._field(name)
+            if self.utf8 and name != "file":
+                try:
+                    unquote_to_bytes(raw_value.replace(b"+", b" ")).decode("utf-8")
+                except UnicodeDecodeError:
+                    self._not_utf8(name)
+
+
+class FormCheck(BodyGuard):
+    """ASGI middleware: a 400 naming the field for a POSTed form that gives a field twice (two
+    files, say) or a text field that is not UTF-8 (see :class:`FormFields`)."""
+
+    def checker(self, scope):
+        if scope["method"] != "POST":
+            return None
+        ctype = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+        fields = FormFields.for_request(ctype)
+        if fields is None:
+            return None
+
+        def check(chunk: bytes, last: bool):
+            problem = fields.feed(chunk, last)
+            return (400, problem) if problem else None
+
+        return check
+
+
+class HeadAsGet:
+    """ASGI middleware: a HEAD request is answered as its GET would be, without the body
+    (FastAPI's GET routes alone would answer a 405 to the HEAD that link checkers and uptime
+    monitors send). The headers, Content-Length included, are the GET's."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(msg):
+            if msg["type"] == "http.response.body":
+                if msg.get("more_body", False):
+                    return
+                msg = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(msg)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+# What the page can play, by suffix: the formats browsers decode (and the encoders read).
+AUDIO_TYPES = {
+    ".wav": "audio/wav",
+    ".flac": "audio/flac",
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".opus": "audio/ogg",
+    ".mp3": "audio/mpeg",
+    ".m4a": "audio/mp4",
+    ".webm": "audio/webm",
+}
+# Layouts whose datasets are read in full at start-up to find the recordings: tables read from a
+# CSV or Parquet file. Shards stream (no file per recording), GeoTIFF folders open every tile.
+AUDIO_LAYOUTS = ("manifest", "soundingearth")
+
+
+class PlaceAudio:
+    """The recordings of the indexed places that the app may serve: the ``audio`` cells of the
+    index's dataset, by place id. A cell is served only while it is an audio file inside the
+    dataset's folder (the folder of its manifest): a cell that climbs out with ``..``, an absolute
+    path elsewhere, or a link that leads out is never read. Request paths never name a file;
+    ids are looked up here."""
+
+    def __init__(self, files: "dict[str, str] | None" = None, root: str | None = None, note: str = ""):
+        self.files = files or {}
+        self.root = root
+        self.real_root = os.path.realpath(root) if root else None
+        self.note = note
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @classmethod
+    def none(cls, note: str) -> "PlaceAudio":
+        return cls(note=note)
+
+    @classmethod
+    def of(cls, index: "Index", data: "str | Path | None" = None, layout: str = "manifest") -> "PlaceAudio":
+        """The recordings of ``index``'s places in ``data`` (read in ``layout``), or by default in
+        the dataset the index was embedded from, when that is still the same file (same content
+        hash). Never raises: a dataset that cannot be used gives no recordings, and ``note``
+        says why (naming files, never the server's folders: it is shown in ``/api/health``)."""
+        from geobind.data.manifest import Table, read_dataset
+
+        source = index.header.get("source") or {}
+        recorded = data is None
+        if recorded:
+            if not source.get("source"):
+                return cls.none("the index does not record the dataset it was embedded from")
+            data, layout = source["source"], source.get("layout", "manifest")
+        name = Path(str(data)).name or str(data)
+        if layout not in AUDIO_LAYOUTS:
+            return cls.none(f"recordings are served from {' or '.join(AUDIO_LAYOUTS)} datasets; "
+                            f"{name} is read as {layout}")
+        if not Path(data).expanduser().exists():
+            relative = "" if Path(data).is_absolute() else " (its path is relative to the working folder)"
+            return cls.none(f"the dataset {name} is not found here{relative}")
+        try:
+            table = read_dataset(data, layout)
+        except Exception as e:  # any reader's failure: the explorer works without recordings
+            return cls.none(f"the dataset {name} does not read ({type(e).__name__})")
+        if not isinstance(table, Table):
+            return cls.none(f"recordings are not served from streamed datasets ({name})")
+        if recorded and source.get("identity") and table.identity != source["identity"]:
+            # Same path, other content: its rows may no longer be these places.
+            return cls.none(f"the dataset {name} has changed since the index was embedded from it")
+        cells = table.columns.get("audio")
+        if cells is None:
+            return cls.none(f"the dataset {name} has no audio column")
+        root = os.path.abspath(Path(table.source).expanduser().parent)
+        wanted = set(index.ids)
+        files = {}
+        for item_id, cell in zip(table.ids, cells):
+            if cell is None or item_id not in wanted:
+                continue
+            path = os.path.normpath(os.path.abspath(os.path.expanduser(cell)))
+            # Checked on the path as written here (cheap for a million rows), and again on the
+            # real path when it is served.
+            if path.startswith(root + os.sep) and Path(path).suffix.lower() in AUDIO_TYPES:
+                files[item_id] = path
+        note = f"recordings of {len(files)} places from {name}"
+        if not files:
+            note = f"no recordings: no audio cell of {name} names an audio file inside its folder"
+        return cls(files, root, note)
+
+    def path(self, item_id: str) -> str | None:
+        """The real path of ``item_id``'s recording when it is a file inside the dataset's folder
+        now (links resolved); None otherwise."""
+        path = self.files.get(item_id)
+        if path is None or self.real_root is None:
+            return None
+        real = os.path.realpath(path)
+        if not real.startswith(self.real_root + os.sep) or not os.path.isfile(real):
+            return None
+        return real
 
 
 class Explorer:
     """The model and index behind the app, with the query and map logic (no HTTP)."""
 
-    def __init__(self, model, index, *, max_upload_mb: float):
+    def __init__(self, model, index, *, max_upload_mb: float, audio: PlaceAudio | None = None):
         if max_upload_mb <= 0:
             raise ValueError("max_upload_mb must be positive")
         index.verify(model)
@@ -150,6 +467,7 @@ class Explorer:
             index.position(index.ids[0])
             index.thumbnail(index.ids[0])
         self.has_thumbnails = index.has_thumbnails
+        self.audio = audio if audio is not None else PlaceAudio.none("no dataset given for recordings")
         self.identity = {m: model.identity(m) for m in model.modalities}
         self.resolution = map_resolution(index.lat, index.lon)
         self._coverage: dict[str, Any] | None = None
@@ -261,7 +579,8 @@ class Explorer:
 
     def search(self, q: np.ndarray, k: int) -> list[dict[str, Any]]:
         """The top ``k`` places for the unit query vector ``q`` [D], best first, as
-        :meth:`geobind.search.Hit.to_dict` dicts plus a ``thumbnail_url`` (None where there is no thumbnail)."""
+        :meth:`geobind.search.Hit.to_dict` dicts plus a ``thumbnail_url`` and an ``audio_url`` (None
+        where there is no thumbnail, or no recording the server can serve)."""
         out = []
         for hit in self.index.hits(q, k):
             d = hit.to_dict()
@@ -270,6 +589,7 @@ class Explorer:
                 if self.has_thumbnails and self.index.thumbnail(hit.id)
                 else None
             )
+            d["audio_url"] = f"/api/audio/{quote(hit.id, safe='')}" if self.audio.path(hit.id) else None
             out.append(d)
         return out
 
@@ -353,8 +673,9 @@ class Explorer:
         return self._land
 
     def health(self) -> dict[str, Any]:
-        """The ``/api/health`` payload: model modalities, dim and identities, index summary,
-        upload limit and what the scores mean."""
+        """The ``/api/health`` payload: model modalities, dim and identities, index summary (with
+        how many places have a recording to play, and where those come from), upload limit and
+        what the scores mean."""
         return {
             "status": "ok",
             "model": {
@@ -369,7 +690,9 @@ class Explorer:
                 "kind": self.index.kind,
                 "thumbnails": self.has_thumbnails,
                 "captions": self.index.captions is not None,
+                "audio": len(self.audio),  # places with a recording listed
             },
+            "audio": self.audio.note,
             "max_upload_mb": self.max_upload_mb,
             "scores": SCORE_HELP.format(modality=self.index.modality),
         }
@@ -411,12 +734,18 @@ def create_app(
     default_k: int = 10,
     title: str = "GeoBind explorer",
     allowed_hosts: "list[str] | None" = None,
+    media: bool = True,
+    data: "str | Path | None" = None,
+    layout: str = "manifest",
 ) -> "FastAPI":
     """The FastAPI app over ``model`` (a :class:`geobind.GeoBind` or a model directory) and
     ``index`` (a :class:`geobind.search.Index` or an index folder built with this model).
     ``max_upload_mb`` caps uploads (413 above it). ``allowed_hosts``: the host names requests
     must be addressed to (the ``Host`` header, port aside; a 400 otherwise), e.g.
-    :func:`loopback_hosts`; ``None`` accepts any."""
+    :func:`loopback_hosts`; ``None`` accepts any. ``media``: serve the places' recordings
+    (``/api/audio/{id}``) from the ``audio`` column of ``data`` (a dataset in ``layout``; by
+    default the one the index was embedded from, while it is unchanged), only files inside that
+    dataset's folder (see :class:`PlaceAudio`)."""
     fastapi = import_fastapi()
     from fastapi import File, Form, HTTPException, Request, UploadFile
     from fastapi.responses import FileResponse, Response
@@ -430,7 +759,11 @@ def create_app(
     if not isinstance(index, Index):
         index = Index.load(index)
     model.eval()
-    ex = Explorer(model, index, max_upload_mb=max_upload_mb)
+    if media:
+        audio = PlaceAudio.of(index, data, layout)
+    else:
+        audio = PlaceAudio.none("recordings are not served (media=False)")
+    ex = Explorer(model, index, max_upload_mb=max_upload_mb, audio=audio)
 
     docs_assets = _swagger_assets()
     app = fastapi.FastAPI(
@@ -479,7 +812,8 @@ def create_app(
     # The errors a query can get, each a JSON {"detail": message} (FastAPI's own 422 for a
     # malformed field has a list of {loc, msg, type} there instead).
     errors = {
-        400: {"description": "no text and no file, an empty file, or a form that does not parse"},
+        400: {"description": "no text and no file, an empty file, a form that does not parse, a field "
+                             "given twice (two files), or a text field that is not UTF-8"},
         413: {"description": "the upload is over the limit, or an image over 40 megapixels"},
         415: {"description": "not an image or audio file, the wrong kind for `modality`, or a JSON body"},
         422: {"description": "a file that does not decode, text too long, a bad field value"},
@@ -529,6 +863,24 @@ def create_app(
             raise HTTPException(404, f"place {item_id!r} has no thumbnail")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
+    audio_types = {t: {} for t in sorted(set(AUDIO_TYPES.values()))}
+
+    @app.get("/api/audio/{item_id:path}", summary="Recording of an indexed place (from the index's dataset)",
+             response_class=Response, responses={200: {"content": audio_types},
+                                                 206: {"description": "the byte range asked for (Range header)"},
+                                                 404: {"description": "no such place, or no recording served"}})
+    def api_audio(item_id: str):
+        try:
+            index.position(item_id)
+        except KeyError:
+            raise HTTPException(404, f"no place with id {item_id!r} in the index") from None
+        path = ex.audio.path(item_id)
+        if path is None:
+            raise HTTPException(404, f"place {item_id!r} has no recording this server serves")
+        # FileResponse answers Range requests: the player seeks without fetching the whole file.
+        return FileResponse(path, media_type=AUDIO_TYPES[Path(path).suffix.lower()],
+                            headers={"Cache-Control": "max-age=3600"})
+
     @app.get("/api/coverage", summary="Overlay of where the indexed places are (grey cells)")
     def api_coverage() -> dict[str, Any]:
         return ex.coverage()
@@ -572,9 +924,12 @@ def create_app(
                 swagger_favicon_url="/docs-assets/favicon-32x32.png",
             )
 
+    # The last added runs first: the host is checked, then the body's size, then its fields.
+    app.add_middleware(FormCheck)
     app.add_middleware(
         BodyLimit, limit=ex.max_upload_bytes + FORM_OVERHEAD, message=ex.too_large_message()
     )
+    app.add_middleware(HeadAsGet)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, hosts=allowed_hosts)
     return app
@@ -655,4 +1010,4 @@ def _swagger_assets() -> Path | None:
 # The overlay's grid: the point maps' own default.
 map_resolution = default_resolution
 
-__all__ = ["Explorer", "create_app", "loopback_hosts", "map_resolution", "sniff_bytes"]
+__all__ = ["Explorer", "PlaceAudio", "create_app", "loopback_hosts", "map_resolution", "sniff_bytes"]

@@ -45,12 +45,47 @@
   let recording = null; // a File made from the microphone, used instead of the file input
   let markers = [];
 
+  // Pins are coloured by score on a scale of their own (the heat map under them is viridis),
+  // from this query's lowest result score to its highest; the best NUMBERED show their rank.
+  const NUMBERED = 10;
+  const PIN_STOPS = [[255, 237, 160], [254, 178, 76], [240, 59, 32], [189, 0, 38], [103, 0, 13]];
+  const pinColour = (t) => {
+    const x = Math.max(0, Math.min(1, t)) * (PIN_STOPS.length - 1), i = Math.min(Math.floor(x), PIN_STOPS.length - 2), f = x - i;
+    const c = PIN_STOPS[i].map((v, j) => Math.round(v + (PIN_STOPS[i + 1][j] - v) * f));
+    return `rgb(${c.join(",")})`;
+  };
+  const pinLegend = L.control({ position: "bottomright" });
+  pinLegend.onAdd = () => {
+    const div = L.DomUtil.create("div", "pin-legend");
+    div.innerHTML = pinLegend.html;
+    L.DomEvent.disableClickPropagation(div);
+    return div;
+  };
+  pinLegend.show = (n, lo, hi) => {
+    const stops = PIN_STOPS.map((c) => `rgb(${c.join(",")})`).join(",");
+    const numbered = n <= NUMBERED ? "numbered by rank" : `best ${NUMBERED} numbered`;
+    pinLegend.html = `<div><b>Pins</b>: top ${n}, ${numbered}</div>` +
+      `<div class="pin-bar" style="background:linear-gradient(to right,${stops})"></div>` +
+      `<div class="pin-ends"><span>${lo.toFixed(3)}</span><span>${hi.toFixed(3)}</span></div>` +
+      `<div class="muted">colour = score: cosine similarity of unit vectors; higher = closer</div>`;
+    pinLegend.remove();
+    return pinLegend;
+  };
+  const narrow = window.matchMedia("(max-width: 700px)");
+  map.on("popupopen", () => map.getContainer().classList.add("popup-open"));
+  map.on("popupclose", () => map.getContainer().classList.remove("popup-open"));
+  // One sound at a time: a player that starts pauses the others.
+  document.addEventListener("play", (e) => {
+    document.querySelectorAll("audio").forEach((a) => { if (a !== e.target) a.pause(); });
+  }, true);
+
   const esc = (s) => String(s == null ? "" : s).replace(/[&<>"']/g,
     (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
   const status = (msg, error) => { $("status").textContent = msg; $("status").className = error ? "error" : ""; };
 
   fetch("/api/health").then((r) => r.json()).then((h) => {
-    $("info").textContent = `${h.index.count} places (${h.index.modality} embeddings); ` +
+    const heard = h.index.audio ? `, ${h.index.audio} with a recording to play` : "";
+    $("info").textContent = `${h.index.count} places (${h.index.modality} embeddings${heard}); ` +
       `model embeds ${h.model.modalities.join(", ")}; uploads up to ${h.max_upload_mb} MB.`;
     $("legend-modality").textContent = h.index.modality;
     if (h.model.modalities.includes("audio") && navigator.mediaDevices && window.MediaRecorder) {
@@ -68,6 +103,7 @@
   function clearResults() {
     results.clearLayers();
     markers = [];
+    pinLegend.remove();
     if (overlay) { map.removeLayer(overlay); overlay = null; }
     $("results").innerHTML = "";
     $("vmin").textContent = ""; $("vmax").textContent = "";
@@ -84,20 +120,42 @@
     }
     const list = $("results");
     list.innerHTML = "";
-    data.results.forEach((r, i) => {
+    const n = data.results.length;
+    const scores = data.results.map((r) => r.score);
+    const lo = Math.min(...scores), hi = Math.max(...scores);
+    if (n) pinLegend.show(n, lo, hi).addTo(map);
+    // Popups keep clear of the legend in the map's corner; on a narrow screen, where the map is
+    // too short for both, the legend steps aside while a popup is open instead (style.css).
+    const legendBox = n && !narrow.matches ? pinLegend.getContainer().getBoundingClientRect() : { height: 0 };
+    const below = L.point(10, Math.ceil(legendBox.height) + 16);
+    data.results.forEach((r) => {
+      const t = hi > lo ? (r.score - lo) / (hi - lo) : 1, colour = pinColour(t);
       const html = `<div class="popup">` +
         (r.thumbnail_url ? `<img src="${esc(r.thumbnail_url)}" alt="thumbnail of ${esc(r.id)}">` : "") +
         `<div class="score">#${r.rank} · score ${r.score.toFixed(4)}</div>` +
         (r.caption ? `<div>${esc(r.caption)}</div>` : "") +
+        (r.audio_url ? `<audio controls preload="none" src="${esc(r.audio_url)}" aria-label="recording of ${esc(r.id)}"></audio>` : "") +
         `<div class="muted small">${esc(r.id)} · ${r.lat.toFixed(2)}, ${r.lon.toFixed(2)}</div></div>`;
       const label = `#${r.rank}: ${r.caption || r.id}, score ${r.score.toFixed(4)}`;
-      const mk = L.marker([r.lat, r.lon], { title: `#${r.rank} ${r.id}`, alt: label, riseOnHover: true })
-        .bindPopup(html, { maxWidth: 240, autoPanPaddingTopLeft: L.point(56, 10) }).addTo(results);
+      const numbered = r.rank <= NUMBERED, size = numbered ? 24 : 14;
+      const icon = L.divIcon({
+        className: `pin${numbered ? " pin-numbered" : ""}`,
+        html: `<span style="background:${colour};color:${t > 0.5 ? "#fff" : "#1d232a"}">${numbered ? r.rank : ""}</span>`,
+        iconSize: [size, size], iconAnchor: [size / 2, size / 2], popupAnchor: [0, -size / 2],
+      });
+      // Rank decides which pin is drawn on top where pins overlap (Leaflet's own order is by
+      // latitude), with a margin above any offset it adds by position.
+      const mk = L.marker([r.lat, r.lon], {
+        icon, title: label, riseOnHover: true, riseOffset: 1e6, zIndexOffset: (n - r.rank + 1) * 1000,
+      }).bindPopup(html, { maxWidth: 240, autoPanPaddingTopLeft: L.point(56, 10), autoPanPaddingBottomRight: below })
+        .bindTooltip(`#${r.rank} · ${r.score.toFixed(4)}`, { direction: "top", offset: [0, -size / 2] })
+        .addTo(results);
       markers.push(mk);
       const li = document.createElement("li");
       const where = `${r.lat.toFixed(2)}, ${r.lon.toFixed(2)}`;
-      li.innerHTML = `<span class="score">${r.score.toFixed(4)}</span> ` +
-        (r.caption ? esc(r.caption) : `${esc(r.id)} <span class="muted small">(${where})</span>`);
+      li.innerHTML = `<span class="swatch" style="background:${colour}"></span><span class="score">${r.score.toFixed(4)}</span> ` +
+        (r.caption ? esc(r.caption) : `${esc(r.id)} <span class="muted small">(${where})</span>`) +
+        (r.audio_url ? ` <span class="heard" title="has a recording: open the place to play it">♪</span>` : "");
       li.tabIndex = 0; // reachable and usable from the keyboard, as the markers are
       // The popup opens once the map has stopped: opened during the move, Leaflet's auto-pan
       // is computed for the old view and the popup can end up past the map's edge.
@@ -107,16 +165,29 @@
       list.appendChild(li);
     });
     if (markers.length) {
+      // Opened once the map has stopped, as from the list (auto-pan during the move is computed
+      // for the old view, and the popup can end up past the map's edge).
+      const best = markers[0];
+      map.once("moveend", () => { if (markers[0] === best) best.openPopup(); });
       map.fitBounds(L.featureGroup(markers).getBounds().pad(0.3), { maxZoom: 5 });
-      markers[0].openPopup();
     }
-    const n = data.results.length, q = data.query.length > 120 ? data.query.slice(0, 117) + "…\"" : data.query;
+    const q = data.query.length > 120 ? data.query.slice(0, 117) + "…\"" : data.query;
     status(`${n} ${n === 1 ? "place" : "places"} for ${q}`);
     if (data.notes && data.notes.length) $("status").textContent += ` (${data.notes.join("; ")})`;
   }
 
   let asking = null; // the running request: Clear (or a newer query) abandons it
-  const fileChosen = () => { $("fileinfo").hidden = !(recording || $("file").files.length); };
+  // The query clip (a chosen sound file or the recording) can be heard before it is searched.
+  let clipUrl = null;
+  const isAudio = (f) => /^audio\//.test(f.type) || /\.(wav|flac|ogg|oga|opus|mp3|m4a|webm|aac)$/i.test(f.name);
+  const fileChosen = () => {
+    const file = recording || $("file").files[0];
+    $("fileinfo").hidden = !file;
+    const player = $("queryaudio");
+    if (clipUrl) { player.pause(); player.removeAttribute("src"); player.load(); URL.revokeObjectURL(clipUrl); clipUrl = null; }
+    player.hidden = !(file && isAudio(file));
+    if (!player.hidden) { clipUrl = URL.createObjectURL(file); player.src = clipUrl; }
+  };
 
   $("query").addEventListener("submit", async (ev) => {
     ev.preventDefault();
@@ -189,10 +260,10 @@
         const ctx = new (window.AudioContext || window.webkitAudioContext)();
         const audio = await ctx.decodeAudioData(await blob.arrayBuffer());
         recording = new File([wav(audio)], "recording.wav", { type: "audio/wav" });
-        $("recinfo").textContent = `recording ready (${audio.duration.toFixed(1)} s); press Search`;
+        $("recinfo").textContent = `recording ready (${audio.duration.toFixed(1)} s): listen below, then press Search`;
       } catch (e) {
-        recording = new File([blob], "recording.webm", { type: blob.type });
-        $("recinfo").textContent = "recording ready (undecoded); press Search";
+        recording = new File([blob], "recording.webm", { type: blob.type || "audio/webm" });
+        $("recinfo").textContent = "recording ready (undecoded): listen below, then press Search";
       }
       $("file").value = ""; // the recording is what is searched now, not a file chosen before
       fileChosen();
