@@ -29,6 +29,14 @@ def test_demo_runs_end_to_end_on_a_reduced_world(tmp_path, capsys):
     assert "openai/clip-vit-base-patch32" in (out / "config.yaml").read_text()
     model = GeoBind.from_pretrained(out / "model")
     assert set(model.modalities) == set(mods)
+    # The explorer over the demo's index plays the places' recordings (test and stage 2 places).
+    from geobind.search.index import Index
+    from geobind.serve.app import PlaceAudio
+
+    index = Index.load(out / "places.index")
+    test_ids = {line.split(",", 1)[0] for line in (out / "world" / "test.csv").read_text().splitlines()[1:]}
+    audio = PlaceAudio.of(index)
+    assert test_ids <= set(audio.files) and len(audio) < len(index), audio.note
     printed = capsys.readouterr().out
     assert "audio->text *" in printed and "cannot be downloaded offline" in printed
     # An existing non-empty --out is never overwritten without --force.

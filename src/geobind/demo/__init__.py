@@ -281,10 +281,12 @@ def write_places_index(model, out: Path, *, progress: bool = True) -> Path:
     parts = []
     for name in ("test", "stage1_train", "stage1_val", "stage2_train", "stage2_val"):
         df = pd.read_csv(world / f"{name}.csv", dtype={"id": str}, keep_default_na=False)
-        cols = [c for c in ("id", "lat", "lon", "satellite", "text", "scene") if c in df.columns]
+        # With the recordings where a place has one: the explorer plays them in its popups.
+        cols = [c for c in ("id", "lat", "lon", "satellite", "text", "audio", "scene") if c in df.columns]
         parts.append(df[cols])
     places = pd.concat(parts, ignore_index=True).drop_duplicates("id")
-    places["text"] = places["text"].fillna("") if "text" in places else ""
+    for col in ("text", "audio"):
+        places[col] = places[col].fillna("") if col in places else ""
     manifest = world / "places.csv"
     places.to_csv(manifest, index=False)
     emb = out / "places.parquet"
