@@ -75,6 +75,23 @@ def test_float16_and_text_modality(model, tiny_data, tmp_path):
     assert pq.read_schema(tmp_path / "t.parquet").field("embedding").type.value_type == "halffloat"
 
 
+def test_texts_the_vocabulary_does_not_know_are_counted_and_named(model, tiny_data, tmp_path):
+    import pandas as pd
+
+    df = pd.read_csv(tiny_data["test"], dtype={"id": str}, keep_default_na=False)
+    df.loc[[1, 4], "text"] = ["森林", "Москва"]
+    df.to_csv(tmp_path / "m.csv", index=False)
+    said = []
+    summary = embed_dataset(model, tmp_path / "m.csv", "text", tmp_path / "t.parquet", log=said.append)
+    assert summary["unknown_words"] == 2
+    assert any(f"2 texts have no word the model's vocabulary knows (ids {df.id[1]}, {df.id[4]})" in s
+               for s in said), said
+    said.clear()
+    assert "unknown_words" not in embed_dataset(model, tiny_data["test"], "text", tmp_path / "u.parquet",
+                                                log=said.append)
+    assert not any("vocabulary knows" in s for s in said), said
+
+
 def test_resume_after_interruption_embeds_only_missing_chunks(
     model, tiny_data, tmp_path, monkeypatch
 ):
