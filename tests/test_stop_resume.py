@@ -592,3 +592,37 @@ def test_an_epochs_end_is_checkpointed_once_unless_a_validation_comes_between(ti
         assert saved == [(3, 1, 0), (6, 1, 3)]
     else:
         assert saved == [(3, 0, 3), (3, 1, 0), (6, 1, 3)]
+
+
+def test_an_error_in_a_loader_worker_ends_the_run_promptly(tiny_data, tmp_path):
+    """A worker's own error (not a bad sample) ends the run at once with that error: its loader
+    workers are shut down, not left to the interpreter's exit, whose SIGTERM they would sit out
+    for their grace period while this rank, and any rank waiting on it, hung on."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    import yaml
+
+    d = tiny_config(tiny_data, tmp_path / "run", audio=False)
+    d["stages"][0]["optim"].update(num_workers=2, max_steps=4)
+    d["eval"] = None
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    script = textwrap.dedent(f"""
+        import sys
+        from geobind.binding import trainer
+        def broken(self, key):
+            raise RuntimeError("a bug in a loader worker")
+        trainer._TrainItems.__getitem__ = broken
+        from geobind.cli import main
+        sys.exit(main(["train", {str(cfg)!r}, "--no-progress"]))
+    """)
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "GEOBIND_CACHE": str(tmp_path / "cache")})
+    took = time.monotonic() - t0
+    assert p.returncode != 0 and "a bug in a loader worker" in p.stderr
+    assert "Alarm clock" not in p.stderr, p.stderr[-2000:]
+    assert took < 40, f"took {took:.0f} s to exit"

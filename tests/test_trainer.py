@@ -210,11 +210,22 @@ def test_bad_training_samples_are_skipped_and_counted(tiny_data, tmp_path):
     (data / "sat" / "0000.png").write_bytes(b"\x89PNG truncated")
     (data / "ground" / "0005.png").unlink()
     d = tiny_config({**tiny_data, "stage1": data / "stage1.csv"}, tmp_path / "run", steps=4, audio=False)
-    d["stages"][0]["optim"].update(max_steps=0, epochs=1)
-    final = train(parse_config(d), progress=False, log=None)
+    d["stages"][0]["optim"].update(max_steps=0, epochs=2)
+    said = []
+    final = train(parse_config(d), progress=False, log=said.append)
     done = json.loads((tmp_path / "run" / "stages" / "01-satellite" / "done.json").read_text())
     # The missing ground photo is dropped by the anchor cache; the broken tile when loaded.
-    assert done["bad_samples"] == {"missing": 1, "undecodable": 1}
+    assert done["bad_samples"] == {"missing": 1, "undecodable": 2}  # the tile once an epoch
+    said = "\n".join(said)
+    assert "anchor cache written" in said and "; 1 rows left out (missing: 1)" in said, said
+    # Each epoch reports its own skips: the broken tile, not the anchor's row again, nor "0".
+    assert said.count("skipped 1 bad samples (undecodable: 1)") == 2 and "skipped 0" not in said, said
+    # Only the anchor's row left out: the epochs skip nothing, and say nothing of it.
+    (data / "sat" / "0000.png").write_bytes((tiny_data["root"] / "sat" / "0000.png").read_bytes())
+    d["output_dir"] = str(tmp_path / "anchor-only")
+    said = []
+    train(parse_config(d), progress=False, log=said.append)
+    assert not any("bad samples (" in line for line in said), said
     assert (final / "geobind.json").is_file()
     d["stages"][0]["data"]["strict"] = True
     d["output_dir"] = str(tmp_path / "strict")
@@ -869,3 +880,23 @@ def test_a_warmup_as_long_as_the_stage_is_not_warned_about(tiny_data, tmp_path):
         with open(tmp_path / f"warmup{warmup}" / "stages" / "01-satellite" / "metrics.csv") as f:
             last_lr = float(list(csv.DictReader(f))[-1]["lr"])
         assert (last_lr == pytest.approx(1e-3)) != warned, last_lr
+
+
+def test_a_refusal_every_rank_meets_is_reported_once(monkeypatch, capsys):
+    """Rank 0's verdict on the run (its output_dir in use, say), raised alike on every rank, is
+    printed by rank 0 alone; every rank exits 2."""
+    import geobind.cli as cli
+
+    def refuse(args):
+        e = FileExistsError("output_dir runs/x is in use by another training process")
+        e.on_every_rank = True
+        raise e
+
+    monkeypatch.setattr(cli, "cmd_train", refuse)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "x.yaml"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "x.yaml"]) == 2
+    assert "geobind train: error: output_dir runs/x is in use" in capsys.readouterr().err

@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError) as e:
         # ImportError: an optional extra the command needs is missing (its message names the
         # `pip install` that brings it).
+        if getattr(e, "on_every_rank", False) and _rank_note():
+            return 2  # the same refusal on every rank: rank 0 says it
         print(f"geobind {_command_name(args)}: error{_rank_note()}: {cli_message(e)}", file=sys.stderr)
         return 2
 

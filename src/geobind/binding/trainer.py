@@ -220,6 +220,25 @@ class _EpochBatches(Sampler):
             yield [(self.epoch, i) for i in b[self.rank * per : (self.rank + 1) * per]]
 
 
+class _TrainLoader(DataLoader):
+    """A DataLoader whose loader workers :meth:`close` ends at once. A training loop left by an
+    exception (a worker's own error re-raised, a rank's failure) would otherwise leave them to
+    the interpreter's exit, whose SIGTERM they ignore (:func:`_worker_sigterm`) for
+    ``WORKER_SIGTERM_GRACE_S`` seconds while the rank, and the ranks waiting on it, hang on."""
+
+    _live = None
+
+    def _get_iterator(self):
+        self._live = super()._get_iterator()
+        return self._live
+
+    def close(self) -> None:
+        live, self._live = self._live, None
+        shutdown = getattr(live, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
+
+
 def train_items(data: Table | ShardSet, modality: str, encoder, seed: int, anchor=None, anchor_modality=None):
     """Per-sample training inputs of ``modality`` (and the anchor's when it is not cached)."""
     cls = _ShardTrainItem if isinstance(data, ShardSet) else _TrainItems
@@ -248,12 +267,12 @@ def train_loader(data: Table | ShardSet, items, *, valid: torch.Tensor, batch_si
                           segments=[tuple(x) for x in segments], step_in_epoch=step_in_epoch, bufsize=shuffle_buffer)
         items.epoch = epoch
         stream = EpochStream(data, plan, rank, items)
-        loader = DataLoader(stream, batch_size=plan.per_rank_batch, num_workers=num_workers, collate_fn=collate_fn,
+        loader = _TrainLoader(stream, batch_size=plan.per_rank_batch, num_workers=num_workers, collate_fn=collate_fn,
                             pin_memory=pin_memory, generator=loader_generator(seed, epoch),
                             worker_init_fn=_ignore_stop_signals)
         return loader, segments
     sampler = _EpochBatches(valid, batch_size, seed, epoch, step_in_epoch, rank, world)
-    loader = DataLoader(items, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+    loader = _TrainLoader(items, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
                         pin_memory=pin_memory, persistent_workers=False, generator=loader_generator(seed, epoch),
                         worker_init_fn=_ignore_stop_signals)
     return loader, None
@@ -731,8 +750,10 @@ class Trainer:
         refusal, self._fresh_space = gbdist.broadcast_object((refusal, fresh))
         if refusal is not None:
             kind, message = refusal
-            raise {"exists": FileExistsError, "missing": FileNotFoundError, "changed": ValueError,
-                   "unreadable": ValueError}[kind](message)
+            error = {"exists": FileExistsError, "missing": FileNotFoundError, "changed": ValueError,
+                     "unreadable": ValueError}[kind](message)
+            error.on_every_rank = True  # rank 0's verdict, raised alike by every rank: reported once
+            raise error
         if self.main:
             if self.resume and not any(self.out.glob("stages/*/" + CHECKPOINT)) \
                     and not any(self.out.glob("stages/*/" + DONE)):
@@ -935,7 +956,8 @@ class Trainer:
         if scfg.cache_anchor:
             anchor_emb, valid, info = self._anchor_cache(anchor, table, scfg, workers)
             bad.update(info["bad"])
-            self._say(f"stage {scfg.name}: anchor cache {'hit' if info['hit'] else 'written'} ({info['path']})")
+            self._say(f"stage {scfg.name}: anchor cache {'hit' if info['hit'] else 'written'} ({info['path']})"
+                      + (f"; {sum(info['bad'].values())} rows left out ({_counts(info['bad'])})" if info["bad"] else ""))
         else:
             anchor_emb, valid = None, torch.tensor([i not in table.bad_rows for i in range(len(table))])
         cache_bytes = anchor_emb.numel() * anchor_emb.element_size() if anchor_emb is not None else 0
@@ -1119,6 +1141,7 @@ class Trainer:
                                     rank=self.dist.rank if self.dist.distributed else None,
                                     label=f"stage {scfg.name}: ")
         stop = StopRequests(partial(self._say, in_handler=True) if self.main else None).__enter__()
+        live_loader = None
         try:
             while step < total:
                 loader, segments = train_loader(
@@ -1126,6 +1149,7 @@ class Trainer:
                     step_in_epoch=step_in_epoch, rank=self.dist.rank, world=world, num_workers=workers,
                     collate_fn=_CollateTrain(encoder, uncached_anchor), segments=segments,
                     shuffle_buffer=scfg.data.shuffle_buffer, pin_memory=dev.type == "cuda")
+                live_loader = loader
                 if dev.type == "cuda":  # copy batch k + 1 to the GPU while step k computes
                     loader = DevicePrefetcher(loader, dev, _move_train_batch)
                 t_data = time.perf_counter()
@@ -1254,8 +1278,9 @@ class Trainer:
                     if step >= total:
                         break
                     t_data = time.perf_counter()
-                if step_in_epoch >= steps_per_epoch and bad:
-                    this = {k: v - bad_before.get(k, 0) for k, v in bad.items() if v - bad_before.get(k, 0)}
+                # Skips of this epoch's batches (the anchor pass's, counted before, are not the epoch's).
+                this = {k: v - bad_before.get(k, 0) for k, v in bad.items() if v - bad_before.get(k, 0)}
+                if step_in_epoch >= steps_per_epoch and this:
                     self._say(f"epoch {epoch + 1}: skipped {sum(this.values())} bad samples ({_counts(this)}); "
                               f"so far in this stage: {sum(bad.values())} ({_counts(bad)})")
                 if step >= total:
@@ -1296,6 +1321,8 @@ class Trainer:
             raise self._stopped_at_once(scfg.name, step, ckpt_path, ckpt_step, pbar) from None
         finally:
             stop.__exit__()
+            if live_loader is not None:  # its workers end now, whichever way the loop was left
+                live_loader.close()
         self._stop_pending = stop.requested
         if pbar is not None:
             pbar.close()

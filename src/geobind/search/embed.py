@@ -488,6 +488,10 @@ def embed_dataset(
     n = len(table)
     chunks = [(c, s, min(s + chunk_rows, n)) for c, s in enumerate(range(0, n, chunk_rows))]
     mine = [ch for ch in chunks if ch[0] % world_size == rank]
+    if world_size > 1 and len(chunks) < world_size:
+        log(f"note: {n} rows make {len(chunks)} chunk{'s' if len(chunks) > 1 else ''} of --chunk-rows {chunk_rows}, "
+            f"so {world_size - len(chunks)} of the {world_size} ranks have nothing to embed; a smaller "
+            "--chunk-rows spreads the rows over every rank")
     todo = [ch for ch in mine if not _part_path(parts, ch[0]).is_file()]
     if len(todo) < len(mine):
         log(f"resuming: {len(mine) - len(todo)} of {len(mine)} chunks already embedded in {parts}")
@@ -498,7 +502,8 @@ def embed_dataset(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"embed {modality}", unit="row")
+        share = f" (rank 0's share of {world_size} ranks)" if world_size > 1 else ""
+        bar = tqdm(total=sum(b - a for _, a, b in todo), desc=f"embed {modality}{share}", unit="row")
     if compile and todo:
         from geobind.encoders.base import compile_for_inference
 
