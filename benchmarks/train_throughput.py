@@ -156,6 +156,12 @@ def vision_config(size: str) -> tuple[CLIPVisionConfig, int]:
 
 def _fresh_peak(device):
     if device.type == "cuda":
+        # A compiled module refers to itself (Module.compile keeps a compiled wrapper of its own
+        # bound method), so an earlier variant's weights and gradients live on until the cyclic
+        # collector runs: collect them before this variant's peak is counted.
+        import gc
+
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -407,7 +413,7 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
 
     _plain_steps(out, plain_variant, batch, plain_scales, report)
 
-    def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool):
+    def geobind_variant(compile_: bool, b: int, hf: bool, ckpt: bool, key: str):
         _fresh_peak(device)
         enc = (_HfVisionEncoder if hf else ClipVisionEncoder)(
             "satellite", CLIPVisionModelWithProjection(cfg), ImageTransform(img, SATELLITE_MEAN, SATELLITE_STD))
@@ -428,26 +434,34 @@ def stage1(size: str, device, batch: int, steps: int, warmup: int, precision: st
         cached = torch.nn.functional.normalize(torch.randn(b, cfg.projection_dim, device=device), dim=-1).half()
         r = _time_geobind_step(stage, lambda: runner(tiles, anchor_emb=cached), b, steps, warmup, device,
                                profile == "all" or (profile == "compiled" and compile_))
+        # The training figure is recorded (and written) before the inference half starts: a
+        # failure there (its own, frozen compilation) or the part's time limit cannot take it.
+        out["geobind"][key] = r
+        report(out)
 
-        stage.eval()
-        if compile_:
-            # As `geobind embed --compile` embeds: a fresh graph with the weights frozen.
-            from geobind.encoders.base import compile_for_inference
+        def timed_infer():
+            stage.eval()
+            if compile_:
+                # As `geobind embed --compile` embeds: a fresh graph with the weights frozen.
+                from geobind.encoders.base import compile_for_inference
 
-            torch._dynamo.reset()
-            compile_for_inference(enc)
+                torch._dynamo.reset()
+                compile_for_inference(enc)
 
-        @torch.no_grad()
-        def infer():
-            with ac():
-                enc(tiles)
+            @torch.no_grad()
+            def infer():
+                with ac():
+                    enc(tiles)
 
-        isec = _timeit(infer, steps, warmup, device)
-        return r, {"batch": b, "tiles_per_s": b / isec, "compiles_in_timed_steps": _LAST_TIMED_COMPILES[0]}
+            isec = _timeit(infer, steps, warmup, device)
+            return {"batch": b, "tiles_per_s": b / isec, "warmup_s": round(_LAST_WARMUP_S[0], 2),
+                    "compiles_in_timed_steps": _LAST_TIMED_COMPILES[0]}
+
+        return r, _guarded(timed_infer)
 
     for c, k, hf, ckpt in variants:
         key = variant_name(c, batch * k, hf, ckpt)
-        res = _guarded(lambda c=c, k=k, hf=hf, ckpt=ckpt: geobind_variant(c, batch * k, hf, ckpt))
+        res = _guarded(lambda c=c, k=k, hf=hf, ckpt=ckpt, key=key: geobind_variant(c, batch * k, hf, ckpt, key))
         if "error" in res:
             out["geobind"][key] = out["infer"][key] = res
         else:

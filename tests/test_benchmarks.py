@@ -134,8 +134,9 @@ def test_every_variant_is_written_as_soon_as_it_is_measured(monkeypatch):
              "--out", "unused.json"])
     s1 = [sorted(w["stage1"].get("tiny", {}).get("geobind", {})) for w in writes]
     s2 = [sorted(w["stage2"].get("tiny", {}).get("geobind", {})) for w in writes]
-    assert s1 == [[], ["eager-b8"]] + [["eager-b16", "eager-b8"]] * 4
-    assert s2 == [[]] * 3 + [[], ["eager-b4"], ["eager-b4", "eager-b8"]]
+    # Stage 1: each variant's training figure is written before its inference half runs.
+    assert s1 == [[], ["eager-b8"], ["eager-b8"]] + [["eager-b16", "eager-b8"]] * 5
+    assert s2 == [[]] * 5 + [[], ["eager-b4"], ["eager-b4", "eager-b8"]]
     assert writes[1]["stage1"]["tiny"]["geobind"]["eager-b8"]["ratio"] > 0
     assert writes[1]["stage1"]["tiny"]["best_variant"] == "eager-b8"
 
@@ -213,6 +214,23 @@ def test_out_of_memory_is_recorded_not_fatal():
 
     r = tt._guarded(broken)
     assert r["error"] == "RuntimeError" and r["detail"] == "backend compiler failed" and r["where"]
+
+
+def test_a_failed_inference_half_keeps_the_variants_training_figure(monkeypatch):
+    """The frozen inference compile is separate from the training step: its failure is recorded
+    under ``infer`` and the training figure (what the goals rest on) stays."""
+    import geobind.encoders.base as base
+
+    def broken(module):
+        raise RuntimeError("freezing failed")
+
+    monkeypatch.setattr(base, "compile_for_inference", broken)
+    tt = _load("train_throughput")
+    r = tt.main(["--size", "tiny", "--steps", "1", "--warmup", "1", "--variants", "compile:1"])
+    s1 = r["stage1"]["tiny"]
+    assert s1["geobind"]["compile-b8"]["sps"] > 0 and s1["best_variant"] == "compile-b8"
+    assert s1["infer"]["compile-b8"]["error"] == "RuntimeError"
+    assert "infer_over_train" not in s1 or s1["infer_over_train"] is None
 
 
 def test_gpu_suite_summary_reads_the_benchmark_json(tmp_path):
@@ -300,6 +318,27 @@ def test_gpu_checks_pass_and_catch_a_broken_fast_path(tmp_path, monkeypatch):
     monkeypatch.setattr(audio, "_interpolation_matrix", bilinear)
     r = checks.main(["--device", "cpu", "--only", "mel_resize"])
     assert not r["ok"] and r["checks"]["mel_resize"]["fp32_out_rel"] > 1e-4
+
+
+def test_gpu_checks_fail_on_nan(monkeypatch):
+    """A kernel or gradient that is NaN fails its check (Python's min/max would skip a NaN)."""
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "benchmarks" / "gpu" / "checks.py")
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    assert checks._grads_rel([torch.ones(3), torch.full((3,), float("nan"))], [torch.ones(3)] * 2) != 0.0
+    real, calls = F.scaled_dot_product_attention, [0]
+
+    def nan_after_math(*args, **kwargs):  # the math reference first (12 calls), then NaN
+        calls[0] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls[0] > 12 else out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", nan_after_math)
+    r = checks.check_attention_backends(torch.device("cpu"), "tiny")
+    assert "flash_ms" in r and not r["ok"]
 
 
 def test_train_smoke_runs_the_real_trainer_on_generated_data(tmp_path):

@@ -47,8 +47,9 @@ def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]
 def _grads_rel(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     """Largest gradient difference over all parameters, relative to the largest reference
     gradient (a parameter whose gradient is nearly zero would make a per-tensor ratio noise)."""
-    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, ref))
-    scale = max(float(b.float().abs().max()) for b in ref)
+    # Reduced with torch, not Python's max(): a NaN must fail the check (max(x, nan) is x).
+    diff = float(torch.stack([(a.float() - b.float()).abs().max() for a, b in zip(ours, ref)]).max())
+    scale = float(torch.stack([b.float().abs().max() for b in ref]).max())
     return diff / max(scale, 1e-12)
 
 
@@ -263,7 +264,7 @@ def check_one_behind(device, size: str) -> dict:
         y = x
         for _ in range(6 if cuda else 1):
             y = torch.tanh(y @ w)
-        worst = max(worst, float((got[i] - y).abs().max()))
+        worst = float(torch.stack([torch.tensor(worst), (got[i] - y).abs().max()]).max())  # NaN stays NaN
     out = {"max_abs": worst}
     out["ok"] = sorted(got) == list(range(len(batches))) and worst < 1e-3
     return out
@@ -315,8 +316,9 @@ def check_attention_backends(device, size: str) -> dict:
             out[f"{name}_refused"] = str(e).splitlines()[0][:120]
             continue
         out[f"{name}_ms"] = ms
-        worst = min(worst, float(F.cosine_similarity(o.flatten(), ref_out.flatten(), dim=0)),
-                    float(F.cosine_similarity(dx.flatten(), ref_dx.flatten(), dim=0)))
+        # torch's min keeps a NaN (a kernel that returned NaN fails); Python's min(1.0, nan) is 1.0.
+        worst = float(torch.stack([torch.tensor(worst), F.cosine_similarity(o.flatten(), ref_out.flatten(), dim=0),
+                                   F.cosine_similarity(dx.flatten(), ref_dx.flatten(), dim=0)]).min())
     out["min_cosine_vs_math"] = worst
     out["ok"] = worst > 0.999
     return out
@@ -350,12 +352,18 @@ def main(argv=None) -> dict:
         results["checks"][name] = r
         figures = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float))
         print(f"{'PASS' if r['ok'] else 'FAIL'} {name}: {figures or r.get('error', '')}", flush=True)
-        if a.out:
-            Path(a.out).write_text(json.dumps(results, indent=2))
+        _write(a.out, results)
     results["ok"] = all(r["ok"] for r in results["checks"].values())
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
+    _write(a.out, results)
     return results
+
+
+def _write(path: str | None, results: dict) -> None:
+    """Atomically (a part stopped at its time limit never leaves half a file for summary.py)."""
+    if path:
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
 #   LIMIT_checks=60 LIMIT_train_b32=150 bash benchmarks/gpu/run_all.sh   # other time limits (s)
 #
 # Parts, most important first, and their time limits (21 minutes in all; where a call stops at
-# 10 minutes, split them with PARTS, e.g. "checks train-b32 train-audio" (under 10 minutes)
-# first, then "trainer train-b16" and "data"): checks (the fast paths against their references on the
+# 10 minutes, split them with PARTS, e.g. "checks train-b32" (360 s of limits, room for set-up)
+# first, "train-audio" next, then "trainer train-b16" and "data"): checks (the fast paths against their references on the
 # GPU's own kernels: gpu/checks.py, 120 s), train-b32 (stage 1 step at ViT-B/32, 240 s),
 # train-audio (stage 2 step, 220 s), trainer (a short real `geobind train` on generated data:
 # shards, device augmentation, compile, both stages; samples/s and data wait, 240 s), train-b16
@@ -34,8 +34,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     for wheel in .whl/*.whl; do
         dist=$(basename "$wheel" | cut -d- -f1)
         "$PY" -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null && continue
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$wheel" \
-            2>/dev/null && echo "installed $dist from .whl/" || echo "skipped $(basename "$wheel") (not for this Python)"
+        # pip's own reason on failure (a wheel for another Python, or no pip at all), and in $OUT.
+        if why=$("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$wheel" 2>&1); then
+            echo "installed $dist from .whl/"
+        else
+            echo "skipped $(basename "$wheel"): $(printf '%s\n' "$why" | grep -v '^\s*$' | tail -n 1)"
+        fi | tee -a "$OUT/setup.log"
     done
     [ -d "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -7,10 +7,20 @@ import sys
 from pathlib import Path
 
 
+def _read(path: Path) -> dict | None:
+    """A part's JSON, or None if it cannot be read (a part killed while writing it): the
+    table is printed from the others."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"{path.name}: unreadable ({type(e).__name__}: {e})")
+        return None
+
+
 def rows(folder: Path) -> list[tuple]:
     out = [("part", "size", "plain/s", "best GeoBind", "samples/s", "vs plain", "MFU", "infer/s", "infer/train",
             "cache max")]
-    runs = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("train-*.json"))]
+    runs = [(path, r) for path in sorted(folder.glob("train-*.json")) if (r := _read(path)) is not None]
     for stage in ("stage1", "stage2"):
         for path, r in runs:
             for size, s in r.get(stage, {}).items():
@@ -29,22 +39,19 @@ def rows(folder: Path) -> list[tuple]:
                     f"{s['cache_ceiling']:.2f}x" if s.get("cache_ceiling") else "-",
                 ))
     trainer = folder / "trainer.json"
-    if trainer.is_file():
-        t = json.loads(trainer.read_text())
+    if trainer.is_file() and (t := _read(trainer)) is not None:
         out.append(("trainer stage", "size", "samples/s", "data wait", "final loss", "", "", "", "", ""))
         for name, r in t.get("stages", {}).items():
             out.append((name[:14], t.get("size", "-"), f"{r['samples_per_s']:.0f}", f"{r['data_wait']:.1%}",
                         f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else "-", "", "", "", "", ""))
     data = folder / "data.json"
-    if data.is_file():
-        d = json.loads(data.read_text())
+    if data.is_file() and (d := _read(data)) is not None:
         out.append(("data feed", "workers", "samples/s", "data wait", "step s", "", "", "", "", ""))
         for name, r in d.get("train", {}).items():
             out.append((name.replace("shards_256_device_aug", "shards+gpu aug")[:14], d["settings"].get("workers", "-"), f"{r['samples_per_s']:.0f}",
                         f"{r['data_wait']:.1%}", f"{r['step_s']:.3f}", "", "", "", "", ""))
     embed = folder / "embed.json"
-    if embed.is_file():
-        e = json.loads(embed.read_text())
+    if embed.is_file() and (e := _read(embed)) is not None:
         out.append(("geobind embed", "workers", "tiles/s", "steady/s", "cos min", "forward/s", "", "", "", ""))
         for name, r in e.get("variants", {}).items():
             out.append((name[:14], r.get("workers", "-"), r.get("tiles_per_s", "-"), r.get("steady_tiles_per_s", "-"),
@@ -69,16 +76,15 @@ def profile_lines(results: dict) -> list[str]:
 
 def profiles(folder: Path) -> list[str]:
     """:func:`profile_lines` of every ``train-*.json`` in ``folder``."""
-    return [line for path in sorted(folder.glob("train-*.json"))
-            for line in profile_lines(json.loads(path.read_text()))]
+    return [line for path in sorted(folder.glob("train-*.json")) if (r := _read(path)) is not None
+            for line in profile_lines(r)]
 
 
 def checks(folder: Path) -> list[str]:
     """One line: each correctness check of ``gpu/checks.py`` and whether it passed."""
     path = folder / "checks.json"
-    if not path.is_file():
+    if not path.is_file() or (r := _read(path)) is None:
         return []
-    r = json.loads(path.read_text())
     return ["checks: " + ", ".join(f"{'PASS' if c['ok'] else 'FAIL'} {name}" for name, c in r["checks"].items())]
 
 
