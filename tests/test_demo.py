@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 
@@ -43,6 +45,36 @@ def test_demo_runs_end_to_end_on_a_reduced_world(tmp_path, capsys):
     assert main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "report.json").is_file()
+    # What a first reader needs: chance, what the map colours span, what to try next.
+    assert "Chance (a random ranking of the " in md and "compare places within one map" in md
+    assert "## Try next" in md and "try next:" in printed and "geobind search --model" in printed
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (out / report["maps"][0]["png"], out / report["maps"][0]["geotiff"], out / "anchor" / "model.safetensors"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+    import rasterio
+
+    with rasterio.open(out / report["maps"][0]["geotiff"]) as r:
+        assert r.descriptions[0].startswith("cosine: ")
+
+    # Stopped during its training (Ctrl-C), the demo says how to finish it, and --resume does:
+    # the same report as the run that was never stopped.
+    from fixtures import sigint_during_step
+
+    stopped = tmp_path / "stopped"
+    with sigint_during_step(2):
+        assert main(["demo", "--preset", "tiny", "--out", str(stopped), "--no-progress"]) == 130
+    assert "--resume" in capsys.readouterr().err and not (stopped / "report.json").exists()
+    world = (stopped / "world" / "world.json").stat().st_mtime_ns
+    assert main(["demo", "--preset", "tiny", "--out", str(stopped), "--no-progress", "--resume"]) == 0
+    assert "anchor CLIP: kept from the stopped run" in capsys.readouterr().out
+    assert (stopped / "world" / "world.json").stat().st_mtime_ns == world
+    assert json.loads((stopped / "report.json").read_text())["pairs"] == report["pairs"]
+    # A resume asks for a stopped demo, the same world, and not --force too.
+    assert main(["demo", "--preset", "tiny", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "holds no stopped demo" in capsys.readouterr().err
+    assert main(["demo", "--preset", "tiny", "--out", str(stopped), "--resume", "--seed", "3"]) == 2
+    assert "was started with --seed 0" in capsys.readouterr().err
 
 
 def test_force_replaces_only_a_demo_folder(tmp_path):

@@ -333,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + (StopRequests.last_signal or signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: no traceback; say what a rerun keeps
         resumes = getattr(args.func, "__name__", "") in ("cmd_embed", "cmd_pack")
+        demo = getattr(args.func, "__name__", "") == "_cmd_demo"
         print(f"\ngeobind {_command_name(args)}: {'terminated' if isinstance(e, Terminated) else 'interrupted'}"
-              + ("; run the same command again to resume where it stopped" if resumes else ""),
+              + ("; run the same command again to resume where it stopped" if resumes else "")
+              + ("; run the same command with --resume to finish it (or --force to start again)" if demo else ""),
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except TrainingOutOfMemory as e:

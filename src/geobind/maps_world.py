@@ -75,6 +75,9 @@ def _atomic_target(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    from geobind.encoders.base import usual_mode
+
+    usual_mode(tmp)  # mkstemp makes it 0600, and os.replace keeps that
     return Path(tmp)
 
 
@@ -178,8 +181,10 @@ def write_points_geotiff(
     *,
     cell_deg: float,
     tags: dict[str, str] | None = None,
+    description: str | None = None,
 ) -> Path:
-    """Write point scores as a float32 GeoTIFF in EPSG:4326 (NaN nodata), atomically.
+    """Write point scores as a float32 GeoTIFF in EPSG:4326 (NaN nodata), atomically;
+    ``description`` names the band (what its values are), as ``geobind map`` does.
 
     The raster covers the whole Earth in ``cell_deg`` cells (see :func:`world_raster`).
     """
@@ -210,6 +215,8 @@ def write_points_geotiff(
             dst.write(values, 1)
             if tags:  # e.g. the query and what the scores are, for whoever opens the file
                 dst.update_tags(software="geobind", **tags)
+            if description:
+                dst.set_band_description(1, description)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

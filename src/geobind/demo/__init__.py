@@ -48,6 +48,7 @@ examples:
   geobind demo                         # the full demo (about 5 minutes on a 2-core CPU)
   geobind demo --quick --out /tmp/gb   # a smaller world and shorter training (about 1 minute)
   geobind demo --out demo --force      # replace an earlier demo folder
+  geobind demo --out demo --resume     # finish a demo stopped by Ctrl-C (same --quick and --seed)
 """
 
 NOTICE = (
@@ -202,11 +203,14 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     force: bool = False,
+    resume: bool = False,
     preset: str | None = None,
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Run the whole demo into ``out``; returns the report (also written to ``out/report.json``)."""
+    """Run the whole demo into ``out``; returns the report (also written to ``out/report.json``).
+    ``resume`` continues a demo that was stopped (Ctrl-C): a finished world and anchor are kept
+    and the binding stages resume from their checkpoints."""
     from geobind.binding.trainer import train
     from geobind.config import load_config
     from geobind.data.manifest import read_dataset
@@ -218,30 +222,54 @@ def run_demo(
     out = Path(out)
     p = PRESETS[preset or ("quick" if quick else "full")]
     check_world_data()  # before the output folder is made: a failed start leaves nothing behind
-    prepare_out(out, force)
+    if resume:
+        if force:
+            raise ValueError("--resume continues the demo in --out and --force replaces it: pass one of them")
+        if not (out / DEMO_FOLDER_MARK).is_file():
+            raise FileNotFoundError(f"{out} holds no stopped demo to resume; run `geobind demo` without --resume")
+    else:
+        prepare_out(out, force)
     log = log or (lambda *_: None)
     log(NOTICE)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
 
     t = time.perf_counter()
-    world = build_world(out / "world", seed=seed, size=p.world, image_size=IMAGE_SIZE, sample_rate=SAMPLE_RATE,
-                        seconds=SECONDS, progress=progress)
+    world_json = out / "world" / "world.json"  # written last: the world is complete
+    if resume and world_json.is_file():
+        world = json.loads(world_json.read_text())
+        if (world.get("seed"), world.get("size")) != (seed, p.world):
+            raise ValueError(f"--resume: {out} was started with --seed {world.get('seed')} and the "
+                             f"{world.get('size')} preset; resume with those, or pass --force to start again")
+    else:
+        if resume and (out / "world").exists():
+            shutil.rmtree(out / "world")
+        world = build_world(out / "world", seed=seed, size=p.world, image_size=IMAGE_SIZE,
+                            sample_rate=SAMPLE_RATE, seconds=SECONDS, progress=progress)
     seconds["world"] = round(time.perf_counter() - t, 1)
     log(f"world: {json.dumps(world.get('counts', {}))} in {seconds['world']}s")
 
     t = time.perf_counter()
-    anchor = pretrain_clip(read_dataset(out / "world" / "stage1_train.csv"), out / "anchor", dim=DIM,
-                           image_size=IMAGE_SIZE, epochs=p.anchor_epochs, batch_size=p.batch_size, seed=seed,
-                           progress=progress, log=log)
+    anchor_json = out / "anchor" / "demo-anchor.json"  # written once the anchor is saved
+    if resume and anchor_json.is_file():
+        anchor = json.loads(anchor_json.read_text())
+        log("anchor CLIP: kept from the stopped run")
+    else:
+        if (out / "anchor").exists():
+            shutil.rmtree(out / "anchor")
+        anchor = pretrain_clip(read_dataset(out / "world" / "stage1_train.csv"), out / "anchor", dim=DIM,
+                               image_size=IMAGE_SIZE, epochs=p.anchor_epochs, batch_size=p.batch_size, seed=seed,
+                               progress=progress, log=log)
+        anchor_json.write_text(json.dumps(anchor, indent=2) + "\n")
     seconds["anchor"] = round(time.perf_counter() - t, 1)
 
     run_cfg, base_cfg = write_configs(out, p, seed)
     t = time.perf_counter()
-    model_dir = train(load_config(run_cfg), progress=progress, log=log)
+    model_dir = train(load_config(run_cfg), resume=resume and (out / "run").is_dir(), progress=progress, log=log)
     seconds["stages"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    base_dir = train(load_config(base_cfg), progress=progress, log=log)
+    base_dir = train(load_config(base_cfg), resume=resume and (out / "baseline").is_dir(), progress=progress,
+                     log=log)
     seconds["baseline"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -253,19 +281,29 @@ def run_demo(
     final = GeoBind.from_pretrained(model_dir)
     final.save_pretrained(out / "model")
     t = time.perf_counter()
+    for stale in ("places.parquet", "places.parquet.parts", "places.index"):  # a stopped run's, remade
+        if (out / stale).is_dir():
+            shutil.rmtree(out / stale)
+        elif (out / stale).exists():
+            (out / stale).unlink()
     index = write_places_index(final, out, progress=progress)
     seconds["index"] = round(time.perf_counter() - t, 1)
     seconds["total"] = round(time.perf_counter() - t_all, 1)
     report["seconds"] = seconds
     report["anchor"] = {**anchor, "note": NOTICE}
     report["preset"] = p.world
+    from geobind.demo.report import format_summary, next_steps
+
+    report["next_steps"] = next_steps(out, report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, out / "report.md")
-    from geobind.demo.report import format_summary
 
     log(format_summary(report))
-    log(f"model: {out / 'model'}  report: {out / 'report.md'}  maps: {out / 'maps'}")
-    log(f"explore it: geobind serve --model {out / 'model'} --index {index}")
+    log(f"\nwrote: model {out / 'model'}, report {out / 'report.md'} (+ report.json), maps {out / 'maps'} "
+        f"(PNG + GeoTIFF), index {index}")
+    log("try next:")
+    for what, cmd in report["next_steps"]:
+        log(f"  {what + ':':<38}{cmd}")
     return report
 
 
@@ -308,12 +346,14 @@ def add_demo_parser(sub) -> None:
     d.add_argument("--quick", action="store_true", help="a smaller world and shorter training")
     d.add_argument("--seed", type=int, default=0, help="world and training seed (default: 0)")
     d.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    d.add_argument("--resume", action="store_true",
+                   help="finish a demo stopped in --out (Ctrl-C): keeps its world, anchor and checkpoints")
     d.add_argument("--preset", choices=sorted(PRESETS), help=argparse.SUPPRESS)
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    run_demo(args.out, quick=args.quick, seed=args.seed, force=args.force, preset=args.preset,
+    run_demo(args.out, quick=args.quick, seed=args.seed, force=args.force, resume=args.resume, preset=args.preset,
              progress=not args.no_progress)
     return 0

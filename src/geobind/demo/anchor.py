@@ -139,6 +139,10 @@ def pretrain_clip(
     with quiet_transformers():
         model.cpu().save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(str(out_dir))
+    from geobind.encoders.base import usual_mode
+
+    for f in out_dir.glob("*.safetensors"):  # safetensors writes 0600 whatever the umask
+        usual_mode(f)
     summary = {"steps": total, "final_loss": loss_v, "seconds": round(time.perf_counter() - t0, 1),
                "pairs": n, "vocab_size": len(tok), "dim": dim, "image_size": image_size}
     if log:

@@ -66,23 +66,71 @@ def draw_maps(model: GeoBind, world_dir: Path, out_dir: Path, test, names: list[
     cell = cell or _grid_step(grid.lat)
     queries = [("text", q, model.embed("text", [q])) for q in _map_text_queries(names)]
     audio_row = _audio_example(test)
+    files: dict[str, str] = {}
     if audio_row is not None:
         i, scene = audio_row
-        queries.append(("audio", f"sound recorded in: {scene}", model.embed("audio", [test.item("audio", i)])))
+        clip = test.item("audio", i)
+        q = f"sound recorded in: {scene}"
+        queries.append(("audio", q, model.embed("audio", [clip])))
+        # Which recording it is, so that the map can be remade (`geobind map --audio FILE`).
+        files[q] = _relative(clip, out_dir.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     maps = []
     for kind, q, qe in queries:
         scores = (emb @ qe.T).squeeze(1)
         slug = f"{kind}-{_slug(q)}"
         png, tif = out_dir / f"{slug}.png", out_dir / f"{slug}.tif"
-        title = f'{kind} query: "{q}"'
+        title = f'{kind} query: "{q}"' + (f" ({Path(files[q]).name})" if q in files else "")
         plot_world_map(lat.numpy(), lon.numpy(), scores.numpy(), png, title)
         write_points_geotiff(lat.numpy(), lon.numpy(), scores.numpy(), tif, cell_deg=cell,
-                             tags={"query": title, "score": "cosine", "score_meaning": "cosine similarity to the query"})
-        maps.append({"kind": kind, "query": q, "png": str(png.relative_to(out_dir.parent)),
+                             tags={"query": title, "score": "cosine", "score_meaning": "cosine similarity to the query"},
+                             description=f"cosine: {title}")
+        maps.append({"kind": kind, "query": q, **({"file": files[q]} if q in files else {}),
+                     "png": str(png.relative_to(out_dir.parent)),
                      "geotiff": str(tif.relative_to(out_dir.parent)), "min": float(scores.min()),
                      "max": float(scores.max())})
     return maps
+
+
+def _relative(path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def chance_line(pairs: dict) -> str:
+    """What a random ranking scores on ``pairs``' largest n, to read R@k and median rank against."""
+    n = max(int(m["n"]) for m in pairs.values())
+    return (f"Chance (a random ranking of the {n} test places): R@1 {1 / n:.3f}, R@5 {min(1.0, 5 / n):.3f}, "
+            f"R@10 {min(1.0, 10 / n):.3f}, median rank {(n + 1) / 2:.1f}.")
+
+
+def next_steps(out: Path, report: dict) -> list[tuple[str, str]]:
+    """``(what, command)`` to try on the demo's outputs; paths quoted for the shell."""
+    import csv
+    import shlex
+
+    out = Path(out)
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    model, index, world = out / "model", out / "places.index", out / "world"
+    on = f"--model {q(model)} --index {q(index)}"
+    steps = [("search by text", f'geobind search {on} --text "a dense tropical rainforest"')]
+    # A held-out place's recording and photo: the one the audio map used, else the first with both.
+    audio = next((m["file"] for m in report.get("maps", []) if m.get("file")), None)
+    with open(world / "test.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("audio") and r.get("ground")]
+    row = next((r for r in rows if audio and audio.endswith(r["audio"])), rows[0] if rows else None)
+    if row is not None:
+        steps += [("search by a sound", f"geobind search {on} --audio {q(world / row['audio'])}"),
+                  ("search by a ground photo", f"geobind search {on} --image {q(world / row['ground'])}")]
+    steps += [
+        ("map a query over the places", f'geobind map --model {q(model)} --text "a hot sandy desert" '
+                                        f"--embeddings {q(index)} --out desert.tif"),
+        ("evaluate on the held-out places", f"geobind eval --model {q(model)} --data {q(world / 'test.csv')}"),
+        ("explore in a browser (serve extra)", f"geobind serve {on}"),
+    ]
+    return steps
 
 
 def _grid_step(lats) -> float:
@@ -155,7 +203,7 @@ def format_summary(report: dict) -> str:
               f"  retrieval R@10   emergent {ge['R@10']:.3f}   direct {db['R@10']:.3f}",
               f"  zero-shot audio  emergent {e['zero_shot_audio']['geobind_emergent']:.3f}   "
               f"direct {e['zero_shot_audio']['direct_baseline']:.3f}   ratio "
-              + (f"{e['zero_shot_audio']['ratio']:.2f}" if e["zero_shot_audio"]["ratio"] is not None else "n/a")]
+              + (f"{e['zero_shot_audio']['ratio']:.2f}" if e["zero_shot_audio"]["ratio"] is not None else "n/a") + " (emergent / direct; 1.0 = as good as training audio with text)"]
     if "seconds" in report:
         secs = report["seconds"]
         parts = (", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if isinstance(v, (int, float)))
@@ -170,8 +218,10 @@ def write_markdown(report: dict, path: Path) -> None:
     md = ["# GeoBind demo report", "", f"> {r.get('anchor', {}).get('note', '')}", "",
           f"Held-out test places: {r['rows']} (geographic cells never seen in training).", "",
           "## Retrieval between every pair of modalities", "",
-          "Rank 1 is best; R@k is the fraction of queries whose match is within the top k. "
-          "*Emergent* pairs were never trained together.", "",
+          "Each query (a test place in one modality) ranks all test places in the other modality by cosine "
+          "similarity; its match is the same place. Rank 1 is best; R@k is the fraction of queries whose "
+          "match is within the top k. *Emergent* pairs were never trained together.", "",
+          chance_line(r["pairs"]), "",
           "| pair | R@1 | R@5 | R@10 | median rank | n | |", "|---|---|---|---|---|---|---|"]
     trained = {frozenset(p.split("<->")) for p in r.get("trained_pairs", [])}
     for name, m in r["pairs"].items():
@@ -190,11 +240,19 @@ def write_markdown(report: dict, path: Path) -> None:
         md.append(f"| {k} R@10 | {ge['R@10']:.3f} | {db['R@10']:.3f} |")
     md.append(f"| zero-shot audio accuracy | {e['zero_shot_audio']['geobind_emergent']:.3f} | "
               f"{e['zero_shot_audio']['direct_baseline']:.3f} |")
+    if e["zero_shot_audio"].get("ratio") is not None:
+        md += ["", f"Ratio emergent / direct (zero-shot audio): {e['zero_shot_audio']['ratio']:.2f} "
+                   "(1.0: audio bound through satellite images works as well as audio trained with text)."]
     md += ["", "## Zero-shot world maps", "",
-           "Cosine similarity between each land place's satellite tile and the query.", ""]
+           "Cosine similarity (-1..1, higher = more like the query) between each land place's satellite "
+           "tile and the query. Each map's colours run from its own lowest to its highest score: compare "
+           "places within one map, not colours across maps.", ""]
     for m in r["maps"]:
         md += [f"### {m['kind']}: {m['query']}", "", f"![{m['query']}]({m['png']})", "",
-               f"GeoTIFF (EPSG:4326): `{m['geotiff']}`", ""]
+               f"GeoTIFF (EPSG:4326): `{m['geotiff']}`; scores {m['min']:.3f} to {m['max']:.3f}"
+               + (f"; the recording: `{m['file']}`" if m.get("file") else ""), ""]
+    if r.get("next_steps"):
+        md += ["## Try next", ""] + [f"- {what}: `{cmd}`" for what, cmd in r["next_steps"]] + [""]
     if "seconds" in r:
         md += ["## Time (seconds)", "", "| step | seconds |", "|---|---|"]
         md += [f"| {k} | {v} |" for k, v in r["seconds"].items()]
