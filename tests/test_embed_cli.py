@@ -75,6 +75,13 @@ def test_float16_and_text_modality(model, tiny_data, tmp_path):
     assert pq.read_schema(tmp_path / "t.parquet").field("embedding").type.value_type == "halffloat"
 
 
+def test_the_dataset_is_recorded_by_its_absolute_path(model, tiny_data, tmp_path, monkeypatch):
+    """So the explorer finds the places' recordings from any working folder."""
+    monkeypatch.chdir(tiny_data["test"].parent)
+    embed_dataset(model, tiny_data["test"].name, "text", tmp_path / "t.parquet", log=None)
+    assert read_embeddings(tmp_path / "t.parquet").header["dataset"]["source"] == str(tiny_data["test"].resolve())
+
+
 def test_texts_the_vocabulary_does_not_know_are_counted_and_named(model, tiny_data, tmp_path):
     import pandas as pd
 

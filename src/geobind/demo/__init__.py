@@ -29,7 +29,6 @@ __all__ = [
     "DEMO_MARK",
     "DIM",
     "IMAGE_SIZE",
-    "MAP_TEXT_QUERIES",
     "NOTICE",
     "PRESETS",
     "SAMPLE_RATE",
@@ -79,7 +78,6 @@ IMAGE_SIZE = 64
 SAMPLE_RATE = 16_000
 SECONDS = 2.0
 DIM = 128
-MAP_TEXT_QUERIES = ("a hot sandy desert", "a snowy frozen landscape of ice", "a dense tropical rainforest")
 
 
 def demo_audio_spec() -> dict[str, Any]:

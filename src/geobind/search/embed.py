@@ -84,6 +84,16 @@ class Embeddings:
         return self.header.get("model", {}).get("identity", "")
 
 
+def _absolute_source(source: str) -> str:
+    """A dataset's source as recorded in the embeddings' header: a local path made absolute
+    (brace patterns included), URLs and ``pipe:`` specs as they are."""
+    import os
+
+    if "://" in source or source.startswith("pipe:"):
+        return source
+    return os.path.abspath(os.path.expanduser(source))
+
+
 def read_embeddings(path: str | Path) -> Embeddings:
     """Read a file written by :func:`embed_dataset`; an error naming the problem otherwise."""
     import pyarrow.parquet as pq
@@ -470,7 +480,9 @@ def embed_dataset(
             **({"name": str(model_name)} if model_name else {}),
         },
         "dataset": {
-            "source": str(table.source),
+            # Absolute for a local path: `geobind serve` finds the recordings of the places
+            # from this record, whatever folder it is started in.
+            "source": _absolute_source(str(table.source)),
             "identity": table.identity,
             "rows": len(table),
             "layout": layout,
