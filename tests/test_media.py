@@ -159,3 +159,32 @@ def test_min_side_decodes_a_large_jpeg_at_a_reduced_scale_that_keeps_both_sides(
     # Other formats decode at full size whatever min_side says.
     Image.fromarray(_photo(300, 400)).save(tmp_path / "big.png")
     assert load_image(tmp_path / "big.png", min_side=32).size == (400, 300)
+
+
+def _write_png16(path, arr: np.ndarray) -> None:
+    """A 16-bit grey or RGB PNG written by hand (PIL writes 16-bit PNGs in grey only)."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2 if arr.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_colour_png_is_read_at_its_full_depth(tmp_path):
+    """PIL reads a 16-bit RGB PNG from each sample's high byte: 12-bit data in 16 bits would come
+    out nearly black. It is stretched as 16-bit arrays and grey 16-bit PNGs are."""
+    rng = np.random.default_rng(0)
+    rgb = (np.array([3000, 1500, 500]) + rng.integers(0, 800, (24, 24, 3))).astype(np.uint16)
+    _write_png16(tmp_path / "rgb16.png", rgb)
+    got = _rgb(load_image(tmp_path / "rgb16.png"))
+    np.testing.assert_array_equal(got, _rgb(array_to_rgb(rgb)))
+    assert got.mean() > 60  # not the high bytes (0..14)
+    _write_png16(tmp_path / "grey16.png", rgb[..., 0])
+    np.testing.assert_array_equal(_rgb(load_image(tmp_path / "grey16.png")), _rgb(array_to_rgb(rgb[..., 0])))

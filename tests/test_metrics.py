@@ -151,3 +151,27 @@ def test_eval_tables_say_when_recall_is_full_by_construction_and_which_pairs_wen
     assert line.splitlines() == ["skipped unusable rows: audio 3 (undecodable 3)",
                                  "not ranked (fewer than 2 rows usable in both): audio->text, text->audio"]
     assert format_skipped({"skipped": {}}) == ""
+
+
+def test_eval_notes_texts_that_repeat_or_that_the_vocabulary_does_not_know(tiny_data, tmp_path):
+    """Both make rows that cannot be told apart, so their pairs score below what the model can do
+    (and below the chance line): the report says so."""
+    import pandas as pd
+    from test_model import build_space
+
+    from geobind.data.manifest import read_dataset
+    from geobind.evaluate import evaluate, format_skipped
+
+    model = build_space(tiny_data)
+    df = pd.read_csv(tiny_data["test"], dtype={"id": str}, keep_default_na=False)
+    df.loc[[1, 2], "text"] = df.loc[0, "text"]
+    df.loc[3, "text"] = "森林"
+    for col in ("satellite", "ground"):
+        df[col] = [str(tiny_data["test"].parent / p) for p in df[col]]
+    df.to_csv(tmp_path / "eval-notes.csv", index=False)
+    report = evaluate(model, read_dataset(tmp_path / "eval-notes.csv"))
+    notes = "\n".join(report["notes"])
+    assert f"text: 1 of {len(df)} rows have no word the model's vocabulary knows" in notes
+    assert f"text: {len(df)} rows hold {len(df) - 2} distinct values" in notes
+    assert "note: text: 1 of" in format_skipped(report)
+    assert "notes" not in evaluate(model, read_dataset(tiny_data["test"]))

@@ -400,3 +400,12 @@ def test_a_model_folder_missing_an_encoder_never_asks_the_hub_and_each_tower_loa
     (tmp_path / "m" / "geobind.json").write_text(json.dumps({**meta, "format_version": "2"}))
     with pytest.raises(ValueError, match="format_version is '2', not a number"):
         GeoBind.from_pretrained(tmp_path / "m")
+
+
+def test_a_long_text_embeds_without_a_tokenizer_warning(tiny_data, capfd, caplog):
+    """The vocabulary check reads the whole text (it is truncated when embedded): transformers'
+    "longer than the specified maximum sequence length" warning would only alarm."""
+    model = build_space(tiny_data)
+    model.encoder("text").tokenizer.model_max_length = 48  # as a real CLIP tokenizer says (77)
+    model.embed("text", ["a forest " * 400])
+    assert "sequence length" not in capfd.readouterr().err + caplog.text

@@ -220,6 +220,7 @@ def test_bad_training_samples_are_skipped_and_counted(tiny_data, tmp_path):
     assert "anchor cache written" in said and "; 1 rows left out (missing: 1)" in said, said
     # Each epoch reports its own skips: the broken tile, not the anchor's row again, nor "0".
     assert said.count("skipped 1 bad samples (undecodable: 1)") == 2 and "skipped 0" not in said, said
+    assert said.count("skipping bad sample") == 1, said  # named once, counted every epoch
     # Only the anchor's row left out: the epochs skip nothing, and say nothing of it.
     (data / "sat" / "0000.png").write_bytes((tiny_data["root"] / "sat" / "0000.png").read_bytes())
     d["output_dir"] = str(tmp_path / "anchor-only")
@@ -900,3 +901,28 @@ def test_a_refusal_every_rank_meets_is_reported_once(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert cli.main(["train", "x.yaml"]) == 2
     assert "geobind train: error: output_dir runs/x is in use" in capsys.readouterr().err
+
+
+def test_a_stage_model_that_cannot_be_loaded_is_refused_before_any_stage_trains(tiny_data, tmp_path, monkeypatch):
+    """Stage 2's `pretrained` model is checked with the rest of the run, not once stage 1 has
+    trained: a folder that is not there, and a hub id that cannot be fetched (offline)."""
+    from geobind.encoders.audio import tiny_clap_audio_spec
+
+    d = tiny_config(tiny_data, tmp_path / "run", steps=2)
+    d["stages"][1]["encoder"] = {"type": "clap_audio", **tiny_clap_audio_spec(32), "pretrained": "./no-such-clap"}
+    d["stages"][1]["encoder"].pop("config", None)
+    with pytest.raises(FileNotFoundError, match=r"stages.audio.encoder.pretrained: \S*no-such-clap is not a folder here"):
+        train(parse_config(d), progress=False, log=None)
+    assert not (tmp_path / "run" / "stages").exists() or not any((tmp_path / "run" / "stages").iterdir())
+
+    import huggingface_hub
+
+    def offline(repo_id, filename, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    d["stages"][1]["encoder"]["pretrained"] = "someone/clap-model"
+    d["output_dir"] = str(tmp_path / "run2")
+    with pytest.raises(FileNotFoundError, match=r"'someone/clap-model' is neither a folder beside the config nor "
+                                                r"could it be fetched .*couldn't connect.*Offline\?"):
+        train(parse_config(d), progress=False, log=None)

@@ -79,10 +79,39 @@ def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bo
         )
     report = {"data": table.source, "rows": len(table), "pairs": pairs, "skipped": skipped,
               "trained_pairs": trained_pair_names(model)}
+    notes = _content_notes(model, table, emb)
+    if notes:
+        report["notes"] = notes
     unranked = [f"{a}->{b}" for a, b in permutations(emb, 2) if f"{a}->{b}" not in pairs]
     if unranked:  # fewer than 2 rows usable in both modalities
         report["unranked_pairs"] = unranked
     return report
+
+
+def _content_notes(model: GeoBind, table: Table, emb: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """What makes a modality's rows indistinguishable, so that its pairs score below what the
+    model can do: texts none of whose words the vocabulary knows (they all embed to one vector)
+    and rows whose text repeats another row's (a match ties with its copies, and ties rank
+    pessimistically, so a caption shared by k or more rows is never within the top k)."""
+    notes = []
+    for m, (_, valid) in emb.items():
+        cells = table.columns.get(m)
+        if cells is None:
+            continue
+        texts = [c for i, c in enumerate(cells) if bool(valid[i]) and isinstance(c, str)]
+        if len(texts) != int(valid.sum()):  # paths or other items: not compared by content here
+            continue
+        known = getattr(model.encoder(m), "known_words", None)
+        unknown = [t for t in texts if known is not None and not known(t)]
+        if unknown:
+            notes.append(f"{m}: {len(unknown)} of {len(texts)} rows have no word the model's vocabulary knows "
+                         f"(e.g. {unknown[0][:40]!r}): they embed to one vector and cannot be told apart")
+        distinct = len(set(texts))
+        if distinct < len(texts):
+            notes.append(f"{m}: {len(texts)} rows hold {distinct} distinct values; a row's match ties with its "
+                         "copies and ranks behind them, so pairs with this modality score below what the "
+                         "model retrieves (and below the chance line, which assumes distinct rows)")
+    return notes
 
 
 def _format_skipped(skipped: dict[str, dict[str, int]]) -> str:
@@ -95,6 +124,7 @@ def format_skipped(report: dict[str, Any]) -> str:
     when it used every row."""
     skipped = report.get("skipped") or {}
     lines = [f"skipped unusable rows: {_format_skipped(skipped)}"] if skipped else []
+    lines += [f"note: {n}" for n in report.get("notes") or []]
     if report.get("unranked_pairs"):
         lines.append(f"not ranked (fewer than 2 rows usable in both): {', '.join(report['unranked_pairs'])}")
     return "\n".join(lines)

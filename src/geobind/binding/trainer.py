@@ -495,6 +495,33 @@ def _missing_data(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
             if p and layout in _PATH_LAYOUTS and plain_path(str(p)) and not Path(p).exists()]
 
 
+def _unloadable_models(cfg: RunConfig, done: set[str] = frozenset()) -> list[str]:
+    """``where: why`` for every stage encoder still to train whose ``pretrained`` model can be
+    neither found as a folder nor fetched from the Hugging Face hub: found now, not when the
+    stages before it have trained (a compute node without internet, a misspelt folder). A hub
+    id is checked by fetching its small ``config.json`` (from the local cache when it is there)."""
+    problems = []
+    for s in cfg.stages:
+        p = (s.encoder or {}).get("pretrained") if s.name not in done else None
+        if not p or Path(str(p)).expanduser().exists():
+            continue
+        p = str(p)
+        where = f"stages.{s.name}.encoder.pretrained"
+        if p.startswith((".", "/", "~")) or p.count("/") > 1:  # a hub id is "name" or "owner/name"
+            problems.append(f"{where}: {p} is not a folder here")
+            continue
+        try:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(p, "config.json")
+        except Exception as e:  # offline, unknown repository, no access
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            problems.append(f"{where}: {p!r} is neither a folder beside the config nor could it "
+                            f"be fetched from the Hugging Face hub ({reason}). Offline? Give a local "
+                            "directory, or fetch the model once where there is a network")
+    return problems
+
+
 # What a resumed run may not change once it has trained on it (other run settings, such as the
 # device, evaluation or loader workers, change no trained weight).
 _RUN_KEYS = ("anchor", "init_model", "anchor_modalities", "seed")
@@ -862,6 +889,9 @@ class Trainer:
             return "unreadable", "; ".join(unreadable)
         resumed = frozenset(s.name for i, s in enumerate(cfg.stages)
                             if self.resume and (_stage_folder(self.out, i, s.name) / CHECKPOINT).is_file())
+        models = _unloadable_models(cfg, done)
+        if models:  # before stage 1 trains, not when the stage that needs one starts
+            return "missing", "; ".join(models)
         batches = _batch_problems(cfg, done, self.dist.world_size, self._read, resumed)
         if batches:
             return "unreadable", "; ".join(batches)
@@ -1131,6 +1161,7 @@ class Trainer:
         # This session's loop time (loader waits and steps, not validation or checkpoints).
         loop = {"data": 0.0, "step": 0.0, "samples_before": samples}
         bad_before = Counter(bad)  # skips counted before this epoch (for the per-epoch report)
+        warned: set[str] = set()  # bad samples named so far
         stage.train()
         last_loss, last_loss_t = resumed_loss, None
         stand_in = None  # this rank's last batch (several ranks): run when a step leaves it none
@@ -1171,7 +1202,9 @@ class Trainer:
                         if scfg.data.strict:
                             raise e
                         bad[e.reason] += 1
-                        self._say(f"skipping bad sample {e}")
+                        if str(e) not in warned:  # once a stage; each epoch's line counts them
+                            warned.add(str(e))
+                            self._say(f"skipping bad sample {e}")
                     # Ranks may train on different numbers of samples after skips (the loss
                     # gathers uneven batches). A rank left with none runs its last batch as a
                     # stand-in, with none of its rows counted (and its batch norm statistics

@@ -8,8 +8,11 @@ readers can skip and count it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -178,6 +181,28 @@ def _file_source(item: Any, name: str | None) -> tuple[str | io.BytesIO, str] | 
     return None
 
 
+@contextlib.contextmanager
+def _quiet_c_stderr(quiet: bool):
+    """Send what C libraries write to file descriptor 2 to /dev/null while the block runs."""
+    if not quiet:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (an embedding application)
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def load_audio_window(
     item: Any, sample_rate: int, n: int, *, start: Callable[[int], int] | None = None, name: str | None = None
 ) -> np.ndarray | None:
@@ -228,8 +253,12 @@ def load_audio_window(
                     return None
                 s = 0 if start is None else start(length)
                 first, stop, offset = (s, s + n, 0) if exact else _window_span(s, n, frames, rate, int(sample_rate))
-                f.seek(first)
-                data = f.read(stop - first, dtype="float32", always_2d=True)
+                # mpg123 restarts a few frames before an MP3 seek point and prints "error:
+                # part2_3_length ... too large" for each frame whose bit reservoir it lacks; those
+                # frames are discarded (the window equals whole decoding), so the lines only alarm.
+                with _quiet_c_stderr(f.format == "MP3" and first > 0):
+                    f.seek(first)
+                    data = f.read(stop - first, dtype="float32", always_2d=True)
                 if data.shape[0] != stop - first:  # a header that promises more than the file holds
                     return None
     except BadSampleError:

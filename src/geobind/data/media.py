@@ -69,6 +69,10 @@ def _decode(buf: io.BytesIO, name: str, min_side: int = 0) -> Image.Image:
         img = Image.open(buf)
         if min_side > 0 and img.format == "JPEG":
             img.draft(img.mode, (min_side, min_side))  # a scale whose both sides reach min_side
+        if img.format == "PNG" and img.tile and img.tile[0][3] in ("RGB;16B", "RGBA;16B"):
+            # PIL reads a 16-bit-per-channel colour PNG as 8-bit RGB from each sample's high
+            # byte (a 0..4000 tile becomes 0..15: nearly black). Read its full depth instead.
+            return array_to_rgb(_png16(buf, name), name)
         # load() forces the full decode so truncated files fail here, not later in a worker.
         img.load()
         img = _upright(img)
@@ -82,6 +86,22 @@ def _decode(buf: io.BytesIO, name: str, min_side: int = 0) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise BadSampleError(name, "undecodable", f"cannot decode image ({e})") from None
     return _to_rgb(img, name)
+
+
+def _png16(buf: io.BytesIO, name: str) -> np.ndarray:
+    """A 16-bit RGB(A) PNG as an ``HxWxC`` uint16 array (GDAL, through rasterio)."""
+    if not _have_rasterio():
+        raise BadSampleError(name, "undecodable", "a 16-bit colour PNG, which PIL reads only at 8 bits "
+                             "(nearly black): pip install 'geobind[geo]' to read it, or save it as a GeoTIFF")
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.io import MemoryFile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile(buf.getvalue()) as mem, mem.open() as ds:
+            return np.moveaxis(ds.read(), 0, -1)
 
 
 def _upright(img: Image.Image) -> Image.Image:

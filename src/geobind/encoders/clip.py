@@ -255,7 +255,7 @@ class ClipTextEncoder(_ClipShared, Encoder):
         unk = self.tokenizer.unk_token_id
         if unk is None:
             return True
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no "longer than the maximum" warning: only a lookup
         return any(i != unk for i in ids)
 
     def collate(self, samples: list[str]) -> dict[str, torch.Tensor]:

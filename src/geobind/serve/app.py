@@ -423,17 +423,23 @@ class PlaceAudio:
         root = os.path.abspath(Path(table.source).expanduser().parent)
         wanted = set(index.ids)
         files = {}
+        outside = 0
         for item_id, cell in zip(table.ids, cells):
             if cell is None or item_id not in wanted:
                 continue
             path = os.path.normpath(os.path.abspath(os.path.expanduser(cell)))
             # Checked on the path as written here (cheap for a million rows), and again on the
             # real path when it is served.
-            if path.startswith(root + os.sep) and Path(path).suffix.lower() in AUDIO_TYPES:
+            if not path.startswith(root + os.sep):
+                outside += 1
+            elif Path(path).suffix.lower() in AUDIO_TYPES:
                 files[item_id] = path
         note = f"recordings of {len(files)} places from {name}"
         if not files:
             note = f"no recordings: no audio cell of {name} names an audio file inside its folder"
+        if outside:  # a split written with --out names its files with ../: say what serves them
+            note += (f" ({outside} lead outside it, which are never served: pass --data with a manifest in "
+                     "the folder that holds the recordings, such as the one this was split from)")
         return cls(files, root, note)
 
     def path(self, item_id: str) -> str | None:
