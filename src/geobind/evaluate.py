@@ -10,6 +10,7 @@ import torch
 
 from geobind.binding.cache import embed_table
 from geobind.data.manifest import Table
+from geobind.encoders.base import unknown_texts
 from geobind.metrics import retrieval_metrics
 from geobind.model import GeoBind
 
@@ -101,11 +102,10 @@ def _content_notes(model: GeoBind, table: Table, emb: dict[str, tuple[torch.Tens
         texts = [c for i, c in enumerate(cells) if bool(valid[i]) and isinstance(c, str)]
         if len(texts) != int(valid.sum()):  # paths or other items: not compared by content here
             continue
-        known = getattr(model.encoder(m), "known_words", None)
-        unknown = [t for t in texts if known is not None and not known(t)]
+        unknown = unknown_texts(model.encoder(m), texts)
         if unknown:
             notes.append(f"{m}: {len(unknown)} of {len(texts)} rows have no word the model's vocabulary knows "
-                         f"(e.g. {unknown[0][:40]!r}): they embed to one vector and cannot be told apart")
+                         f"(e.g. {texts[unknown[0]][:40]!r}): they embed to one vector and cannot be told apart")
         distinct = len(set(texts))
         if distinct < len(texts):
             notes.append(f"{m}: {len(texts)} rows hold {distinct} distinct values; a row's match ties with its "

@@ -20,6 +20,7 @@ from geobind.encoders.base import (
     get_encoder_class,
     names_local_path,
     quiet_transformers,
+    unknown_texts,
     usual_mode,
     write_json,
 )
@@ -217,12 +218,10 @@ class GeoBind(nn.Module):
                 from tqdm.auto import tqdm
 
                 rng = tqdm(rng, desc=f"embed {modality}", unit="batch")
-            known = getattr(enc, "known_words", None)
             unknown: list[int] = []
             for i in rng:
                 loaded = [load(i + j, x) for j, x in enumerate(items[i : i + batch_size])]
-                if known is not None:
-                    unknown += [i + j for j, x in enumerate(loaded) if isinstance(x, str) and not known(x)]
+                unknown += [i + j for j in unknown_texts(enc, loaded)]
                 batch = enc.collate(loaded)
                 with autocast_for(enc.device):
                     out.append(enc(batch).float().cpu())

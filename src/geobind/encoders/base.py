@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -247,6 +247,17 @@ def check_config_keys(config_class: type, config: Any, where: str) -> None:
     if unknown:
         raise ValueError(f"{where}: unknown {config_class.__name__} field(s) "
                          f"{', '.join(with_guesses(unknown, fields))}")
+
+
+def unknown_texts(encoder: Any, items: Sequence[Any]) -> list[int]:
+    """Positions of the texts among ``items`` of which ``encoder`` knows no word (every token its
+    tokenizer's unknown one): each embeds to the same vector. Empty for an encoder without a
+    word-level vocabulary; other items and blank texts are passed over."""
+    find = getattr(encoder, "unknown_texts", None)
+    if find is None:
+        return []
+    at = [i for i, t in enumerate(items) if isinstance(t, str) and t.strip()]
+    return [at[j] for j in find([items[i] for i in at])]
 
 
 def usual_mode(path: str | Path) -> None:

@@ -252,11 +252,20 @@ class ClipTextEncoder(_ClipShared, Encoder):
         """Whether ``text`` has a token the tokenizer knows: False when every one is its unknown
         token (a word-level vocabulary meeting other characters or words), which would make
         every such text the same vector. Byte-level tokenizers know every text."""
+        return not self.unknown_texts([text])
+
+    def unknown_texts(self, texts: list[str]) -> list[int]:
+        """Positions of the ``texts`` none of whose tokens the tokenizer knows (see
+        :meth:`known_words`), tokenized in batches."""
         unk = self.tokenizer.unk_token_id
         if unk is None:
-            return True
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no "longer than the maximum" warning: only a lookup
-        return any(i != unk for i in ids)
+            return []
+        out = []
+        for s in range(0, len(texts), 4096):
+            # verbose=False: no "longer than the maximum" warning for what is only a lookup
+            ids = self.tokenizer(list(texts[s:s + 4096]), add_special_tokens=False, verbose=False)["input_ids"]
+            out += [s + i for i, row in enumerate(ids) if all(t == unk for t in row)]
+        return out
 
     def collate(self, samples: list[str]) -> dict[str, torch.Tensor]:
         return dict(

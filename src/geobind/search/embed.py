@@ -582,7 +582,9 @@ def embed_dataset(
                 f"embedded {summary['rows']} of {n} rows ({modality}, {header['dtype']}) -> {out}; "
                 f"skipped: {skipped}"
             )
-            unknown = _unknown_texts(encoder, raw_items)
+            from geobind.encoders.base import unknown_texts
+
+            unknown = unknown_texts(encoder, raw_items) if raw_items is not None else []
             if unknown:
                 summary["unknown_words"] = len(unknown)
                 shown = ", ".join(str(ids[r]) for r in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
@@ -593,14 +595,6 @@ def embed_dataset(
         if error:
             raise RuntimeError(f"rank 0 could not merge the parts: {error}")
     return summary
-
-
-def _unknown_texts(encoder, items) -> list[int]:
-    """Rows of ``items`` (a table's text cells) holding no word the text encoder knows."""
-    known = getattr(encoder, "known_words", None)
-    if known is None or items is None:
-        return []
-    return [r for r, t in enumerate(items) if isinstance(t, str) and t.strip() and not known(t)]
 
 
 def _part_path(parts: Path, chunk: int) -> Path:
