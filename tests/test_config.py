@@ -261,3 +261,23 @@ def test_set_without_an_equals_sign_says_key_equals_value(tmp_path, capsys):
     assert e.value.code == 2
     assert "expected KEY=VALUE, e.g. stages.satellite.optim.lr=1e-4 (no spaces around =), got 'seed'" in (
         capsys.readouterr().err)
+
+
+def test_an_encoder_type_no_stage_can_build_is_refused_when_parsed(tiny_data, tmp_path):
+    d = tiny_config(tiny_data, tmp_path / "run", audio=False)
+    d["stages"][0]["encoder"] = {"type": "clip_image"}
+    with pytest.raises(ConfigError, match=r"stages\[0\].*type clip_image is not trained by a stage .*a stage trains "
+                                          r"one of: .*clap_audio.*clip_vision"):
+        parse_config(d)
+
+
+def test_a_satellite_image_size_the_tower_cannot_take_names_the_key(tiny_data):
+    from test_model import build_space
+
+    from geobind.encoders import ClipVisionEncoder
+
+    space = dict(build_space(tiny_data).encoders.items())
+    size = space["ground"].clip.config.vision_config.image_size
+    with pytest.raises(ValueError, match=f"image_size {size * 2} differs from the tower's {size}: leave image_size out"):
+        ClipVisionEncoder.create("satellite", {"init_from": "ground", "image_size": size * 2}, 32, space)
+    assert ClipVisionEncoder.create("satellite", {"init_from": "ground", "image_size": size}, 32, space)

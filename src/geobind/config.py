@@ -334,13 +334,17 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}: train and bind_to are both {s.train!r}")
         if "type" not in s.encoder:
             raise ConfigError(f"{where}.encoder: needs `type` (a registered encoder type)")
-        from geobind.encoders import get_encoder_class
+        from geobind.encoders import Encoder, encoder_types, get_encoder_class
 
         try:
             encoder_cls = get_encoder_class(s.encoder["type"])
             encoder_cls.check_spec(s.encoder)
         except ValueError as e:
             raise ConfigError(f"{where}.encoder: {e}") from None
+        if encoder_cls.create.__func__ is Encoder.create.__func__:  # serves a space, is never built new
+            trainable = [t for t in encoder_types() if get_encoder_class(t).create.__func__ is not Encoder.create.__func__]
+            raise ConfigError(f"{where}.encoder: type {s.encoder['type']} is not trained by a stage (it serves the "
+                              f"anchor's towers); a stage trains one of: {', '.join(trainable)}")
         from geobind.data.pack import member_kind
 
         kind = member_kind(s.train)

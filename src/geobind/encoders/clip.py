@@ -409,6 +409,9 @@ class ClipVisionEncoder(Encoder):
                 f"encoder clip_vision projects to {model.config.projection_dim} dims but the space has {dim}"
             )
         size = spec.get("image_size", model.config.image_size)
+        if size != model.config.image_size:  # its position embeddings are for one size
+            raise ValueError(f"encoder clip_vision: image_size {size} differs from the tower's "
+                             f"{model.config.image_size}: leave image_size out, or set it to {model.config.image_size}")
         transform = ImageTransform(
             size, spec.get("mean", SATELLITE_MEAN), spec.get("std", SATELLITE_STD), spec.get("augment", "overhead"),
             spec.get("augment_on", "loader"), spec.get("load_size"),
