@@ -214,12 +214,14 @@ def test_every_trainable_encoder_type_is_documented_with_its_keys(key_rows, doc)
     for heading, key, _ in key_rows:
         if key.startswith(ENCODER_PREFIX):
             documented.setdefault(_encoder_type(heading), []).append(key[len(ENCODER_PREFIX):])
-    trainable = {t for t in encoder_types() if get_encoder_class(t).create.__func__ is not Encoder.create.__func__}
+    # geobind's own types: a test may have registered a plugin type of its own.
+    builtin = [t for t in encoder_types() if get_encoder_class(t).__module__.startswith("geobind.")]
+    trainable = {t for t in builtin if get_encoder_class(t).create.__func__ is not Encoder.create.__func__}
     assert set(documented) == trainable
     for t, names in documented.items():
         assert len(names) == len(set(names)), f"{t}: a key documented twice"
         assert set(names) == _accepted_keys(get_encoder_class(t)), t
-    for t in encoder_types():
+    for t in builtin:
         assert f"`{t}`" in doc, f"encoder type {t} is not mentioned"
 
 
