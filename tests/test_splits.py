@@ -179,3 +179,45 @@ def test_coordinates_out_of_range_are_invalid():
         assert (np.delete(labels, bad) != "invalid").all()
     edge = spatial_split(np.array([90.0, -90.0, 0.0]), np.array([180.0, -180.0, 0.0]), val=0, test=0)
     assert edge.tolist() == ["train"] * 3  # the bounds themselves are valid
+
+
+def test_a_split_whose_write_fails_leaves_no_part_and_says_what_to_do(tiny_data, tmp_path, monkeypatch):
+    """The parts are renamed into place together once all are written: a full disk while the
+    test part is written leaves none of them (a cut-short CSV would read as a smaller dataset),
+    and says so, naming the file. An existing split.json is not replaced without force."""
+    import errno
+
+    from geobind.data.splits import write_split
+
+    real, calls = pd.DataFrame.to_csv, [0]
+
+    def to_csv(self, path, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+    out = tmp_path / "splits"
+    out.mkdir()
+    with pytest.raises(OSError, match=r"cannot write .*stage1\.test\.csv: the disk holding .* is full \(nothing was "
+                                      r"replaced\); free some space"):
+        write_split(tiny_data["stage1"], out, cell_deg=10, val=0.2, test=0.2)
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+    (out / "stage1.split.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="stage1.split.json exists; pass --force"):
+        write_split(tiny_data["stage1"], out, cell_deg=10, val=0.2, test=0.2)
+    write_split(tiny_data["stage1"], out, cell_deg=10, val=0.2, test=0.2, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["stage1.split.json", "stage1.test.csv", "stage1.train.csv",
+                                                     "stage1.val.csv"]
+
+
+def test_an_output_folder_that_takes_no_files_is_refused_before_the_work(tmp_path):
+    from geobind.search.common import OutputWriteError, check_writable
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputWriteError, match=r"cannot write .*afile/out.parquet: .*afile is a file, not a folder"):
+        check_writable(tmp_path / "afile" / "out.parquet")
+    with pytest.raises(OutputWriteError, match=r"cannot write /proc/out.parquet: cannot create files in /proc"):
+        check_writable(Path("/proc/out.parquet"))

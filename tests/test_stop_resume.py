@@ -626,3 +626,40 @@ def test_an_error_in_a_loader_worker_ends_the_run_promptly(tiny_data, tmp_path):
     assert p.returncode != 0 and "a bug in a loader worker" in p.stderr
     assert "Alarm clock" not in p.stderr, p.stderr[-2000:]
     assert took < 40, f"took {took:.0f} s to exit"
+
+
+def test_a_folder_holding_the_users_own_config_is_refused_as_output_dir(tiny_data, tmp_path):
+    """`output_dir: .` beside the config: the run would write its own config.yaml over it."""
+    import yaml
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = yaml.safe_dump(tiny_config(tiny_data, out, audio=False))
+    (out / "config.yaml").write_text(mine)
+    with pytest.raises(FileExistsError, match=r"holds config.yaml of its own, which the run would overwrite"):
+        train(_cfg(tiny_data, out, max_steps=1), progress=False, log=None)
+    assert (out / "config.yaml").read_text() == mine
+
+
+def test_a_checkpoint_the_full_disk_cuts_short_is_named_and_the_last_one_kept(tmp_path, monkeypatch):
+    """torch's writer loses errno on a full disk ("unexpected pos"): the error names the file and
+    what is kept, and no partial file is left."""
+    import shutil
+    from collections import namedtuple
+
+    from geobind.binding import trainer as trainer_mod
+
+    path = tmp_path / "checkpoint.pt"
+    trainer_mod._atomic_save({"step": 1}, path)
+
+    def full(obj, f):
+        open(f, "wb").write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10, 10, 0))
+    with pytest.raises(OSError, match=r"cannot write .*checkpoint.pt: the disk holding .* is full \(the previous "
+                                      r"checkpoint, if any, is kept: rerun with --resume\)"):
+        trainer_mod._atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

@@ -245,6 +245,8 @@ def cmd_eval(args) -> int:
     from geobind.model import GeoBind
     from geobind.search.common import check_writable
 
+    if args.out and Path(args.data).is_file() and Path(args.out).resolve() == Path(args.data).resolve():
+        raise ValueError(f"--out {args.out} is the dataset being evaluated (--data): name a new .json file")
     check_writable(args.out, force=args.force)  # before the evaluation, which can take a while
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
     data = read_dataset(args.data, args.layout, **parse_layout_options(args.layout_options))

@@ -532,6 +532,10 @@ def cmd_map(args) -> int:
         raise ValueError("--raster needs --tile-size (pixels per tile)")
     kw = _query_kwargs(args)
     outs = output_paths(args.out, args.png, args.csv, hint=" (see --out, --png, --csv)")
+    for flag, given in (("--raster", args.raster), ("--embeddings", args.embeddings)):
+        same = [p for p in outs.values() if given and p is not None and Path(p).resolve() == Path(given).resolve()]
+        if same:  # --force would replace the input with the map made from it
+            raise ValueError(f"{same[0]} is the input being mapped ({flag}): name the map's outputs otherwise")
     from geobind.search.common import check_writable
 
     check_writable(*outs.values(), force=args.force)

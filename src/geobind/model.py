@@ -318,8 +318,14 @@ class GeoBind(nn.Module):
                 shutil.rmtree(old)
             else:
                 tmp.replace(directory)
-        except BaseException:
+        except BaseException as e:
+            from geobind.search.common import write_failure
+
+            # safetensors reports a full disk as its own SafetensorError, naming no file.
+            failure = write_failure(directory, e, kept="a model already there is kept")
             shutil.rmtree(tmp, ignore_errors=True)
+            if failure is not None:
+                raise failure from e
             raise
         return directory
 

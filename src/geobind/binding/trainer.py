@@ -449,11 +449,28 @@ def _precision(cfg: StageConfig, device: torch.device):
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    from geobind.search.common import write_failure
+
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except BaseException:  # an error or a Ctrl-C mid-write: the previous file stays, no partial one
+    except BaseException as e:  # an error or a Ctrl-C mid-write: the previous file stays, no partial one
+        # A full disk reaches here as torch's "unexpected pos 64 vs 0": say what it is, and where.
+        failure = write_failure(path, e, kept="the previous checkpoint, if any, is kept: rerun with --resume")
+        tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from e
+        raise
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: never a half-written file there."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
@@ -786,7 +803,8 @@ class Trainer:
                     and not any(self.out.glob("stages/*/" + DONE)):
                 self._say(f"--resume: {self.out} holds no checkpoint or finished stage; starting the run")
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            # Atomically: a resume reads it back to refuse a changed seed or anchor.
+            _atomic_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
         if self.dist.distributed:
             self._check_shared_output()
@@ -867,6 +885,12 @@ class Trainer:
         if self.out.exists() and any(self.out.glob("stages/*/" + CHECKPOINT)) and not self.resume:
             return "exists", (f"{self.out} already holds a run; pass --resume to continue it, or choose "
                               "another output_dir")
+        # A folder no run has used (no .lock, which every run leaves) may hold the user's own
+        # config.yaml (`output_dir: .` beside it) or report.json: the run writes both there.
+        theirs = [n for n in ("config.yaml", "report.json") if (self.out / n).exists()]
+        if theirs and self.out.is_dir() and not (self.out / ".lock").exists():
+            return "exists", (f"{self.out} holds {' and '.join(theirs)} of its own, which the run would overwrite "
+                              "with its own; choose a new or empty output_dir, or move them")
         final = self.out / "model"
         if final.exists() and not final.is_dir():
             return "exists", f"{final} is a file; the run saves its model folder there: move it, or choose another output_dir"
@@ -947,7 +971,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         if self.main:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            (stage_dir / "config.yaml").write_text(yaml.safe_dump(plain(dataclasses.asdict(scfg)), sort_keys=False))
+            _atomic_text(stage_dir / "config.yaml", yaml.safe_dump(plain(dataclasses.asdict(scfg)), sort_keys=False))
         anchor = model.encoder(scfg.bind_to)
         model.frozen(model.modalities)
         # Seeded per stage so an interrupted and a fresh run build the same initial weights.
@@ -1385,7 +1409,7 @@ class Trainer:
         model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale().detach())
         if self.main:
             model.save_pretrained(stage_dir / "model")
-            (stage_dir / DONE).write_text(json.dumps(stage_rec, indent=2))
+            _atomic_text(stage_dir / DONE, json.dumps(stage_rec, indent=2))
             rate = (f", {stage_rec['samples_per_s']:,.1f} samples/s (data wait {stage_rec['data_wait']:.1%})"
                     if stage_rec.get("samples_per_s") else "")
             ran = f"{step} steps" + (f" ({step - start_step} since the resume)" if start_step else "")

@@ -20,6 +20,7 @@ modalities of the row still serve other stages). Both are counted per reason.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -40,6 +41,7 @@ from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
 from geobind.data.shards import SHARDS_FILE, _parse_meta, geobind_schema, write_index
 from geobind.modality import get_modality
+from geobind.search.common import write_failure
 
 __all__ = ["pack", "PackResult", "PACK_FILE", "member_kind"]
 
@@ -270,20 +272,33 @@ def _write_shard(
     final = Path(out) / _shard_name(k)
     tmp = final.with_name(final.name + ".tmp")
     suffixes: set[str] = set()
-    with open(tmp, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-        for i in rows:
-            sample = _sample(table, i, s, bad, examples)
-            if sample is None:
-                continue
-            writer.write(sample)
-            suffixes.update(k2 for k2 in sample if not k2.startswith("__"))
-            sid, lat, lon, kept, _ = _parse_meta(sample["json"], sample["__key__"], schema)
-            entries.append(
-                {"key": sample["__key__"], "id": sid, "lat": lat, "lon": lon, "problem": "", **kept}
-            )
-        writer.close()
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+            try:
+                for i in rows:
+                    sample = _sample(table, i, s, bad, examples)
+                    if sample is None:
+                        continue
+                    writer.write(sample)
+                    suffixes.update(k2 for k2 in sample if not k2.startswith("__"))
+                    sid, lat, lon, kept, _ = _parse_meta(sample["json"], sample["__key__"], schema)
+                    entries.append(
+                        {"key": sample["__key__"], "id": sid, "lat": lat, "lon": lon, "problem": "", **kept}
+                    )
+            finally:
+                # Closed on every path: a tar stream left to the garbage collector after a Ctrl-C or
+                # a full disk prints "Exception ignored ... write to closed file" at exit.
+                with contextlib.suppress(Exception):
+                    writer.close()
+        os.replace(tmp, final)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        failure = write_failure(final, e, kept="the shards already finished are kept: run the same command "
+                                               "again to resume")
+        if failure is not None:
+            raise failure from e
+        raise
     rec = {
         "shard": k,
         "url": final.name,
@@ -298,6 +313,22 @@ def _write_shard(
     stmp.write_text(json.dumps(rec))
     os.replace(stmp, state)
     return rec
+
+
+def _write_state(state: Path, record: dict) -> None:
+    """``pack.json``, atomically: a full disk or a stop never leaves it empty (which no rerun could
+    resume)."""
+    tmp = state.with_name(state.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, state)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        failure = write_failure(state, e, kept="the shards already finished are kept: run the same command "
+                                               "again to resume")
+        if failure is not None:
+            raise failure from e
+        raise
 
 
 def pack(
@@ -360,7 +391,11 @@ def pack(
             raise FileExistsError(
                 f"{out} exists and is not a GeoBind pack (no {PACK_FILE}); choose a new or empty folder"
             )
-        prev = json.loads(state.read_text())
+        try:
+            prev = json.loads(state.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{state} does not read ({e}): the pack in {out} cannot be resumed; delete {out} "
+                             "(or pack into a new folder) to start over") from None
         diff = [k for k in s if prev.get("settings", {}).get(k) != s[k]]
         if diff:
             detail = ", ".join(
@@ -385,12 +420,9 @@ def pack(
                 True,
             )
     out.mkdir(parents=True, exist_ok=True)
+    # pack.json first: a folder that holds nothing else (a full disk there) stays a new folder.
+    _write_state(state, {"format": PACK_FORMAT, "version": 1, "settings": s, "complete": False})
     (out / ".pack").mkdir(exist_ok=True)
-    state.write_text(
-        json.dumps(
-            {"format": PACK_FORMAT, "version": 1, "settings": s, "complete": False}, indent=1
-        )
-    )
 
     n = len(table)
     n_shards = math.ceil(n / shard_size)
@@ -462,22 +494,19 @@ def pack(
         if entries
         else pd.DataFrame(columns=["key", "id", "lat", "lon", "problem"])
     )
-    write_index(out, urls, index, counts, sorted(suffixes), geobind_schema())
+    try:
+        write_index(out, urls, index, counts, sorted(suffixes), geobind_schema())
+    except BaseException as e:
+        for name in ("index.parquet.tmp", SHARDS_FILE + ".tmp"):
+            (out / name).unlink(missing_ok=True)
+        failure = write_failure(out / SHARDS_FILE, e, kept="every shard is written: run the same command again "
+                                                           "to finish")
+        if failure is not None:
+            raise failure from e
+        raise
     samples = len(entries)
-    state.write_text(
-        json.dumps(
-            {
-                "format": PACK_FORMAT,
-                "version": 1,
-                "settings": s,
-                "complete": True,
-                "shards": n_shards,
-                "samples": samples,
-                "bad": dict(bad),
-            },
-            indent=1,
-        )
-    )
+    _write_state(state, {"format": PACK_FORMAT, "version": 1, "settings": s, "complete": True,
+                         "shards": n_shards, "samples": samples, "bad": dict(bad)})
     shutil.rmtree(out / ".pack", ignore_errors=True)
     assert (out / SHARDS_FILE).is_file()
     return PackResult(out, n_shards, samples, resumed, bad, examples[:20], True)

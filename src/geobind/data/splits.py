@@ -12,6 +12,7 @@ so held-out places are not even next to training places; those samples are set a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -204,11 +205,15 @@ def write_split(
     )
     stem = src.stem
     targets = {s: out / f"{stem}.{s}{suffix}" for s in SPLITS}
-    clash = [str(p) for p in targets.values() if p.exists()]
+    summary_path = out / f"{stem}.split.json"
+    clash = [str(p) for p in (*targets.values(), summary_path) if p.exists()]
     if clash and not force:
         raise FileExistsError(
             f"{clash[0]} exists; pass --force to overwrite, or --out another folder"
         )
+    from geobind.search.common import atomic_path, check_writable, write_failure
+
+    check_writable(*targets.values(), summary_path, force=force)  # a folder there, or one not writable
     labels = split_dataset(
         data,
         method=method,
@@ -228,14 +233,35 @@ def write_split(
                 continue
             frame[m] = [os.path.relpath(v, out) if v is not None else "" for v in data.columns[m]]
     written = {}
-    for s in SPLITS:
-        part = frame[labels == s]
-        p = targets[s]
-        if suffix in (".parquet", ".pq"):
-            part.to_parquet(p, index=False)
-        else:
-            part.to_csv(p, index=False, sep="\t" if suffix == ".tsv" else ",")
-        written[s] = str(p)
+    # Every part is written to a temporary file first, and they are renamed into place together
+    # at the end: a full disk or a Ctrl-C leaves no cut-short part, and no mix of two splits.
+    files = contextlib.ExitStack()
+    tmps = {}
+    with files:
+        for s in SPLITS:
+            tmps[s] = files.enter_context(atomic_path(targets[s], force=force))
+        tmps["json"] = files.enter_context(atomic_path(summary_path, force=force))
+        for s in SPLITS:
+            part = frame[labels == s]
+            try:
+                if suffix in (".parquet", ".pq"):
+                    part.to_parquet(tmps[s], index=False)
+                else:
+                    part.to_csv(tmps[s], index=False, sep="\t" if suffix == ".tsv" else ",")
+            except Exception as e:  # named here: each temporary's own context would name the last
+                failure = write_failure(targets[s], e)
+                if failure is None:
+                    raise
+                raise failure from e
+            written[s] = str(targets[s])
+        summary = _split_summary(data, labels, src, layout, layout_options, out, method, cell_deg, val, test,
+                                 seed, buffer_cells, written)
+        tmps["json"].write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _split_summary(data, labels, src, layout, layout_options, out, method, cell_deg, val, test, seed,
+                   buffer_cells, written) -> dict[str, Any]:
     count = Counter(labels.tolist())
     ok = labels != "invalid"
     n_cols = math.ceil(360 / cell_deg)
@@ -262,5 +288,4 @@ def write_split(
             f"the image/audio templates stay relative to {base}; read the parts with "
             f"layout_options root: {base} (--layout-option root={base} on the command line)"
         )
-    (out / f"{stem}.split.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -66,6 +67,74 @@ def check_writable(*paths: str | Path | None, force: bool = False, own: Collecti
                 )
         if not force:
             raise OutputExistsError(p)
+    for p in paths:
+        if p is not None:
+            check_folder_writable(Path(p))
+
+
+class OutputWriteError(OSError):
+    """An output that could not be written: the message names it and says what to do (and,
+    unlike ``OSError(errno, text)``, reads without an ``[Errno N]`` prefix)."""
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(message)
+        self.errno = code
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path``'s parents that exists (the folder an output would be made in)."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def check_folder_writable(path: Path) -> None:
+    """Refuse, before any work, an output whose folder is a file or cannot be written (a
+    read-only filesystem, no permission, a special filesystem such as /proc), naming the path.
+    Probes by creating and removing a temporary file, which also works for root, whom
+    permission bits do not stop."""
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise OutputWriteError(errno.ENOTDIR, f"cannot write {path}: {ancestor} is a file, not a folder; "
+                                              "choose another path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".geobind-probe.", dir=ancestor)
+    except OSError as e:
+        raise OutputWriteError(e.errno, f"cannot write {path}: cannot create files in {ancestor} "
+                                        f"({e.strerror}); choose another path") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _write_error(e: BaseException) -> bool:
+    """Whether ``e`` is what writers raise when the system refuses a write: an operating system
+    error, safetensors' error, or torch's zip writer's ``RuntimeError`` (which loses errno)."""
+    return isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError"
+
+
+def _disk_full(path: Path, e: BaseException) -> bool:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+        return True
+    try:  # a writer that lost errno: look at the disk (the partial temporary is still there)
+        return shutil.disk_usage(_existing_ancestor(path)).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def write_failure(path: str | Path, e: BaseException, kept: str = "nothing was replaced") -> OSError | None:
+    """An :class:`OSError` that names ``path`` and what to do, for an error the system raised
+    while it was written (``None`` for any other error, which is raised as it is: geobind's own
+    refusals, a Ctrl-C). ``kept`` says what the failure left in place."""
+    path = Path(path)
+    if not _write_error(e) or isinstance(e, (OutputExistsError, OutputWriteError)):  # the latter: said already
+        return None
+    if _disk_full(path, e):
+        return OutputWriteError(errno.ENOSPC, f"cannot write {path}: the disk holding {_existing_ancestor(path)} "
+                                              f"is full ({kept}); free some space, or write elsewhere, then run again")
+    if isinstance(e, OSError) and e.errno is not None:
+        return OutputWriteError(e.errno, f"cannot write {path}: {e.strerror or e} ({kept})")
+    return None
 
 
 @contextlib.contextmanager
@@ -87,11 +156,14 @@ def atomic_path(path: str | Path, *, force: bool = False, own: Collection[str] |
         yield tmp
         check_writable(path, force=force, own=own)
         _replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        failure = write_failure(path, e)  # looked at before the temporary frees its space
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from e
         raise
 
 
@@ -100,7 +172,12 @@ def _replace(tmp: Path, path: Path) -> None:
         # A directory cannot be renamed over a non-empty one: move the old one aside first.
         old = path.with_name(f".{path.name}.old{os.getpid()}")
         path.rename(old)
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except BaseException:  # a Ctrl-C or an error between the two renames: the old one goes back
+            if not path.exists():
+                old.rename(path)
+            raise
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:

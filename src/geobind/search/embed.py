@@ -17,6 +17,7 @@ every ``world_size``-th chunk and writes its own parts; rank 0 then merges them 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -493,8 +494,25 @@ def embed_dataset(
         **({"preprocess_on": preprocess_on} if preprocess_on != "loader" else {}),
     }
     parts = out.with_name(out.name + ".parts")
+    lock = None
     if rank == 0:
-        _prepare_parts(parts, header, log)
+        lock = _prepare_parts(parts, header, log, out)
+    try:
+        return _embed_into_parts(
+            model, table, modality, out, parts, header, encoder, transform, rank=rank, world_size=world_size,
+            chunk_rows=chunk_rows, batch_size=batch_size, num_workers=num_workers, thumb_px=thumb_px,
+            float16=float16, compile=compile, preprocess_on=preprocess_on, force=force, progress=progress,
+            log=log)
+    finally:
+        if lock is not None:
+            lock.close()  # releases it (the folder itself is gone once the output is merged)
+
+
+def _embed_into_parts(model, table, modality, out, parts, header, encoder, transform, *, rank, world_size,
+                      chunk_rows, batch_size, num_workers, thumb_px, float16, compile, preprocess_on, force,
+                      progress, log) -> dict[str, Any]:
+    from geobind import distributed as dist
+
     dist.barrier()
 
     n = len(table)
@@ -601,22 +619,53 @@ def _part_path(parts: Path, chunk: int) -> Path:
     return parts / f"chunk-{chunk:07d}.parquet"
 
 
-def _prepare_parts(parts: Path, header: dict, log) -> None:
-    """Keep a parts folder from the same run (resume); replace one from another run."""
+def _lock_parts(parts: Path, out: Path):
+    """An exclusive lock on ``parts/.lock`` (held until the file is closed, or the process ends):
+    a second ``embed`` into the same ``--out`` while one runs is refused, rather than deleting
+    the first one's parts or writing the same chunks beside it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        return None
+    f = open(parts / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise FileExistsError(f"{out} is being written by another geobind embed (pid {holder}); wait for it to "
+                              "end, or stop it, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _prepare_parts(parts: Path, header: dict, log, out: Path | None = None):
+    """Keep a parts folder from the same run (resume); replace one from another run. Returns the
+    lock that keeps other runs out of it (see :func:`_lock_parts`)."""
+    out = out if out is not None else parts
     marker = parts / "header.json"
     if parts.is_dir():
+        lock = _lock_parts(parts, out)  # before anything in it is looked at, or deleted
         try:
             same = json.loads(marker.read_text()) == header
         except (OSError, ValueError):
             same = False
         if same:
-            return
+            return lock
         log(f"{parts} holds parts of a different model, dataset or setting; starting afresh")
         shutil.rmtree(parts)
+        if lock is not None:
+            lock.close()
     parts.mkdir(parents=True)
+    lock = _lock_parts(parts, out)
     tmp = marker.with_name("header.json.tmp")
     tmp.write_text(json.dumps(header, indent=2))
     tmp.replace(marker)
+    return lock
 
 
 def _write_part(table, path: Path) -> None:
@@ -635,7 +684,7 @@ def _merge(
 
     missing = [c for c in chunks if not _part_path(parts, c).is_file()]
     if missing:
-        raise RuntimeError(
+        raise FileNotFoundError(  # an OSError: the command line says it in one line
             f"{len(missing)} chunks of {parts} are missing (first: {missing[0]}); rerun to resume"
         )
     bad: Counter = Counter()

@@ -32,6 +32,7 @@ Each is written atomically and never overwrites an existing file without ``force
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
@@ -45,7 +46,7 @@ import pandas as pd
 import torch
 
 from geobind.data.media import stretch_bands
-from geobind.search.common import atomic_path, check_writable
+from geobind.search.common import atomic_path, check_writable, write_failure
 
 if TYPE_CHECKING:
     from geobind.model import GeoBind
@@ -173,12 +174,22 @@ class MapResult:
         """Write the GeoTIFF, PNG and CSV that are named (each atomic; none is overwritten
         without ``force``, and all are checked before any is written)."""
         check_writable(tif, png, csv, force=force)
-        if tif is not None:
-            self.paths["tif"] = write_geotiff(self, tif, force=force)
-        if png is not None:
-            self.paths["png"] = write_png(self, png, force=force)
-        if csv is not None:
-            self.paths["csv"] = write_csv(self, csv, force=force)
+        writers = {"tif": write_geotiff, "png": write_png, "csv": write_csv}
+        wanted = {k: Path(p) for k, p in (("tif", tif), ("png", png), ("csv", csv)) if p is not None}
+        # Each is written to its temporary, and all are renamed into place at the end: a full disk
+        # or a Ctrl-C leaves no map without its PNG, and no GeoTIFF of one query beside the PNG
+        # and CSV of another (--force).
+        with contextlib.ExitStack() as files:
+            tmps = {k: files.enter_context(atomic_path(p, force=force)) for k, p in wanted.items()}
+            for k, p in wanted.items():
+                try:
+                    writers[k](self, p, force=force, into=tmps[k])
+                except Exception as e:
+                    failure = write_failure(p, e)
+                    if failure is None:
+                        raise
+                    raise failure from e
+        self.paths.update(wanted)
         return dict(self.paths)
 
     def overlay_png(
@@ -222,7 +233,18 @@ def _limits(v: np.ndarray, vmin, vmax) -> tuple[float, float]:
 
 
 # -- writers ---------------------------------------------------------------------------------
-def write_geotiff(result: MapResult, path: str | Path, *, force: bool = False) -> Path:
+@contextlib.contextmanager
+def _target(path: str | Path, force: bool, into: Path | None):
+    """``into`` (a temporary that :meth:`MapResult.write` renames with the others), or an atomic
+    temporary of ``path`` of its own."""
+    if into is not None:
+        yield into
+        return
+    with atomic_path(path, force=force) as tmp:
+        yield tmp
+
+
+def write_geotiff(result: MapResult, path: str | Path, *, force: bool = False, into: Path | None = None) -> Path:
     """One float32 band (NaN nodata) in the map's CRS and transform; tags record the query and
     what the scores mean."""
     rasterio = import_rasterio()
@@ -238,7 +260,7 @@ def write_geotiff(result: MapResult, path: str | Path, *, force: bool = False) -
         "nodata": float("nan"),
         "compress": "deflate",
     }
-    with atomic_path(path, force=force) as tmp:
+    with _target(path, force, into) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(result.values.astype(np.float32), 1)
             dst.update_tags(
@@ -257,16 +279,16 @@ def write_geotiff(result: MapResult, path: str | Path, *, force: bool = False) -
     return Path(path)
 
 
-def write_csv(result: MapResult, path: str | Path, *, force: bool = False) -> Path:
+def write_csv(result: MapResult, path: str | Path, *, force: bool = False, into: Path | None = None) -> Path:
     """Per-tile or per-place rows with lat, lon and score (higher = more like the query)."""
-    with atomic_path(path, force=force) as tmp:
+    with _target(path, force, into) as tmp:
         # 10 significant digits: UTM metres to the millimetre, degrees to 1e-7 (about 1 cm).
         result.table.to_csv(tmp, index=False, float_format="%.10g")
     return Path(path)
 
 
 def write_png(
-    result: MapResult, path: str | Path, *, force: bool = False, cmap: str = "viridis"
+    result: MapResult, path: str | Path, *, force: bool = False, cmap: str = "viridis", into: Path | None = None
 ) -> Path:
     """A figure: the map with a colour bar naming the score, the query in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -316,7 +338,7 @@ def write_png(
     scored = int(np.isfinite(t["score"]).sum()) if "score" in t else len(t)  # not the all-nodata tiles
     what = f"{scored} {'raster tiles' if result.source == 'raster' else 'places'}"
     ax.set_title(f"{title}\n{what}", fontsize=11)
-    with atomic_path(path, force=force) as tmp:
+    with _target(path, force, into) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     return Path(path)
 
