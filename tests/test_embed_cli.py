@@ -643,3 +643,18 @@ def test_embed_refuses_to_write_over_the_dataset_it_reads(model_dir, tiny_data, 
                  "--out", str(data), "--force", "--no-progress"]) == 2
     assert "is the dataset being embedded (--data): name a new .parquet file" in capsys.readouterr().err
     assert data.read_bytes() == before
+
+
+def test_a_second_embed_into_the_same_out_is_refused_while_one_runs(model, tiny_data, tmp_path):
+    from geobind.search.common import exclusive_lock
+
+    parts = tmp_path / "t.parquet.parts"
+    parts.mkdir()
+    held, _ = exclusive_lock(parts / ".lock")  # as a running embed holds it
+    try:
+        with pytest.raises(FileExistsError, match=r"t.parquet is being written by another geobind embed \(pid \d+\)"):
+            embed_dataset(model, tiny_data["test"], "text", tmp_path / "t.parquet", log=None)
+    finally:
+        held.close()
+    embed_dataset(model, tiny_data["test"], "text", tmp_path / "t.parquet", log=None)
+    assert (tmp_path / "t.parquet").is_file() and not parts.exists()

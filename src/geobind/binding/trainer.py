@@ -930,24 +930,13 @@ class Trainer:
         operating system however the process ends, ``kill -9`` included). Two runs in one
         output_dir (a ``--resume`` started while the first still trains, a requeued job) would
         both write its checkpoints and metrics. Returns why the run cannot start, or ``None``."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks here
-            return None
+        from geobind.search.common import exclusive_lock
+
         self.out.mkdir(parents=True, exist_ok=True)
-        f = open(self.out / ".lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
+        f, holder = exclusive_lock(self.out / ".lock")
+        if holder is not None:
             return (f"{self.out} is in use by another training process (pid {holder}); wait for it to "
                     "end, or stop it, before training or resuming there")
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
         self._lock_file = f  # held until the process ends
         return None
 

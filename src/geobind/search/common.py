@@ -72,6 +72,30 @@ def check_writable(*paths: str | Path | None, force: bool = False, own: Collecti
             check_folder_writable(Path(p))
 
 
+def exclusive_lock(path: Path):
+    """Take an exclusive lock on the file ``path`` (created if needed; released when the returned
+    file is closed or the process ends, ``kill -9`` included) and write this process's pid in it.
+    Returns ``(file, None)``, or ``(None, pid)`` naming the process that holds it already, or
+    ``(None, None)`` where there are no advisory locks (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None, None
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        return None, holder
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f, None
+
+
 class OutputWriteError(OSError):
     """An output that could not be written: the message names it and says what to do (and,
     unlike ``OSError(errno, text)``, reads without an ``[Errno N]`` prefix)."""

@@ -88,8 +88,6 @@ class Embeddings:
 def _absolute_source(source: str) -> str:
     """A dataset's source as recorded in the embeddings' header: a local path made absolute
     (brace patterns included), URLs and ``pipe:`` specs as they are."""
-    import os
-
     if "://" in source or source.startswith("pipe:"):
         return source
     return os.path.abspath(os.path.expanduser(source))
@@ -623,23 +621,12 @@ def _lock_parts(parts: Path, out: Path):
     """An exclusive lock on ``parts/.lock`` (held until the file is closed, or the process ends):
     a second ``embed`` into the same ``--out`` while one runs is refused, rather than deleting
     the first one's parts or writing the same chunks beside it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks
-        return None
-    f = open(parts / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
+    from geobind.search.common import exclusive_lock
+
+    f, holder = exclusive_lock(parts / ".lock")
+    if holder is not None:
         raise FileExistsError(f"{out} is being written by another geobind embed (pid {holder}); wait for it to "
-                              "end, or stop it, or choose another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+                              "end, or stop it, or choose another --out")
     return f
 
 
