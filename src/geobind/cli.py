@@ -263,10 +263,19 @@ class Terminated(KeyboardInterrupt):
     as Ctrl-C is, so partial outputs are removed and resumable work is kept."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    from geobind.binding.trainer import StopRequests
+def _trainer_error(name: str) -> tuple[type[BaseException], ...]:
+    """The training exception ``name`` of :mod:`geobind.binding.trainer` when a command has
+    imported it, else nothing to catch (a command that never imported the trainer cannot raise
+    it). Looked up when an exception reaches the ``except`` clause, so that commands other than
+    ``train`` do not import the trainer (torch, transformers, pandas) just to name its errors."""
+    trainer = sys.modules.get("geobind.binding.trainer")
+    return (getattr(trainer, name),) if trainer is not None else ()
 
-    StopRequests.last_signal = signum  # a run stopped outside its steps exits 143 too
+
+def _raise_terminated(signum, frame) -> None:
+    trainer = sys.modules.get("geobind.binding.trainer")
+    if trainer is not None:  # only a command that trains reads it
+        trainer.StopRequests.last_signal = signum  # a run stopped outside its steps exits 143 too
     raise Terminated()
 
 
@@ -293,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
-        from geobind.binding.trainer import TrainingInterrupted, TrainingOutOfMemory
         from geobind.config import ConfigError
 
         import_plugins()
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         except (AttributeError, OSError, ValueError):
             pass  # stdout is not a file descriptor (captured or replaced)
         return 1
-    except TrainingInterrupted as e:
+    except _trainer_error("TrainingInterrupted") as e:
         import signal
 
         from geobind.binding.trainer import StopRequests
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
               + ("; run the same command with --resume to finish it (or --force to start again)" if demo else ""),
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-    except TrainingOutOfMemory as e:
+    except _trainer_error("TrainingOutOfMemory") as e:
         print(f"\ngeobind {_command_name(args)}: error{_rank_note()}: {e}", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError, ImportError) as e:

@@ -477,7 +477,9 @@ def cmd_search(args) -> int:
     from geobind.search.query import Query
 
     kw = _query_kwargs(args)
-    index = Index.load(args.index)
+    # Mapped, not read: one query scans an exact index once (reading it whole first doubles the
+    # work), and an approximate one re-scores only its candidates' rows.
+    index = Index.load(args.index, mmap=True)
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
     hits = model.search(index, k=args.k, exact=True if args.exact else None, **kw)
     label = Query.build(**kw).label

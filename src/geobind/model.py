@@ -533,7 +533,9 @@ class GeoBind(nn.Module):
                 # the index keeps its float32 copy, so repeated maps (a server) widen only once
                 vec, lat, lon, ids = embeddings.vectors_f32(), embeddings.lat, embeddings.lon, embeddings.ids
             else:
-                emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings)
+                # ids, coordinates and vectors only: a file's thumbnails (GBs at millions of rows)
+                # are not needed for a map
+                emb = embeddings if isinstance(embeddings, Embeddings) else read_embeddings(embeddings, extras=False)
                 self.check_embeddings(emb)
                 vec, lat, lon, ids = emb.vectors, emb.lat, emb.lon, emb.ids
             result = maps.map_points(vec, lat, lon, ids, qvec, resolution=resolution, prompts=pvec, scale=scale,

@@ -24,10 +24,9 @@ import warnings
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from geobind.search.common import (
     APPROX_THRESHOLD,
@@ -39,6 +38,9 @@ from geobind.search.common import (
     import_faiss,
 )
 from geobind.search.embed import Embeddings, read_embeddings
+
+if TYPE_CHECKING:
+    import torch  # imported where used: `index info` and `index build` need no torch
 
 FORMAT = "geobind-index"
 FORMAT_VERSION = 1
@@ -63,6 +65,8 @@ def exact_topk(
     first. ``vectors`` is scanned in chunks of ``chunk_rows`` rows (float16 chunks are widened to
     float32), keeping a running top-k, so memory stays ``O(Q * chunk_rows)``; the result equals
     ``torch.topk(queries @ vectors.T, k)`` but for the order among tied scores."""
+    import torch
+
     q = _as_f32_tensor(queries)
     if q.ndim == 1:
         q = q[None]
@@ -85,6 +89,8 @@ def exact_topk(
 
 
 def _as_f32_tensor(x) -> torch.Tensor:
+    import torch
+
     if isinstance(x, torch.Tensor):
         return x.float()
     x = np.asarray(x)

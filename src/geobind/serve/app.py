@@ -42,7 +42,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from geobind.search.maps import default_resolution
+from geobind.search.maps import MapResult, default_resolution
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -476,6 +476,15 @@ class Explorer:
         self.audio = audio if audio is not None else PlaceAudio.none("no dataset given for recordings")
         self.identity = {m: model.identity(m) for m in model.modalities}
         self.resolution = map_resolution(index.lat, index.lon)
+        # The heat map's grid depends on the places alone: each place's cell, once (as
+        # map_points lays it out), so that a request only scores the places and averages per cell.
+        from geobind.search.maps import points_grid, unwrap_longitudes
+
+        lat, lon = np.asarray(index.lat, dtype=np.float64), np.asarray(index.lon, dtype=np.float64)
+        self._grid = None  # no places, or places without coordinates: map_points says what is wrong
+        if len(index) and np.isfinite(lat).all() and np.isfinite(lon).all():
+            cell, rows, cols, transform = points_grid(lat, unwrap_longitudes(lon), float(self.resolution))
+            self._grid = (cell, rows, cols, transform, np.bincount(cell, minlength=rows * cols))
         self._coverage: dict[str, Any] | None = None
         self._land: bytes | None = None
         self._land_lock = threading.Lock()
@@ -602,17 +611,20 @@ class Explorer:
     def heat_map(self, q: np.ndarray, label: str) -> dict[str, Any]:
         """The cosine-score heat map of every indexed place for the query vector ``q`` [D]: a
         PNG data URL, its Leaflet lat/lon bounds, grid step in degrees and the score range."""
-        from geobind.search.maps import map_points
+        from geobind.search.maps import map_points, score_matrix
 
-        result = map_points(
-            self.vectors,
-            self.index.lat,
-            self.index.lon,
-            self.index.ids,
-            q,
-            resolution=self.resolution,
-            label=label,
-        )
+        if self._grid is None:
+            result = map_points(self.vectors, self.index.lat, self.index.lon, self.index.ids, q,
+                                resolution=self.resolution, label=label)
+        else:
+            # What map_points computes (the mean cosine per cell, on the grid laid out once in
+            # __init__), without its per-place table, which the overlay does not use.
+            cell, rows, cols, transform, count = self._grid
+            sc = score_matrix(self.vectors, np.asarray(q, dtype=np.float32).reshape(1, -1))[:, 0]
+            total = np.bincount(cell, weights=sc, minlength=rows * cols)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                values = (total / count).astype(np.float32).reshape(rows, cols)
+            result = MapResult(values, transform, "EPSG:4326", label, "cosine", None, "points")
         v = result.values[np.isfinite(result.values)]
         lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
         png = result.overlay_png(vmin=lo, vmax=hi)
