@@ -546,3 +546,13 @@ def test_a_damaged_index_says_rebuild_it(tmp_path):
     (tmp_path / "a.index" / "index.json").write_text("{not json")
     with pytest.raises(ValueError, match="is damaged: index.json does not read"):
         Index.load(tmp_path / "a.index")
+
+
+def test_index_info_imports_no_torch(space):
+    """Describing an index reads a JSON header: it loads neither torch nor the training stack."""
+    import subprocess
+
+    code = ("import sys; from geobind.cli import main; rc = main(['index', 'info', sys.argv[1]]); "
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'geobind.binding.trainer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(space["index"])], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr
