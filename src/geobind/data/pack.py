@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -294,11 +294,7 @@ def _write_shard(
         os.replace(tmp, final)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        failure = write_failure(final, e, kept="the shards already finished are kept: run the same command "
-                                               "again to resume")
-        if failure is not None:
-            raise failure from e
-        raise
+        _raise_write_failure(final, e)
     rec = {
         "shard": k,
         "url": final.name,
@@ -324,11 +320,16 @@ def _write_state(state: Path, record: dict) -> None:
         os.replace(tmp, state)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        failure = write_failure(state, e, kept="the shards already finished are kept: run the same command "
-                                               "again to resume")
-        if failure is not None:
-            raise failure from e
-        raise
+        _raise_write_failure(state, e)
+
+
+def _raise_write_failure(path: Path, e: BaseException) -> NoReturn:
+    """Raise ``e``, as the error that names ``path`` when the system refused the write."""
+    failure = write_failure(path, e, kept="the shards already finished are kept: run the same command "
+                                          "again to resume")
+    if failure is not None:
+        raise failure from e
+    raise e
 
 
 def pack(
