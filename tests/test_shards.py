@@ -568,3 +568,24 @@ def test_pack_refuses_a_sample_rate_below_one_before_making_its_folder(tiny_data
         main(["data", "pack", str(tiny_data["stage2"]), str(tmp_path / "out"), "--audio-rate", "-5"])
     assert e.value.code == 2 and "a sample rate in Hz, e.g. 48000" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_pack_into_the_same_folder_is_refused_while_one_runs(tiny_data, tmp_path, monkeypatch):
+    from geobind.search.common import exclusive_lock
+
+    out = tmp_path / "s"
+    held = []
+    real = pack_mod._pack_shards
+
+    def while_held(*a, **k):  # a second pack starts while this one writes its shards
+        with pytest.raises(FileExistsError, match=r"s is being packed by another geobind data pack \(pid \d+\)"):
+            pack(tiny_data["stage1"], out, shard_size=10, image_size=16, progress=False, log=None)
+        held.append(True)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pack_mod, "_pack_shards", while_held)
+    res = pack(tiny_data["stage1"], out, shard_size=10, image_size=16, progress=False, log=None)
+    assert held == [True] and res.samples == 36 and not (out / ".pack").exists()
+    f, holder = exclusive_lock(tmp_path / "free.lock")  # released with the pack: nothing holds it
+    assert f is not None and holder is None
+    f.close()

@@ -424,6 +424,23 @@ def pack(
     # pack.json first: a folder that holds nothing else (a full disk there) stays a new folder.
     _write_state(state, {"format": PACK_FORMAT, "version": 1, "settings": s, "complete": False})
     (out / ".pack").mkdir(exist_ok=True)
+    from geobind.search.common import exclusive_lock
+
+    # Held while this pack runs: a second one into the same folder would write the same shards.
+    lock, holder = exclusive_lock(out / ".pack" / ".lock")
+    if holder is not None:
+        raise FileExistsError(f"{out} is being packed by another geobind data pack (pid {holder}); wait for it "
+                              "to end, or stop it, or pack into another folder")
+    try:
+        return _pack_shards(table, out, s, state, shard_size, workers, progress, log)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _pack_shards(table, out: Path, s: dict, state: Path, shard_size: int, workers: int, progress: bool,
+                 log) -> PackResult:
+    """The shards ``pack`` has not written yet, then its index and ``pack.json``."""
 
     n = len(table)
     n_shards = math.ceil(n / shard_size)
@@ -464,9 +481,12 @@ def pack(
                 # A stop (Ctrl-C, SIGTERM) or a failed shard: the shards not started are dropped
                 # and the ones being written end with their workers (their temporary files are
                 # removed by the next run, which writes them again); finished shards are kept.
+                procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown forgets them
                 pool.shutdown(wait=False, cancel_futures=True)
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                for proc in procs:
                     proc.terminate()
+                for proc in procs:  # ended before the pack's lock, which they share, is let go
+                    proc.join(timeout=10)
                 raise
             pool.shutdown()
         else:
