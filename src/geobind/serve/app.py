@@ -868,14 +868,18 @@ def create_app(
         q, label = query(request, text, file, modality)
         return ex.heat_map(q, label)
 
-    @app.get("/api/thumbnail/{item_id:path}", summary="JPEG thumbnail of an indexed place",
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}},
-                                                 404: {"description": "no such place, or no thumbnail"}})
-    def api_thumbnail(item_id: str):
+    def indexed(item_id: str) -> None:
+        """A 404 for an id the index does not hold (media are looked up by id, never by path)."""
         try:
             index.position(item_id)
         except KeyError:
             raise HTTPException(404, f"no place with id {item_id!r} in the index") from None
+
+    @app.get("/api/thumbnail/{item_id:path}", summary="JPEG thumbnail of an indexed place",
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}},
+                                                 404: {"description": "no such place, or no thumbnail"}})
+    def api_thumbnail(item_id: str):
+        indexed(item_id)
         data = index.thumbnail(item_id)
         if not data:
             raise HTTPException(404, f"place {item_id!r} has no thumbnail")
@@ -888,10 +892,7 @@ def create_app(
                                                  206: {"description": "the byte range asked for (Range header)"},
                                                  404: {"description": "no such place, or no recording served"}})
     def api_audio(item_id: str):
-        try:
-            index.position(item_id)
-        except KeyError:
-            raise HTTPException(404, f"no place with id {item_id!r} in the index") from None
+        indexed(item_id)
         path = ex.audio.path(item_id)
         if path is None:
             raise HTTPException(404, f"place {item_id!r} has no recording this server serves")
