@@ -52,6 +52,7 @@ from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
 from geobind.encoders.base import eagerly, uncompile
 from geobind.metrics import retrieval_metrics
 from geobind.model import GeoBind, _not_model_files
+from geobind.search.common import exclusive_lock, write_failure, write_text_atomic
 from geobind.search.embed import pad_batch
 
 CHECKPOINT = "checkpoint.pt"
@@ -449,8 +450,6 @@ def _precision(cfg: StageConfig, device: torch.device):
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    from geobind.search.common import write_failure
-
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(obj, tmp)
@@ -461,17 +460,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         if failure is not None:
             raise failure from e
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: never a half-written file there."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -804,7 +792,7 @@ class Trainer:
                 self._say(f"--resume: {self.out} holds no checkpoint or finished stage; starting the run")
             self.out.mkdir(parents=True, exist_ok=True)
             # Atomically: a resume reads it back to refuse a changed seed or anchor.
-            _atomic_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         gbdist.barrier()
         if self.dist.distributed:
             self._check_shared_output()
@@ -930,8 +918,6 @@ class Trainer:
         operating system however the process ends, ``kill -9`` included). Two runs in one
         output_dir (a ``--resume`` started while the first still trains, a requeued job) would
         both write its checkpoints and metrics. Returns why the run cannot start, or ``None``."""
-        from geobind.search.common import exclusive_lock
-
         self.out.mkdir(parents=True, exist_ok=True)
         f, holder = exclusive_lock(self.out / ".lock")
         if holder is not None:
@@ -960,7 +946,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         if self.main:
             stage_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_text(stage_dir / "config.yaml", yaml.safe_dump(plain(dataclasses.asdict(scfg)), sort_keys=False))
+            write_text_atomic(stage_dir / "config.yaml", yaml.safe_dump(plain(dataclasses.asdict(scfg)), sort_keys=False))
         anchor = model.encoder(scfg.bind_to)
         model.frozen(model.modalities)
         # Seeded per stage so an interrupted and a fresh run build the same initial weights.
@@ -1398,7 +1384,7 @@ class Trainer:
         model.meta.setdefault("logit_scales", {})[f"{scfg.train}->{scfg.bind_to}"] = float(stage.logit_scale().detach())
         if self.main:
             model.save_pretrained(stage_dir / "model")
-            _atomic_text(stage_dir / DONE, json.dumps(stage_rec, indent=2))
+            write_text_atomic(stage_dir / DONE, json.dumps(stage_rec, indent=2))
             rate = (f", {stage_rec['samples_per_s']:,.1f} samples/s (data wait {stage_rec['data_wait']:.1%})"
                     if stage_rec.get("samples_per_s") else "")
             ran = f"{step} steps" + (f" ({step - start_step} since the resume)" if start_step else "")

@@ -41,7 +41,7 @@ from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
 from geobind.data.shards import SHARDS_FILE, _parse_meta, geobind_schema, write_index
 from geobind.modality import get_modality
-from geobind.search.common import write_failure
+from geobind.search.common import exclusive_lock, write_failure, write_text_atomic
 
 __all__ = ["pack", "PackResult", "PACK_FILE", "member_kind"]
 
@@ -304,22 +304,16 @@ def _write_shard(
         "suffixes": sorted(suffixes),
         "rows": len(rows),
     }
-    state = Path(out) / ".pack" / f"shard-{k:06d}.json"
-    stmp = state.with_name(state.name + ".tmp")
-    stmp.write_text(json.dumps(rec))
-    os.replace(stmp, state)
+    write_text_atomic(Path(out) / ".pack" / f"shard-{k:06d}.json", json.dumps(rec))
     return rec
 
 
 def _write_state(state: Path, record: dict) -> None:
     """``pack.json``, atomically: a full disk or a stop never leaves it empty (which no rerun could
     resume)."""
-    tmp = state.with_name(state.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, state)
+        write_text_atomic(state, json.dumps(record, indent=1))
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         _raise_write_failure(state, e)
 
 
@@ -424,8 +418,6 @@ def pack(
     # pack.json first: a folder that holds nothing else (a full disk there) stays a new folder.
     _write_state(state, {"format": PACK_FORMAT, "version": 1, "settings": s, "complete": False})
     (out / ".pack").mkdir(exist_ok=True)
-    from geobind.search.common import exclusive_lock
-
     # Held while this pack runs: a second one into the same folder would write the same shards.
     lock, holder = exclusive_lock(out / ".pack" / ".lock")
     if holder is not None:

@@ -274,7 +274,7 @@ def usual_mode(path: str | Path) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    from geobind.search.common import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+

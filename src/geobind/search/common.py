@@ -41,8 +41,10 @@ class OutputExistsError(FileExistsError):
         return (type(self), (self.path,))
 
 
-def check_writable(*paths: str | Path | None, force: bool = False, own: Collection[str] | None = None) -> None:
-    """Refuse to start when an output already exists and ``force`` is off.
+def check_writable(*paths: str | Path | None, force: bool = False, own: Collection[str] | None = None,
+                   probe: bool = True) -> None:
+    """Refuse to start when an output already exists and ``force`` is off (and, with ``probe``,
+    when its folder cannot take files: see :func:`check_folder_writable`).
 
     Called before any expensive work, so a run never computes for minutes only to refuse at the
     end (the final rename checks again). The outputs are files, or with ``own`` (the names such
@@ -67,7 +69,7 @@ def check_writable(*paths: str | Path | None, force: bool = False, own: Collecti
                 )
         if not force:
             raise OutputExistsError(p)
-    for p in paths:
+    for p in paths if probe else ():
         if p is not None:
             check_folder_writable(Path(p))
 
@@ -161,6 +163,19 @@ def write_failure(path: str | Path, e: BaseException, kept: str = "nothing was r
     return None
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, renamed into place: an
+    error or a stop mid-write leaves the previous file (or none), never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, force: bool = False, own: Collection[str] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
@@ -178,7 +193,8 @@ def atomic_path(path: str | Path, *, force: bool = False, own: Collection[str] |
     tmp.unlink()  # the caller creates a file or a directory here
     try:
         yield tmp
-        check_writable(path, force=force, own=own)
+        # Again for what appeared meanwhile; the folder took the temporary, so no probe.
+        check_writable(path, force=force, own=own, probe=False)
         _replace(tmp, path)
     except BaseException as e:
         failure = write_failure(path, e)  # looked at before the temporary frees its space
