@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,7 @@ from geobind.data.errors import BadSampleError
 from geobind.data.manifest import Table, read_dataset
 from geobind.data.shards import SHARDS_FILE, _parse_meta, geobind_schema, write_index
 from geobind.modality import get_modality
-from geobind.search.common import exclusive_lock, write_failure, write_text_atomic
+from geobind.search.common import exclusive_lock, write_text_atomic, writes_named
 
 __all__ = ["pack", "PackResult", "PACK_FILE", "member_kind"]
 
@@ -259,6 +259,10 @@ def _init_worker(table: Table) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+# What a failed write keeps, and how to go on.
+RESUMABLE = "the shards already finished are kept: run the same command again to resume"
+
+
 def _write_shard(
     k: int, rows: list[int], out: str, s: dict[str, Any], table: Table | None = None
 ) -> dict:
@@ -272,29 +276,30 @@ def _write_shard(
     final = Path(out) / _shard_name(k)
     tmp = final.with_name(final.name + ".tmp")
     suffixes: set[str] = set()
-    try:
-        with open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-            try:
-                for i in rows:
-                    sample = _sample(table, i, s, bad, examples)
-                    if sample is None:
-                        continue
-                    writer.write(sample)
-                    suffixes.update(k2 for k2 in sample if not k2.startswith("__"))
-                    sid, lat, lon, kept, _ = _parse_meta(sample["json"], sample["__key__"], schema)
-                    entries.append(
-                        {"key": sample["__key__"], "id": sid, "lat": lat, "lon": lon, "problem": "", **kept}
-                    )
-            finally:
-                # Closed on every path: a tar stream left to the garbage collector after a Ctrl-C or
-                # a full disk prints "Exception ignored ... write to closed file" at exit.
-                with contextlib.suppress(Exception):
-                    writer.close()
-        os.replace(tmp, final)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        _raise_write_failure(final, e)
+    with writes_named(final, RESUMABLE):
+        try:
+            with open(tmp, "wb") as f:
+                writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+                try:
+                    for i in rows:
+                        sample = _sample(table, i, s, bad, examples)
+                        if sample is None:
+                            continue
+                        writer.write(sample)
+                        suffixes.update(k2 for k2 in sample if not k2.startswith("__"))
+                        sid, lat, lon, kept, _ = _parse_meta(sample["json"], sample["__key__"], schema)
+                        entries.append(
+                            {"key": sample["__key__"], "id": sid, "lat": lat, "lon": lon, "problem": "", **kept}
+                        )
+                finally:
+                    # Closed on every path: a tar stream left to the garbage collector after a Ctrl-C or
+                    # a full disk prints "Exception ignored ... write to closed file" at exit.
+                    with contextlib.suppress(Exception):
+                        writer.close()
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     rec = {
         "shard": k,
         "url": final.name,
@@ -311,19 +316,8 @@ def _write_shard(
 def _write_state(state: Path, record: dict) -> None:
     """``pack.json``, atomically: a full disk or a stop never leaves it empty (which no rerun could
     resume)."""
-    try:
+    with writes_named(state, RESUMABLE):
         write_text_atomic(state, json.dumps(record, indent=1))
-    except BaseException as e:
-        _raise_write_failure(state, e)
-
-
-def _raise_write_failure(path: Path, e: BaseException) -> NoReturn:
-    """Raise ``e``, as the error that names ``path`` when the system refused the write."""
-    failure = write_failure(path, e, kept="the shards already finished are kept: run the same command "
-                                          "again to resume")
-    if failure is not None:
-        raise failure from e
-    raise e
 
 
 def pack(
@@ -507,16 +501,13 @@ def _pack_shards(table, out: Path, s: dict, state: Path, shard_size: int, worker
         if entries
         else pd.DataFrame(columns=["key", "id", "lat", "lon", "problem"])
     )
-    try:
-        write_index(out, urls, index, counts, sorted(suffixes), geobind_schema())
-    except BaseException as e:
-        for name in ("index.parquet.tmp", SHARDS_FILE + ".tmp"):
-            (out / name).unlink(missing_ok=True)
-        failure = write_failure(out / SHARDS_FILE, e, kept="every shard is written: run the same command again "
-                                                           "to finish")
-        if failure is not None:
-            raise failure from e
-        raise
+    with writes_named(out / SHARDS_FILE, "every shard is written: run the same command again to finish"):
+        try:
+            write_index(out, urls, index, counts, sorted(suffixes), geobind_schema())
+        except BaseException:
+            for name in ("index.parquet.tmp", SHARDS_FILE + ".tmp"):
+                (out / name).unlink(missing_ok=True)
+            raise
     samples = len(entries)
     _write_state(state, {"format": PACK_FORMAT, "version": 1, "settings": s, "complete": True,
                          "shards": n_shards, "samples": samples, "bad": dict(bad)})

@@ -12,7 +12,6 @@ so held-out places are not even next to training places; those samples are set a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -211,7 +210,7 @@ def write_split(
         raise FileExistsError(
             f"{clash[0]} exists; pass --force to overwrite, or --out another folder"
         )
-    from geobind.search.common import atomic_path, check_writable, write_failure
+    from geobind.search.common import atomic_paths, check_writable, writes_named
 
     check_writable(*targets.values(), summary_path, force=force)  # a folder there, or one not writable
     labels = split_dataset(
@@ -235,24 +234,14 @@ def write_split(
     written = {}
     # Every part is written to a temporary file first, and they are renamed into place together
     # at the end: a full disk or a Ctrl-C leaves no cut-short part, and no mix of two splits.
-    files = contextlib.ExitStack()
-    tmps = {}
-    with files:
-        for s in SPLITS:
-            tmps[s] = files.enter_context(atomic_path(targets[s], force=force))
-        tmps["json"] = files.enter_context(atomic_path(summary_path, force=force))
+    with atomic_paths({**targets, "json": summary_path}, force=force) as tmps:
         for s in SPLITS:
             part = frame[labels == s]
-            try:
+            with writes_named(targets[s]):
                 if suffix in (".parquet", ".pq"):
                     part.to_parquet(tmps[s], index=False)
                 else:
                     part.to_csv(tmps[s], index=False, sep="\t" if suffix == ".tsv" else ",")
-            except Exception as e:  # named here: each temporary's own context would name the last
-                failure = write_failure(targets[s], e)
-                if failure is None:
-                    raise
-                raise failure from e
             written[s] = str(targets[s])
         summary = _split_summary(data, labels, src, layout, layout_options, out, method, cell_deg, val, test,
                                  seed, buffer_cells, written)

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 # ``kind="auto"`` builds an approximate (ivfpq) index at and above this many items when FAISS
 # is installed: below it, exact search answers a query in well under a second on a laptop CPU.
@@ -161,6 +162,29 @@ def write_failure(path: str | Path, e: BaseException, kept: str = "nothing was r
     if isinstance(e, OSError) and e.errno is not None:
         return OutputWriteError(e.errno, f"cannot write {path}: {e.strerror or e} ({kept})")
     return None
+
+
+@contextlib.contextmanager
+def writes_named(path: str | Path, kept: str = "nothing was replaced") -> Iterator[None]:
+    """Within the block, an error the system raises while ``path`` is written (a full disk, no
+    permission) is raised as the :func:`write_failure` that names ``path``, ``kept`` and what to
+    do; any other error passes as it is."""
+    try:
+        yield
+    except BaseException as e:
+        failure = write_failure(path, e, kept)
+        if failure is None:
+            raise
+        raise failure from e
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: dict[Any, Path], *, force: bool = False) -> Iterator[dict[Any, Path]]:
+    """:func:`atomic_path` for several outputs at once, renamed into place together when the block
+    ends: an error or a stop leaves none of them, never a set mixing two runs. Wrap each write
+    in :func:`writes_named`, so a failure names its own file, not the last one entered."""
+    with contextlib.ExitStack() as files:
+        yield {k: files.enter_context(atomic_path(p, force=force)) for k, p in paths.items()}
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

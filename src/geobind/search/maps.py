@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from geobind.data.media import stretch_bands
-from geobind.search.common import atomic_path, check_writable, write_failure
+from geobind.search.common import atomic_path, atomic_paths, check_writable, writes_named
 
 if TYPE_CHECKING:
     from geobind.model import GeoBind
@@ -179,16 +179,10 @@ class MapResult:
         # Each is written to its temporary, and all are renamed into place at the end: a full disk
         # or a Ctrl-C leaves no map without its PNG, and no GeoTIFF of one query beside the PNG
         # and CSV of another (--force).
-        with contextlib.ExitStack() as files:
-            tmps = {k: files.enter_context(atomic_path(p, force=force)) for k, p in wanted.items()}
+        with atomic_paths(wanted, force=force) as tmps:
             for k, p in wanted.items():
-                try:
+                with writes_named(p):
                     writers[k](self, p, force=force, into=tmps[k])
-                except Exception as e:
-                    failure = write_failure(p, e)
-                    if failure is None:
-                        raise
-                    raise failure from e
         self.paths.update(wanted)
         return dict(self.paths)
 
