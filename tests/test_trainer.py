@@ -144,6 +144,33 @@ def test_a_resumed_dropout_stage_matches_the_uninterrupted_one(tiny_data, tmp_pa
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_validations_change_no_weight_so_a_resume_may_change_val_every(tiny_data, tmp_path):
+    """The audio stage (dropout: masks from the global RNG) trains to the same weights with a
+    validation every 2 steps, with none, and resumed with another ``val_every``."""
+
+    def cfg(out, val_every):
+        d = tiny_config(tiny_data, out, steps=2)
+        d["stages"][1]["data"]["val"] = str(tiny_data["test"])
+        d["stages"][1]["optim"].update(max_steps=5, batch_size=16, ckpt_every=100, val_every=val_every)
+        d["eval"] = None
+        return parse_config(d)
+
+    def audio_weights(model_dir):
+        return load_file(str(model_dir / "audio" / "model.safetensors"))
+
+    ref = audio_weights(train(cfg(tmp_path / "a", 0), progress=False, log=None))
+    often = train(cfg(tmp_path / "b", 2), progress=False, log=None)
+    rows = list(csv.DictReader(open(often.parent / "stages" / "02-audio" / "metrics.csv")))
+    assert [r["step"] for r in rows if r.get("val_median_rank")] == ["2", "4", "5"], rows
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tmp_path / "c", 2), progress=False, log=None, stop_at_step=3)
+    resumed = train(cfg(tmp_path / "c", 0), resume=True, progress=False, log=None)
+    for w in (audio_weights(often), audio_weights(resumed)):
+        assert w.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(w[k], ref[k]), k
+
+
 # A toy third modality: registered here, with no edits to the trainer.
 register_modality(ModalitySpec("toy_place", "latlon", (), "lat/lon of the place"), exist_ok=True)
 

@@ -692,8 +692,9 @@ def _dataset_key(path: str, data_cfg) -> str:
 
 
 # optim settings that change neither the batches nor the weights (loader workers, how often
-# metrics rows and checkpoints are written): a run may resume with others.
-RESUMABLE_OPTIM = ("num_workers", "log_every", "ckpt_every")
+# metrics rows, validations and checkpoints are written; a validation draws nothing from the
+# training RNG): a run may resume with others.
+RESUMABLE_OPTIM = ("num_workers", "log_every", "val_every", "ckpt_every")
 
 
 def _stage_fingerprint(cfg: StageConfig) -> str:
