@@ -230,6 +230,28 @@ def test_point_map_grid_of_places_and_softmax():
     np.testing.assert_allclose(sm.table["score"], expect, atol=1e-5)
 
 
+@pytest.mark.parametrize("lats, res, north, south", [
+    ((88.0, 60.0), 5.0, 90.0, 55.0),  # near the north pole: capped at 90 N
+    ((-60.0, -88.0), 5.0, -55.0, -90.0),  # near the south pole: the grid moves up to end at 90 S
+    ((89.0, -89.0), 5.0, 90.0, -90.0),  # pole to pole: 36 rows fit exactly
+    ((10.0, -10.0), 5.0, 12.5, -12.5),  # elsewhere: unchanged, places at cell centres
+])
+def test_a_point_map_grid_stops_at_the_poles(lats, res, north, south):
+    lat = np.array(lats * 3)
+    lon = np.repeat([0.0, 10.0, 20.0], len(lats))
+    v = np.eye(lat.size, 4, dtype=np.float32)
+    v[:, 0] = 1.0
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    m = map_points(v, lat, lon, [str(i) for i in range(lat.size)], v[0], resolution=res)
+    west, s, east, n = m.bounds
+    assert (n, s) == pytest.approx((north, south)) and (west, east) == pytest.approx((-2.5, 22.5))
+    rows = m.values.shape[0]
+    assert n - rows * res == pytest.approx(s)
+    for i in range(lat.size):  # every place is in the cell that holds its score
+        r, c = rasterio.transform.rowcol(m.transform, lon[i], lat[i])
+        assert 0 <= r < rows and m.values[r, c] == pytest.approx(float(v[i] @ v[0]), abs=1e-6)
+
+
 def test_scattered_places_get_a_grid_where_each_covers_a_visible_cell():
     """Dense places keep their own spacing; a few hundred scattered over the world get cells
     about half their typical distance wide, not a grid of specks that is almost all empty."""

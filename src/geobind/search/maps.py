@@ -790,9 +790,9 @@ def points_grid(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[np.ndarra
 
 
 def _cells(lat: np.ndarray, lon: np.ndarray, res: float, rows: int, cols: int):
-    """``(row, col, west, north)``: each point's cell in the ``rows x cols`` grid of ``res``
-    degrees whose first cells are centred on the westmost and northmost points."""
-    west, north = lon.min() - res / 2, lat.max() + res / 2
+    """``(row, col, west, north)``: each point's cell in the ``rows x cols`` grid of
+    :func:`_grid_shape`."""
+    west, north, _, _ = _frame(lat, lon, res)
     c = np.clip(np.floor((lon - west) / res).astype(np.int64), 0, cols - 1)
     r = np.clip(np.floor((north - lat) / res).astype(np.int64), 0, rows - 1)
     return r, c, west, north
@@ -800,10 +800,21 @@ def _cells(lat: np.ndarray, lon: np.ndarray, res: float, rows: int, cols: int):
 
 def _grid_shape(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[int, int]:
     """``(rows, cols)`` of the ``res``-degree grid that :func:`points_grid` lays over the points."""
-    west, north = lon.min() - res / 2, lat.max() + res / 2
-    cols = max(1, int(np.ceil((lon.max() + res / 2 - west) / res - 1e-9)))
-    rows = max(1, int(np.ceil((north - (lat.min() - res / 2)) / res - 1e-9)))
-    return rows, cols
+    return _frame(lat, lon, res)[2:]
+
+
+def _frame(lat: np.ndarray, lon: np.ndarray, res: float) -> tuple[float, float, int, int]:
+    """``(west, north, rows, cols)`` of the grid over the points: its first cells are centred on
+    the westmost and northmost points, but the grid stops at the poles (cells past 90 degrees
+    are no place on Earth): its north edge is at most 90 N, and its south edge is raised to 90 S where the rows allow."""
+    west = float(lon.min()) - res / 2
+    cols = max(1, int(np.ceil((float(lon.max()) + res / 2 - west) / res - 1e-9)))
+    north = min(float(lat.max()) + res / 2, 90.0)
+    south = max(float(lat.min()) - res / 2, -90.0)
+    rows = max(1, int(np.ceil((north - south) / res - 1e-9)))
+    if north - rows * res < -90.0:  # the last row reaches past the south pole: move the grid up
+        north = min(90.0, -90.0 + rows * res)
+    return west, north, rows, cols
 
 
 def _round_up(x: float) -> float:
