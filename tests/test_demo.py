@@ -96,7 +96,7 @@ def test_force_replaces_only_a_demo_folder(tmp_path):
     (demo / "world").mkdir()
     (demo / "world" / "partial.csv").write_text("an interrupted run")
     prepare_out(demo, force=True)
-    assert sorted(p.name for p in demo.iterdir()) == [".geobind-demo"]
+    assert sorted(p.name for p in demo.iterdir()) == [".geobind-demo", ".geobind-demo.lock"]
     # A file the user added to a demo's folder is named, not deleted with the demo's outputs.
     (demo / "report.md").write_text("the demo's")
     (demo / "my_embeddings.parquet").write_text("the user's")
@@ -107,6 +107,27 @@ def test_force_replaces_only_a_demo_folder(tmp_path):
     prepare_out(demo, force=True)
     # A folder holding only the mark (a start that failed) counts as empty.
     prepare_out(demo, force=False)
+
+
+def test_a_second_demo_is_refused_while_one_writes_into_the_folder(tmp_path, capsys):
+    import pytest
+
+    from geobind.demo import DEMO_LOCK, prepare_out
+
+    demo = tmp_path / "demo"
+    running = prepare_out(demo, force=False)  # the lock a running demo holds
+    (demo / "world").mkdir()
+    (demo / "world" / "stage1_train.csv").write_text("being written")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match=r"another `geobind demo` \(pid \d+\) is writing into"):
+            prepare_out(demo, force=force)
+    assert main(["demo", "--preset", "tiny", "--out", str(demo), "--resume", "--no-progress"]) == 2
+    assert "is writing into" in capsys.readouterr().err
+    assert (demo / "world" / "stage1_train.csv").read_text() == "being written"
+    running.close()  # that demo ended (or was killed): its folder may be replaced
+    again = prepare_out(demo, force=True)
+    assert sorted(p.name for p in demo.iterdir()) == [".geobind-demo", DEMO_LOCK]
+    again.close()
 
 
 def test_a_missing_extra_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -160,39 +161,69 @@ def write_configs(out: Path, p: Preset, seed: int) -> tuple[Path, Path]:
 
 DEMO_MARK = "# GeoBind demo"
 DEMO_FOLDER_MARK = ".geobind-demo"
+# Held while a demo writes into its folder: a second demo there (--force, --resume) is refused.
+DEMO_LOCK = ".geobind-demo.lock"
 # Everything a demo writes at the top of its folder: what --force may delete.
-DEMO_OUTPUTS = frozenset({DEMO_FOLDER_MARK, "world", "anchor", "run", "baseline", "model", "maps", "config.yaml",
-                          "baseline.yaml", "report.json", "report.md", "places.parquet", "places.parquet.parts",
-                          "places.index"})
+DEMO_OUTPUTS = frozenset({DEMO_FOLDER_MARK, DEMO_LOCK, "world", "anchor", "run", "baseline", "model", "maps",
+                          "config.yaml", "baseline.yaml", "report.json", "report.md", "places.parquet",
+                          "places.parquet.parts", "places.index"})
 
 
-def prepare_out(out: Path, force: bool) -> None:
+def _lock_out(out: Path):
+    """The demo's lock on ``out`` (an open file; ``None`` without advisory locks), or a
+    FileExistsError naming the demo that holds it."""
+    from geobind.search.common import exclusive_lock
+
+    held, pid = exclusive_lock(out / DEMO_LOCK)
+    if held is None and pid is not None:
+        raise FileExistsError(f"another `geobind demo` (pid {pid}) is writing into {out}; wait for it to "
+                              "finish, or choose another --out")
+    return held
+
+
+def prepare_out(out: Path, force: bool):
     """Refuse a non-empty output folder unless ``force`` (then it is replaced); even with
-    ``force`` only an earlier demo's folder is deleted, never a folder of other files."""
+    ``force`` only an earlier demo's folder is deleted, never a folder of other files, and never
+    one another demo is writing into. Returns the lock that keeps other demos out of the folder
+    (released when closed or when the process ends)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; --out names a folder for the demo's outputs")
-    # A folder holding only the mark is a start that failed before it wrote anything.
-    if out.exists() and any(p.name != DEMO_FOLDER_MARK for p in out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it, or choose --out")
-        config = out / "config.yaml"
-        # The mark, or (a demo of an earlier version) its config, baseline and world together.
-        ours = (out / DEMO_FOLDER_MARK).is_file() or (
-            config.is_file() and config.read_text(errors="replace").startswith(DEMO_MARK)
-            and (out / "baseline.yaml").is_file() and (out / "world").is_dir())
-        if not ours:
-            raise FileExistsError(f"{out} holds files that are not an earlier demo's; not deleting them: "
-                                  "choose another --out")
-        # Files the user added (embeddings, notes...) are named rather than deleted with the rest.
-        others = sorted(p.name for p in out.iterdir() if p.name not in DEMO_OUTPUTS)
-        if others:
-            raise FileExistsError(f"{out} is an earlier demo's folder but also holds {', '.join(others[:5])}"
-                                  f"{' ...' if len(others) > 5 else ''}, which the demo did not write: move "
-                                  "them out, or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Marks the folder as the demo's from the start, so --force can replace an interrupted run.
-    (out / DEMO_FOLDER_MARK).write_text("outputs of `geobind demo`\n")
+    lock = _lock_out(out) if (out / DEMO_LOCK).is_file() else None  # a demo that runs there says so first
+    try:
+        # A folder holding only the mark is a start that failed before it wrote anything.
+        if out.exists() and any(p.name not in (DEMO_FOLDER_MARK, DEMO_LOCK) for p in out.iterdir()):
+            if not force:
+                raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it, or choose --out")
+            config = out / "config.yaml"
+            # The mark, or (a demo of an earlier version) its config, baseline and world together.
+            ours = (out / DEMO_FOLDER_MARK).is_file() or (
+                config.is_file() and config.read_text(errors="replace").startswith(DEMO_MARK)
+                and (out / "baseline.yaml").is_file() and (out / "world").is_dir())
+            if not ours:
+                raise FileExistsError(f"{out} holds files that are not an earlier demo's; not deleting them: "
+                                      "choose another --out")
+            # Files the user added (embeddings, notes...) are named rather than deleted with the rest.
+            others = sorted(p.name for p in out.iterdir() if p.name not in DEMO_OUTPUTS)
+            if others:
+                raise FileExistsError(f"{out} is an earlier demo's folder but also holds {', '.join(others[:5])}"
+                                      f"{' ...' if len(others) > 5 else ''}, which the demo did not write: move "
+                                      "them out, or choose another --out")
+            for p in out.iterdir():  # all but the lock, which this run holds
+                if p.name == DEMO_LOCK:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock or _lock_out(out)
+        # Marks the folder as the demo's from the start, so --force can replace an interrupted run.
+        (out / DEMO_FOLDER_MARK).write_text("outputs of `geobind demo`\n")
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
 
 
 def run_demo(
@@ -208,14 +239,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo into ``out``; returns the report (also written to ``out/report.json``).
     ``resume`` continues a demo that was stopped (Ctrl-C): a finished world and anchor are kept
-    and the binding stages resume from their checkpoints."""
-    from geobind.binding.trainer import train
-    from geobind.config import load_config
-    from geobind.data.manifest import read_dataset
-    from geobind.data.world import build_world
+    and the binding stages resume from their checkpoints. One demo at a time writes into a
+    folder: another one there is refused while this one runs."""
     from geobind.data.world.geodata import check_world_data
-    from geobind.demo.anchor import pretrain_clip
-    from geobind.demo.report import evaluate_demo, write_markdown
 
     out = Path(out)
     p = PRESETS[preset or ("quick" if quick else "full")]
@@ -225,8 +251,21 @@ def run_demo(
             raise ValueError("--resume continues the demo in --out and --force replaces it: pass one of them")
         if not (out / DEMO_FOLDER_MARK).is_file():
             raise FileNotFoundError(f"{out} holds no stopped demo to resume; run `geobind demo` without --resume")
+        lock = _lock_out(out)
     else:
-        prepare_out(out, force)
+        lock = prepare_out(out, force)
+    with contextlib.closing(lock) if lock is not None else contextlib.nullcontext():
+        return _run_demo(out, p, seed, resume, progress, log)
+
+
+def _run_demo(out: Path, p: Preset, seed: int, resume: bool, progress: bool, log) -> dict[str, Any]:
+    from geobind.binding.trainer import train
+    from geobind.config import load_config
+    from geobind.data.manifest import read_dataset
+    from geobind.data.world import build_world
+    from geobind.demo.anchor import pretrain_clip
+    from geobind.demo.report import evaluate_demo, write_markdown
+
     log = log or (lambda *_: None)
     log(NOTICE)
     seconds: dict[str, float] = {}
