@@ -275,3 +275,145 @@ def test_tif_files_named_in_a_manifest_are_read_like_the_geotiff_layout(tmp_path
     grey = np.asarray(load_image(str(tmp_path / "grey16.tif")))
     np.testing.assert_array_equal(grey, np.asarray(array_to_rgb(data16[0])))
     assert 20 < grey.mean() < 235
+
+
+# ---------------------------------------------------------------------------------------------
+# The geotiff layout's bands and scale options on the tiles a plain manifest names
+
+
+def _s2_manifest(root):
+    """Two 4-band uint16 16x16 tiles (Sentinel-2-like reflectance up to 6000) named in a
+    manifest's satellite column, one in its ground column beside a PNG, and a caption column.
+    Returns the manifest and the tiles' data by row."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    tiles = []
+    for i in range(2):
+        data = rng.integers(0, 6000, (4, 16, 16), dtype=np.uint16)
+        data[3, 0, 0], data[2, 0, 0], data[1, 0, 0] = 3000, 1500, 6000  # red, green, blue
+        write_geotiff(root / f"tiles/t{i}.tif", data, "EPSG:4326", 10.0 + i, 50.0, 0.001)
+        tiles.append(data)
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(root / "photo.png")
+    manifest = root / "m.csv"
+    manifest.write_text("id,lat,lon,satellite,ground,text\n"
+                        "a,50,10,tiles/t0.tif,tiles/t1.tif,a forest\n"
+                        "b,50,11,tiles/t1.tif,photo.png,a field\n")
+    return manifest, tiles
+
+
+def _reflectance_rgb(data, bands=(4, 3, 2), white=3000.0):
+    """What ``bands`` of a tile should look like with ``scale=white``: value/white*255, clipped."""
+    x = data[[b - 1 for b in bands]].astype(np.float64) / white * 255
+    return np.clip(x, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def test_manifest_tifs_take_the_geotiff_layouts_bands_and_scale(tmp_path):
+    pytest.importorskip("rasterio")
+    from geobind.data.errors import BadSampleError
+    from geobind.data.layouts import read_raster_rgb
+
+    manifest, tiles = _s2_manifest(tmp_path)
+    t = read_dataset(manifest, bands=[4, 3, 2], scale=3000)
+    sat = t.item("satellite", 0)
+    assert sat.shape == (16, 16, 3) and sat.dtype == np.uint8
+    assert sat[0, 0].tolist() == [255, 127, 255]  # 3000 is white, 1500 half, 6000 clipped
+    np.testing.assert_array_equal(sat, _reflectance_rgb(tiles[0]))
+    np.testing.assert_array_equal(t.item("satellite", 1), _reflectance_rgb(tiles[1]))
+    # Every image column's tiles; its other files and the text are untouched.
+    np.testing.assert_array_equal(t.item("ground", 0), _reflectance_rgb(tiles[1]))
+    assert t.item("ground", 1) == str(tmp_path / "photo.png")
+    assert t.item("text", 0) == "a forest"
+    # The command line's spelling reads the same pixels; one band is grey.
+    again = read_dataset(manifest, bands="4,3,2", scale="3000")
+    np.testing.assert_array_equal(again.item("satellite", 0), sat)
+    grey = read_dataset(manifest, bands=[4]).item("satellite", 0)
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 0] == grey[..., 2]).all()
+    # Without the options a tile is read with the defaults (bands 1-3, stretched) when loaded.
+    plain = read_dataset(manifest)
+    assert plain.loaders == {} and plain.item("satellite", 0) == str(tmp_path / "tiles/t0.tif")
+    assert not np.array_equal(read_raster_rgb(plain.item("satellite", 0)), sat)
+    # A band the tile lacks is that sample's problem, as in the geotiff layout.
+    with pytest.raises(BadSampleError, match=r"asked for bands \[5, 3, 2\], the raster has 4") as e:
+        read_dataset(manifest, bands=[5, 3, 2]).item("satellite", 0)
+    assert e.value.reason == "bad-bands"
+
+
+@pytest.mark.parametrize("options", [{"bands": [1, 2]}, {"bands": "4,3,x"}, {"bands": [0, 1, 2]},
+                                     {"bands": []}, {"scale": 0}, {"scale": "white"}, {"scale": None}])
+def test_manifest_raster_options_are_refused_as_the_geotiff_layout_refuses_them(tmp_path, options):
+    pytest.importorskip("rasterio")
+    manifest, _ = _s2_manifest(tmp_path)
+    with pytest.raises(ValueError, match="layout option (bands|scale)=") as geotiff:
+        read_dataset(tmp_path / "tiles", "geotiff", **options)
+    with pytest.raises(ValueError) as plain:
+        read_dataset(manifest, **options)
+    assert str(plain.value) == str(geotiff.value)
+
+
+def test_manifest_raster_options_key_the_anchor_cache(tmp_path, tiny_data):
+    """Other bands or scale are other pixels: the anchor cache must compute them afresh, and
+    the same options however spelt must find the same file."""
+    pytest.importorskip("rasterio")
+    from geobind.binding.cache import cached_embeddings, dataset_fingerprint
+
+    manifest, _ = _s2_manifest(tmp_path)
+    encoder = build_space(tiny_data).encoder("satellite")
+
+    def cached(**options):
+        t = read_dataset(manifest, **options)
+        emb, valid, info = cached_embeddings(encoder, t, "satellite", tmp_path / "cache", batch_size=2)
+        assert valid.all()
+        return emb, info
+
+    rgb, info = cached(bands=[4, 3, 2], scale=3000)
+    assert not info["hit"]
+    same, info = cached(bands="4,3,2", scale="3000")
+    assert info["hit"] and torch.equal(same, rgb)
+    for options in ({"bands": [3, 2, 1], "scale": 3000}, {"bands": [4, 3, 2], "scale": 6000}, {}):
+        other, info = cached(**options)
+        assert not info["hit"], options
+        assert not torch.equal(other, rgb), options
+    prints = {dataset_fingerprint(read_dataset(manifest, **o), "satellite")
+              for o in ({}, {"bands": [4, 3, 2]}, {"scale": 3000}, {"bands": [4, 3, 2], "scale": 3000})}
+    assert len(prints) == 4
+
+
+def test_manifest_raster_options_on_the_command_line(tmp_path, tiny_data, capsys):
+    """``data check``, ``embed`` and ``eval`` read a manifest's tiles with ``--layout-option
+    bands=... scale=...`` as the Python reader does, and refuse a bad option before reading."""
+    pytest.importorskip("rasterio")
+    from space_helpers import saved_space
+
+    from geobind import GeoBind
+    from geobind.search import read_embeddings
+
+    manifest, tiles = _s2_manifest(tmp_path)
+    opts = ["--layout-option", "bands=4,3,2", "--layout-option", "scale=3000"]
+    assert main(["data", "check", str(manifest), *opts]) == 0
+    assert "usable: 2" in capsys.readouterr().out
+    assert main(["data", "check", str(manifest), "--layout-option", "bands=[5,3,2]"]) == 1
+    assert "bad-bands (asked for bands [5, 3, 2], the raster has 4)" in capsys.readouterr().out
+    assert main(["data", "check", str(manifest), "--layout-option", "bands=4,3"]) == 2
+    assert "layout option bands=['4', '3']: give 1 or 3 band numbers" in capsys.readouterr().err
+
+    model_dir = saved_space(tiny_data, tmp_path)
+    out = tmp_path / "sat.parquet"
+    assert main(["embed", "--model", str(model_dir), "--data", str(manifest), "--modality", "satellite",
+                 "--out", str(out), "--no-progress", *opts]) == 0
+    model = GeoBind.from_pretrained(model_dir)
+    want = model.embed("satellite", [_reflectance_rgb(x) for x in tiles])
+    np.testing.assert_allclose(read_embeddings(out).vectors, want.numpy(), atol=1e-6)
+    # The options are part of the dataset's identity, so an interrupted embed with others restarts.
+    recorded = read_embeddings(out).header["dataset"]["identity"]
+    assert recorded == read_dataset(manifest, bands=[4, 3, 2], scale=3000).identity
+    assert recorded != read_dataset(manifest).identity
+
+    report = tmp_path / "report.json"
+    assert main(["eval", "--model", str(model_dir), "--data", str(manifest), "--out", str(report),
+                 "--no-progress", *opts]) == 0
+    assert json.loads(report.read_text())["pairs"]["satellite->text"]["n"] == 2
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--data", str(manifest), "--no-progress",
+                 "--layout-option", "scale=-1"]) == 2
+    assert "layout option scale=-1: give auto (stretch each tile)" in capsys.readouterr().err

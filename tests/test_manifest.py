@@ -34,3 +34,37 @@ def test_unreadable_manifests_name_the_file_and_the_fix(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_raster_options_without_tif_tiles_are_refused(tmp_path):
+    """``bands``/``scale`` change only .tif/.tiff tiles of image columns: for a manifest without
+    any they would do nothing, so the mistake is reported; without them nothing changes."""
+    import hashlib
+
+    import pytest
+
+    p = _write(tmp_path / "jpg.csv", "id,lat,lon,satellite,text\na,1,2,a.jpg,x\nb,1,2,b.TIF.png,y\n")
+    with pytest.raises(ValueError, match=r"layout options bands and scale apply to \.tif/\.tiff tiles, but "
+                                         r"its image columns \(satellite\) name none, so they would change"):
+        read_dataset(p, bands=[4, 3, 2], scale=3000)
+    with pytest.raises(ValueError, match=r"layout option scale applies to \.tif/\.tiff tiles, but its image"):
+        read_dataset(p, scale=3000)
+    text = _write(tmp_path / "text.csv", "id,lat,lon,text\na,1,2,x.tif\n")
+    with pytest.raises(ValueError, match="layout option bands applies to .tif/.tiff tiles, but it has no "
+                                         "image column, so it would change nothing"):
+        read_dataset(text, bands="4,3,2")
+    # The defaults, given or not, leave a manifest as it was: its identity is the file's hash.
+    t = read_dataset(p, scale="auto")
+    assert t.loaders == {} and t.identity == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert t.item("satellite", 0) == str(tmp_path / "a.jpg")
+
+
+def test_raster_options_without_rasterio_say_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    p = _write(tmp_path / "tif.csv", "id,lat,lon,satellite\na,1,2,a.tif\n")
+    monkeypatch.setitem(sys.modules, "rasterio", None)  # `import rasterio` fails
+    with pytest.raises(ImportError, match=r"layout options bands and scale needs rasterio: pip install 'geobind\[geo\]'"):
+        read_dataset(p, bands=[4, 3, 2])

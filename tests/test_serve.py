@@ -308,6 +308,25 @@ def media_index(model, manifest, **header):
     return Index(head, table.ids, np.array(table.lat), np.array(table.lon), vectors)
 
 
+def test_recordings_of_a_dataset_read_with_layout_options(served, tmp_path):
+    """An index embedded from a dataset read with layout options (a SoundingEarth caption column
+    here) finds its recordings: the dataset is read again with the options it was embedded with,
+    which are part of its identity."""
+    from layout_fixtures import make_soundingearth
+
+    from geobind.search.embed import embed_dataset
+    from geobind.serve.app import PlaceAudio
+
+    csv = make_soundingearth(tmp_path / "se", n=6)
+    embed_dataset(served["model"], csv, "satellite", tmp_path / "se.parquet", layout="soundingearth",
+                  layout_options={"text": "caption"}, log=None)
+    build_index(tmp_path / "se.parquet", tmp_path / "se.index", "exact", log=None)
+    index = Index.load(tmp_path / "se.index")
+    assert index.header["source"]["layout_options"] == {"text": "caption"}
+    audio = PlaceAudio.of(index)
+    assert len(audio) == 6, audio.note
+
+
 def test_recordings_are_served_only_from_inside_the_dataset(served, tmp_path):
     """Only audio files inside the dataset's folder are ever read: a cell that climbs out with
     ``..``, an absolute path elsewhere, a link that leads out, a file that is not audio and a

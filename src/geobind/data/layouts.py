@@ -26,6 +26,8 @@ Choose one with ``layout:`` in a stage's ``data`` (options in ``layout_options:`
     numbers shown as RGB, default the first three) and ``scale`` (``auto``: 8-bit as is, other
     types stretched per tile between the 2nd and 98th percentile; or a number mapped to 255,
     e.g. 3000 for Sentinel-2 reflectance). Needs ``pip install 'geobind[geo]'`` (rasterio).
+    The ``manifest`` layout takes the same two options for the ``.tif``/``.tiff`` tiles its
+    image columns name (see :func:`geobind.data.manifest.read_manifest`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ __all__ = [
     "read_soundingearth",
     "read_geotiff",
     "read_raster_rgb",
+    "check_raster_options",
+    "raster_options_key",
+    "load_raster_or_item",
+    "RASTER_SUFFIXES",
 ]
 
 SAT2CAP_SCHEMA = ShardSchema(
@@ -66,6 +72,7 @@ SAT2CAP_SCHEMA = ShardSchema(
 )
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
+RASTER_SUFFIXES = (".tif", ".tiff")  # the files the bands and scale options apply to
 
 
 @register_layout("shards", streaming=True)
@@ -185,12 +192,12 @@ def read_soundingearth(
 # GeoTIFF tiles
 
 
-def _rasterio():
+def _rasterio(what: str = "the geotiff layout"):
     try:
         import rasterio
         import rasterio.warp  # noqa: F401
     except ImportError:
-        raise ImportError("the geotiff layout needs rasterio: pip install 'geobind[geo]'") from None
+        raise ImportError(f"{what} needs rasterio: pip install 'geobind[geo]'") from None
     return rasterio
 
 
@@ -259,9 +266,11 @@ def _centre_wgs84(src) -> tuple[float, float, str | None]:
     return float(ys[0]), lon, None
 
 
-def _check_raster_options(bands: Any, scale: Any) -> tuple[list[int] | None, Any]:
+def check_raster_options(bands: Any, scale: Any) -> tuple[list[int] | None, Any]:
     """``bands`` as 1 or 3 band numbers (1-based; ``[4, 3, 2]`` or ``"4,3,2"``) and ``scale`` as
-    ``auto`` or a positive number, checked before any tile is read."""
+    ``auto`` or a positive number, checked before any tile is read; returns them normalised
+    (``bands`` a list of ints or ``None``, ``scale`` ``"auto"`` or a float). A ``ValueError``
+    names the option and gives an example."""
     if bands is not None:
         items = bands.split(",") if isinstance(bands, str) else bands if isinstance(bands, (list, tuple)) else [bands]
         try:
@@ -283,23 +292,38 @@ def _check_raster_options(bands: Any, scale: Any) -> tuple[list[int] | None, Any
     return bands, scale
 
 
+def raster_options_key(bands: list[int] | None, scale: Any) -> bytes:
+    """Normalised ``bands`` and ``scale`` (from :func:`check_raster_options`) as the bytes a
+    dataset's identity hashes: the same tiles read with other options are other pixels, so the
+    anchor cache must not reuse their embeddings."""
+    return json.dumps({"bands": bands, "scale": scale}).encode()
+
+
+def load_raster_or_item(item: Any, bands: tuple[int, ...] | None = None, scale: Any = "auto") -> Any:
+    """A ``.tif``/``.tiff`` path as :func:`read_raster_rgb` reads it with ``bands`` and
+    ``scale``; any other item (a JPEG or PNG path, say) unchanged, for the encoder to decode."""
+    if isinstance(item, (str, Path)) and Path(item).suffix.lower() in RASTER_SUFFIXES:
+        return read_raster_rgb(str(item), bands=bands, scale=scale)
+    return item
+
+
 @register_layout("geotiff")
 def read_geotiff(path: Path, *, bands: list[int] | None = None, scale: Any = "auto") -> Table:
     """A folder (or one file) of georeferenced satellite tiles, plus same-stem sidecars."""
     rasterio = _rasterio()
-    bands, scale = _check_raster_options(bands, scale)
+    bands, scale = check_raster_options(bands, scale)
     if path.is_file():
         root, files = path.parent, [path]
     else:
         root = path
         files = sorted(
-            p for p in path.rglob("*") if p.suffix.lower() in (".tif", ".tiff") and p.is_file()
+            p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES and p.is_file()
         )
     if not files:
         raise FileNotFoundError(f"{path}: no .tif/.tiff files found")
     ids, lat, lon, sats, bad = [], [], [], [], {}
     side: dict[str, list[Any]] = {TEXT: [], AUDIO: [], GROUND: []}
-    h = hashlib.sha256(json.dumps({"bands": bands, "scale": scale}).encode())
+    h = hashlib.sha256(raster_options_key(bands, scale))
     for i, f in enumerate(files):
         rel = f.relative_to(root).with_suffix("").as_posix()
         ids.append(rel)

@@ -7,10 +7,14 @@ reader (training, embedding, evaluation) goes through :func:`read_dataset`, whic
 :class:`~geobind.data.shards.ShardSet` (streamed); further layouts register with
 :func:`register_layout`. The built-in layouts are ``manifest``, ``shards``, ``sat2cap``,
 ``soundingearth`` and ``geotiff`` (see :mod:`geobind.data.layouts`).
+
+The ``manifest`` layout takes the ``geotiff`` layout's ``bands`` and ``scale`` options, applied
+to the ``.tif``/``.tiff`` tiles its image columns name (see :func:`read_manifest`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -272,8 +276,21 @@ def _empty(v: Any) -> bool:
 
 
 @register_layout("manifest")
-def read_manifest(path: Path) -> Table:
-    """CSV or Parquet manifest; paths relative to the manifest's folder."""
+def read_manifest(path: Path, *, bands: Any = None, scale: Any = "auto") -> Table:
+    """CSV or Parquet manifest; paths relative to the manifest's folder.
+
+    ``bands`` and ``scale`` are the ``geotiff`` layout's options (checked the same way), applied
+    to every ``.tif``/``.tiff`` path of an image column (``satellite``, ``ground``, or any
+    modality stored as an image); other paths are read as they are. Without them a tile is read
+    with the defaults: the first three bands, 8-bit data as is, other types stretched per tile.
+    Giving them for a manifest whose image columns name no such tile is an error: they would
+    change nothing, so the manifest or the options are not the ones meant.
+    """
+    raster = bands is not None or scale != "auto"
+    if raster:  # the options' form first, before any file is read (as the geotiff layout does)
+        from geobind.data.layouts import check_raster_options
+
+        bands, scale = check_raster_options(bands, scale)
     if path.is_dir():
         raise ValueError(
             f"{path} is a folder; a manifest is a .csv or .parquet file (for a folder of "
@@ -349,6 +366,9 @@ def read_manifest(path: Path) -> Table:
     bad = bad_coordinates(lat, lon)
     known = set(REQUIRED) | set(columns)
     meta = df[[c for c in df.columns if c not in known]].reset_index(drop=True)
+    identity, loaders = _hash_file(path), {}
+    if raster:
+        identity, loaders = _raster_loaders(path, columns, identity, bands, scale)
     return Table(
         source=str(path),
         ids=[str(x) for x in df["id"].tolist()],
@@ -356,6 +376,40 @@ def read_manifest(path: Path) -> Table:
         lon=[float(x) for x in lon],
         columns=columns,
         meta=meta,
-        identity=_hash_file(path),
+        identity=identity,
         bad_rows=bad,
+        loaders=loaders,
     )
+
+
+def _raster_loaders(
+    path: Path, columns: dict[str, list[Any]], identity: str, bands: list[int] | None, scale: Any
+) -> tuple[str, dict[str, Callable[[Any], Any]]]:
+    """The identity and loaders of a manifest read with ``bands``/``scale``: a loader per image
+    column that names a ``.tif``/``.tiff`` tile, and the options folded into the identity, so
+    the anchor cache (keyed by it) never serves tiles read with other options. Without the
+    options the identity stays the file's hash, as it was before they existed."""
+    from geobind.data.layouts import (
+        RASTER_SUFFIXES,
+        _rasterio,
+        load_raster_or_item,
+        raster_options_key,
+    )
+    from geobind.data.pack import member_kind
+
+    images = [m for m in columns if member_kind(m) == "image"]
+    tiled = [m for m in images
+             if any(v is not None and Path(v).suffix.lower() in RASTER_SUFFIXES for v in columns[m])]
+    if not tiled:
+        given = [n for n, v in (("bands", bands), ("scale", scale)) if v not in (None, "auto")]
+        what = (f"layout option {given[0]} applies" if len(given) == 1 else
+                f"layout options {' and '.join(given)} apply")
+        where = f"its image columns ({', '.join(images)}) name none" if images else "it has no image column"
+        it, them = ("it", "it") if len(given) == 1 else ("they", "them")
+        raise ValueError(f"{path}: {what} to .tif/.tiff tiles, but {where}, so {it} would change nothing; "
+                         f"remove {them}, or name the GeoTIFF tiles in an image column")
+    _rasterio("reading tiles with the layout options bands and scale")
+    h = hashlib.sha256(identity.encode())
+    h.update(raster_options_key(bands, scale))
+    load = functools.partial(load_raster_or_item, bands=tuple(bands) if bands else None, scale=scale)
+    return h.hexdigest(), {m: load for m in tiled}

@@ -21,8 +21,10 @@ def load_image(item: Any, *, min_side: int = 0) -> Image.Image:
 
     A ``.tif``/``.tiff`` path is read with rasterio when it is installed (``geobind[geo]``): the
     first three bands, 8-bit data as is, 16-bit or float data stretched per tile between its 2nd
-    and 98th percentile (the ``geotiff`` layout's defaults; that layout also takes band and
-    scale options). Without rasterio, PIL reads TIFFs (its grey 16-bit and float ones as above).
+    and 98th percentile (the defaults of the ``geotiff`` layout and of a manifest's tiles; both
+    layouts take ``bands`` and ``scale`` options, which a dataset's table applies before an
+    item reaches this function). Without rasterio, PIL reads TIFFs (its grey 16-bit and float
+    ones as above).
 
     ``min_side``: for callers that shrink the image anyway, a JPEG may be decoded at 1/2, 1/4 or
     1/8 scale (in the decoder, several times faster for large photos) as long as both sides stay

@@ -494,6 +494,9 @@ def embed_dataset(
             "identity": table.identity,
             "rows": len(table),
             "layout": layout,
+            # Only when given, so parts written before they were recorded still resume. They are
+            # part of the dataset's identity (a manifest's bands/scale): serve re-reads with them.
+            **({"layout_options": dict(layout_options)} if layout_options else {}),
         },
         "chunk_rows": int(chunk_rows),
         "thumbnail_size": thumb_px,

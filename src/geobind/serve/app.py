@@ -397,10 +397,12 @@ class PlaceAudio:
 
         source = index.header.get("source") or {}
         recorded = data is None
+        options: dict = {}
         if recorded:
             if not source.get("source"):
                 return cls.none("the index does not record the dataset it was embedded from")
             data, layout = source["source"], source.get("layout", "manifest")
+            options = source.get("layout_options") or {}
         name = Path(str(data)).name or str(data)
         if layout not in AUDIO_LAYOUTS:
             return cls.none(f"recordings are served from {' or '.join(AUDIO_LAYOUTS)} datasets; "
@@ -409,7 +411,7 @@ class PlaceAudio:
             relative = "" if Path(data).is_absolute() else " (its path is relative to the working folder)"
             return cls.none(f"the dataset {name} is not found here{relative}")
         try:
-            table = read_dataset(data, layout)
+            table = read_dataset(data, layout, **options)
         except Exception as e:  # any reader's failure: the explorer works without recordings
             return cls.none(f"the dataset {name} does not read ({type(e).__name__})")
         if not isinstance(table, Table):
