@@ -420,6 +420,21 @@ def test_every_command_has_help_with_examples(argv, capsys):
     assert "examples:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, usage, said", [
+    (["search", "--model", "m", "--index", "i", "-k", "3"], "usage: geobind search", "-k 3 (did you mean --k?)"),
+    (["index", "build", "e.parquet", "--out", "o", "--nlsit", "3"], "usage: geobind index build",
+     "--nlsit 3 (did you mean --nlist?)"),
+    (["data", "split", "m.csv", "--out", "o", "--sed=3", "--tset", "0.2"], "usage: geobind data split",
+     "(did you mean --seed for --sed=3, --test for --tset?)"),
+    (["train", "a.yaml", "b.yaml"], "usage: geobind train", "unrecognized arguments: b.yaml"),
+])
+def test_an_unknown_argument_is_named_with_the_commands_usage_and_the_option_meant(argv, usage, said, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and said in err, err
+
+
 def test_every_subcommand_says_what_it_does_in_wrapped_lines(capsys):
     """Each command's --help opens with a description (no line over 88 characters) and ends with
     examples."""

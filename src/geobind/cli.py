@@ -294,11 +294,37 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that ``args`` were parsed by: ``geobind index build``'s, say."""
+    while True:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest or "", None) in action.choices:
+                parser = action.choices[getattr(args, action.dest)]
+                break
+        else:
+            return parser
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """Exit (status 2) naming the arguments ``parser`` does not take, with the option meant
+    where one is close (``-k`` -> ``--k``, ``--tetx`` -> ``--text``)."""
+    import difflib
+
+    options = [o for a in parser._actions for o in a.option_strings]
+    guesses = [(x, m[0]) for x in extra if x.startswith("-")
+               for m in [difflib.get_close_matches(x.split("=", 1)[0], options, n=1, cutoff=0.6)] if m]
+    hint = (f" (did you mean {guesses[0][1]}?)" if len(guesses) == 1 else
+            f" (did you mean {', '.join(f'{m} for {x}' for x, m in guesses)}?)" if guesses else "")
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``geobind`` command; returns the exit status."""
     try:
         parser = _parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the command's own parser, with its usage, not the top-level one's
+            _unrecognized(_chosen_parser(parser, args), extra)
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
