@@ -139,7 +139,7 @@ class LogitScale(nn.Module):
     """Learnable logit scale s = exp(p) = 1/temperature, kept within ``[min_scale, max_scale]``.
 
     Initialised from temperature 0.07 (s ~ 14.29) and capped at 100 as in CLIP, Sat2Cap and
-    GeoCLAP. ``forward()`` clamps the returned scale; :meth:`clamp_` also clamps the parameter in
+    GeoCLAP; the floor is Sat2Cap's (s >= 1; GeoCLAP clamps the log-scale to [1, ln 100], s >= e). ``forward()`` clamps the returned scale; :meth:`clamp_` also clamps the parameter in
     place, to be called after each optimiser step so the parameter cannot drift past ln(100)
     (where the clamp in ``forward`` would stop all gradient and leave it stuck).
     """

@@ -1,6 +1,7 @@
 """Train/val/test splits. The default is spatial: whole geographic cells go to one split, so a
-test place never shares a cell with a training place (PSM and GeoCLAP evaluate this way; a random
-split lets a model pass by memorising neighbouring places).
+test place never shares a cell with a training place (PSM's 1-degree cells; a random split lets a
+model pass by memorising neighbouring places). GeoCLAP's SoundingEarth split (70/10/20) is
+random: compare with its numbers on its own split files.
 
 Cells are ``cell_deg`` x ``cell_deg`` degrees in latitude/longitude. Cells are shuffled with the
 seed and dealt to test, then val, then train until each held-out split has its share of the

@@ -76,7 +76,8 @@ def random_crop_box(
 def random_resized_crop(
     img: Image.Image, size: int, scale: tuple[float, float] = (0.5, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
 ) -> Image.Image:
-    """RandomResizedCrop (bicubic), as in Sat2Cap's overhead augmentation."""
+    """RandomResizedCrop (bicubic) of ``scale`` of the area; Sat2Cap's overhead augmentation
+    also starts with a RandomResizedCrop (followed by RandAugment, which geobind does not use)."""
     box = random_crop_box(*img.size, scale, ratio)
     if box is None:
         return resize_center_crop(img, size)
