@@ -350,3 +350,39 @@ def test_the_text_anchor_cache_key_covers_the_tokenizer(tiny_data, tmp_path):
     before = _cache_key(text, table, "text")
     text.tokenizer.backend_tokenizer.add_tokens(["zzqq"])  # the same weights, another tokenizer
     assert _cache_key(text, table, "text") != before
+
+
+def test_the_anchor_cache_is_computed_in_the_stages_precision(tiny_data, tmp_path):
+    """A stage trained in bf16 caches what its anchor computes in bf16 (on CPU here; on CUDA the
+    same holds for a stage in fp32), under a key of its own; the usual precision keeps its key."""
+    import glob
+
+    from fixtures import tiny_config
+    from safetensors.torch import load_file
+
+    from geobind.binding.trainer import train
+    from geobind.config import parse_config
+    from geobind.model import GeoBind
+
+    def run(out, precision):
+        d = tiny_config(tiny_data, out, steps=1, audio=False)
+        d["stages"][0]["optim"]["precision"] = precision
+        d["eval"] = None
+        model = train(parse_config(d), progress=False, log=None)
+        files = glob.glob(str(out / "cache" / "anchor-ground-*.safetensors"))
+        assert len(files) == 1
+        return model, files[0], load_file(files[0])["embeddings"].float()
+
+    model, f32_file, c32 = run(tmp_path / "fp32", "fp32")
+    _, auto_file, _ = run(tmp_path / "auto", "auto")
+    _, bf16_file, c16 = run(tmp_path / "bf16", "bf16")
+    assert os.path.basename(auto_file) == os.path.basename(f32_file) != os.path.basename(bf16_file)
+    anchor = GeoBind.from_pretrained(model).encoder("ground")
+    table = read_dataset(tiny_data["stage1"])
+    items = anchor.collate([anchor.load(table.item("ground", i), train=False) for i in range(len(table))])
+    with torch.no_grad():  # what a step without the cache computes, in each precision
+        fp32 = anchor(items).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = anchor(items).float()
+    assert (c32 - fp32).abs().max() <= 2**-11 and (c16 - bf16.float()).abs().max() <= 2**-11
+    assert (c16 - fp32).abs().max() > 2**-11  # the precisions differ by more than the storage

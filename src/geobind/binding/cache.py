@@ -1,7 +1,9 @@
 """The frozen-anchor cache: a frozen encoder's embeddings of a dataset, computed once.
 
-Because the anchor is frozen, embedding it once is exact: every epoch and every later run reuses
-the file, and the training step runs only the trainable encoder. The cache is keyed by a
+Because the anchor is frozen, embedding it once gives what every step would compute (in the
+stage's ``optim.precision``: bf16 on CUDA under ``auto``), up to the float16 storage below: every
+epoch and every later run reuses the file, and the training step runs only the trainable
+encoder. The cache is keyed by a
 fingerprint of the anchor's weights and preprocessing, and of the dataset (manifest content
 plus the size and modification time of each file the anchor reads), so a changed anchor or
 changed data gives a new key and a fresh computation.
@@ -146,10 +148,12 @@ def _embed_rows(
     num_workers: int,
     progress: bool,
     strict: bool,
+    autocast=None,
 ) -> Counter:
     """Embed rows ``start:stop`` into ``emb`` and ``valid`` (indexed by row); returns the bad
-    counts. Each batch is computed in float32 and then cast to ``emb``'s dtype, so a float16
-    ``emb`` holds exactly ``embed_table(...)[0].half()``."""
+    counts. Each batch runs under ``autocast()`` (default :func:`autocast_for`: bf16 on CUDA,
+    float32 elsewhere), its output is taken as float32 and then cast to ``emb``'s dtype, so a
+    float16 ``emb`` holds exactly ``embed_table(...)[0].half()``."""
     counts: Counter = Counter()
     if stop <= start:
         return counts
@@ -173,7 +177,7 @@ def _embed_rows(
     def forward(item):
         if item[1] is None:
             return None
-        with autocast_for(encoder.device):
+        with (autocast() if autocast is not None else autocast_for(encoder.device)):
             return encoder(item[1]).float()
 
     # On CUDA the next batch is copied while this one computes, and each batch's vectors reach
@@ -278,7 +282,7 @@ def tokenizer_fingerprint(encoder: Encoder) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _cache_key(encoder: Encoder, table: Table | ShardSet, modality: str) -> str:
+def _cache_key(encoder: Encoder, table: Table | ShardSet, modality: str, extra: str = "") -> str:
     # The storage dtype is not part of the key: a float32 file from an earlier version holds the
     # same embeddings and is read (and rounded to float16) in place of a recomputation.
     return hashlib.sha256(
@@ -287,6 +291,7 @@ def _cache_key(encoder: Encoder, table: Table | ShardSet, modality: str) -> str:
             + json.dumps(encoder.settings(), sort_keys=True)
             + tokenizer_fingerprint(encoder)
             + dataset_fingerprint(table, modality)
+            + extra  # empty for the default precision, so existing keys stay valid
         ).encode()
     ).hexdigest()[:24]
 
@@ -360,6 +365,8 @@ def cached_embeddings(
     strict: bool = False,
     gather_bytes: int = 256 * 2**20,
     say=None,
+    autocast=None,
+    key_extra: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Anchor embeddings of ``table`` from the cache, computing and storing them on a miss
     (a damaged file too, with a warning through ``say``, default ``print``).
@@ -368,8 +375,10 @@ def cached_embeddings(
     ``hit`` and ``bad`` counts (summed over ranks). Under ``torch.distributed`` every rank must
     call it with the same arguments: the ranks share the computation and all return the same
     result (see the module docstring). ``gather_bytes`` bounds the exchange buffers.
+    ``autocast`` (a context factory) is the precision the anchor runs in (default: bf16 on CUDA);
+    give one other than the default together with a ``key_extra`` naming it.
     """
-    path = Path(cache_dir) / f"anchor-{modality}-{_cache_key(encoder, table, modality)}.safetensors"
+    path = Path(cache_dir) / f"anchor-{modality}-{_cache_key(encoder, table, modality, key_extra)}.safetensors"
     seen = path.is_file()
     if gbdist.is_distributed():
         # A hit only if every rank can read the file; otherwise all compute (collectives below).
@@ -394,7 +403,7 @@ def cached_embeddings(
     try:
         counts = _embed_rows(encoder, table, modality, emb, valid, bounds[r], bounds[r + 1],
                              batch_size=batch_size, num_workers=num_workers, progress=progress,
-                             strict=strict)
+                             strict=strict, autocast=autocast)
     except Exception as e:  # raised below, once the other ranks have heard of it
         if world == 1:
             raise

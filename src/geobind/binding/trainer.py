@@ -434,10 +434,14 @@ def lr_lambda(total_steps: int, warmup: int, floor: float):
     return f
 
 
-def _precision(cfg: StageConfig, device: torch.device):
+def _precision_name(cfg: StageConfig, device: torch.device) -> str:
+    """``optim.precision`` with ``auto`` resolved: bf16 on CUDA, fp32 elsewhere."""
     p = cfg.optim.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" else "fp32"
+    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
+
+
+def _precision(cfg: StageConfig, device: torch.device):
+    p = _precision_name(cfg, device)
     if p == "fp32":
         return contextlib.nullcontext, None
     dtype = torch.bfloat16 if p == "bf16" else torch.float16
@@ -1440,11 +1444,17 @@ class Trainer:
     def _anchor_cache(self, anchor, table, scfg, workers: int):
         # Collective: every rank embeds its share of the rows and all end with the full float16
         # table (rank 0 writes the file); on a hit every rank maps the existing file. Its loader
-        # has a generator of its own, so a hit and a miss leave training's RNG alike.
+        # has a generator of its own, so a hit and a miss leave training's RNG alike. The anchor
+        # runs in the stage's precision, as it would in every step without the cache; the usual
+        # one (bf16 on CUDA, fp32 elsewhere) keeps the cache's key as it always was.
+        p = _precision_name(scfg, self.device)
+        usual = p == ("bf16" if self.device.type == "cuda" else "fp32")
         return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
                                  num_workers=workers,
                                  progress=self.progress and self.main,
-                                 strict=scfg.data.strict, say=self._say)
+                                 strict=scfg.data.strict, say=self._say,
+                                 autocast=None if usual else _precision(scfg, self.device)[0],
+                                 key_extra="" if usual else f"precision={p}")
 
     @torch.no_grad()
     def _validate(self, stage: BindingStage, val, scfg: StageConfig, writer, step: int, epoch: int):
