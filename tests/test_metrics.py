@@ -175,3 +175,46 @@ def test_eval_notes_texts_that_repeat_or_that_the_vocabulary_does_not_know(tiny_
     assert f"text: {len(df)} rows hold {len(df) - 2} distinct values" in notes
     assert "note: text: 1 of" in format_skipped(report)
     assert "notes" not in evaluate(model, read_dataset(tiny_data["test"]))
+
+
+def test_pair_report_ranks_among_a_seeded_subset_of_candidates():
+    """``candidates``: each pair ranks among the same seeded subset of its valid rows, exactly as
+    the metrics of those rows alone; fewer valid rows than asked: all of them."""
+    from geobind.evaluate import pair_report
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    b = torch.nn.functional.normalize(a + 0.8 * torch.randn(50, 8, generator=g), dim=1)
+    va, vb = torch.ones(50, dtype=torch.bool), torch.ones(50, dtype=torch.bool)
+    vb[[3, 7]] = False
+    emb = {"x": (a, va), "y": (b, vb)}
+    rep = pair_report(emb, ks=(1, 5, 10, 20), candidates=20, seed=3)
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(3))
+    rows = order[(va & vb)[order]][:20].sort().values
+    assert rep["x->y"] == retrieval_metrics(a[rows], b[rows], ks=(1, 5, 10, 20))
+    assert rep["y->x"] == retrieval_metrics(b[rows], a[rows], ks=(1, 5, 10, 20))
+    assert rep["x->y"]["n"] == 20 and rep != pair_report(emb, ks=(1, 5, 10, 20), candidates=20, seed=4)
+    full = pair_report(emb)
+    assert pair_report(emb, candidates=48) == full == pair_report(emb, candidates=1000)
+
+
+def test_eval_cli_reports_the_ks_asked_and_among_how_many(tiny_data, tmp_path, capsys):
+    import json
+
+    from test_model import build_space
+
+    from geobind.cli import main
+
+    build_space(tiny_data).save_pretrained(tmp_path / "m")
+    base = ["eval", "--model", str(tmp_path / "m"), "--data", str(tiny_data["test"]), "--no-progress"]
+    assert main([*base, "--ks", "2,1,100", "--candidates", "6", "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    m = report["pairs"]["satellite->ground"]
+    assert [k for k in m if k.startswith("R@")] == ["R@1", "R@2", "R@5", "R@10", "R@100"] and m["n"] == 6
+    assert report["candidates"] == {"max": 6, "seed": 0}
+    out = capsys.readouterr().out
+    assert "R@2" in out and "R@100" in out
+    for bad in ("0,5", "five", ""):
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--ks", bad])
+        assert e.value.code == 2 and "give whole numbers >= 1 separated by commas" in capsys.readouterr().err

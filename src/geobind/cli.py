@@ -28,6 +28,8 @@ examples:
   geobind eval --model runs/geobind/model --data shards/test/ --out report.json
   geobind eval --model runs/geobind/model --data splits/metadata.test.csv --layout soundingearth \\
       --layout-option root=/data/SoundingEarth --out report.json   # a split written elsewhere
+  geobind eval --model M --data test.csv --ks 1,5,10,100              # R@100 as GeoCLAP reports it
+  geobind eval --model M --data test.csv --candidates 10000           # among 10,000 as Sat2Cap ranks
 """
 
 
@@ -83,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     add_layout_arguments(e)
     e.add_argument("--out", help="write the report JSON here")
     e.add_argument("--batch-size", type=positive_int, default=64, help="items per forward pass (default: 64)")
+    e.add_argument("--ks", type=_recall_ks, default=(1, 5, 10), metavar="K,K,...",
+                   help="R@k to report, comma-separated (default: 1,5,10; GeoCLAP reports R@100: "
+                        "--ks 1,5,10,100); R@1, R@5 and R@10 are always included")
+    e.add_argument("--candidates", type=positive_int, default=None,
+                   help="rank among a seeded random subset of this many rows instead of all rows "
+                        "(Sat2Cap evaluates among 10,000)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the --candidates subset (default: 0)")
     e.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -250,7 +259,8 @@ def cmd_eval(args) -> int:
     check_writable(args.out, force=args.force)  # before the evaluation, which can take a while
     model = GeoBind.from_pretrained(args.model, device=_device(args.device))
     data = read_dataset(args.data, args.layout, **parse_layout_options(args.layout_options))
-    report = evaluate(model, data, batch_size=args.batch_size, progress=not args.no_progress)
+    report = evaluate(model, data, batch_size=args.batch_size, progress=not args.no_progress, ks=args.ks,
+                      candidates=args.candidates, seed=args.seed)
     print_report(report, model)
     if args.out:
         write_report(report, Path(args.out), force=args.force)
@@ -292,6 +302,17 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _recall_ks(text: str) -> tuple[int, ...]:
+    """``--ks``: whole numbers >= 1 separated by commas, with 1, 5 and 10 always among them."""
+    try:
+        ks = {int(k) for k in text.split(",") if k.strip()}
+    except ValueError:
+        ks = {0}
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers >= 1 separated by commas, e.g. 1,5,10,100")
+    return tuple(sorted(ks | {1, 5, 10}))
 
 
 def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

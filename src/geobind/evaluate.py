@@ -44,23 +44,34 @@ def embed_all(
 
 
 def pair_report(
-    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], ks: Sequence[int] = (1, 5, 10)
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]], ks: Sequence[int] = (1, 5, 10),
+    *, candidates: int | None = None, seed: int = 0,
 ) -> dict[str, Any]:
     """Retrieval metrics for every ordered pair ``a->b``: query ``a`` of row i must find row i's
-    ``b`` among all rows valid in both."""
+    ``b`` among all rows valid in both, or, with ``candidates``, among a seeded random subset of
+    that many of them (Sat2Cap ranks among 10,000; the subset is drawn from one permutation of the
+    rows, so pairs that share their valid rows share their subset)."""
     pairs = {}
+    n = next(iter(embeddings.values()))[1].shape[0] if embeddings else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     for a, b in permutations(embeddings, 2):
         (ea, va), (eb, vb) = embeddings[a], embeddings[b]
         keep = va & vb
         if int(keep.sum()) < 2:
             continue
+        if candidates is not None and int(keep.sum()) > candidates:
+            rows = order[keep[order]][:candidates].sort().values
+            keep = torch.zeros_like(keep)
+            keep[rows] = True
         pairs[f"{a}->{b}"] = retrieval_metrics(ea[keep], eb[keep], ks=ks)
     return pairs
 
 
-def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
+def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False,
+             ks: Sequence[int] = (1, 5, 10), candidates: int | None = None, seed: int = 0) -> dict[str, Any]:
     """The evaluation report: ``{"pairs": {"a->b": {"R@1", "R@5", "R@10", "median_rank",
-    "mean_rank", "n"}}}``,
+    "mean_rank", "n"}}}`` (one ``R@k`` per ``ks``; ``candidates``: rank among a seeded random
+    subset of that many rows, see :func:`pair_report`),
     plus ``trained_pairs`` (the pairs trained together, as ``"a<->b"``; the others are emergent)
     and ``skipped`` (rows left out as unusable, per modality and reason). Raises ``ValueError``
     when no pair has two usable rows to rank."""
@@ -72,7 +83,7 @@ def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bo
         )
     skipped: dict[str, dict[str, int]] = {}
     emb = embed_all(model, table, batch_size=batch_size, progress=progress, modalities=mods, skipped=skipped)
-    pairs = pair_report(emb)
+    pairs = pair_report(emb, ks=ks, candidates=candidates, seed=seed)
     if not pairs:
         raise ValueError(
             f"{table.source}: no two modalities have 2 or more usable rows in common, so there is nothing "
@@ -80,6 +91,8 @@ def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bo
         )
     report = {"data": table.source, "rows": len(table), "pairs": pairs, "skipped": skipped,
               "trained_pairs": trained_pair_names(model)}
+    if candidates is not None:
+        report["candidates"] = {"max": int(candidates), "seed": int(seed)}
     notes = _content_notes(model, table, emb)
     if notes:
         report["notes"] = notes
@@ -132,7 +145,8 @@ def format_skipped(report: dict[str, Any]) -> str:
 
 def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = None) -> str:
     """A plain-text table of pair metrics (``*`` marks pairs never trained together)."""
-    head = f"{'pair':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'median':>8}{'n':>7}"
+    extra = [k for k in next(iter(pairs.values()), {}) if k.startswith("R@") and k not in ("R@1", "R@5", "R@10")]
+    head = f"{'pair':<24}{'R@1':>8}{'R@5':>8}{'R@10':>8}" + "".join(f"{k:>8}" for k in extra) + f"{'median':>8}{'n':>7}"
     lines = [head, "-" * len(head)]
     emergent = False
     for name, m in pairs.items():
@@ -142,7 +156,8 @@ def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = 
             mark = "" if frozenset((a, b)) in trained else " *"
             emergent = emergent or bool(mark)
         lines.append(
-            f"{name + mark:<24}{m['R@1']:>8.3f}{m['R@5']:>8.3f}{m['R@10']:>8.3f}{m['median_rank']:>8.1f}{m['n']:>7d}"
+            f"{name + mark:<24}{m['R@1']:>8.3f}{m['R@5']:>8.3f}{m['R@10']:>8.3f}"
+            + "".join(f"{m[k]:>8.3f}" for k in extra) + f"{m['median_rank']:>8.1f}{m['n']:>7d}"
         )
     if emergent:
         lines.append("* emergent: these two modalities were never trained together")
@@ -151,7 +166,7 @@ def format_pairs(pairs: dict[str, dict[str, float]], trained: set[str] | None = 
         n = ns[-1]
         lines.append(f"chance (random ranking{'' if len(ns) == 1 else f', n={n}'}): R@1 {1 / n:.3f}, "
                      f"R@5 {min(1.0, 5 / n):.3f}, R@10 {min(1.0, 10 / n):.3f}, median rank {(n + 1) / 2:.1f}")
-    small = sorted({k for m in pairs.values() for k in (1, 5, 10) if m["n"] <= k})
+    small = sorted({k for m in pairs.values() for k in (1, 5, 10, *(int(e[2:]) for e in extra)) if m["n"] <= k})
     if small:
         lines.append(f"note: R@{'/R@'.join(map(str, small))} is 1.0 by construction for a pair of n <= {small[-1]} "
                      "rows (every row is within the top k)")
