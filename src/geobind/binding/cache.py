@@ -17,6 +17,11 @@ Training converts each batch's rows back to float32 on its device. A file writte
 an earlier version is still read, under the same key, and converted in memory: the result is
 exactly what a fresh float16 file would hold, so the two never disagree.
 
+**Resuming.** While the file is computed, each finished piece of about 65,536 rows
+(:func:`part_spans`) is saved in ``anchor-<modality>-<key>.parts/``; a run stopped or crashed
+midway embeds only the pieces not there (same key: never another anchor's or dataset's), and
+the folder is removed once the file is written.
+
 **Memory.** A hit loads the file through safetensors, which maps it (copy-on-write) instead of
 reading it into private memory: the ranks of one machine share one copy in the page cache, and
 pages are read on first use. A float32 file is the exception (its float16 copy is private).
@@ -40,6 +45,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -134,6 +140,63 @@ def collate_items(encoder: Encoder):
     return _CollateItems(encoder)
 
 
+# Rows per resumable part of an anchor cache being computed (a multiple of the batch for a
+# manifest; whole shards for a shard set): a stopped or crashed run loses at most one part.
+PART_ROWS = 65_536
+
+
+def part_spans(table: Table | ShardSet, start: int, stop: int, batch_size: int) -> list[tuple[int, int]]:
+    """Rows ``start:stop`` cut into ``(a, b)`` pieces of about :data:`PART_ROWS` rows, at fixed
+    places (multiples of a multiple of ``batch_size`` for a table, so the batches are those of
+    one pass; shard boundaries for a shard set), so runs with other rank shares find the same
+    pieces."""
+    n = len(table)
+    if isinstance(table, ShardSet):
+        edges, last = [0], 0
+        for c in (int(o) for o in table.offsets[1:]):
+            if c - last >= PART_ROWS or c == n:
+                edges.append(c)
+                last = c
+    else:
+        step = max(1, PART_ROWS // max(1, batch_size)) * max(1, batch_size)
+        edges = [*range(0, n, step), n]
+    cuts = sorted({start, stop, *(e for e in edges if start < e < stop)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _part_path(parts: Path, a: int, b: int) -> Path:
+    return parts / f"rows-{a:012d}-{b:012d}.safetensors"
+
+
+def _load_part(path: Path, emb: torch.Tensor, valid: torch.Tensor, a: int, b: int) -> Counter | None:
+    """Rows ``a:b`` from a finished part into ``emb``/``valid``; their bad counts, or None when
+    the part does not read (it is then embedded again)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            bad = json.loads((f.metadata() or {}).get("bad", "{}"))
+            e, v = f.get_tensor("embeddings"), f.get_tensor("valid")
+    except Exception:  # noqa: BLE001 - a damaged part: embed it again
+        return None
+    if e.shape != (b - a, emb.shape[1]) or v.shape != (b - a,):
+        return None
+    emb[a:b] = e.to(emb.dtype)
+    valid[a:b] = v.bool()
+    return Counter(bad)
+
+
+def _save_part(path: Path, emb: torch.Tensor, valid: torch.Tensor, a: int, b: int, bad: Counter) -> None:
+    # safetensors' writer under a name of its own: save_file is the cache file's writer alone.
+    from safetensors.torch import save_file as save_tensors
+
+    tmp = path.with_name(path.name + f".tmp{gbdist.rank()}-{os.getpid()}")
+    save_tensors({"embeddings": emb[a:b].contiguous(), "valid": valid[a:b].to(torch.uint8).contiguous()}, str(tmp),
+                 metadata={"bad": json.dumps(dict(bad))})
+    usual_mode(tmp)
+    tmp.replace(path)
+
+
 @torch.no_grad()
 def _embed_rows(
     encoder: Encoder,
@@ -149,14 +212,54 @@ def _embed_rows(
     progress: bool,
     strict: bool,
     autocast=None,
+    parts: Path | None = None,
+    report=None,
 ) -> Counter:
     """Embed rows ``start:stop`` into ``emb`` and ``valid`` (indexed by row); returns the bad
     counts. Each batch runs under ``autocast()`` (default :func:`autocast_for`: bf16 on CUDA,
     float32 elsewhere), its output is taken as float32 and then cast to ``emb``'s dtype, so a
-    float16 ``emb`` holds exactly ``embed_table(...)[0].half()``."""
+    float16 ``emb`` holds exactly ``embed_table(...)[0].half()``.
+
+    With ``parts`` (a folder), the rows are embedded in the pieces of :func:`part_spans`, each
+    saved there as it finishes; pieces already there (an interrupted run's) are read instead
+    of embedded again. ``report(rows_done, rows)``, if given, is told after each piece (a log
+    line per piece where no progress bar is shown)."""
     counts: Counter = Counter()
     if stop <= start:
         return counts
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"embed {modality}", unit="batch", leave=False,
+                   total=math.ceil((stop - start) / batch_size) if num_workers <= 1 else None)
+    try:
+        spans = part_spans(table, start, stop, batch_size) if parts is not None else [(start, stop)]
+        for a, b in spans:
+            path = _part_path(parts, a, b) if parts is not None else None
+            done = _load_part(path, emb, valid, a, b) if path is not None and path.is_file() else None
+            if done is not None:
+                counts.update(done)
+                if bar is not None:
+                    bar.update(math.ceil((b - a) / batch_size))
+                continue
+            got = _embed_span(encoder, table, modality, emb, valid, a, b, batch_size=batch_size,
+                              num_workers=num_workers, strict=strict, autocast=autocast, bar=bar)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _save_part(path, emb, valid, a, b, got)
+            counts.update(got)
+            if report is not None:
+                report(b - start, stop - start)
+    finally:
+        if bar is not None:
+            bar.close()
+    return counts
+
+
+def _embed_span(encoder, table, modality, emb, valid, start, stop, *, batch_size, num_workers, strict, autocast,
+                bar) -> Counter:
+    counts: Counter = Counter()
     if isinstance(table, ShardSet):
         # One streamed pass over the shards, in index order, split over the loader workers.
         data = RowStream(table, _ShardItem(table, modality, encoder), rows=np.arange(start, stop))
@@ -166,14 +269,7 @@ def _embed_rows(
                         pin_memory=encoder.device.type == "cuda", generator=torch.Generator())  # not the global RNG
     was = encoder.training
     encoder.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        # Updated by hand: given the loader, tqdm.auto's bar would call iter() on it at once,
-        # a second pass start (worker processes, and a base seed from the torch generator).
-        bar = tqdm(desc=f"embed {modality}", unit="batch", leave=False,
-                   total=math.ceil((stop - start) / batch_size) if num_workers <= 1 else None)
     def forward(item):
         if item[1] is None:
             return None
@@ -184,6 +280,9 @@ def _embed_rows(
     # the host one batch later (the device is not idle while the host takes them).
     move = lambda item, to: (item[0], map_tensors(item[1], to), item[2])  # noqa: E731  (indices stay here)
     try:
+        # The progress bar is updated by hand: given the loader, tqdm.auto's bar would call
+        # iter() on it at once, a second pass start (worker processes, and a base seed from
+        # the torch generator).
         for (idx, _, bad), vectors in outputs_one_behind(loader, encoder.device, move, forward):
             if bar is not None:
                 bar.update(1)
@@ -196,8 +295,6 @@ def _embed_rows(
                 valid[idx] = True
     finally:
         encoder.train(was)
-        if bar is not None:
-            bar.close()
     return counts
 
 
@@ -367,6 +464,7 @@ def cached_embeddings(
     say=None,
     autocast=None,
     key_extra: str = "",
+    log=None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Anchor embeddings of ``table`` from the cache, computing and storing them on a miss
     (a damaged file too, with a warning through ``say``, default ``print``).
@@ -376,7 +474,8 @@ def cached_embeddings(
     call it with the same arguments: the ranks share the computation and all return the same
     result (see the module docstring). ``gather_bytes`` bounds the exchange buffers.
     ``autocast`` (a context factory) is the precision the anchor runs in (default: bf16 on CUDA);
-    give one other than the default together with a ``key_extra`` naming it.
+    give one other than the default together with a ``key_extra`` naming it. ``log``, if given,
+    is told when a computation starts and, without ``progress``, after each finished piece.
     """
     path = Path(cache_dir) / f"anchor-{modality}-{_cache_key(encoder, table, modality, key_extra)}.safetensors"
     seen = path.is_file()
@@ -400,10 +499,26 @@ def cached_embeddings(
     valid = torch.zeros(n, dtype=torch.bool)
     counts: Counter = Counter()
     error: Exception | None = None
+    # Finished pieces are kept beside the file-to-be (same key), so a run stopped or crashed
+    # while embedding millions of rows resumes from them instead of starting over.
+    parts = path.with_suffix(".parts")
+    if gbdist.is_main() and parts.is_dir():
+        kept = sum(1 for _ in parts.glob("rows-*.safetensors"))
+        if kept:
+            (say or print)(f"anchor cache: {kept} finished part{'s' if kept > 1 else ''} of an interrupted run "
+                           f"in {parts}; embedding the rest")
+    report = None
+    if log is not None and gbdist.is_main():
+        # Without a progress bar (a batch job's log), a line per piece: embedding millions of
+        # rows takes long enough that silence looks like a hang.
+        log(f"anchor cache: embedding {modality} for {n} rows (once; {path.name})")
+        if not progress:
+            share = " (rank 0's share)" if world > 1 else ""
+            report = lambda done, total: log(f"anchor cache: {done} of {total} rows{share} embedded")  # noqa: E731
     try:
         counts = _embed_rows(encoder, table, modality, emb, valid, bounds[r], bounds[r + 1],
                              batch_size=batch_size, num_workers=num_workers, progress=progress,
-                             strict=strict, autocast=autocast)
+                             strict=strict, autocast=autocast, parts=parts, report=report)
     except Exception as e:  # raised below, once the other ranks have heard of it
         if world == 1:
             raise
@@ -434,6 +549,8 @@ def cached_embeddings(
             _write(path, emb, valid, meta)  # this machine does not share rank 0's filesystem
         gbdist.barrier()
     if path.is_file():
+        if gbdist.local_rank() == 0:
+            shutil.rmtree(parts, ignore_errors=True)  # the file now holds every part
         # Drop the private copy for the mapped file, shared by the ranks of this machine.
         emb, valid, _ = _read(path)
     return emb, valid, {"path": str(path), "hit": False, "bad": dict(counts)}

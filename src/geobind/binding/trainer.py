@@ -1452,7 +1452,7 @@ class Trainer:
         return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
                                  num_workers=workers,
                                  progress=self.progress and self.main,
-                                 strict=scfg.data.strict, say=self._say,
+                                 strict=scfg.data.strict, say=self._say, log=self._say,
                                  autocast=None if usual else _precision(scfg, self.device)[0],
                                  key_extra="" if usual else f"precision={p}")
 
