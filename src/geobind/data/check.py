@@ -9,6 +9,7 @@ same reader), and each problem is counted under the same reason training skips i
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -227,7 +228,10 @@ def check_dataset(
         # Updated by hand: given the loader, tqdm.auto's bar would start a second pass over it.
         bar = tqdm(total=len(data), desc="check", unit="sample", leave=False)
     report = CheckReport(str(getattr(data, "source", path)), layout_name, mods, 0, 0)
-    found: list[tuple[int, tuple[str, str, str]]] = []
+    # The first max_examples problems in dataset order, kept as a bounded max-heap on (row, n):
+    # a scan of millions of bad rows (a wrong folder) must not hold every problem in memory.
+    found: list[tuple[int, int, tuple[str, str, str]]] = []
+    seq = 0
     for row, problems in loader:
         if bar is not None:
             bar.update(1)
@@ -238,11 +242,18 @@ def check_dataset(
             report.usable += 1
         for p in problems:
             report.reasons[p[1]] += 1
-            found.append((int(row), p))
+            seq += 1
+            if max_examples <= 0:
+                continue
+            entry = (-int(row), -seq, p)
+            if len(found) < max_examples:
+                heapq.heappush(found, entry)
+            elif entry > found[0]:
+                heapq.heapreplace(found, entry)
     if bar is not None:
         bar.close()
     # Workers finish out of order; report the first problems in dataset order.
-    report.examples = [p for _, p in sorted(found, key=lambda x: x[0])[:max_examples]]
+    report.examples = [p for _, _, p in sorted(found, reverse=True)]
     if isinstance(data, ShardSet):
         report.shard_errors = {data.urls[s]: e for s, e in sorted(data.shard_errors.items())}
     return report

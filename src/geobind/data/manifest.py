@@ -18,6 +18,7 @@ import functools
 import hashlib
 import inspect
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,6 +276,43 @@ def _empty(v: Any) -> bool:
         return False
 
 
+def _resolve_path(v: Any, base: Path) -> str:
+    """One manifest cell as the path it names: ``~`` expanded, relative to ``base``."""
+    p = Path(str(v)).expanduser()
+    p = p if p.is_absolute() else base / p
+    if "\\" in str(v) and not p.exists():
+        # A path written on Windows (tiles\0001.jpg) names these folders here.
+        alt = base / Path(str(v).replace("\\", "/")).expanduser()
+        p = alt if alt.exists() else p
+    return str(p)
+
+
+def _resolve_paths(values: list[Any], base: Path) -> list[str | None]:
+    """:func:`_resolve_path` of every cell (``None`` for empty ones). A manifest's files sit in a
+    few folders, so each folder is resolved once with pathlib and the file name appended to it:
+    the same strings, at a fraction of the cost of a ``Path`` per row (a million rows: seconds
+    instead of tens of seconds). Cells pathlib would treat otherwise (``~``, backslashes, a
+    ``//`` root, a ``.`` or empty last component) take the per-cell way."""
+    folders: dict[str, str] = {}
+    out: list[str | None] = []
+    fast = os.sep == "/"
+    for v in values:
+        if _empty(v):
+            out.append(None)
+            continue
+        s = str(v)
+        head, _, name = s.rpartition("/")
+        if not fast or name in ("", ".") or "\\" in s or "~" in s or s.startswith("//"):
+            out.append(_resolve_path(s, base))
+            continue
+        key = head if head or not s.startswith("/") else "/"
+        folder = folders.get(key)
+        if folder is None:
+            folder = folders[key] = str(base / key) if key else str(base)
+        out.append(name if folder == "." else folder + name if folder.endswith("/") else f"{folder}/{name}")
+    return out
+
+
 @register_layout("manifest")
 def read_manifest(path: Path, *, bands: Any = None, scale: Any = "auto") -> Table:
     """CSV or Parquet manifest; paths relative to the manifest's folder.
@@ -344,22 +382,10 @@ def read_manifest(path: Path, *, bands: Any = None, scale: Any = "auto") -> Tabl
     for m in modalities():
         if m not in df.columns:
             continue
-        spec = get_modality(m)
-        vals = []
-        for v in df[m].tolist():
-            if _empty(v):
-                vals.append(None)
-            elif spec.source == "path":
-                p = Path(str(v)).expanduser()
-                p = p if p.is_absolute() else base / p
-                if "\\" in str(v) and not p.exists():
-                    # A path written on Windows (tiles\0001.jpg) names these folders here.
-                    alt = base / Path(str(v).replace("\\", "/")).expanduser()
-                    p = alt if alt.exists() else p
-                vals.append(str(p))
-            else:
-                vals.append(str(v))
-        columns[m] = vals
+        if get_modality(m).source == "path":
+            columns[m] = _resolve_paths(df[m].tolist(), base)
+        else:
+            columns[m] = [None if _empty(v) else str(v) for v in df[m].tolist()]
     # As float64 with NaN for missing values (nullable Float64 columns hold pd.NA).
     lat = pd.to_numeric(df["lat"], errors="coerce").to_numpy(dtype="float64", na_value=np.nan).tolist()
     lon = pd.to_numeric(df["lon"], errors="coerce").to_numpy(dtype="float64", na_value=np.nan).tolist()

@@ -172,6 +172,28 @@ def _read_source_frame(path: Path, layout: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"key": str, "long_key": str}, keep_default_na=False)
 
 
+def _relpaths(paths: list[str | None], start: Path) -> list[str]:
+    """``os.path.relpath(p, start)`` of every path (``""`` for None), each folder's relative path
+    worked out once: the files of a manifest sit in a few folders, and ``relpath`` per row (two
+    ``getcwd`` calls and two normalisations each) took half of a million-row split."""
+    start_abs = os.path.abspath(start)
+    folders: dict[str, str] = {}
+    out = []
+    for p in paths:
+        if p is None:
+            out.append("")
+            continue
+        folder, name = os.path.split(p)
+        if name in ("", ".", ".."):  # normalised away by relpath: take the slow way
+            out.append(os.path.relpath(p, start_abs))
+            continue
+        rel = folders.get(folder)
+        if rel is None:
+            rel = folders[folder] = os.path.relpath(folder or os.curdir, start_abs)
+        out.append(name if rel == os.curdir else os.path.join(rel, name))
+    return out
+
+
 def write_split(
     source: str | Path,
     out: str | Path | None = None,
@@ -231,7 +253,7 @@ def write_split(
         for m in data.columns:
             if get_modality(m).source != "path":
                 continue
-            frame[m] = [os.path.relpath(v, out) if v is not None else "" for v in data.columns[m]]
+            frame[m] = _relpaths(data.columns[m], out)
     written = {}
     # Every part is written to a temporary file first, and they are renamed into place together
     # at the end: a full disk or a Ctrl-C leaves no cut-short part, and no mix of two splits.

@@ -19,8 +19,11 @@ search only chooses candidates, which are then re-scored exactly from ``vectors.
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,10 @@ IMAGE_MODALITIES = ("satellite", "ground")
 # Settings tried, cheapest first, when ``check`` tunes an approximate index to a target recall.
 TUNE_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TUNE_EF = (16, 32, 64, 128, 256, 512, 1024)
+# Thumbnails per row group of thumbnails.parquet (a lookup reads one group: about 5 MB of
+# 128 px JPEGs), and how many recently read groups a loaded index keeps.
+THUMBNAIL_GROUP_ROWS = 1024
+THUMBNAIL_GROUPS_KEPT = 16
 
 
 def exact_topk(
@@ -156,6 +163,7 @@ class Index:
         self.path = path
         self._faiss = faiss_index
         self._thumbnails = thumbnails
+        self._thumbnail_file: _ThumbnailFile | None = None
         self._pos: dict[str, int] | None = None
         self._f32: torch.Tensor | None = None
 
@@ -326,8 +334,13 @@ class Index:
                 cols["caption"] = pa.array(list(self.captions), pa.string())
             pq.write_table(pa.table(cols), tmp / "items.parquet")
             np.save(tmp / "vectors.npy", np.ascontiguousarray(self.vectors))
+            # A loaded index reads its FAISS index and thumbnails only when used: saved before
+            # that, they are copied from the folder it was loaded from, never left behind.
+            source = self.path if self.path is not None and self.path.is_dir() else None
             if self._faiss is not None:
                 import_faiss().write_index(self._faiss, str(tmp / "faiss.index"))
+            elif source is not None and (source / "faiss.index").is_file():
+                shutil.copyfile(source / "faiss.index", tmp / "faiss.index")
             if self._thumbnails:
                 ids = list(self._thumbnails)
                 pq.write_table(
@@ -338,7 +351,11 @@ class Index:
                         }
                     ),
                     tmp / "thumbnails.parquet",
+                    # Small row groups: a thumbnail is then read with its group alone (thumbnail()).
+                    row_group_size=THUMBNAIL_GROUP_ROWS,
                 )
+            elif self._thumbnails is None and source is not None and (source / "thumbnails.parquet").is_file():
+                shutil.copyfile(source / "thumbnails.parquet", tmp / "thumbnails.parquet")
             (tmp / "index.json").write_text(json.dumps(self.header, indent=2) + "\n")
         self.path = path
         return path
@@ -554,18 +571,19 @@ class Index:
         return bool(self.header.get("thumbnails", {}).get("count"))
 
     def thumbnail(self, item_id: str) -> bytes | None:
-        """The JPEG thumbnail of ``item_id`` (bytes), or None when the index has none for it."""
-        if self._thumbnails is None:
-            self._thumbnails = {}
+        """The JPEG thumbnail of ``item_id`` (bytes), or None when the index has none for it.
+        A saved index's thumbnails stay on disk: the ids are read once, and each thumbnail with
+        its row group (a few recent groups are kept), so a million places' JPEGs are never all
+        in memory. Safe to call from several threads."""
+        if self._thumbnails is not None:
+            return self._thumbnails.get(item_id)
+        if self._thumbnail_file is None:
             f = self.path / "thumbnails.parquet" if self.path else None
-            if f is not None and f.is_file():
-                import pyarrow.parquet as pq
-
-                t = pq.read_table(f)
-                self._thumbnails = dict(
-                    zip(t.column("id").to_pylist(), t.column("thumbnail").to_pylist())
-                )
-        return self._thumbnails.get(item_id)
+            if f is None or not f.is_file():
+                self._thumbnails = {}
+                return None
+            self._thumbnail_file = _ThumbnailFile(f)
+        return self._thumbnail_file.get(item_id)
 
     # -- quality ---------------------------------------------------------------------------
     def check(
@@ -669,6 +687,36 @@ class Index:
                     f"for finer codes, or build an exact index")
         return (f"{value} is the largest {key} tried: raise --hnsw-m (more links per node), or "
                 f"build an exact index")
+
+
+class _ThumbnailFile:
+    """A saved index's ``thumbnails.parquet``, read a row group at a time on demand."""
+
+    def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
+        self.file = pq.ParquetFile(path)
+        ids = self.file.read(columns=["id"]).column("id").to_pylist()
+        self.row = {x: i for i, x in enumerate(ids)}
+        sizes = [self.file.metadata.row_group(g).num_rows for g in range(self.file.num_row_groups)]
+        self.starts = np.cumsum([0, *sizes])
+        self.groups: OrderedDict[int, Any] = OrderedDict()  # row group -> its thumbnail column
+        self.lock = threading.Lock()
+
+    def get(self, item_id: str) -> bytes | None:
+        i = self.row.get(item_id)
+        if i is None:
+            return None
+        g = int(np.searchsorted(self.starts, i, side="right")) - 1
+        with self.lock:  # one reader of the file at a time; the cache is shared by the threads
+            col = self.groups.get(g)
+            if col is None:
+                col = self.groups[g] = self.file.read_row_group(g, columns=["thumbnail"]).column("thumbnail")
+                if len(self.groups) > THUMBNAIL_GROUPS_KEPT:
+                    self.groups.popitem(last=False)
+            else:
+                self.groups.move_to_end(g)
+            return col[i - int(self.starts[g])].as_py() or None
 
 
 def tuned_setting(kind: str) -> str:
