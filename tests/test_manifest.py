@@ -68,3 +68,46 @@ def test_raster_options_without_rasterio_say_what_to_install(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "rasterio", None)  # `import rasterio` fails
     with pytest.raises(ImportError, match=r"layout options bands and scale needs rasterio: pip install 'geobind\[geo\]'"):
         read_dataset(p, bands=[4, 3, 2])
+
+
+def test_the_table_loader_workers_hold_gives_the_same_items_without_an_object_per_row(tmp_path):
+    """``for_workers``: ids and string columns in Arrow arrays (forked workers then share their
+    pages), every item, place and error as the table gives them; a column of other items stays."""
+    import pickle
+
+    import pytest
+
+    from geobind.data.errors import BadSampleError
+    from geobind.data.manifest import StringColumn, Table, for_loader_workers
+
+    (tmp_path / "m.csv").write_text(
+        "id,lat,lon,satellite,text\n"
+        "a,1.5,2,tiles/a.png,a forest\n"
+        "b,95,2,tiles/b.png,\n"  # bad coordinates, no caption
+        "c,-3,170.25,,a city é\n"  # no tile
+    )
+    table = read_dataset(tmp_path / "m.csv")
+    assert for_loader_workers(table, 0) is table
+    view = for_loader_workers(table, 2)
+    assert isinstance(view.ids, StringColumn) and all(isinstance(c, StringColumn) for c in view.columns.values())
+    assert view.meta is None and len(view) == len(table) == 3 and view.identity == table.identity
+
+    def outcome(t, m, i):
+        try:
+            return t.item(m, i)
+        except BadSampleError as e:
+            return str(e)
+
+    for i in range(3):
+        assert view.place(i) == table.place(i)
+        for m in ("satellite", "text"):
+            assert outcome(view, m, i) == outcome(table, m, i)
+    assert view.columns["text"] == table.columns["text"] == ["a forest", None, "a city é"]
+    assert view.columns["satellite"][-1] is None and view.columns["satellite"][:2] == table.columns["satellite"][:2]
+    with pytest.raises(IndexError):
+        view.columns["text"][3]
+    again = pickle.loads(pickle.dumps(view))  # as a spawned worker receives it
+    assert list(again.ids) == ["a", "b", "c"] and again.item("text", 0) == "a forest"
+    # A registered layout's column of other items (arrays, say) is kept as it is.
+    odd = Table("x", ["p"], [0.0], [0.0], {"satellite": [b"\x00"]})
+    assert odd.for_workers().columns["satellite"] == [b"\x00"]

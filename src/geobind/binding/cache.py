@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from geobind import distributed as gbdist
 from geobind.binding.prefetch import map_tensors, outputs_one_behind
 from geobind.data.errors import BadSampleError
-from geobind.data.manifest import Table
+from geobind.data.manifest import Table, for_loader_workers
 from geobind.data.shards import RowStream, ShardSet
 from geobind.encoders.base import Encoder, usual_mode
 from geobind.model import autocast_for
@@ -235,6 +235,7 @@ def _embed_rows(
                    total=math.ceil((stop - start) / batch_size) if num_workers <= 1 else None)
     try:
         spans = part_spans(table, start, stop, batch_size) if parts is not None else [(start, stop)]
+        table = for_loader_workers(table, num_workers)  # once for every span's loader
         for a, b in spans:
             path = _part_path(parts, a, b) if parts is not None else None
             done = _load_part(path, emb, valid, a, b) if path is not None and path.is_file() else None

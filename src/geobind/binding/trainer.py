@@ -46,7 +46,7 @@ from geobind.binding.stage import BindingStage
 from geobind.binding.step import StepRunner
 from geobind.config import RunConfig, StageConfig, plain
 from geobind.data.errors import BadSampleError
-from geobind.data.manifest import Table, read_dataset
+from geobind.data.manifest import Table, for_loader_workers, read_dataset
 from geobind.data.shards import EpochStream, ShardSet, next_segments, plan_epoch, worker_count
 from geobind.encoders import anchor_encoders, build_anchor, get_encoder_class
 from geobind.encoders.base import eagerly, uncompile
@@ -1155,7 +1155,8 @@ class Trainer:
             self._validate(stage, val, scfg, writer, *val_due)
         val_due = None
         uncached_anchor = None if scfg.cache_anchor else anchor
-        ds = train_items(table, scfg.train, encoder, cfg.seed, uncached_anchor, scfg.bind_to)
+        ds = train_items(for_loader_workers(table, workers), scfg.train, encoder, cfg.seed, uncached_anchor,
+                         scfg.bind_to)
         pbar = None
         if self.main and self.progress:
             from tqdm.auto import tqdm

@@ -346,6 +346,7 @@ def _embed_chunks(
 
     from geobind.binding.cache import _ItemDataset
     from geobind.binding.prefetch import map_tensors, outputs_one_behind
+    from geobind.data.manifest import for_loader_workers
     from geobind.data.shards import ChunkStream, span_batches
     from geobind.model import autocast_for
 
@@ -362,7 +363,8 @@ def _embed_chunks(
         loader = DataLoader(stream, batch_size=None, **common)
     else:
         batches = [list(range(a, b)) for a, b in span_batches([(a, b) for _, a, b in chunks], batch_size)]
-        loader = DataLoader(_ItemDataset(data, modality, prep), batch_sampler=batches, **common)
+        loader = DataLoader(_ItemDataset(for_loader_workers(data, num_workers), modality, prep),
+                            batch_sampler=batches, **common)
     device = encoder.device
 
     def forward(item):
