@@ -442,6 +442,9 @@ def import_plugins(spec: str | None = None) -> list[str]:
         except ImportError as e:
             raise ImportError(f"GEOBIND_PLUGINS names {name!r}, which cannot be imported ({e}); "
                               "install it or add its folder to PYTHONPATH") from e
+        except Exception as e:  # the plugin itself failed (a registration refused, say)
+            raise ImportError(f"GEOBIND_PLUGINS module {name!r} failed while importing: "
+                              f"{type(e).__name__}: {e}") from e
     return [n for n in names if n]
 
 

@@ -116,6 +116,14 @@ def _add_query_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="an image (taken as a ground photo) or an audio file, detected from its content",
     )
+    g.add_argument(
+        "--query",
+        action="append",
+        default=[],
+        metavar="MODALITY=VALUE",
+        help="an item of any modality of the model (a plugin's too): a file, or lat,lon for a "
+        "latlon modality (--query sentinel2=tile.tif, --query location=48.1,11.6); repeatable",
+    )
 
 
 def _query_kwargs(args) -> dict:
@@ -131,9 +139,30 @@ def _query_kwargs(args) -> dict:
         raise ValueError("--text is empty: give words to search for")
     for f in args.file:
         kw["audio" if sniff_file(f) == "audio" else "image"].append(f)
-    if not any(kw.values()):
-        raise ValueError("no query: give --text, --audio, --image, --satellite or --file")
-    return {k: v or None for k, v in kw.items()}
+    queries: dict[str, list] = {}
+    for q in getattr(args, "query", []):
+        from geobind.modality import get_modality
+
+        modality, eq, value = q.partition("=")
+        modality = modality.strip()
+        if not eq or not modality or not value.strip():
+            raise ValueError(f"--query {q!r}: write MODALITY=VALUE, e.g. --query sentinel2=tile.tif")
+        if get_modality(modality).source == "latlon":
+            try:
+                lat, lon = (float(v) for v in value.split(","))
+            except ValueError:
+                raise ValueError(f"--query {q!r}: {modality} takes lat,lon in degrees, e.g. "
+                                 f"{modality}=48.1,11.6") from None
+            queries.setdefault(modality, []).append((lat, lon))
+        elif get_modality(modality).source == "text":
+            queries.setdefault(modality, []).append(value)
+        else:
+            if not Path(value).is_file():
+                raise FileNotFoundError(f"--query {q!r}: query file {value} does not exist")
+            queries.setdefault(modality, []).append(value)
+    if not any(kw.values()) and not queries:
+        raise ValueError("no query: give --text, --audio, --image, --satellite, --file or --query")
+    return {**{k: v or None for k, v in kw.items()}, "queries": queries or None}
 
 
 def add_space_parsers(sub) -> None:

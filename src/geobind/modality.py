@@ -7,7 +7,9 @@ package hard-codes the list: code asks the registry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "AUDIO",
@@ -39,6 +41,11 @@ class ModalitySpec:
     # File suffixes accepted inside WebDataset shards, in order of preference.
     shard_keys: tuple[str, ...] = ()
     description: str = ""
+    # For modalities stored as plain files (not images, audio or text): decodes one item (a
+    # path or a shard member's bytes) as the modality's encoder would, raising
+    # geobind.data.errors.BadSampleError when it is unusable; `geobind data check` calls it.
+    # None: data check only sees that the file exists and is not empty.
+    check: Callable[[Any], None] | None = field(default=None, compare=False)
 
 
 _REGISTRY: dict[str, ModalitySpec] = {}
@@ -50,8 +57,13 @@ def register_modality(spec: ModalitySpec, *, exist_ok: bool = False) -> Modality
         raise ValueError(
             f"modality {spec.name!r}: source must be 'path', 'text' or 'latlon', got {spec.source!r}"
         )
-    if spec.name in _REGISTRY and not exist_ok and _REGISTRY[spec.name] != spec:
-        raise ValueError(f"modality {spec.name!r} is already registered")
+    old = _REGISTRY.get(spec.name)
+    # The same name, source and shard keys is the same modality (a plugin registering the
+    # built-in `location` again, say): its description may differ.
+    same = old is not None and (old.source, old.shard_keys) == (spec.source, spec.shard_keys)
+    if old is not None and not exist_ok and not same:
+        raise ValueError(f"modality {spec.name!r} is already registered as {old}; pass exist_ok=True "
+                         "to replace it")
     _REGISTRY[spec.name] = spec
     return spec
 

@@ -252,6 +252,9 @@ class GeoBind(nn.Module):
         mods = {}
         for name, enc in self.encoders.items():
             mods[name] = {"encoder": enc.type_name, "path": enc.backbone_key(), "settings": enc.settings()}
+            module = type(enc).__module__
+            if module.split(".")[0] != "geobind":  # a plugin's: loading the model needs it imported
+                mods[name]["module"] = module
         return {
             "format_version": FORMAT_VERSION,
             "geobind_version": __version__,
@@ -389,7 +392,15 @@ class GeoBind(nn.Module):
         encoders = {}
         with quiet_transformers():
             for name, m in cfg["modalities"].items():
-                enc_cls = get_encoder_class(m["encoder"])
+                try:
+                    enc_cls = get_encoder_class(m["encoder"])
+                except ValueError as e:
+                    plugin = m.get("module")
+                    hint = (f"; the model was saved with it from the module {plugin!r}: import it first "
+                            f"(on the command line: GEOBIND_PLUGINS={plugin})" if plugin else
+                            "; import the module that registers it first (on the command line: name it "
+                            "in GEOBIND_PLUGINS)")
+                    raise ValueError(f"{path}: the {name} encoder: {str(e).rstrip('.')}{hint}") from None
                 try:
                     encoders[name] = enc_cls.from_saved(
                         name, path / m["path"], m.get("settings", {}), cfg["dim"], shared

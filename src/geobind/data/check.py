@@ -98,12 +98,24 @@ def check_item(modality: str, item: Any, name: str | None = None) -> None:
     elif kind == "text":
         if not isinstance(item, str) or not item.strip():
             raise BadSampleError(name or "<text>", "empty-text", "caption is empty or not a string")
-    elif kind == "file" and isinstance(item, (str, Path)):
-        p = Path(item)
-        if not p.is_file():
-            raise BadSampleError(str(p), "missing", "file does not exist")
-        if p.stat().st_size == 0:
-            raise BadSampleError(str(p), "empty", "file is empty")
+    elif kind == "file":
+        if isinstance(item, (str, Path)):
+            p = Path(item)
+            if not p.is_file():
+                raise BadSampleError(str(p), "missing", "file does not exist")
+            if p.stat().st_size == 0:
+                raise BadSampleError(str(p), "empty", "file is empty")
+        from geobind.modality import get_modality
+
+        decode = get_modality(modality).check
+        if decode is not None:
+            try:
+                decode(item)
+            except BadSampleError:
+                raise
+            except Exception as e:  # the plugin's own reader failed: the file is unusable
+                where = str(item) if isinstance(item, (str, Path)) else (name or f"<{modality}>")
+                raise BadSampleError(where, "undecodable", f"{type(e).__name__}: {e}") from None
 
 
 def _check_audio(item: Any, name: str | None) -> None:

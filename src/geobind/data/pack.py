@@ -233,6 +233,10 @@ def _sample(table: Table, i: int, s: dict[str, Any], bad: Counter, examples: lis
                     if get_modality(m).shard_keys
                     else f"{m}{p.suffix}"
                 )
+                if get_modality(m).check is not None:  # caught now, not mid-run (as images are)
+                    from geobind.data.check import check_item
+
+                    check_item(m, item)
                 out[suffix] = p.read_bytes()
         except BadSampleError as e:
             problem(e)

@@ -91,7 +91,12 @@ class Encoder(nn.Module):
 
     # -- data side -------------------------------------------------------------------------
     def load(self, item: Any, *, train: bool = False) -> Any:
-        """One raw item -> one per-sample CPU input. ``train`` enables augmentation."""
+        """One raw item -> one per-sample CPU input. ``train`` enables augmentation.
+
+        An item is what the dataset holds for the modality: a path (manifests), the member's
+        bytes (shards), the text, or ``(lat, lon)`` for a ``latlon`` modality. Raise
+        :class:`geobind.data.errors.BadSampleError` for an unusable item (missing, empty,
+        undecodable): training skips and counts it; any other exception stops the run."""
         raise NotImplementedError
 
     def collate(self, samples: list[Any]) -> Any:

@@ -393,17 +393,22 @@ class ClipVisionEncoder(Encoder):
             model = CLIPVisionModelWithProjection(CLIPVisionConfig(**spec["config"]))
         else:
             src = spec.get("init_from", "ground")
-            if src not in space or not isinstance(space[src], ClipImageEncoder):
+            if src in space and isinstance(space[src], ClipVisionEncoder):
+                # A tower trained by an earlier stage (satellite, say): start from a copy of it.
+                model = copy.deepcopy(space[src].model)
+            elif src not in space or not isinstance(space[src], ClipImageEncoder):
+                towers = sorted(m for m, e in space.items() if isinstance(e, (ClipImageEncoder, ClipVisionEncoder)))
                 raise ValueError(
                     f"encoder clip_vision: init_from={src!r} must name a modality served by a CLIP image "
-                    f"tower in the space; the space has {sorted(space)}"
+                    f"tower in the space ({', '.join(towers) or 'none'}); the space has {sorted(space)}"
                 )
-            clip = space[src].clip
-            vcfg = copy.deepcopy(clip.config.vision_config)
-            vcfg.projection_dim = clip.config.projection_dim
-            model = CLIPVisionModelWithProjection(vcfg)
-            model.vision_model.load_state_dict(clip.vision_model.state_dict())
-            model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+            else:
+                clip = space[src].clip
+                vcfg = copy.deepcopy(clip.config.vision_config)
+                vcfg.projection_dim = clip.config.projection_dim
+                model = CLIPVisionModelWithProjection(vcfg)
+                model.vision_model.load_state_dict(clip.vision_model.state_dict())
+                model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
         if model.config.projection_dim != dim:
             raise ValueError(
                 f"encoder clip_vision projects to {model.config.projection_dim} dims but the space has {dim}"

@@ -39,6 +39,19 @@ CAPTION_COLUMNS = ("caption", "description", "title")
 IMAGE_MODALITIES = ("satellite", "ground")
 
 
+def is_image_modality(modality: str) -> bool:
+    """Whether ``modality`` holds images (thumbnails are made of them): the built-in image
+    modalities, and any registered one stored as ``.jpg``/``.png`` (a plugin's ``naip``, say)."""
+    if modality in IMAGE_MODALITIES:
+        return True
+    from geobind.data.pack import member_kind
+
+    try:
+        return member_kind(modality) == "image"
+    except ValueError:  # not registered here (its plugin not imported): no thumbnails
+        return False
+
+
 @dataclass(repr=False)
 class Embeddings:
     """Embeddings of one modality read back from Parquet (or built in memory)."""
@@ -476,7 +489,7 @@ def embed_dataset(
         raise ValueError(f"dataset {getattr(table, 'source', data)} has no rows")
     table.require(modality)
     if thumbnails is None:
-        thumbnails = modality in IMAGE_MODALITIES
+        thumbnails = is_image_modality(modality)
     thumb_px = int(thumbnail_size) if thumbnails else 0
     header = {
         "format": FORMAT,

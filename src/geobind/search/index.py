@@ -41,7 +41,7 @@ from geobind.search.common import (
     faiss_threads,
     import_faiss,
 )
-from geobind.search.embed import Embeddings, read_embeddings
+from geobind.search.embed import Embeddings, is_image_modality, read_embeddings
 
 if TYPE_CHECKING:
     import torch  # imported where used: `index info` and `index build` need no torch
@@ -301,7 +301,7 @@ class Index:
         thumbs = None
         if thumbnails and emb.thumbnails is not None:
             thumbs = {i: t for i, t in zip(emb.ids, emb.thumbnails) if t}
-        elif thumbnails and emb.items is not None and emb.modality in IMAGE_MODALITIES:
+        elif thumbnails and emb.items is not None and is_image_modality(emb.modality):
             thumbs = make_thumbnails(emb.ids, emb.items, thumbnail_size, progress=progress)
         if thumbs is not None:
             header["thumbnails"] = {"count": len(thumbs), "format": "jpeg"}

@@ -65,6 +65,9 @@ class Query:
                     parts.append(f'"{v}"')
                 elif isinstance(v, (str, Path)):
                     parts.append(f"{modality} {Path(v).name}")
+                elif (isinstance(v, tuple) and len(v) == 2
+                      and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                    parts.append(f"{modality} {v[0]:g},{v[1]:g}")  # a (lat, lon) query
                 else:
                     parts.append(f"{modality} <{type(v).__name__}>")
         return " + ".join(parts)
