@@ -570,9 +570,10 @@ def test_out_of_memory_says_what_to_change_and_keeps_the_checkpoint(tiny_data, t
 
 
 def test_a_starved_model_gets_one_hint_on_feeding_it_faster(tiny_data, tmp_path, monkeypatch):
-    """When loader workers cannot keep up (here: tiles that take 40 ms each to load), the run
-    log says so once, with what to change; loading in the main process on a CPU says nothing
-    (there the model and the loader share the cores by design)."""
+    """When loader workers cannot keep up (here: tiles that take 150 ms each to load, slow
+    enough that a tiny model's step on a busy machine still waits for them), the run log says so
+    once, with what to change; loading in the main process on a CPU says nothing (there the
+    model and the loader share the cores by design)."""
     import time
 
     from geobind.encoders.images import ImageTransform
@@ -580,7 +581,7 @@ def test_a_starved_model_gets_one_hint_on_feeding_it_faster(tiny_data, tmp_path,
     real = ImageTransform.__call__
 
     def slow(self, item, train=False):
-        time.sleep(0.04)
+        time.sleep(0.15)
         return real(self, item, train=train)
 
     monkeypatch.setattr(ImageTransform, "__call__", slow)
