@@ -69,3 +69,104 @@ def test_a_computation_is_logged_piece_by_piece_without_a_bar(tiny_data, tmp_pat
     lines.clear()
     cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4, log=lines.append)
     assert lines == []  # a hit says nothing here (the trainer says "anchor cache hit")
+
+
+def test_parts_of_another_batch_size_are_embedded_again(tiny_data, tmp_path, monkeypatch):
+    """Batches of another size may give other last bits: such parts (same rows, same file name
+    when the part size is a multiple of both) are not mixed into the file."""
+    monkeypatch.setattr(cache_mod, "PART_ROWS", 8)
+    table = read_dataset(tiny_data["stage1"])
+    ground = build_space(tiny_data).encoder("ground")
+    fresh, _, _ = cached_embeddings(ground, table, "ground", tmp_path / "fresh", batch_size=2)
+    real = cache_mod._embed_span
+    calls = {"n": 0}
+
+    def counting(*args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "_embed_span", counting)
+    with pytest.raises(KeyboardInterrupt):
+        cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
+    assert part_spans(table, 0, len(table), 2)[:2] == part_spans(table, 0, len(table), 4)[:2]  # same names
+    calls["n"] = -100
+    emb, _, _ = cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=2)
+    assert calls["n"] == -100 + len(part_spans(table, 0, len(table), 2))  # every part embedded again
+    assert torch.equal(emb, fresh)
+
+
+def test_a_hit_removes_parts_left_by_a_run_stopped_after_its_write(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "PART_ROWS", 8)
+    table = read_dataset(tiny_data["stage1"])
+    ground = build_space(tiny_data).encoder("ground")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # between the write and the removal
+
+    monkeypatch.setattr(cache_mod.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
+    monkeypatch.undo()
+    assert list((tmp_path / "c").glob("*.parts"))
+    _, _, info = cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
+    assert info["hit"] and not list((tmp_path / "c").glob("*.parts"))
+
+
+def _uneven_worker(r, port, out):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+    from dist_helpers import rank_env
+
+    from geobind import distributed as gbdist
+
+    rank_env(r, port, 2)
+    dist.init_process_group("gloo", rank=r, world_size=2, timeout=datetime.timedelta(seconds=2))
+    try:
+        if r == 1:
+            time.sleep(4)  # a share twice the collective timeout
+        gbdist.wait_for_ranks(poll_s=0.1)
+        (out / f"rank{r}").write_text(repr(gbdist.all_gather_object(r)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_wait_for_an_uneven_share_beyond_the_collective_timeout(tmp_path):
+    from dist_helpers import free_port, spawn_with_deadline
+
+    spawn_with_deadline(_uneven_worker, (free_port(), tmp_path), 2, seconds=60)
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "[0, 1]"
+
+
+def test_a_part_whose_data_was_lost_is_embedded_again(tiny_data, tmp_path, monkeypatch):
+    """Zeros under an intact header (a crash before the renamed part reached the disk): the
+    part is not trusted, so its rows are not silently left out as invalid."""
+    import struct
+
+    monkeypatch.setattr(cache_mod, "PART_ROWS", 8)
+    table = read_dataset(tiny_data["stage1"])
+    ground = build_space(tiny_data).encoder("ground")
+    fresh, fresh_valid, _ = cached_embeddings(ground, table, "ground", tmp_path / "fresh", batch_size=4)
+    real = cache_mod._embed_span
+    calls = {"n": 0}
+
+    def stop_after_two_parts(*args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "_embed_span", stop_after_two_parts)
+    with pytest.raises(KeyboardInterrupt):
+        cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
+    part = sorted((tmp_path / "c").glob("*.parts/rows-*.safetensors"))[1]
+    raw = bytearray(part.read_bytes())
+    data = 8 + struct.unpack("<Q", raw[:8])[0]
+    raw[data:] = bytes(len(raw) - data)
+    part.write_bytes(bytes(raw))
+    calls["n"] = -100
+    emb, valid, _ = cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
+    assert torch.equal(emb, fresh) and torch.equal(valid, fresh_valid)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -297,6 +298,26 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
         return 0
     per_rank = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, per_rank - 1))
+
+
+_WAITS = 0
+
+
+def wait_for_ranks(poll_s: float = 1.0) -> None:
+    """Wait until every rank has called this (as often), with no time limit: a barrier for
+    host work of very uneven length (one rank embedding its whole share of an anchor cache
+    while another read its share from an interrupted run's parts), which a collective would
+    cut off after the process group's timeout (30 minutes by default). Polls the rendezvous
+    store; a rank that dies is noticed by the launcher (torchrun ends the job)."""
+    global _WAITS
+    if not is_distributed():
+        return
+    _WAITS += 1
+    store = dist.distributed_c10d._get_default_store()
+    key = f"geobind/wait/{_WAITS}"
+    store.add(key, 1)
+    while store.add(key, 0) < dist.get_world_size():
+        time.sleep(poll_s)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

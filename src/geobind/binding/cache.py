@@ -168,31 +168,42 @@ def _part_path(parts: Path, a: int, b: int) -> Path:
     return parts / f"rows-{a:012d}-{b:012d}.safetensors"
 
 
-def _load_part(path: Path, emb: torch.Tensor, valid: torch.Tensor, a: int, b: int) -> Counter | None:
+def _load_part(path: Path, emb: torch.Tensor, valid: torch.Tensor, a: int, b: int,
+               batch_size: int) -> Counter | None:
     """Rows ``a:b`` from a finished part into ``emb``/``valid``; their bad counts, or None when
-    the part does not read (it is then embedded again)."""
+    the part does not read or was embedded in batches of another size (whose numbers may
+    differ in the last bit): it is then embedded again."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            bad = json.loads((f.metadata() or {}).get("bad", "{}"))
+            meta = f.metadata() or {}
+            if meta.get("batch_size") != str(batch_size):
+                return None
+            bad = json.loads(meta.get("bad", "{}"))
             e, v = f.get_tensor("embeddings"), f.get_tensor("valid")
     except Exception:  # noqa: BLE001 - a damaged part: embed it again
         return None
     if e.shape != (b - a, emb.shape[1]) or v.shape != (b - a,):
         return None
+    # Every row is a vector or a counted bad sample: a part whose pages were lost (zeros under
+    # an intact header, as a crash can leave a file renamed before it reached the disk) is not.
+    v = v.bool()
+    if int((~v).sum()) != sum(bad.values()) or bool((e[v] == 0).all(dim=1).any()):
+        return None
     emb[a:b] = e.to(emb.dtype)
-    valid[a:b] = v.bool()
+    valid[a:b] = v
     return Counter(bad)
 
 
-def _save_part(path: Path, emb: torch.Tensor, valid: torch.Tensor, a: int, b: int, bad: Counter) -> None:
+def _save_part(path: Path, emb: torch.Tensor, valid: torch.Tensor, a: int, b: int, bad: Counter,
+               batch_size: int) -> None:
     # safetensors' writer under a name of its own: save_file is the cache file's writer alone.
     from safetensors.torch import save_file as save_tensors
 
     tmp = path.with_name(path.name + f".tmp{gbdist.rank()}-{os.getpid()}")
     save_tensors({"embeddings": emb[a:b].contiguous(), "valid": valid[a:b].to(torch.uint8).contiguous()}, str(tmp),
-                 metadata={"bad": json.dumps(dict(bad))})
+                 metadata={"bad": json.dumps(dict(bad)), "batch_size": str(batch_size)})
     usual_mode(tmp)
     tmp.replace(path)
 
@@ -238,7 +249,7 @@ def _embed_rows(
         table = for_loader_workers(table, num_workers)  # once for every span's loader
         for a, b in spans:
             path = _part_path(parts, a, b) if parts is not None else None
-            done = _load_part(path, emb, valid, a, b) if path is not None and path.is_file() else None
+            done = _load_part(path, emb, valid, a, b, batch_size) if path is not None and path.is_file() else None
             if done is not None:
                 counts.update(done)
                 if bar is not None:
@@ -248,7 +259,7 @@ def _embed_rows(
                               num_workers=num_workers, strict=strict, autocast=autocast, bar=bar)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _save_part(path, emb, valid, a, b, got)
+                _save_part(path, emb, valid, a, b, got, batch_size)
             counts.update(got)
             if report is not None:
                 report(b - start, stop - start)
@@ -491,6 +502,9 @@ def cached_embeddings(
                 raise CacheFileError(f"{e}; delete it to have it computed again") from None
             (say or print)(f"warning: {e}; computing it again")
         else:
+            if gbdist.local_rank() == 0:
+                # Left by a run stopped after it wrote the file but before it removed them.
+                shutil.rmtree(path.with_suffix(".parts"), ignore_errors=True)
             return emb, valid, {"path": str(path), "hit": True, "bad": meta.get("bad", {})}
 
     world, r = gbdist.world_size(), gbdist.rank()
@@ -525,6 +539,9 @@ def cached_embeddings(
             raise
         error = e
     if world > 1:
+        # A rank whose share was read from an interrupted run's parts may wait here for another
+        # rank's whole share: longer than a collective's timeout allows.
+        gbdist.wait_for_ranks()
         # Agree on failures first, so one rank's error (e.g. a bad sample under strict) stops
         # every rank instead of leaving the others waiting in the exchange.
         reports = _agree(error, dict(counts), "anchor cache: embedding")
@@ -533,6 +550,7 @@ def cached_embeddings(
         mask = gbdist.all_gather_blocks(valid.to(torch.uint8), bounds, max_bytes=gather_bytes)
         valid = mask.bool()
 
+    counts = Counter(dict(sorted(counts.items())))
     meta = {"source": table.source, "modality": modality, "rows": n, "bad": dict(counts),
             "encoder": encoder.type_name, "dtype": "float16"}
     error = None

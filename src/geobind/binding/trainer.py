@@ -811,7 +811,8 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             # Outside a stage's training steps (building the space, the anchor cache, a stage's
-            # final validation, saving a model): nothing half-done is kept.
+            # final validation, saving a model): nothing half-done is kept but the anchor
+            # cache's finished parts, which the rerun embeds no more.
             msg = "interrupted; rerun with --resume to continue from the finished stages and the last checkpoint"
             self._say(msg, echo=False)
             raise TrainingInterrupted(self.out, written=False, message=msg) from None
