@@ -522,3 +522,30 @@ def test_a_windowed_mp3_read_prints_nothing(tmp_path, capfd):
     for s in range(1000, 60000, 7000):
         assert load_audio_window(tmp_path / "noise.mp3", SR, SR, start=lambda n, s=s: s) is not None
     assert "error" not in capfd.readouterr().err
+
+
+def test_windowed_mp3_reads_in_threads_leave_stderr_where_it_was(tmp_path):
+    """The quieting swaps the process's file descriptor 2: threads doing it at once must leave it
+    as it was (not at /dev/null, which would hide every later error of the process)."""
+    import io
+    import os
+    import threading
+
+    from geobind.data.audio_io import load_audio_window
+
+    noise = (np.random.default_rng(0).standard_normal(SR * 20) * 0.1).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, noise, SR, format="MP3")
+    before = os.fstat(2)
+
+    def read():
+        for _ in range(60):
+            load_audio_window(buf.getvalue(), SR, SR, start=lambda n: n // 2)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)

@@ -75,6 +75,20 @@ def test_saved_thumbnails_are_read_a_row_group_at_a_time(tmp_path, monkeypatch):
     assert len(index._thumbnail_file.groups) == 2  # recent groups only, never the whole file
 
 
+def test_whether_a_place_has_a_thumbnail_reads_no_row_group(tmp_path, monkeypatch):
+    # The explorer asks this for every search result: a lookup among the ids, not a read of a
+    # row group (a few MB of JPEGs each) per result.
+    monkeypatch.setattr(index_mod, "THUMBNAIL_GROUP_ROWS", 50)
+    emb = _index_with_extras(tmp_path)
+    Index.build(emb, "exact").save(tmp_path / "a.index")
+    index = Index.load(tmp_path / "a.index")
+    assert [index.has_thumbnail(emb.ids[i]) for i in (1, 2, 3, 400)] == [True, True, False, True]
+    assert not index.has_thumbnail("no such id")
+    assert not index._thumbnail_file.groups
+    memory = Index.build(emb, "exact")
+    assert [memory.has_thumbnail(emb.ids[i]) for i in (1, 3)] == [True, False]
+
+
 def test_a_loaded_index_saved_again_keeps_faiss_and_thumbnails(tmp_path):
     kinds = ["exact"]
     try:

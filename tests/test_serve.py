@@ -79,6 +79,18 @@ def test_health_names_the_model_and_index(served):
     assert h["max_upload_mb"] == 20
 
 
+def test_search_results_link_thumbnails_without_reading_them(served):
+    # Each result's thumbnail_url comes from an id lookup: a search reads no thumbnail row group
+    # (a few MB each at 1024 thumbnails a group), the page's own fetches do.
+    index = served["index"]
+    cached = index._thumbnail_file.groups
+    cached.clear()
+    r = served["client"].post("/api/search", data={"text": "a photo of a forest", "k": 5})
+    assert r.status_code == 200, r.text
+    assert all(x["thumbnail_url"] == f"/api/thumbnail/{x['id']}" for x in r.json()["results"])
+    assert not cached
+
+
 def test_text_search_equals_the_python_api(served):
     r = served["client"].post("/api/search", data={"text": "a photo of a forest", "k": 5})
     assert r.status_code == 200, r.text
@@ -266,6 +278,89 @@ def test_concurrent_requests_agree(served):
         th.join()
     for i, t in enumerate(texts):
         assert [x["id"] for x in got[i]] == [x["id"] for x in expected[t]]
+
+
+def test_cheap_endpoints_answer_while_maps_hold_many_workers(served):
+    # More slow searches or maps than the app has worker threads (40) must not queue health and
+    # thumbnails behind them: at most MAX_HEAVY run at once, the rest wait without a thread.
+    from geobind.serve.app import MAX_HEAVY
+
+    app = create_app(served["model"], served["index"])
+    ex, release, running = app.state.explorer, threading.Event(), []
+    slow_map = ex.heat_map
+
+    def held_map(q, label):
+        running.append(label)
+        release.wait(20)
+        return slow_map(q, label)
+
+    ex.heat_map = held_map
+    item = served["index"].ids[0]
+    with TestClient(app) as client:
+        codes: list[int] = []
+        maps = [threading.Thread(target=lambda: codes.append(
+            client.post("/api/map", data={"text": "a photo of a forest"}).status_code)) for _ in range(45)]
+        for th in maps:
+            th.start()
+        try:
+            for _ in range(200):
+                if len(running) >= MAX_HEAVY:
+                    break
+                threading.Event().wait(0.05)
+            cheap: dict[str, int] = {}
+            ask = threading.Thread(target=lambda: cheap.update(
+                health=client.get("/api/health").status_code,
+                thumbnail=client.get(f"/api/thumbnail/{item}").status_code))
+            ask.start()
+            ask.join(5)
+            assert cheap == {"health": 200, "thumbnail": 200}, "cheap endpoints waited behind the maps"
+            assert len(running) == MAX_HEAVY
+        finally:
+            release.set()
+            for th in maps:
+                th.join()
+    assert codes == [200] * 45
+
+
+def test_decoded_uploads_are_bounded_until_embedded(served):
+    # A decoded 40-megapixel photo is ~150 MB: one waiting for the model lock holds that as much
+    # as one being decoded, so at most MAX_DECODING are alive at once, decoding to embedding.
+    import time
+
+    from geobind.serve.app import MAX_DECODING
+
+    app = create_app(served["model"], served["index"])
+    ex, lock = app.state.explorer, threading.Lock()
+    alive, peak = [0], [0]
+    decode, vector = ex._decode, ex.query_vector
+
+    def counted_decode(*args):
+        out = decode(*args)
+        with lock:
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+        return out
+
+    def counted_vector(*, text, upload):
+        try:
+            time.sleep(0.05)  # as if waiting for the model lock
+            return vector(text=text, upload=upload)
+        finally:
+            if upload is not None:
+                with lock:
+                    alive[0] -= 1
+
+    ex._decode, ex.query_vector = counted_decode, counted_vector
+    with TestClient(app) as client:
+        codes: list[int] = []
+        asks = [threading.Thread(target=lambda: codes.append(upload(client, png_bytes(), "q.png").status_code))
+                for _ in range(16)]
+        for th in asks:
+            th.start()
+        for th in asks:
+            th.join()
+    assert codes == [200] * 16
+    assert 1 <= peak[0] <= MAX_DECODING
 
 
 def test_results_play_the_places_recordings(served):
@@ -668,6 +763,23 @@ def test_an_approximate_index_without_faiss_is_refused_at_start_and_by_search(se
                  "--text", "a forest", "--exact"]) == 0
 
 
+def test_an_approximate_index_is_read_once_before_the_first_requests(served, tmp_path, monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    build_index(served["model_dir"].parent / "sat.parquet", tmp_path / "hnsw.index", "hnsw", log=None)
+    reads = []
+    read_index = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda *a: reads.append(a) or read_index(*a))
+    client = TestClient(create_app(served["model"], Index.load(tmp_path / "hnsw.index")))
+    assert len(reads) == 1
+    asks = [threading.Thread(target=lambda: client.post("/api/search", data={"text": "a forest"}))
+            for _ in range(6)]
+    for th in asks:
+        th.start()
+    for th in asks:
+        th.join()
+    assert len(reads) == 1
+
+
 def test_serve_cli_says_where_recordings_come_from_and_can_serve_none(served, monkeypatch, capsys):
     import uvicorn
 
@@ -703,6 +815,34 @@ def test_serve_cli_names_a_port_in_use(served, capsys):
     assert "GeoBind explorer" not in got.out  # no URL for a server that never ran
     assert f"port {port} on 127.0.0.1 is already in use" in got.err and "--port 0" in got.err
     assert len(got.err.strip().splitlines()) == 1
+
+
+def test_serve_socket_turns_nagle_off_on_its_connections():
+    # asyncio sets TCP_NODELAY only on sockets whose proto is TCP: with Nagle on, each response
+    # after the first on a kept-alive connection (thumbnails, searches from the page) waited
+    # ~40 ms for the client's delayed ACK.
+    import asyncio
+    import socket
+
+    from geobind.cli_serve import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    seen = []
+
+    async def run():
+        def accepted(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=sock)
+        reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        await reader.read()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(run())
+    assert seen and seen[0] != 0
 
 
 def test_serve_help_has_examples(capsys):

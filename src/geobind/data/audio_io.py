@@ -13,6 +13,7 @@ import io
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -181,26 +182,43 @@ def _file_source(item: Any, name: str | None) -> tuple[str | io.BytesIO, str] | 
     return None
 
 
+# File descriptor 2 is the process's: threads that quiet it share one redirection (the first
+# in saves and redirects it, the last out restores it). Each saving and restoring on its own,
+# a thread could save the /dev/null another had put there and restore that, for good.
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quiet_saved: int | None = None
+
+
 @contextlib.contextmanager
 def _quiet_c_stderr(quiet: bool):
     """Send what C libraries write to file descriptor 2 to /dev/null while the block runs."""
+    global _quiet_users, _quiet_saved
     if not quiet:
         yield
         return
+    with _quiet_lock:
+        if _quiet_users == 0:
+            try:
+                sys.stderr.flush()
+                saved = os.dup(2)
+            except (OSError, ValueError):  # no real descriptor 2 (an embedding application)
+                saved = None
+            if saved is not None:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            _quiet_saved = saved
+        _quiet_users += 1
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real descriptor 2 (an embedding application)
-        yield
-        return
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 2)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0 and _quiet_saved is not None:
+                os.dup2(_quiet_saved, 2)
+                os.close(_quiet_saved)
+                _quiet_saved = None
 
 
 def load_audio_window(

@@ -577,13 +577,25 @@ class Index:
         in memory. Safe to call from several threads."""
         if self._thumbnails is not None:
             return self._thumbnails.get(item_id)
+        f = self._thumbnail_reader()
+        return f.get(item_id) if f is not None else None
+
+    def has_thumbnail(self, item_id: str) -> bool:
+        """Whether ``item_id`` has a thumbnail, without reading it: a saved index looks the id up
+        among its thumbnails' ids (no row group is read). Safe to call from several threads."""
+        if self._thumbnails is not None:
+            return bool(self._thumbnails.get(item_id))
+        f = self._thumbnail_reader()
+        return f is not None and item_id in f.row
+
+    def _thumbnail_reader(self) -> _ThumbnailFile | None:
         if self._thumbnail_file is None:
             f = self.path / "thumbnails.parquet" if self.path else None
             if f is None or not f.is_file():
                 self._thumbnails = {}
                 return None
             self._thumbnail_file = _ThumbnailFile(f)
-        return self._thumbnail_file.get(item_id)
+        return self._thumbnail_file
 
     # -- quality ---------------------------------------------------------------------------
     def check(

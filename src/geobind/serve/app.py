@@ -19,7 +19,7 @@ Every GET endpoint also answers ``HEAD`` (the same status and headers, no body).
 
 Safety: uploads are capped (``max_upload_mb``, checked on the raw request body before it is
 parsed, and again on the file) and decoded as image or audio before use, at most
-``MAX_DECODING`` at a time; audio only for the clip the encoder hears. A query form takes
+``MAX_DECODING`` at a time from decoding to embedding; audio only for the clip the encoder hears. A query form takes
 each field once (one ``file``) and its fields as UTF-8 (unless its Content-Type names another
 charset): a repeated field or text that is not UTF-8 is a 400 naming the field, not a guess.
 Anything else is a 4xx with a message, and an unexpected failure a JSON 500. Bound to this
@@ -36,6 +36,7 @@ import base64
 import io
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -58,8 +59,13 @@ MAX_K = 100
 # A query photo larger than this is refused before decoding: the encoder sees a few hundred
 # pixels a side, and a 20 MB upload can hold hundreds of megapixels (gigabytes once decoded).
 MAX_UPLOAD_PIXELS = 40_000_000
-# Uploads decoded at once; more wait. A 40-megapixel photo takes about 300 MB while decoded.
+# Uploads decoded at once (held until embedded); more wait. A 40-megapixel photo takes about
+# 300 MB while decoded.
 MAX_DECODING = 4
+# Searches and heat maps run at once (more wait, without a thread): they take the CPU for tens
+# of ms to seconds, and must never hold every worker thread of the app (40) that the cheap
+# endpoints (health, thumbnails, recordings, the page) need.
+MAX_HEAVY = 8
 # Land in the page's background layer (sea is the map's own colour).
 LAND_RGBA = (236, 231, 218, 255)
 # Multipart framing and small form fields on top of the file itself.
@@ -471,6 +477,8 @@ class Explorer:
         self.decoding = threading.BoundedSemaphore(MAX_DECODING)
         # Warm every lazy cache now so that request threads only ever read shared state.
         self.vectors = index.vectors_f32()
+        if index.kind != "exact":
+            index._load_faiss()  # else the first concurrent searches each read faiss.index
         if len(index):
             index.position(index.ids[0])
             index.thumbnail(index.ids[0])
@@ -493,7 +501,8 @@ class Explorer:
 
     # -- queries ---------------------------------------------------------------------------
     def decode_upload(self, data: bytes, filename: str, hint: str) -> tuple[str, Any]:
-        """``(query keyword, decoded item)`` for an uploaded file; ``QueryError`` otherwise."""
+        """``(query keyword, decoded item)`` for an uploaded file; ``QueryError`` otherwise.
+        Callers hold ``decoding`` until the item is embedded (a decoded photo is large)."""
         name = filename or "upload"
         if not data:
             raise QueryError(400, f"the uploaded file {name!r} is empty")
@@ -520,8 +529,7 @@ class Explorer:
                 422,
                 f"this model has no {modality} encoder; it embeds {', '.join(self.model.modalities)}",
             )
-        with self.decoding:
-            return keyword, self._decode(data, name, kind, modality)
+        return keyword, self._decode(data, name, kind, modality)
 
     def _decode(self, data: bytes, name: str, kind: str, modality: str) -> Any:
         from geobind.data.errors import BadSampleError
@@ -603,7 +611,7 @@ class Explorer:
             d = hit.to_dict()
             d["thumbnail_url"] = (
                 f"/api/thumbnail/{quote(hit.id, safe='')}"
-                if self.has_thumbnails and self.index.thumbnail(hit.id)
+                if self.has_thumbnails and self.index.has_thumbnail(hit.id)  # an id lookup, no read
                 else None
             )
             d["audio_url"] = f"/api/audio/{quote(hit.id, safe='')}" if self.audio.path(hit.id) else None
@@ -815,6 +823,21 @@ def create_app(
         except QueryError as e:
             raise HTTPException(e.status, e.message) from None
 
+    limiters: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    async def heavy(fn):
+        """``fn()`` in a worker thread, at most :data:`MAX_HEAVY` at once (per event loop: one
+        under uvicorn)."""
+        import asyncio
+
+        import anyio.to_thread
+
+        loop = asyncio.get_running_loop()
+        limiter = limiters.get(loop)
+        if limiter is None:
+            limiter = limiters[loop] = anyio.CapacityLimiter(MAX_HEAVY)
+        return await anyio.to_thread.run_sync(fn, limiter=limiter)
+
     def query(request: Request, text: str | None, file: UploadFile | None, modality: str) -> tuple[np.ndarray, str]:
         if request.headers.get("content-type", "").startswith("application/json"):
             raise HTTPException(415, "send form fields (text, file, modality, k), not JSON: e.g. "
@@ -823,12 +846,17 @@ def create_app(
         if file is not None and (file.filename or file.size):
             # Read one byte past the limit: enough to tell "too large" without reading it all.
             data = file.file.read(ex.max_upload_bytes + 1)
-            upload = run(ex.decode_upload, data, file.filename or "", modality)
+            # Held from decoding to embedding: a decoded photo waiting for the model lock is as
+            # large as one being decoded, so MAX_DECODING bounds both.
+            with ex.decoding:
+                upload = run(ex.decode_upload, data, file.filename or "", modality)
+                return run(ex.query_vector, text=text, upload=upload)
         elif modality not in MODALITY_HINTS:
             raise HTTPException(422, f"modality must be one of {', '.join(MODALITY_HINTS)}")
         return run(ex.query_vector, text=text, upload=upload)
 
-    # Plain ``def`` endpoints run in the thread pool: embedding never blocks the event loop.
+    # Plain ``def`` endpoints run in the thread pool, searches and maps in worker threads of
+    # their own (see ``heavy``): embedding never blocks the event loop.
     # The errors a query can get, each a JSON {"detail": message} (FastAPI's own 422 for a
     # malformed field has a list of {loc, msg, type} there instead).
     errors = {
@@ -840,7 +868,7 @@ def create_app(
     }
 
     @app.post("/api/search", summary="Top places for a text, audio or image query", responses=errors)
-    def api_search(
+    async def api_search(
         request: Request,
         text: str | None = Form(None, description="text query"),
         file: UploadFile | None = File(None, description="audio or image file"),
@@ -848,27 +876,33 @@ def create_app(
         k: int = Form(default_k, ge=1, le=MAX_K, description="number of places"),
         map: bool = Form(False, description="also return the heat-map overlay"),
     ) -> dict[str, Any]:
-        q, label = query(request, text, file, modality)
-        out: dict[str, Any] = {
-            "query": label,
-            "notes": ex.text_notes(text),
-            "score": "cosine",
-            "score_help": SCORE_HELP.format(modality=index.modality),
-            "results": ex.search(q, k),
-        }
-        if map:
-            out["map"] = ex.heat_map(q, label)
-        return out
+        def work():
+            q, label = query(request, text, file, modality)
+            out: dict[str, Any] = {
+                "query": label,
+                "notes": ex.text_notes(text),
+                "score": "cosine",
+                "score_help": SCORE_HELP.format(modality=index.modality),
+                "results": ex.search(q, k),
+            }
+            if map:
+                out["map"] = ex.heat_map(q, label)
+            return out
+
+        return await heavy(work)
 
     @app.post("/api/map", summary="Heat-map overlay of a query over every indexed place", responses=errors)
-    def api_map(
+    async def api_map(
         request: Request,
         text: str | None = Form(None, description="text query"),
         file: UploadFile | None = File(None, description="audio or image file"),
         modality: str = Form("auto", description="auto | audio | image (ground photo) | satellite"),
     ) -> dict[str, Any]:
-        q, label = query(request, text, file, modality)
-        return ex.heat_map(q, label)
+        def work():
+            q, label = query(request, text, file, modality)
+            return ex.heat_map(q, label)
+
+        return await heavy(work)
 
     def indexed(item_id: str) -> None:
         """A 404 for an id the index does not hold (media are looked up by id, never by path)."""
@@ -916,7 +950,8 @@ def create_app(
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/api/health", summary="Model identity and index size")
-    def api_health() -> dict[str, Any]:
+    async def api_health() -> dict[str, Any]:
+        # In-memory state only: answered on the event loop, never queued behind busy workers.
         return ex.health()
 
     @app.get("/", include_in_schema=False)
