@@ -317,8 +317,9 @@ def check_attention_backends(device, size: str) -> dict:
             continue
         out[f"{name}_ms"] = ms
         # torch's min keeps a NaN (a kernel that returned NaN fails); Python's min(1.0, nan) is 1.0.
-        worst = float(torch.stack([torch.tensor(worst), F.cosine_similarity(o.flatten(), ref_out.flatten(), dim=0),
-                                   F.cosine_similarity(dx.flatten(), ref_dx.flatten(), dim=0)]).min())
+        cos = [F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).cpu()
+               for a, b in ((o, ref_out), (dx, ref_dx))]
+        worst = float(torch.stack([torch.tensor(worst), *cos]).min())
     out["min_cosine_vs_math"] = worst
     out["ok"] = worst > 0.999
     return out
