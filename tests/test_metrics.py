@@ -218,3 +218,31 @@ def test_eval_cli_reports_the_ks_asked_and_among_how_many(tiny_data, tmp_path, c
         with pytest.raises(SystemExit) as e:
             main([*base, "--ks", bad])
         assert e.value.code == 2 and "give whole numbers >= 1 separated by commas" in capsys.readouterr().err
+
+
+def test_eval_says_when_pairs_have_fewer_rows_than_the_candidates_asked(tiny_data, tmp_path, capsys):
+    """--candidates larger than a pair's rows ranks among all of them: eval says so, since those
+    numbers are not the among-N numbers a paper reports."""
+    from test_model import build_space
+
+    from geobind.cli import main
+
+    build_space(tiny_data).save_pretrained(tmp_path / "m")
+    base = ["eval", "--model", str(tmp_path / "m"), "--data", str(tiny_data["test"]), "--no-progress"]
+    assert main([*base, "--candidates", "10000"]) == 0
+    assert "pairs of n <= " in capsys.readouterr().out
+    assert main([*base, "--candidates", "6"]) == 0
+    assert "were ranked among all their rows" not in capsys.readouterr().out
+
+
+def test_evaluate_always_reports_r_at_1_5_10(tiny_data):
+    """The report's R@1/5/10 (which format_pairs prints) are there whatever ks the Python API is given."""
+    from test_model import build_space
+
+    from geobind.data.manifest import read_dataset
+    from geobind.evaluate import evaluate, format_pairs
+
+    report = evaluate(build_space(tiny_data), read_dataset(tiny_data["test"]), ks=(100,))
+    m = next(iter(report["pairs"].values()))
+    assert [k for k in m if k.startswith("R@")] == ["R@1", "R@5", "R@10", "R@100"]
+    assert "R@100" in format_pairs(report["pairs"]).splitlines()[0]

@@ -57,6 +57,28 @@ def test_registering_a_built_in_modality_again_and_a_failing_plugin(tmp_path, mo
     assert "Traceback" not in err
 
 
+def test_a_latlon_encoder_on_a_plugin_file_modality_is_refused_before_training(tiny_data, tmp_path):
+    """A file modality may suit an encoder that reads images, but never one that reads only
+    (lat, lon): without the check it failed mid-run on the first path."""
+    from fixtures import tiny_config
+
+    from geobind.config import ConfigError, parse_config
+    from geobind.encoders import Encoder, register_encoder
+
+    @register_encoder("toy_latlon_only")
+    class LatLon(Encoder):
+        input_kind = "latlon"
+
+        @classmethod
+        def create(cls, modality, spec, dim, space):
+            return cls(modality, dim)
+
+    d = tiny_config(tiny_data, tmp_path / "run", audio=False)
+    d["stages"][0].update(train="toy_dat", encoder={"type": "toy_latlon_only"})
+    with pytest.raises(ConfigError, match="type toy_latlon_only reads latlon, but 'toy_dat' is file data"):
+        parse_config(d)
+
+
 def test_search_queries_any_modality_with_query(tiny_data, tmp_path, capsys):
     from space_helpers import saved_space
 

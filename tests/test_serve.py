@@ -754,7 +754,8 @@ def test_an_approximate_index_without_faiss_is_refused_at_start_and_by_search(se
     assert main(["serve", "--model", str(served["model_dir"]), "--index", str(tmp_path / "hnsw.index"),
                  "--port", "0"]) == 2
     err = capsys.readouterr().err
-    assert "searching it needs FAISS, which is not installed: pip install 'geobind[faiss]'" in err, err
+    assert "serving it needs FAISS, which is not installed: pip install 'geobind[faiss]'" in err, err
+    assert "--kind exact" in err and "geobind search --exact" not in err, err  # serve has no --exact
     assert len(err.strip().splitlines()) == 1
     assert main(["search", "--model", str(served["model_dir"]), "--index", str(tmp_path / "hnsw.index"),
                  "--text", "a forest"]) == 2

@@ -262,6 +262,11 @@ def cmd_eval(args) -> int:
     report = evaluate(model, data, batch_size=args.batch_size, progress=not args.no_progress, ks=args.ks,
                       candidates=args.candidates, seed=args.seed)
     print_report(report, model)
+    if args.candidates is not None:
+        fewer = sorted({m["n"] for m in report["pairs"].values() if m["n"] < args.candidates})
+        if fewer:  # not the subset asked for: numbers not comparable with a paper's among N
+            print(f"note: --candidates {args.candidates}: pairs of n <= {fewer[-1]} usable rows were ranked among "
+                  "all their rows")
     if args.out:
         write_report(report, Path(args.out), force=args.force)
         print(f"report written to {args.out}")

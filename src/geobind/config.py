@@ -348,7 +348,10 @@ def validate(cfg: RunConfig) -> None:
         from geobind.data.pack import member_kind
 
         kind = member_kind(s.train)
-        if encoder_cls.input_kind and kind != "file" and kind != encoder_cls.input_kind:
+        # A plugin's "file" modality may suit an image (or other) encoder, but never one that
+        # reads only (lat, lon): it would fail mid-run on the first path.
+        if encoder_cls.input_kind and kind != encoder_cls.input_kind and (
+                kind != "file" or encoder_cls.input_kind == "latlon"):
             raise ConfigError(f"{where}.encoder: type {s.encoder['type']} reads {encoder_cls.input_kind}, but "
                               f"{s.train!r} is {kind} data; give an encoder that reads {kind}")
         o = s.optim

@@ -70,11 +70,12 @@ def pair_report(
 def evaluate(model: GeoBind, table: Table, *, batch_size: int = 64, progress: bool = False,
              ks: Sequence[int] = (1, 5, 10), candidates: int | None = None, seed: int = 0) -> dict[str, Any]:
     """The evaluation report: ``{"pairs": {"a->b": {"R@1", "R@5", "R@10", "median_rank",
-    "mean_rank", "n"}}}`` (one ``R@k`` per ``ks``; ``candidates``: rank among a seeded random
-    subset of that many rows, see :func:`pair_report`),
+    "mean_rank", "n"}}}`` (R@1, R@5 and R@10 always, plus one ``R@k`` per other k of ``ks``;
+    ``candidates``: rank among a seeded random subset of that many rows, see :func:`pair_report`),
     plus ``trained_pairs`` (the pairs trained together, as ``"a<->b"``; the others are emergent)
     and ``skipped`` (rows left out as unusable, per modality and reason). Raises ``ValueError``
     when no pair has two usable rows to rank."""
+    ks = tuple(sorted({int(k) for k in ks} | {1, 5, 10}))  # the report's contract; format_pairs reads them
     mods = [m for m in model.modalities if table.has(m)]
     if len(mods) < 2:  # before any embedding
         raise ValueError(

@@ -1,8 +1,8 @@
 """Modality names and their registry.
 
-The four modalities of the paper are registered here; further modalities (``location``,
-``sentinel2``, ...) register themselves with :func:`register_modality`. Nothing else in the
-package hard-codes the list: code asks the registry.
+The four modalities of the paper and ``location`` (a place's own lat/lon) are registered here;
+further modalities (``sentinel2``, ...) register themselves with :func:`register_modality`.
+Nothing else in the package hard-codes the list: code asks the registry.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ class ModalitySpec:
     description: str = ""
     # For modalities stored as plain files (not images, audio or text): decodes one item (a
     # path or a shard member's bytes) as the modality's encoder would, raising
-    # geobind.data.errors.BadSampleError when it is unusable; `geobind data check` calls it.
-    # None: data check only sees that the file exists and is not empty.
+    # geobind.data.errors.BadSampleError when it is unusable (any other exception counts as
+    # undecodable); `geobind data check` calls it, and `geobind data pack` leaves out the files
+    # it refuses. None: data check only sees that the file exists and is not empty.
     check: Callable[[Any], None] | None = field(default=None, compare=False)
 
 

@@ -382,7 +382,8 @@ def add_demo_parser(sub) -> None:
     d.add_argument("--out", default="geobind-demo", help="output folder (default: geobind-demo)")
     d.add_argument("--quick", action="store_true", help="a smaller world and shorter training")
     d.add_argument("--seed", type=int, default=0, help="world and training seed (default: 0)")
-    d.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    d.add_argument("--force", action="store_true",
+                   help="replace a non-empty --out folder (never one another demo is writing into)")
     d.add_argument("--resume", action="store_true",
                    help="finish a demo stopped in --out (Ctrl-C): keeps its world, anchor and checkpoints")
     d.add_argument("--preset", choices=sorted(PRESETS), help=argparse.SUPPRESS)
