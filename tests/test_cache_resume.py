@@ -23,6 +23,22 @@ def test_part_spans_are_batch_aligned_and_cover_the_rows(tiny_data, monkeypatch)
     assert part_spans(table, 8, n, batch_size=4)[1:] == [s for s in spans if s[0] >= 16]
 
 
+def _stop_after_two_parts(monkeypatch) -> dict:
+    """Make the next cache computation stop (Ctrl-C) after two parts; the returned counter
+    counts the parts embedded (set it below 0 to count a resume's without stopping)."""
+    calls = {"n": 0}
+    real = cache_mod._embed_span
+
+    def stopping(*args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "_embed_span", stopping)
+    return calls
+
+
 def test_a_stopped_cache_resumes_from_its_parts(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(cache_mod, "PART_ROWS", 8)
     data = tmp_path / "data"
@@ -32,16 +48,7 @@ def test_a_stopped_cache_resumes_from_its_parts(tiny_data, tmp_path, monkeypatch
     ground = build_space(tiny_data).encoder("ground")
     fresh, fresh_valid, fresh_info = cached_embeddings(ground, table, "ground", tmp_path / "fresh", batch_size=4)
 
-    calls = {"n": 0}
-    real = cache_mod._embed_span
-
-    def stop_after_two_parts(*args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_mod, "_embed_span", stop_after_two_parts)
+    calls = _stop_after_two_parts(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
     parts = list((tmp_path / "c").glob("*.parts/rows-*.safetensors"))
@@ -78,16 +85,7 @@ def test_parts_of_another_batch_size_are_embedded_again(tiny_data, tmp_path, mon
     table = read_dataset(tiny_data["stage1"])
     ground = build_space(tiny_data).encoder("ground")
     fresh, _, _ = cached_embeddings(ground, table, "ground", tmp_path / "fresh", batch_size=2)
-    real = cache_mod._embed_span
-    calls = {"n": 0}
-
-    def counting(*args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_mod, "_embed_span", counting)
+    calls = _stop_after_two_parts(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
     assert part_spans(table, 0, len(table), 2)[:2] == part_spans(table, 0, len(table), 4)[:2]  # same names
@@ -150,16 +148,7 @@ def test_a_part_whose_data_was_lost_is_embedded_again(tiny_data, tmp_path, monke
     table = read_dataset(tiny_data["stage1"])
     ground = build_space(tiny_data).encoder("ground")
     fresh, fresh_valid, _ = cached_embeddings(ground, table, "ground", tmp_path / "fresh", batch_size=4)
-    real = cache_mod._embed_span
-    calls = {"n": 0}
-
-    def stop_after_two_parts(*args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_mod, "_embed_span", stop_after_two_parts)
+    calls = _stop_after_two_parts(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cached_embeddings(ground, table, "ground", tmp_path / "c", batch_size=4)
     part = sorted((tmp_path / "c").glob("*.parts/rows-*.safetensors"))[1]
