@@ -20,8 +20,19 @@ def _read_dat(item):
         raise ValueError("not a DAT1 file")
 
 
-register_modality(ModalitySpec("toy_dat", "path", ("toy_dat.bin",), check=_read_dat), exist_ok=True)
-register_modality(ModalitySpec("toy_naip", "path", ("toy_naip.png",)), exist_ok=True)
+@pytest.fixture(autouse=True)
+def toy_modalities():
+    """Two plugin modalities, registered for each test and removed after it: a registered
+    modality with shard keys is part of every shard schema's fingerprint, so leaving them
+    registered would change the shard datasets' identities (and cache keys) of later tests
+    against their spawned ranks, which never import this module."""
+    from geobind import modality
+
+    register_modality(ModalitySpec("toy_dat", "path", ("toy_dat.bin",), check=_read_dat), exist_ok=True)
+    register_modality(ModalitySpec("toy_naip", "path", ("toy_naip.png",)), exist_ok=True)
+    yield
+    for name in ("toy_dat", "toy_naip"):
+        modality._REGISTRY.pop(name, None)
 
 
 def test_data_check_and_pack_decode_a_plugin_modality_with_its_check(tmp_path):
