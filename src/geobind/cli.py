@@ -310,14 +310,14 @@ def _sigterm_as_interrupt():
 
 
 def _recall_ks(text: str) -> tuple[int, ...]:
-    """``--ks``: whole numbers >= 1 separated by commas, with 1, 5 and 10 always among them."""
+    """``--ks``: whole numbers >= 1 separated by commas (``evaluate`` adds 1, 5 and 10)."""
     try:
         ks = {int(k) for k in text.split(",") if k.strip()}
     except ValueError:
         ks = {0}
     if not ks or min(ks) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers >= 1 separated by commas, e.g. 1,5,10,100")
-    return tuple(sorted(ks | {1, 5, 10}))
+    return tuple(sorted(ks))
 
 
 def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

@@ -80,15 +80,6 @@ def cmd_serve(args) -> int:
 
         model = GeoBind.from_pretrained(args.model, device=parse_device(args.device))
         index = Index.load(args.index)
-        if index.kind != "exact":
-            try:
-                index._load_faiss()  # FAISS missing: say so now, not as a 500 on every search
-            except ImportError:  # the index's own hint names `geobind search --exact`, which serve lacks
-                from geobind.search.common import FAISS_HINT
-
-                raise ImportError(f"index {args.index} is {index.kind}: serving it needs FAISS, which is not "
-                                  f"installed: {FAISS_HINT} (or serve an exact index: geobind index build "
-                                  "<embeddings> --out <folder> --kind exact)") from None
         # Bound to this machine only: requests must name it (a page elsewhere cannot reach the
         # server through a DNS name that resolves to 127.0.0.1).
         allowed = loopback_hosts(args.host)

@@ -139,22 +139,23 @@ def _query_kwargs(args) -> dict:
         raise ValueError("--text is empty: give words to search for")
     for f in args.file:
         kw["audio" if sniff_file(f) == "audio" else "image"].append(f)
+    from geobind.modality import get_modality
+
     queries: dict[str, list] = {}
     for q in getattr(args, "query", []):
-        from geobind.modality import get_modality
-
         modality, eq, value = q.partition("=")
         modality = modality.strip()
         if not eq or not modality or not value.strip():
             raise ValueError(f"--query {q!r}: write MODALITY=VALUE, e.g. --query sentinel2=tile.tif")
-        if get_modality(modality).source == "latlon":
+        source = get_modality(modality).source
+        if source == "latlon":
             try:
                 lat, lon = (float(v) for v in value.split(","))
             except ValueError:
                 raise ValueError(f"--query {q!r}: {modality} takes lat,lon in degrees, e.g. "
                                  f"{modality}=48.1,11.6") from None
             queries.setdefault(modality, []).append((lat, lon))
-        elif get_modality(modality).source == "text":
+        elif source == "text":
             queries.setdefault(modality, []).append(value)
         else:
             if not Path(value).is_file():

@@ -201,11 +201,8 @@ def _save_part(path: Path, emb: torch.Tensor, valid: torch.Tensor, a: int, b: in
     # safetensors' writer under a name of its own: save_file is the cache file's writer alone.
     from safetensors.torch import save_file as save_tensors
 
-    tmp = path.with_name(path.name + f".tmp{gbdist.rank()}-{os.getpid()}")
-    save_tensors({"embeddings": emb[a:b].contiguous(), "valid": valid[a:b].to(torch.uint8).contiguous()}, str(tmp),
-                 metadata={"bad": json.dumps(dict(bad)), "batch_size": str(batch_size)})
-    usual_mode(tmp)
-    tmp.replace(path)
+    _tensors_to_temp(path, emb[a:b], valid[a:b], save_tensors,
+                     {"bad": json.dumps(dict(bad)), "batch_size": str(batch_size)}).replace(path)
 
 
 @torch.no_grad()
@@ -424,15 +421,27 @@ def _read(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return emb, valid.bool(), meta
 
 
+def _temp_tag() -> str:
+    """A temporary name's suffix unique to this rank and process."""
+    return f".tmp{gbdist.rank()}-{os.getpid()}"
+
+
+def _tensors_to_temp(path: Path, emb: torch.Tensor, valid: torch.Tensor, save, metadata: dict | None = None) -> Path:
+    """``emb`` and ``valid`` written by ``save`` (safetensors' ``save_file``) to a temporary
+    file beside ``path``, with the usual file mode; the caller renames it into place."""
+    tmp = path.with_name(path.name + _temp_tag())
+    save({"embeddings": emb.contiguous(), "valid": valid.to(torch.uint8).contiguous()}, str(tmp),
+         **({"metadata": metadata} if metadata else {}))
+    usual_mode(tmp)  # a shared cache: safetensors alone would make it 0600
+    return tmp
+
+
 def _write(path: Path, emb: torch.Tensor, valid: torch.Tensor, meta: dict) -> None:
     """Write the tensors and the meta atomically (temporary names unique to this rank and
     process, then renames; the tensor file last, since its presence means a complete entry)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f".tmp{gbdist.rank()}-{os.getpid()}"
-    tmp = path.with_name(path.name + tag)
-    save_file({"embeddings": emb.contiguous(), "valid": valid.to(torch.uint8).contiguous()}, str(tmp))
-    usual_mode(tmp)  # a shared cache: safetensors alone would make it 0600
-    mtmp = path.with_suffix(".json" + tag)
+    tmp = _tensors_to_temp(path, emb, valid, save_file)
+    mtmp = path.with_suffix(".json" + _temp_tag())
     mtmp.write_text(json.dumps(meta, indent=2))
     mtmp.replace(path.with_suffix(".json"))
     tmp.replace(path)

@@ -434,10 +434,15 @@ def lr_lambda(total_steps: int, warmup: int, floor: float):
     return f
 
 
+def _auto_precision(device: torch.device) -> str:
+    """What ``optim.precision: auto`` means on ``device``: bf16 on CUDA, fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def _precision_name(cfg: StageConfig, device: torch.device) -> str:
-    """``optim.precision`` with ``auto`` resolved: bf16 on CUDA, fp32 elsewhere."""
+    """``optim.precision`` with ``auto`` resolved (:func:`_auto_precision`)."""
     p = cfg.optim.precision
-    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
+    return _auto_precision(device) if p == "auto" else p
 
 
 def _precision(cfg: StageConfig, device: torch.device):
@@ -1450,7 +1455,7 @@ class Trainer:
         # runs in the stage's precision, as it would in every step without the cache; the usual
         # one (bf16 on CUDA, fp32 elsewhere) keeps the cache's key as it always was.
         p = _precision_name(scfg, self.device)
-        usual = p == ("bf16" if self.device.type == "cuda" else "fp32")
+        usual = p == _auto_precision(self.device)
         return cached_embeddings(anchor, table, scfg.bind_to, self.cache_dir, batch_size=256,
                                  num_workers=workers,
                                  progress=self.progress and self.main,

@@ -676,9 +676,9 @@ def _prepare_parts(parts: Path, header: dict, log, out: Path | None = None):
             lock.close()
     parts.mkdir(parents=True)
     lock = _lock_parts(parts, out)
-    tmp = marker.with_name("header.json.tmp")
-    tmp.write_text(json.dumps(header, indent=2))
-    tmp.replace(marker)
+    from geobind.search.common import write_text_atomic
+
+    write_text_atomic(marker, json.dumps(header, indent=2))
     return lock
 
 

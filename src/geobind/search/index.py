@@ -52,7 +52,6 @@ FORMAT_VERSION = 1
 INDEX_FILES = frozenset({"index.json", "items.parquet", "vectors.npy", "faiss.index", "thumbnails.parquet"})
 KINDS = ("auto", "exact", "hnsw", "ivfpq")
 CHUNK_ROWS = 131_072
-IMAGE_MODALITIES = ("satellite", "ground")
 # Settings tried, cheapest first, when ``check`` tunes an approximate index to a target recall.
 TUNE_NPROBE = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TUNE_EF = (16, 32, 64, 128, 256, 512, 1024)

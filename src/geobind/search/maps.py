@@ -735,9 +735,7 @@ def map_points_many(
     id_col = np.asarray(ids, dtype=object)
     out = []
     for label, sc in zip(labels, all_scores):
-        total = np.bincount(cell, weights=sc, minlength=rows * cols)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            values = (total / count).astype(np.float32).reshape(rows, cols)
+        values = cell_means(cell, count, sc, rows, cols)
         table = pd.DataFrame({"id": id_col, "lat": lat, "lon": lon, "score": sc}, copy=False)
         out.append(
             MapResult(
@@ -745,6 +743,14 @@ def map_points_many(
             )
         )
     return out
+
+
+def cell_means(cell: np.ndarray, count: np.ndarray, scores: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The mean of ``scores`` per grid cell (``cell``: each place's cell; ``count``: places per
+    cell), as a float32 ``rows x cols`` grid, NaN where a cell holds no place."""
+    total = np.bincount(cell, weights=scores, minlength=rows * cols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / count).astype(np.float32).reshape(rows, cols)
 
 
 def unwrap_longitudes(lon: np.ndarray) -> np.ndarray:

@@ -478,7 +478,16 @@ class Explorer:
         # Warm every lazy cache now so that request threads only ever read shared state.
         self.vectors = index.vectors_f32()
         if index.kind != "exact":
-            index._load_faiss()  # else the first concurrent searches each read faiss.index
+            # Now: else the first concurrent searches each read faiss.index, and a missing FAISS
+            # would be a 500 on every search instead of a refusal to start.
+            try:
+                index._load_faiss()
+            except ImportError:  # the index's own hint names `geobind search --exact`, which serve lacks
+                from geobind.search.common import FAISS_HINT
+
+                raise ImportError(f"index {index.name} is {index.kind}: serving it needs FAISS, which is not "
+                                  f"installed: {FAISS_HINT} (or serve an exact index: geobind index build "
+                                  "<embeddings> --out <folder> --kind exact)") from None
         if len(index):
             index.position(index.ids[0])
             index.thumbnail(index.ids[0])
@@ -621,7 +630,7 @@ class Explorer:
     def heat_map(self, q: np.ndarray, label: str) -> dict[str, Any]:
         """The cosine-score heat map of every indexed place for the query vector ``q`` [D]: a
         PNG data URL, its Leaflet lat/lon bounds, grid step in degrees and the score range."""
-        from geobind.search.maps import map_points, score_matrix
+        from geobind.search.maps import cell_means, map_points, score_matrix
 
         if self._grid is None:
             result = map_points(self.vectors, self.index.lat, self.index.lon, self.index.ids, q,
@@ -631,9 +640,7 @@ class Explorer:
             # __init__), without its per-place table, which the overlay does not use.
             cell, rows, cols, transform, count = self._grid
             sc = score_matrix(self.vectors, np.asarray(q, dtype=np.float32).reshape(1, -1))[:, 0]
-            total = np.bincount(cell, weights=sc, minlength=rows * cols)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                values = (total / count).astype(np.float32).reshape(rows, cols)
+            values = cell_means(cell, count, sc, rows, cols)
             result = MapResult(values, transform, "EPSG:4326", label, "cosine", None, "points")
         v = result.values[np.isfinite(result.values)]
         lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
